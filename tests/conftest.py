@@ -7,6 +7,10 @@ import secrets
 
 import pytest
 
+# Every prefix handed out in this pytest run; at the end of the session anything still named with one
+# of them (namespaces and the processes inside) is removed and reported (see pytest_sessionfinish).
+RUN_PREFIXES: set[str] = set()
+
 
 @pytest.fixture
 def run_prefix() -> str:
@@ -14,7 +18,9 @@ def run_prefix() -> str:
 
     Kept to 6 characters so that '<prefix>-<name>' fits in IFNAMSIZ (15).
     """
-    return "t" + secrets.token_hex(2) + str(os.getpid() % 10)
+    prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
+    RUN_PREFIXES.add(prefix)
+    return prefix
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,3 +31,82 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("netns"):
             item.add_marker(pytest.mark.xfail(reason="needs root and network namespaces", run=False, strict=True))
+
+
+# --- the namespace lab (owner: lab) -----------------------------------------------------------------
+
+def _new_prefix() -> str:
+    prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
+    RUN_PREFIXES.add(prefix)
+    return prefix
+
+
+@pytest.fixture
+def lab(run_prefix):
+    """An up NamespaceLab (DEFAULT_TOPOLOGY: client, fe, be1, be2, cache) with this test's prefix.
+
+    Torn down after the test even when it fails: processes started through it, namespaces, links.
+    """
+    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab
+
+    the_lab = NamespaceLab(DEFAULT_TOPOLOGY, run_prefix)
+    the_lab.up()
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab_module():
+    """Like `lab`, shared by the tests of one module (they must not leave state the next test trips on)."""
+    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab
+
+    the_lab = NamespaceLab(DEFAULT_TOPOLOGY, _new_prefix())
+    the_lab.up()
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def lab_factory():
+    """make(topology=None, backends=None) -> an up NamespaceLab with its own prefix; all torn down after."""
+    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab, make_topology
+
+    made = []
+
+    def make(topology=None, backends=None):
+        if topology is None:
+            topology = make_topology(backends) if backends else DEFAULT_TOPOLOGY
+        the_lab = NamespaceLab(topology, _new_prefix())
+        made.append(the_lab)
+        the_lab.up()
+        return the_lab
+
+    try:
+        yield make
+    finally:
+        for the_lab in reversed(made):
+            the_lab.down()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Safety net: whatever a crashed fixture or a test without teardown left under this run's prefixes.
+    if not RUN_PREFIXES or os.geteuid() != 0:
+        return
+    try:
+        from tcpha.lab.netns import remove_prefix
+    except ImportError:
+        return
+    leaked = []
+    for prefix in sorted(RUN_PREFIXES):
+        leaked += remove_prefix(prefix)
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = f"conftest: removed leaked namespaces: {' '.join(leaked)}"
+        if reporter is not None:
+            reporter.write_line(line, yellow=True)
+        else:
+            print(line)
