@@ -360,6 +360,50 @@ class NamespaceLab:
         """Run argv in host's namespace to completion (subprocess.run semantics; check=False default)."""
         return subprocess.run(self.command(host, argv), **kw)
 
+    def spawn(self, host: str, argv: list[str], *, name: str | None = None,
+              ready_tcp: tuple[str, int] | None = None, ready_path: str | Path | None = None,
+              timeout: float = 10.0, **kw: Any) -> subprocess.Popen:
+        """Start a long-running service in host's namespace and wait until it is ready.
+
+        stdout+stderr go to workdir/logs/HOST-NAME.log (see log_path). Ready means: a TCP connect from
+        host to ready_tcp succeeds and/or ready_path exists. If the process exits or is not ready
+        within `timeout`, it is stopped and LabError carries the tail of its log.
+        """
+        name = name or Path(str(argv[0])).name
+        log_file = self.log_path(host, name)
+        with open(log_file, "ab") as out:
+            p = self.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        deadline = time.monotonic() + timeout
+        while True:
+            if p.poll() is not None:
+                self.stop(p)
+                raise LabError(f"{host}: {name} exited with status {p.returncode} before it was ready: "
+                               f"{self.log_tail(host, name)}")
+            ok = ready_path is None or os.path.exists(ready_path)
+            if ok and ready_tcp is not None:
+                try:
+                    self.connect(host, ready_tcp[0], ready_tcp[1], timeout=0.5).close()
+                except OSError:
+                    ok = False
+            if ok:
+                return p
+            if time.monotonic() > deadline:
+                self.stop(p)
+                raise LabError(f"{host}: {name} not ready within {timeout:g}s: {self.log_tail(host, name)}")
+            time.sleep(0.02)
+
+    def log_path(self, host: str, name: str) -> Path:
+        d = self.workdir / "logs"
+        d.mkdir(exist_ok=True)
+        return d / f"{host}-{name}.log"
+
+    def log_tail(self, host: str, name: str, lines: int = 5) -> str:
+        try:
+            text = self.log_path(host, name).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
     def processes(self) -> list[tuple[str, subprocess.Popen]]:
         """(host, Popen) of every process started through this lab object that is still registered."""
         with self._lock:

@@ -1,0 +1,190 @@
+"""Origin HTTP servers on lab hosts: one per back end, serving files of given sizes and saying who answered.
+
+    web = start_http(lab, "be1", port=8080, files={"1k.bin": 1024, "img/a.jpg": 50_000})
+    web.url("1k.bin")  -> "http://10.77.0.11:8080/1k.bin"   (when listening on 0.0.0.0)
+    web.expected("1k.bin") -> the exact bytes a client must receive
+
+nginx (Debian's nginx-light) is used when installed: a real server, as the product is meant to sit in
+front of. kind="python" (tcpha.lab.httpapp) is the fallback, and the one to use for uploads, since it
+answers POST/PUT with the body's sha256. Both add `X-Tcpha-Backend: HOST` to every response and answer
+GET /whoami with the host name. File contents are a deterministic function of the file name (SHAKE-256
+stream), the same on every back end, so a test can check a download byte for byte without keeping a copy.
+The server process is owned by the lab: lab.down() (or web.stop()) kills it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .netns import LabError, NamespaceLab
+
+BACKEND_HEADER = "X-Tcpha-Backend"
+DEFAULT_FILES: dict[str, int] = {"index.html": 512, "1k.bin": 1024, "100k.bin": 100 * 1024,
+                                 "1m.bin": 1 << 20}
+
+
+BLOCK = 1 << 20
+
+
+def _block(name: str, i: int) -> bytes:
+    return hashlib.shake_256(b"tcpha-lab:%d:" % i + name.encode()).digest(BLOCK)
+
+
+def iter_file_content(name: str, size: int):
+    """The bytes of lab file `name` of `size` bytes, in 1 MiB pieces (the same everywhere)."""
+    for i in range(0, (size + BLOCK - 1) // BLOCK):
+        yield _block(name, i)[: min(BLOCK, size - i * BLOCK)]
+
+
+def file_content(name: str, size: int) -> bytes:
+    """The bytes of lab file `name` of `size` bytes (the same everywhere, for byte-exact checks)."""
+    return b"".join(iter_file_content(name, size))
+
+
+def file_sha256(name: str, size: int) -> str:
+    h = hashlib.sha256()
+    for piece in iter_file_content(name, size):
+        h.update(piece)
+    return h.hexdigest()
+
+
+def _materialise(cache_dir: Path, name: str, size: int) -> Path:
+    # One copy per lab of each (name, size); back-end roots hard-link to it.
+    path = cache_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}-{size}"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for piece in iter_file_content(name, size):
+                f.write(piece)
+        os.replace(tmp, path)
+    return path
+
+
+def nginx_available() -> bool:
+    return shutil.which("nginx") is not None
+
+
+@dataclass
+class LabHttpServer:
+    lab: NamespaceLab
+    host: str
+    addr: str
+    port: int
+    kind: str
+    root: Path
+    files: dict[str, int]
+    proc: subprocess.Popen
+    confdir: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def reach_addr(self) -> str:
+        """The address other hosts use to reach this server."""
+        return self.lab.ip(self.host) if self.addr in ("0.0.0.0", "") else self.addr
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.reach_addr}:{self.port}/{path.lstrip('/')}"
+
+    def expected(self, name: str) -> bytes:
+        return file_content(name.lstrip("/"), self.files[name.lstrip("/")])
+
+    def sha256(self, name: str) -> str:
+        return file_sha256(name.lstrip("/"), self.files[name.lstrip("/")])
+
+    def stop(self) -> None:
+        self.lab.stop(self.proc)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_http(lab: NamespaceLab, host: str, *, port: int = 8080, addr: str = "0.0.0.0",
+               files: dict[str, int] | None = None, kind: str = "auto", name: str | None = None,
+               timeout: float = 10.0) -> LabHttpServer:
+    """Start an origin server in `host`'s namespace, serving `files` (path -> size), and wait until it
+    accepts connections. kind: "nginx", "python" or "auto" (nginx if installed)."""
+    if kind == "auto":
+        kind = "nginx" if nginx_available() else "python"
+    if kind not in ("nginx", "python"):
+        raise ValueError(f"kind must be nginx, python or auto, not {kind!r}")
+    if kind == "nginx" and not nginx_available():
+        raise LabError("nginx is not installed (scripts/install-deps installs nginx-light); use kind='python'")
+    files = dict(DEFAULT_FILES if files is None else files)
+    label = name or f"http{port}"
+    base = lab.workdir / "http" / f"{host}-{label}"
+    if base.exists():
+        raise LabError(f"{host}: an HTTP server named {label} is already running")
+    root = base / "root"
+    root.mkdir(parents=True)
+    cache = lab.workdir / "http" / "files"
+    cache.mkdir(exist_ok=True)
+    for rel, size in files.items():
+        rel = rel.lstrip("/")
+        if ".." in Path(rel).parts:
+            raise ValueError(f"file path {rel!r} leaves the document root")
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(_materialise(cache, rel, size), dest)
+    files = {k.lstrip("/"): v for k, v in files.items()}
+    probe = lab.ip(host) if addr in ("0.0.0.0", "") else addr
+    if kind == "nginx":
+        conf = base / "nginx.conf"
+        conf.write_text(_nginx_conf(base, root, host, addr, port))
+        argv = ["nginx", "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf), "-g", "daemon off;"]
+    else:
+        argv = [sys.executable, "-m", "tcpha.lab.httpapp", "--name", host, "--root", str(root),
+                "--listen", f"{addr}:{port}"]
+    proc = lab.spawn(host, argv, name=f"{kind}-{label}", ready_tcp=(probe, port), timeout=timeout)
+    return LabHttpServer(lab=lab, host=host, addr=addr, port=port, kind=kind, root=root, files=files,
+                         proc=proc, confdir=base)
+
+
+def _nginx_conf(base: Path, root: Path, host: str, addr: str, port: int) -> str:
+    tmp = base / "tmp"
+    tmp.mkdir(exist_ok=True)
+    listen = f"{addr}:{port}" if addr not in ("", "0.0.0.0") else str(port)
+    return f"""# generated by tcpha.lab.http for lab host {host}
+user root;  # the lab scratch directory is private to root
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 65;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {listen} backlog=4096 default_server;
+        server_name _;
+        root {root};
+        add_header {BACKEND_HEADER} {host} always;
+        location = /whoami {{
+            default_type text/plain;
+            return 200 "{host}\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_backends_http(lab: NamespaceLab, *, port: int = 8080, addr: str = "0.0.0.0",
+                        files: dict[str, int] | None = None, kind: str = "auto") -> dict[str, LabHttpServer]:
+    """One origin server per back-end host of the lab's topology; {host: server}."""
+    servers = {}
+    for h in lab.topology.backends:
+        servers[h.name] = start_http(lab, h.name, port=port, addr=addr, files=files, kind=kind)
+    return servers
