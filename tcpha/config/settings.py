@@ -1,0 +1,258 @@
+"""The settings table: every option of tcphafe.conf and tcphabe.conf, declared once.
+
+Like gunicorn's settings, each option is one ``Setting`` row: name, parser, default, validator,
+one-line doc, required, repeatable and which component reads it. Everything else is derived from
+this table: the loader (``tcpha.config.loader``), the ``FEConfig``/``BEConfig`` attributes,
+``tcpha-fe --help``, the annotated reference files ``fe/tcphafe.conf.detail`` and
+``be/tcphabe.conf.detail`` and ``docs/configuration.md`` (``python -m tcpha.config.reference``).
+
+Defaults are written as they would appear in a config file (text) and go through the same parser
+as a value read from a file, so a default can never be something the file could not say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tcpha.config import types as t
+
+__all__ = ["Setting", "FE_SETTINGS", "BE_SETTINGS", "SETTINGS", "GROUPS", "settings_for"]
+
+# Documentation groups, in the order the reference files show them.
+GROUPS = {
+    "tcpha": "TCPHA options (original names and defaults)",
+    "handoff": "Handoff and flow steering",
+    "health": "Health detection",
+    "security": "Control channel security",
+    "tls": "TLS termination and the shared session cache",
+    "operations": "Operation: control files, logging, metrics, stopping",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str                      # the key in the config file
+    type: t.Parser                 # text -> value, raises ValueError(one line)
+    default: str | None            # config-file text; None: no default (unset / required)
+    validator: t.Validator         # value -> None, raises ValueError(one line)
+    doc: str                       # one line
+    required: bool = False
+    repeatable: bool = False
+    section: str = "fe"            # 'fe' | 'be'
+    attr: str = ""                 # attribute on FEConfig/BEConfig (defaults to name)
+    metavar: str = "VALUE"         # how --help and the reference files show the value
+    group: str = "tcpha"
+    example: str | None = None     # a sample value for the reference files when default is None
+
+    def __post_init__(self) -> None:
+        if not self.attr:
+            object.__setattr__(self, "attr", self.name)
+
+    def default_value(self) -> Any:
+        """The Python value of the default (None when unset, [] for repeatable options)."""
+        if self.repeatable:
+            return []
+        if self.default is None:
+            return None
+        return self.type(self.default)
+
+
+def _both(name: str, type_: t.Parser, default: str | None, validator: t.Validator, doc: str,
+          **kw: Any) -> tuple[Setting, Setting]:
+    """One declaration for an option that both daemons read with the same meaning."""
+    return (Setting(name, type_, default, validator, doc, section="fe", **kw),
+            Setting(name, type_, default, validator, doc, section="be", **kw))
+
+
+_any = t.no_check
+_count = t.in_range(1, 100000)
+_timeout = t.in_range(0.001, 86400)
+
+_COMMON_WORKERS = [
+    ("startservers", "5", "worker processes started at start-up"),
+    ("maxspareservers", "5", "most idle workers kept; idle workers beyond this are stopped"),
+    ("minspareservers", "2", "fewest idle workers kept; more are started when fewer are idle"),
+    ("maxclients", "256", "most connections being dispatched at once (beyond: wait in the accept queue)"),
+]
+
+
+def _workers(section: str) -> list[Setting]:
+    return [Setting(name, t.integer, default, _count, doc, section=section, metavar="N")
+            for name, default, doc in _COMMON_WORKERS]
+
+
+def _operations(section: str, rundir: str, logname: str) -> list[Setting]:
+    fe_be = "tcpha-fe" if section == "fe" else "tcpha-be"
+    return [
+        Setting("rundir", t.path, rundir, _any,
+                f"directory of the control files (sys/dbglevel, sys/unload, conn, ...) and the control socket",
+                section=section, group="operations", metavar="DIR"),
+        Setting("logfile", t.optional_path, "-", _any,
+                f"log file; '-' logs to stderr (journald). TCPHA logged to ./{logname}",
+                section=section, group="operations", metavar="PATH"),
+        Setting("dbglevel", t.integer, "3", t.in_range(0, 6),
+                "0 critical, 1 errors, 2 warnings, 3 notices, 4 one line per connection, 5 debug, 6 trace",
+                section=section, group="operations", metavar="0-6"),
+        Setting("metrics", t.listen_address, "off", _any,
+                "Prometheus endpoint: off, PORT (on 127.0.0.1) or ADDR:PORT",
+                section=section, group="operations", metavar="off|[ADDR:]PORT"),
+        Setting("grace", t.seconds, "30", t.in_range(0, 86400),
+                f"on unload/SIGTERM, how long {fe_be} waits for its connections to end before removing its state",
+                section=section, group="operations", metavar="SECONDS"),
+    ]
+
+
+FE_SETTINGS: list[Setting] = [
+    Setting("raddr", t.ipv4, "0.0.0.0", _any,
+            "real address of the front end; control connections and registrations use it",
+            section="fe", metavar="ADDR"),
+    Setting("vaddr", t.ipv4, None, t.not_unspecified,
+            "virtual address (VIP) clients connect to; the front end adds it to the LAN interface",
+            section="fe", required=True, metavar="ADDR", example="10.77.0.100"),
+    Setting("port", t.port_list, "80", _any,
+            "port(s) clients connect to on vaddr, e.g. '80 443'",
+            section="fe", attr="ports", metavar="PORT [PORT...]"),
+    *_workers("fe"),
+    Setting("connperbe", t.integer, "2", t.in_range(1, 64),
+            "persistent control connections to each back end", section="fe", metavar="N"),
+    Setting("redirectaddr", t.ipv4, "0.0.0.0", _any,
+            "local node: application address serving what no back end takes (0.0.0.0: no local node)",
+            section="fe", metavar="ADDR"),
+    Setting("redirectport", t.port, "8080", _any,
+            "local node: application port", section="fe", metavar="PORT"),
+    Setting("server", t.text, None, _any,
+            "a back end: 'ADDR PORT' (its raddr and port) or 'unix:/PATH' (a tcpha-be on this host)",
+            section="fe", repeatable=True, attr="servers", metavar="ADDR PORT | unix:/PATH",
+            example="10.77.0.11 666"),
+    Setting("rule", t.text, None, _any,
+            "'ADDR REGEX' matches the URI; 'ADDR host:REGEX', 'sni:REGEX', 'alpn:REGEX'; first match wins",
+            section="fe", repeatable=True, attr="rules", metavar="ADDR [FIELD:]REGEX",
+            example="10.77.0.11 jpg$"),
+    Setting("registerport", t.port_or_zero, "80", _any,
+            "port on raddr where back ends with dregister = 1 register (tcphabe.conf feport); 0: off",
+            section="fe", group="handoff", metavar="PORT"),
+    Setting("interface", t.interface, "auto", _any,
+            "LAN interface for the VIP and flow steering; auto: the one holding raddr (else the route to vaddr)",
+            section="fe", group="handoff", metavar="NAME|auto"),
+    Setting("peekmax", t.size, "16384", t.in_range(512, 1024 * 1024),
+            "most bytes of request head (or TLS ClientHello) read to choose a back end; longer: 400/414",
+            section="fe", group="handoff", metavar="BYTES"),
+    Setting("peektimeout", t.seconds, "10", _timeout,
+            "most time to wait for the request head; then 408", section="fe", group="handoff",
+            metavar="SECONDS"),
+    Setting("handofftimeout", t.seconds, "2", _timeout,
+            "most time to wait for a back end's 'restored'; then the next back end is tried",
+            section="fe", group="handoff", metavar="SECONDS"),
+    Setting("flowtimeout", t.seconds, "3600", t.in_range(1, 7 * 86400),
+            "safety timeout of a steering entry whose end the back end never reported",
+            section="fe", group="handoff", metavar="SECONDS"),
+    Setting("dtcinterval", t.seconds, "2", t.in_range(0, 3600),
+            "seconds between health checks of each back end; 0: off", section="fe", group="health",
+            metavar="SECONDS"),
+    Setting("healthcheck", t.choice("tcp", "http"), "tcp", _any,
+            "application check: tcp (connect) or http (GET healthpath, 2xx/3xx is up)",
+            section="fe", group="health", metavar="tcp|http"),
+    Setting("healthpath", t.text, "/", t.absolute_uri_path,
+            "path requested by the http health check", section="fe", group="health", metavar="PATH"),
+    Setting("healthport", t.port_or_zero, "0", _any,
+            "port of the application check; 0: the back end's redirectport as it reports it",
+            section="fe", group="health", metavar="PORT"),
+    Setting("healthtimeout", t.seconds, "1", _timeout,
+            "most time one health check may take", section="fe", group="health", metavar="SECONDS"),
+    Setting("rise", t.integer, "2", t.in_range(1, 100),
+            "consecutive successful checks before a down back end is put back", section="fe",
+            group="health", metavar="N"),
+    Setting("fall", t.integer, "1", t.in_range(1, 100),
+            "consecutive failed checks before a back end is taken out", section="fe", group="health",
+            metavar="N"),
+    Setting("authkey", t.path, None, _any,
+            "shared key file for the FE<->BE control channel (tcpha-keygen PATH writes one)",
+            section="fe", group="security", required=True, metavar="PATH", example="/etc/tcpha/authkey"),
+    *_operations("fe", "/run/tcpha/fe", "tcphafe.log"),
+]
+
+BE_SETTINGS: list[Setting] = [
+    Setting("raddr", t.ipv4, None, t.not_unspecified,
+            "real address of this back end; it listens for control connections on raddr:port",
+            section="be", required=True, metavar="ADDR", example="10.77.0.11"),
+    Setting("uaddr", t.ipv4, None, t.not_unspecified,
+            "address this back end uses in its own ARP traffic (never the VIP)",
+            section="be", required=True, metavar="ADDR", example="10.77.0.11"),
+    Setting("vaddr", t.ipv4, None, t.not_unspecified,
+            "the front end's virtual address (VIP); held on lo without answering ARP for it",
+            section="be", required=True, metavar="ADDR", example="10.77.0.100"),
+    Setting("port", t.port, "666", _any,
+            "port for control connections from the front end", section="be", metavar="PORT"),
+    *_workers("be"),
+    Setting("redirectaddr", t.ipv4, "0.0.0.0", _any,
+            "application address handed-off connections are relayed to (0.0.0.0: this host, 127.0.0.1)",
+            section="be", metavar="ADDR"),
+    Setting("redirectport", t.port, "80", _any,
+            "application port handed-off connections are relayed to", section="be", metavar="PORT"),
+    Setting("dregister", t.boolean, "0", _any,
+            "1: register with the front end at feaddr:feport, with this file's rules",
+            section="be", metavar="0|1"),
+    Setting("feaddr", t.ipv4, None, t.not_unspecified,
+            "front end's real address for dregister", section="be", metavar="ADDR",
+            example="10.77.0.10"),
+    Setting("feport", t.port, "80", _any,
+            "front end's registration port for dregister (tcphafe.conf registerport)",
+            section="be", metavar="PORT"),
+    Setting("rule", t.text, None, _any,
+            "with dregister: '[ADDR] REGEX' or '[ADDR] host:|sni:|alpn:REGEX' sent to the front end",
+            section="be", repeatable=True, attr="rules", metavar="[ADDR] [FIELD:]REGEX",
+            example="jpg$"),
+    Setting("registerretry", t.seconds, "2", t.in_range(0.1, 3600),
+            "with dregister: seconds between registration attempts while the front end is unreachable",
+            section="be", group="handoff", metavar="SECONDS"),
+    Setting("interface", t.interface, "auto", _any,
+            "LAN interface (ARP filtering); auto: the one holding raddr",
+            section="be", group="handoff", metavar="NAME|auto"),
+    Setting("unixpath", t.optional_path, "none", _any,
+            "UNIX socket receiving connections from a front end on this host (its 'server = unix:PATH')",
+            section="be", group="handoff", metavar="PATH|none"),
+    Setting("authkey", t.path, None, _any,
+            "shared key file for the FE<->BE control channel (tcpha-keygen PATH writes one)",
+            section="be", group="security", required=True, metavar="PATH", example="/etc/tcpha/authkey"),
+    Setting("tlscert", t.optional_path, "none", _any,
+            "certificate chain (PEM); when set, TLS on tlsports is terminated here",
+            section="be", group="tls", metavar="PATH|none"),
+    Setting("tlskey", t.optional_path, "none", _any,
+            "private key (PEM); none: in the tlscert file", section="be", group="tls",
+            metavar="PATH|none"),
+    Setting("tlsports", t.port_list, "443", _any,
+            "VIP ports whose connections are TLS", section="be", group="tls", metavar="PORT [PORT...]"),
+    Setting("sessioncache", t.distcache_address, "none", _any,
+            "distcache address of the shared TLS session cache (UNIX:/run/tcpha/scache, IP:host:port)",
+            section="be", group="tls", metavar="ADDRESS|none"),
+    Setting("sessiontimeout", t.seconds, "300", t.in_range(1, 86400),
+            "lifetime of a TLS session in the cache", section="be", group="tls", metavar="SECONDS"),
+    *_operations("be", "/run/tcpha/be", "tcphabe.log"),
+]
+
+SETTINGS = {"fe": FE_SETTINGS, "be": BE_SETTINGS}
+
+
+def settings_for(component: str) -> list[Setting]:
+    try:
+        return SETTINGS[component]
+    except KeyError:
+        raise ValueError(f"component must be 'fe' or 'be', not {component!r}") from None
+
+
+def _check_table() -> None:
+    # The table is the single declaration: catch a clash at import time, not in production.
+    for component, table in SETTINGS.items():
+        names = [s.name for s in table]
+        attrs = [s.attr for s in table]
+        assert len(set(names)) == len(names), f"{component}: an option is declared twice"
+        assert len(set(attrs)) == len(attrs), f"{component}: two options share an attribute"
+        for s in table:
+            assert s.section == component, s
+            assert "\n" not in s.doc, s
+            if s.default is not None and not s.repeatable:
+                s.validator(s.type(s.default))
+
+
+_check_table()
