@@ -1,0 +1,300 @@
+"""Sans-I/O parser for an HTTP/1.x request head, run by the front end on bytes it peeked (MSG_PEEK).
+
+The front end never consumes the request: it only needs the method, the request-target, the Host and the body
+framing, to choose a back end and to refuse what a back end must never see. So this parser is
+
+* tolerant of what real clients send: bare LF line ends (RFC 9112 §2.2 "a recipient MAY recognize a single LF as a
+  line terminator and ignore any preceding CR") and empty lines before the request-line (§2.2 "SHOULD ignore at
+  least one empty line (CRLF) received prior to the request-line"; like nginx we skip any number);
+* strict about everything that lets two parsers disagree about where a message ends (request smuggling), where
+  RFC 9112 says a server MUST (or may) reject with 400: obs-fold, whitespace before the colon, bare CR, invalid
+  tokens, missing or repeated Host, Content-Length with Transfer-Encoding, conflicting Content-Lengths, a
+  Transfer-Encoding whose final coding is not chunked.
+
+Refusals raise :class:`HeadError` carrying the status the front end writes back before closing:
+
+====== ==========================================================================================================
+400    malformed head (any of the above), and a head longer than ``max_size`` (issue 2: "an over-long head gets
+       400"; nginx answers 400 "Request Header Or Cookie Too Large" for the same case)
+414    the request-line alone does not fit in ``max_size`` (nginx and RFC 9110 §15.5.15: URI Too Long)
+501    a transfer coding we do not know (RFC 9112 §6.1: "SHOULD respond with 501 (Not Implemented)")
+505    an HTTP major version other than 1, e.g. the HTTP/2 prior-knowledge preface ``PRI * HTTP/2.0``
+408    never raised here: the parser has no clock; the front end answers 408 when its head timer expires
+====== ==========================================================================================================
+
+Rules match on :attr:`RequestHead.uri` (the request-target exactly as sent, query included) and
+:attr:`RequestHead.path` (the same without the query, and without scheme://authority for an absolute-form target);
+see docs/rules.md. Neither is percent-decoded or otherwise normalised (like HAProxy's ``url``/``path`` fetches).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .incomplete import NeedMore
+
+__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "error_response",
+           "REASONS"]
+
+
+class HeadError(Exception):
+    """The request head must be refused; ``status`` is the HTTP status to answer with, ``str(e)`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"HeadError({self.status}, {self.message!r})"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    uri: bytes                          # the request-target as sent (RFC 9112 §3.2), query string included
+    version: bytes                      # b"HTTP/1.1"
+    headers: list[tuple[bytes, bytes]]  # (lower-cased name, value without surrounding OWS), in order
+    host: bytes | None                  # lower-cased, port and one trailing dot removed; None: HTTP/1.0 without Host
+    head_len: int                       # bytes from the start of the buffer through the empty line ending the head
+    content_length: int | None
+    chunked: bool
+    path: bytes = field(default=b"")    # uri without "?query" (and without scheme://authority in absolute-form)
+
+
+# RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" /
+# "`" / "|" / "~" / DIGIT / ALPHA
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version, single SP separators (we do not use the
+# "MAY parse on whitespace-delimited word boundaries" leniency: it is the classic smuggling vector).
+# The request-target may hold any visible byte; obs-text (0x80-0xFF) is tolerated as nginx does, because some
+# clients send raw UTF-8 paths. Controls, SP and DEL are refused.
+_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (HTTP/([0-9])\.([0-9]))")
+# RFC 9110 §5.5: field-value bytes are VCHAR, obs-text, SP, HTAB. CR, LF and NUL "are invalid and dangerous"
+# (MUST reject or replace); we refuse every other control character too, as h11 does.
+_BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_LEADING_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
+# RFC 9110 §7.2: Host = uri-host [ ":" port ]; RFC 3986 §3.2.2: IP-literal / IPv4address / reg-name, where
+# reg-name = *( unreserved / pct-encoded / sub-delims ). An empty value is allowed (empty authority).
+_HOST = re.compile(rb"(\[[0-9A-Za-z:.%_~\-]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# RFC 3986 §3: absolute-URI = scheme ":" hier-part; only the "//" authority form names a host we can route on.
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)")
+_DIGITS = re.compile(rb"[0-9]+")
+_KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+# A body larger than 2^63 cannot be framed by anyone (HAProxy refuses the same).
+_MAX_LENGTH_DIGITS = 18
+
+
+def parse_request_head(buf: bytes, max_size: int) -> RequestHead | type[NeedMore]:
+    """Parse the request head at the start of ``buf``.
+
+    Returns :data:`NeedMore` while ``buf`` is a valid prefix of a head shorter than ``max_size`` bytes, a
+    :class:`RequestHead` once the empty line ending the head has arrived, and raises :class:`HeadError` as soon as
+    the bytes seen are certain to be refused. Bytes after the head (a body, a pipelined request) are ignored.
+    """
+    buf = bytes(buf)
+    start = _LEADING_EMPTY_LINES.match(buf).end()  # RFC 9112 §2.2: ignore empty lines before the request-line
+    limit = min(len(buf), max_size)
+    end = _END_OF_HEAD.search(buf, start, limit) if start < limit else None
+    if end is None:
+        _check_incomplete(buf, start, max_size)
+        return NeedMore
+    lines = buf[start:end.start()].split(b"\n")
+    # RFC 9112 §2.2: with LF as terminator, "ignore any preceding CR"; a CR anywhere else is a bare CR, which
+    # "MUST [be considered] invalid" (or replaced): the request-line and field checks below refuse it.
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+    method, uri, version, minor = _parse_request_line(lines[0])
+    headers = _parse_field_lines(lines[1:])
+    host, path = _target_host_and_path(method, uri, headers, minor)
+    content_length, chunked = _body_framing(headers, minor)
+    return RequestHead(method=method, uri=uri, version=version, headers=headers, host=host, head_len=end.end(),
+                       content_length=content_length, chunked=chunked, path=path)
+
+
+def _check_incomplete(buf: bytes, start: int, max_size: int) -> None:
+    """The head is not complete yet: refuse now if it never can be, else let the caller wait for more bytes."""
+    first_nl = buf.find(b"\n", start)
+    if len(buf) >= max_size:
+        if first_nl == -1 or first_nl >= max_size:
+            raise HeadError(414, f"request line longer than {max_size} bytes")
+        raise HeadError(400, f"request head longer than {max_size} bytes")
+    if first_nl != -1:
+        # The request-line is complete: judge it now, so junk (or a non-HTTP protocol) is refused at once.
+        line = buf[start:first_nl]
+        _parse_request_line(line[:-1] if line.endswith(b"\r") else line)
+        return
+    # Only part of the request-line: at least its method must be made of tchars. A final CR may begin CRLF.
+    partial = buf[start:-1] if buf.endswith(b"\r") else buf[start:]
+    method = partial.split(b" ", 1)[0]
+    if method and _TOKEN.fullmatch(method) is None:
+        raise HeadError(400, "invalid method token in request line")
+
+
+def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes, int]:
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        # RFC 9112 §3: "Recipients of an invalid request-line SHOULD respond with ... 400 (Bad Request)".
+        # This also refuses HTTP/0.9 simple requests ("GET /" without a version).
+        raise HeadError(400, "malformed request line")
+    method, uri, version = m.group(1), m.group(2), m.group(3)
+    if m.group(4) != b"1":
+        # RFC 9110 §15.6.6: 505 when the major version is not supported (HTTP/2 preface, HTTP/0.x, HTTP/3.x ...).
+        raise HeadError(505, f"HTTP version {version.decode('ascii')} not supported")
+    # RFC 9110 §2.5: a higher 1.x minor version is treated as the highest we implement (1.1).
+    return method, uri, version, int(m.group(5))
+
+
+def _parse_field_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2: obs-fold in a request "MUST either reject the message by sending a 400"; §2.2 says the
+            # same choice for whitespace between the start-line and the first field.
+            raise HeadError(400, "obsolete line folding (or whitespace-led line) in header fields")
+        colon = line.find(b":")
+        if colon <= 0:
+            raise HeadError(400, "header field line without a name and colon")
+        name = line[:colon]
+        if _TOKEN.fullmatch(name) is None:
+            # RFC 9112 §5.1: "No whitespace is allowed between the field name and colon ... A server MUST reject,
+            # with a response status code of 400" — and field-name = token (RFC 9110 §5.1).
+            raise HeadError(400, f"invalid header field name {name[:40]!r}")
+        # RFC 9112 §5.1: field-line = field-name ":" OWS field-value OWS; OWS is not part of the value.
+        value = line[colon + 1:].strip(b" \t")
+        if _BAD_FIELD_BYTE.search(value) is not None:
+            raise HeadError(400, f"control character in header field {name.decode('ascii')}")
+        headers.append((name.lower(), value))
+    return headers
+
+
+def _normalise_host(value: bytes) -> bytes:
+    """Host value → the name rules match: lower case (host names are case-insensitive, RFC 3986 §3.2.2), port
+    removed, one trailing dot removed (``example.com.`` names the same host, as nginx treats it)."""
+    m = _HOST.fullmatch(value)
+    if m is None:
+        raise HeadError(400, "invalid Host header field value")
+    host = m.group(1).lower()
+    if host.endswith(b".") and not host.startswith(b"["):
+        host = host[:-1]
+    return host
+
+
+def _target_host_and_path(method: bytes, uri: bytes, headers: list[tuple[bytes, bytes]],
+                          minor: int) -> tuple[bytes | None, bytes]:
+    hosts = [value for name, value in headers if name == b"host"]
+    # RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any HTTP/1.1 request message
+    # that lacks a Host header field and to any request message that contains more than one Host header field
+    # line or a Host header field with an invalid field value."
+    if len(hosts) > 1:
+        raise HeadError(400, "more than one Host header field")
+    if not hosts and minor >= 1:
+        raise HeadError(400, "HTTP/1.1 request without Host header field")
+    host = _normalise_host(hosts[0]) if hosts else None
+
+    # RFC 9112 §3.2: the four forms of request-target.
+    if uri.startswith(b"/"):                               # §3.2.1 origin-form = absolute-path [ "?" query ]
+        return host, target_path(uri)
+    if method == b"CONNECT":                               # §3.2.3 authority-form, only for CONNECT
+        return host, b""
+    if uri == b"*":                                        # §3.2.4 asterisk-form, only for OPTIONS
+        if method != b"OPTIONS":
+            raise HeadError(400, "asterisk-form request-target is only allowed with OPTIONS")
+        return host, b"*"
+    m = _ABSOLUTE_FORM.match(uri)                          # §3.2.2 absolute-form
+    if m is None:
+        raise HeadError(400, "request-target is not in origin, absolute, authority or asterisk form")
+    authority = m.group(2)
+    if b"@" in authority:
+        # RFC 9110 §4.2.4: userinfo is deprecated in http(s) URIs; "treat its presence as an error".
+        raise HeadError(400, "userinfo in request-target")
+    # RFC 9112 §3.2.2: "the origin server MUST ignore the received Host header field (if any) and instead use the
+    # host information of the request-target" (the Host field must still be present and valid, checked above).
+    return _normalise_host(authority), target_path(uri)
+
+
+def target_path(uri: bytes) -> bytes:
+    """The path of a request-target, for ``uri`` rules: origin-form without ``?query``; absolute-form without
+    ``scheme://authority`` and query (``/`` if empty); ``*`` for asterisk-form; empty for authority-form."""
+    if uri.startswith(b"/"):
+        return uri.split(b"?", 1)[0]
+    if uri == b"*":
+        return uri
+    m = _ABSOLUTE_FORM.match(uri)
+    if m is None:
+        return b""
+    return m.group(3) or b"/"
+
+
+def _comma_list(values: list[bytes]) -> list[bytes]:
+    """RFC 9110 §5.6.1: a list field may be sent as several lines or comma-separated; empty elements are ignored."""
+    items = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item:
+                items.append(item)
+    return items
+
+
+def _body_framing(headers: list[tuple[bytes, bytes]], minor: int) -> tuple[int | None, bool]:
+    lengths = [value for name, value in headers if name == b"content-length"]
+    codings_fields = [value for name, value in headers if name == b"transfer-encoding"]
+    if codings_fields:
+        if lengths:
+            # RFC 9112 §6.3 ¶3: both present "might indicate an attempt to perform request smuggling ... A server
+            # MAY reject such a request"; a front end that routes on the head must, or the back end may disagree.
+            raise HeadError(400, "both Content-Length and Transfer-Encoding")
+        if minor == 0:
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding "MUST [be treated] as if the framing is
+            # faulty"; we cannot pass faulty framing on to a back end.
+            raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        # RFC 9112 §7: transfer-coding = token *( OWS ";" OWS transfer-parameter ); names are case-insensitive.
+        codings = [item.split(b";", 1)[0].strip(b" \t").lower() for item in _comma_list(codings_fields)]
+        if not codings:
+            raise HeadError(400, "empty Transfer-Encoding")
+        for coding in codings:
+            if _TOKEN.fullmatch(coding) is None:
+                raise HeadError(400, "invalid transfer coding")
+        if codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
+            # RFC 9112 §6.3 ¶4: chunked not final → "the server MUST respond with the 400 (Bad Request)";
+            # §7.1: chunked "MUST NOT" be applied more than once.
+            raise HeadError(400, "Transfer-Encoding does not end with a single chunked coding")
+        unknown = [c for c in codings if c not in _KNOWN_CODINGS]
+        if unknown:
+            raise HeadError(501, f"unknown transfer coding {unknown[0][:40].decode('ascii')}")
+        return None, True
+    if not lengths:
+        return None, False
+    # RFC 9110 §8.6: Content-Length = 1*DIGIT; a list of identical values ("42, 42", or repeated lines) "MAY" be
+    # accepted as that value; anything else is invalid and RFC 9112 §6.3 ¶5 says the server "MUST respond with a
+    # 400 (Bad Request)".
+    items = [item.strip(b" \t") for value in lengths for item in value.split(b",")]
+    for item in items:
+        if _DIGITS.fullmatch(item) is None:
+            raise HeadError(400, "non-numeric Content-Length")
+        if len(item.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
+            raise HeadError(400, "Content-Length too large")
+    values = {int(item) for item in items}
+    if len(values) != 1:
+        raise HeadError(400, "conflicting Content-Length values")
+    return values.pop(), False
+
+
+REASONS = {
+    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+    431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+def error_response(status: int, detail: str = "") -> bytes:
+    """The complete response the front end writes before closing: ``Connection: close``, a short text body."""
+    reason = REASONS.get(status, "Error")
+    body = f"{status} {reason}\n".encode("ascii") if not detail else f"{status} {reason}: {detail}\n".encode(
+        "ascii", "replace")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("ascii") + body
