@@ -278,20 +278,22 @@ class NamespaceLab:
             br = sw.link_lookup(ifname=self.bridge)[0]
             sw.link("set", index=br, state="up")
             for h in self.topology.hosts:
-                ns = self.netns(h.name)
-                # The veth is created in the switch namespace with its peer born directly in the
-                # host's namespace under its final name.
-                sw.link("add", ifname=h.name, kind="veth",
-                        peer={"ifname": LAN_IFNAME, "net_ns_fd": ns})
-                port = sw.link_lookup(ifname=h.name)[0]
-                sw.link("set", index=port, master=br, state="up")
-                with IPRoute(netns=ns) as ipr:
-                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                    idx = ipr.link_lookup(ifname=LAN_IFNAME)[0]
-                    ipr.addr("add", index=idx, address=h.lan_ip, prefixlen=prefixlen)
-                    ipr.link("set", index=idx, state="up")
-                    link = ipr.get_links(idx)[0]
-                    self._macs[h.name] = link.get("IFLA_ADDRESS") or link.get("address")
+                self._attach_host(sw, br, h.name, h.lan_ip, prefixlen)
+
+    def _attach_host(self, sw: IPRoute, br: int, host: str, lan_ip: str, prefixlen: int) -> None:
+        ns = self.netns(host)
+        # The veth is created in the switch namespace with its peer born directly in the host's
+        # namespace under its final name; the switch end is named after the host.
+        sw.link("add", ifname=host, kind="veth", peer={"ifname": LAN_IFNAME, "net_ns_fd": ns})
+        port = sw.link_lookup(ifname=host)[0]
+        sw.link("set", index=port, master=br, state="up")
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            idx = ipr.link_lookup(ifname=LAN_IFNAME)[0]
+            ipr.addr("add", index=idx, address=lan_ip, prefixlen=prefixlen)
+            ipr.link("set", index=idx, state="up")
+            link = ipr.get_links(idx)[0]
+            self._macs[host] = link.get("IFLA_ADDRESS")
 
     def _quiet_ipv6(self, name: str) -> None:
         def body() -> None:
