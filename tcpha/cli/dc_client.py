@@ -1,0 +1,283 @@
+"""dc_client: the local distcache agent (options and messages of the original 1.4.x).
+
+Single-dash options, as the original.  Extensions: ``-server``/``-connect`` may be repeated
+(failover order), IPv6 addresses.  See tcpha.distcache.agent for the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.distcache.agent import Agent
+
+DEF_LISTEN = "UNIX:/tmp/scache"
+DEF_RETRY = 5000
+DEF_IDLE = 0
+MIN_RETRY, MAX_RETRY = 1, 3600000
+MAX_IDLE = 3600000
+
+USAGE = [
+    "",
+    "Usage: dc_client [options]      where 'options' are from;",
+    "  -daemon           (detach and run in the background)",
+    "  -user <user>      (run as an alternative user)",
+    "  -listen <addr>    (listen on address 'addr', def: UNIX:/tmp/scache)",
+    "  -sockowner <user> (controls ownership of unix sockets)",
+    "  -sockgroup <group>(controls group ownership of unix sockets)",
+    "  -sockperms <oct>  (controls permissions of unix sockets)",
+    "  -server <addr>    (connects to a cache server at 'addr')",
+    "  -connect <addr>   (alias for '-server')",
+    "  -retry <num>      (retry period (msecs) for cache servers, def: 5000)",
+    "  -idle <num>       (idle timeout (msecs) for client connections, def: 0)",
+    "  -pidfile <path>   (a file to store the process ID in)",
+    "  -killable         (exit cleanly on a SIGUSR1 or SIGUSR2 signal)",
+    "  -<h|help|?>       (display this usage message)",
+    "",
+    " Eg. dc_client -listen UNIX:/tmp/scache -server IP:192.168.2.5:9003",
+    " will listen on a unix domain socket at /tmp/scache and will manage",
+    " forwarding requests and responses to and from two the cache server.",
+    "",
+    " Extension: -server/-connect may be given several times; the servers are",
+    " used in turn, the next one taking over when the current one fails.",
+    "",
+]
+
+
+class UsageError(Exception):
+    """An option error: the message line, then the usage text, exit 1."""
+
+
+@dataclass
+class Settings:
+    daemon: bool = False
+    user: str | None = None
+    listen: str = DEF_LISTEN
+    sockowner: str | None = None
+    sockgroup: str | None = None
+    sockperms: int | None = None
+    servers: list[str] = field(default_factory=list)
+    retry: int = DEF_RETRY
+    idle: int = DEF_IDLE
+    pidfile: str | None = None
+    killable: bool = False
+
+
+def _strtoul(text: str, opt: str, lo: int, hi: int) -> int:
+    # The original: strtoul() must consume the whole argument, and the value be in range.
+    if not text or not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return int(text)
+
+
+def _octal(text: str, opt: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise UsageError(f"Error, {opt} given an invalid argument") from None
+    if not 0 <= value <= 0o7777:
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the settings table (gunicorn-style): name, whether it takes a value, how it applies."""
+    names: tuple[str, ...]
+    takes_arg: bool
+    apply: Callable[[Settings, str, str], None]
+    doc: str
+
+
+def _set(attr: str, conv=None):
+    def apply(s: Settings, opt: str, value: str) -> None:
+        setattr(s, attr, conv(value, opt) if conv else value)
+    return apply
+
+
+OPTIONS: list[Option] = [
+    Option(("-daemon",), False, lambda s, o, v: setattr(s, "daemon", True), "detach and run in the background"),
+    Option(("-user",), True, _set("user"), "switch to this user after the listening socket is made"),
+    Option(("-listen",), True, _set("listen"), "local address to accept clients on"),
+    Option(("-sockowner",), True, _set("sockowner"), "owner of the UNIX socket file"),
+    Option(("-sockgroup",), True, _set("sockgroup"), "group of the UNIX socket file"),
+    Option(("-sockperms",), True, _set("sockperms", _octal), "permissions (octal) of the UNIX socket file"),
+    Option(("-server", "-connect"), True, lambda s, o, v: s.servers.append(v),
+           "cache server address (repeat for failover, an extension)"),
+    Option(("-retry",), True, _set("retry", lambda v, o: _strtoul(v, o, MIN_RETRY, MAX_RETRY)),
+           "reconnect period in ms while the server is unreachable (1..3600000)"),
+    Option(("-idle",), True, _set("idle", lambda v, o: _strtoul(v, o, 0, MAX_IDLE)),
+           "close client connections idle this many ms (0 = never)"),
+    Option(("-pidfile",), True, _set("pidfile"), "write the process id to this file"),
+    Option(("-killable",), False, lambda s, o, v: setattr(s, "killable", True),
+           "exit cleanly on SIGUSR1/SIGUSR2"),
+]
+_BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
+
+
+def parse_args(argv: list[str]) -> Settings | None:
+    """Settings, or None when help was asked.  Raises UsageError."""
+    s = Settings()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "-help", "-?"):
+            return None
+        opt = _BY_NAME.get(a)
+        if opt is None:
+            raise UsageError(f'Error, "{a}" not recognised')
+        value = ""
+        if opt.takes_arg:
+            if i + 1 >= len(argv):
+                raise UsageError(f"Error, {a} requires an argument")
+            i += 1
+            value = argv[i]
+        opt.apply(s, a, value)
+        i += 1
+    return s
+
+
+def _usage() -> None:
+    sys.stderr.write("\n".join(USAGE) + "\n")
+
+
+def _daemonise() -> None:
+    """Detach: fork, new session, cwd /, standard descriptors on /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _drop_privileges(user: str) -> None:
+    pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    os.setgroups([])
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+def _sock_attrs(s: Settings, path: str) -> None:
+    """-sockowner/-sockgroup/-sockperms on the UNIX socket file; failures only warn (as the original)."""
+    if s.sockowner is not None or s.sockgroup is not None:
+        try:
+            uid = -1
+            gid = -1
+            if s.sockowner is not None:
+                uid = int(s.sockowner) if s.sockowner.isdigit() else pwd.getpwnam(s.sockowner).pw_uid
+            if s.sockgroup is not None:
+                gid = int(s.sockgroup) if s.sockgroup.isdigit() else grp.getgrnam(s.sockgroup).gr_gid
+            os.chown(path, uid, gid)
+        except (KeyError, OSError) as exc:
+            sys.stderr.write(f"Warning, couldn't set ownership of '{path}': "
+                             f"{getattr(exc, 'strerror', None) or 'no such user or group'}\n")
+    if s.sockperms is not None:
+        try:
+            os.chmod(path, s.sockperms)
+        except OSError as exc:
+            sys.stderr.write(f"Warning, couldn't set permissions of '{path}': {exc.strerror}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        s = parse_args(args)
+    except UsageError as exc:
+        sys.stderr.write(f"{exc}\n")
+        _usage()
+        return 1
+    if s is None:
+        _usage()
+        return 0
+    if not s.servers:
+        sys.stderr.write("Error, no server specified!\n")
+        return 1
+    logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
+                        format="dc_client[%(process)d] %(levelname)s %(message)s")
+    servers = []
+    for text in s.servers:
+        try:
+            addr = parse_address(text)
+            if addr.kind == "ip" and addr.host is None:
+                raise AddressError(f"cannot connect to '{text}': IP:port is a listen-only address")
+        except AddressError as exc:
+            sys.stderr.write(f"Error, bad server address: {exc}\n")
+            return 1
+        servers.append(addr)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        laddr = parse_address(s.listen)
+        if laddr.kind == "fd" and len(laddr.fds) != 1:
+            raise AddressError("FD:r:w cannot listen")
+        lsock = listen_socket(laddr)
+    except AddressError as exc:
+        sys.stderr.write("Error, bad listen address\n")
+        sys.stderr.write(f"Error, {exc}\n")
+        return 1
+    unix_path = laddr.path if laddr.kind == "unix" else None
+    if unix_path:
+        _sock_attrs(s, unix_path)
+    if s.daemon:
+        try:
+            _daemonise()
+        except OSError:
+            sys.stderr.write("Error, couldn't detach!\n")
+            return 1
+    if s.pidfile:
+        try:
+            with open(s.pidfile, "w") as fp:
+                fp.write(str(os.getpid()))  # the pid, no newline (as the original)
+        except OSError:
+            sys.stderr.write(f"Error, couldn't open 'pidfile' at '{s.pidfile}'.\n")
+            return 1
+    if s.user:
+        # Rule: the user switch comes after the listening socket is made (so it can be a
+        # privileged port or a root-only directory) and before any server connection.
+        try:
+            _drop_privileges(s.user)
+        except (KeyError, OSError) as exc:
+            sys.stderr.write(f"Error, couldn't become user '{s.user}'"
+                             f"{': ' + exc.strerror if isinstance(exc, OSError) and exc.strerror else ''}\n")
+            return 1
+
+    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        if s.killable:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if unix_path:
+            try:
+                st_ok = os.path.exists(unix_path)
+                if st_ok:
+                    os.unlink(unix_path)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""dc_snoop: transparent distcache proxy printing one line per frame (see tcpha.distcache.snoop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.distcache.snoop import Snooper
+
+USAGE = [
+    "",
+    "Usage: dc_snoop [options]     where 'options' are from;",
+    "  -listen <addr>   (accept incoming connections on address 'addr')",
+    "  -connect <addr>  (proxy incoming connections to server at address 'addr')",
+    "  -<h|help|?>      (display this usage message)",
+    "",
+    "Extensions (not in the original):",
+    "  -server <addr>   (alias for '-connect')",
+    "  -decode          (add operation, id, data length and status to each line)",
+    "",
+]
+
+
+def _usage() -> int:
+    sys.stderr.write("\n".join(USAGE) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    listen = connect = None
+    decode = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "-help", "-?"):
+            return _usage()
+        if a == "-decode":
+            decode = True
+        elif a in ("-connect", "-server", "-listen"):
+            if i + 1 >= len(args):
+                # The original prints "-%s" with the option's own dash.
+                sys.stderr.write(f"Error, -{a} requires an argument\n")
+                _usage()
+                return 1
+            i += 1
+            if a == "-listen":
+                listen = args[i]
+            else:
+                connect = args[i]
+        else:
+            sys.stderr.write(f'Error, "{a}" not recognised\n')
+            _usage()
+            return 1
+        i += 1
+    if not connect or not listen:
+        sys.stderr.write("Error, must provide -connect and -listen\n")
+        return 1
+    logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
+                        format="dc_snoop[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        server = parse_address(connect)
+        if server.kind == "ip" and server.host is None:
+            raise AddressError(f"cannot connect to '{connect}': IP:port is a listen-only address")
+        laddr = parse_address(listen)
+        lsock = listen_socket(laddr)
+    except AddressError as exc:
+        sys.stderr.write(f"Error, {exc}\n")
+        return 1
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    snooper = Snooper(lsock, server, decode=decode)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, snooper.stop)
+        await snooper.run()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if laddr.kind == "unix":
+            try:
+                os.unlink(laddr.path)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

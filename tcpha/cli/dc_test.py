@@ -1,0 +1,21 @@
+"""dc_test command (see tcpha.distcache.dctest)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from tcpha.distcache.dctest import main as _main
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The original ignores SIGPIPE: a server that goes away is a failed transaction, not a kill.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

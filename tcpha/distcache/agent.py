@@ -1,0 +1,382 @@
+"""dc_client, the local distcache agent: many local clients, one persistent upstream connection.
+
+Behaviour (the original's, from the protocol notes, with the extensions marked):
+
+* One persistent connection to the cache server.  Every local client's requests are written to
+  it pipelined, renumbered with the agent's own uid counter; each answer goes back to its client
+  with the client's own uid.
+* While there is no upstream connection a request is answered at once with an empty payload
+  (the C client counts that as a failed transaction).  Requests outstanding when the upstream
+  connection dies are answered with the single status byte [2] (DISCONNECTED).
+* While the server is unreachable the agent tries again every ``-retry`` ms.
+* Answers for clients that have gone are dropped.
+* ``-idle`` ms: a client connection with nothing outstanding and no traffic for that long is
+  closed.
+* Extension: many requests may be in flight on one client connection (the C agent takes one at
+  a time); answers go back strictly in request order for each client.
+* Extension: several ``-server`` addresses; when the current one fails (cannot connect, or the
+  connection dies) the agent moves to the next one at once, and waits ``-retry`` ms only after
+  a whole round of failures.
+
+The agent is an asyncio program; :class:`Agent` does the forwarding and knows nothing of
+command-line options, daemonising or privileges (see tcpha.cli.dc_client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+
+from .address import Address, AddressError
+from .aio import open_address
+from .codec import FRAME_HEADER, MAX_FRAME_DATA, PROTO_LEVEL, Message, MessageReader, ProtocolError, \
+    Status, encode_message
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("tcpha.distcache.agent")
+
+_pack_header = FRAME_HEADER.pack
+_DISCONNECTED = bytes([Status.DISCONNECTED])
+_EMPTY = b""
+# A client with this many requests waiting for answers is not read from until half are answered.
+MAX_IN_FLIGHT_PER_CLIENT = 4096
+
+
+def _encode(is_response: int, uid: int, op: int, payload: bytes) -> bytes:
+    if len(payload) <= MAX_FRAME_DATA:
+        return _pack_header(PROTO_LEVEL, is_response, uid, 0, op, 1, len(payload)) + payload
+    return encode_message(Message(bool(is_response), uid, op, payload))
+
+
+class _Slot:
+    """One request of one client, waiting for its answer (kept in the client's order)."""
+
+    __slots__ = ("uid", "op", "answer")
+
+    def __init__(self, uid: int, op: int) -> None:
+        self.uid = uid
+        self.op = op
+        self.answer: bytes | None = None
+
+
+class _Client(asyncio.Protocol):
+    """One local client connection."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.transport: asyncio.Transport | None = None
+        self.reader = MessageReader(expect_response=False)
+        self.slots: deque[_Slot] = deque()
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.paused_limit = False
+        self.paused_upstream = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.agent._clients.add(self)
+        if self.agent._upstream_paused:
+            self.paused_upstream = True
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        try:
+            msgs = self.reader.feed(data)
+        except ProtocolError as exc:
+            # Rule: a corrupt frame, a frame in the wrong direction or an unknown operation
+            # closes that one connection without a reply.
+            log.info("client connection closed: %s", exc)
+            self.close()
+            return
+        agent = self.agent
+        for msg in msgs:
+            slot = _Slot(msg.uid, msg.op)
+            self.slots.append(slot)
+            agent._forward(self, slot, msg.payload)
+        self.flush()
+        if len(self.slots) >= MAX_IN_FLIGHT_PER_CLIENT and not self.paused_limit and self.transport:
+            self.paused_limit = True
+            self.transport.pause_reading()
+
+    def flush(self) -> None:
+        """Write the answers that are ready, in request order."""
+        slots = self.slots
+        if not slots or slots[0].answer is None:
+            return
+        out = []
+        while slots and slots[0].answer is not None:
+            slot = slots.popleft()
+            out.append(_encode(1, slot.uid, slot.op, slot.answer))
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join(out))
+            self.last_active = time.monotonic()
+        if self.paused_limit and len(slots) < MAX_IN_FLIGHT_PER_CLIENT // 2 and self.transport:
+            self.paused_limit = False
+            if not self.paused_upstream:
+                self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.transport = None
+        self.slots.clear()
+        self.agent._clients.discard(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.alive:
+            self.agent._upstream_data(self, data)
+
+    def connection_lost(self, exc) -> None:
+        if self.alive:
+            self.agent._upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.agent._pause_clients(True)
+
+    def resume_writing(self) -> None:
+        self.agent._pause_clients(False)
+
+
+class Agent:
+    """Forwarding engine of dc_client.
+
+    ``listen`` is a listening socket (already bound, so that privileges can be dropped first);
+    ``servers`` the upstream addresses in failover order.
+    """
+
+    def __init__(self, listen: socket.socket, servers: list[Address], *, retry_ms: int = 5000,
+                 idle_ms: int = 0) -> None:
+        if not servers:
+            raise ValueError("at least one server address is needed")
+        self.listen_sock = listen
+        self.servers = servers
+        self.retry = retry_ms / 1000.0
+        self.idle = idle_ms / 1000.0
+        self.connect_timeout = min(max(self.retry, 1.0), 10.0)
+        self._clients: set[_Client] = set()
+        self._server_idx = 0
+        self._failures_in_round = 0
+        self._up: _Upstream | None = None
+        self._up_transport: asyncio.Transport | None = None
+        self._up_reader: MessageReader | None = None
+        self._up_out: list[bytes] = []
+        self._up_flush_scheduled = False
+        self._upstream_paused = False
+        self._pending: dict[int, tuple[_Client, _Slot]] = {}
+        self._uid = 0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task | None = None
+        self._stopped: asyncio.Event | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._idle_task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Counters, for logs and tests.
+        self.requests = 0
+        self.answered_empty = 0
+        self.answered_disconnected = 0
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._up_transport is not None
+
+    @property
+    def current_server(self) -> Address:
+        return self.servers[self._server_idx]
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` is called."""
+        self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.listen_sock.setblocking(False)
+        if self.listen_sock.family == socket.AF_UNIX:
+            self._server = await self.loop.create_unix_server(lambda: _Client(self), sock=self.listen_sock)
+        else:
+            self._server = await self.loop.create_server(lambda: _Client(self), sock=self.listen_sock)
+        self._start_connect()
+        if self.idle > 0:
+            self._idle_task = asyncio.ensure_future(self._idle_sweeper())
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.close()
+        if self._up_transport is not None:
+            self._up.alive = False
+            self._up_transport.close()
+            self._up_transport = None
+
+    # -- upstream -----------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        self._retry_handle = None
+        if self._connecting is None and self._up_transport is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        addr = self.current_server
+        proto = _Upstream(self)
+        try:
+            transport, _ = await open_address(addr, lambda: proto, self.connect_timeout)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, AddressError, asyncio.TimeoutError) as exc:
+            self._connecting = None
+            log.warning("cannot connect to cache server %s: %s", addr.text,
+                        "timed out" if isinstance(exc, asyncio.TimeoutError) else (getattr(exc, "strerror", None) or exc))
+            self._next_server(failed=True)
+            return
+        self._connecting = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._up = proto
+        self._up_transport = transport
+        self._up_reader = MessageReader(expect_response=True)
+        self._failures_in_round = 0
+        self.connects += 1
+        log.info("connected to cache server %s", addr.text)
+
+    def _next_server(self, *, failed: bool) -> None:
+        """Move to the next address; try it now, or after -retry ms once a whole round failed."""
+        n = len(self.servers)
+        self._failures_in_round += 1
+        self._server_idx = (self._server_idx + 1) % n
+        if self._stopped is not None and self._stopped.is_set():
+            return
+        if self._failures_in_round < n:
+            self._start_connect()
+        else:
+            self._failures_in_round = 0
+            self._retry_handle = self.loop.call_later(self.retry, self._start_connect)
+
+    def _upstream_data(self, up: _Upstream, data: bytes) -> None:
+        try:
+            msgs = self._up_reader.feed(data)
+        except ProtocolError as exc:
+            log.warning("corrupt data from cache server %s: %s", self.current_server.text, exc)
+            self._drop_upstream(f"protocol error: {exc}")
+            return
+        pending = self._pending
+        touched = set()
+        for msg in msgs:
+            entry = pending.pop(msg.uid, None)
+            if entry is None:
+                log.debug("answer for unknown uid %d dropped", msg.uid)
+                continue
+            client, slot = entry
+            if client.closed:
+                continue  # Rule: answers for clients that left are dropped.
+            slot.answer = msg.payload
+            touched.add(client)
+        for client in touched:
+            client.flush()
+
+    def _upstream_lost(self, up: _Upstream, exc) -> None:
+        log.warning("lost the cache server %s%s", self.current_server.text, f": {exc}" if exc else "")
+        self._drop_upstream(None)
+
+    def _drop_upstream(self, why: str | None) -> None:
+        if self._up is not None:
+            self._up.alive = False
+        transport = self._up_transport
+        self._up_transport = None
+        self._up = None
+        self._up_out.clear()
+        if transport is not None and why is not None:
+            transport.abort()
+        # Rule: requests outstanding when the upstream dies are answered with [2].
+        pending, self._pending = self._pending, {}
+        touched = set()
+        for client, slot in pending.values():
+            if not client.closed:
+                slot.answer = _DISCONNECTED
+                self.answered_disconnected += 1
+                touched.add(client)
+        for client in touched:
+            client.flush()
+        if self._upstream_paused:
+            self._pause_clients(False)
+        if len(self.servers) > 1:
+            self._next_server(failed=True)
+        else:
+            self._failures_in_round = 0
+            self._retry_handle = self.loop.call_later(self.retry, self._start_connect)
+
+    def _pause_clients(self, pause: bool) -> None:
+        self._upstream_paused = pause
+        for client in self._clients:
+            if client.transport is None:
+                continue
+            client.paused_upstream = pause
+            if pause:
+                client.transport.pause_reading()
+            elif not client.paused_limit:
+                client.transport.resume_reading()
+
+    # -- requests -----------------------------------------------------------------
+
+    def _forward(self, client: _Client, slot: _Slot, payload: bytes) -> None:
+        self.requests += 1
+        if self._up_transport is None:
+            # Rule: no server -> an immediate empty answer.
+            slot.answer = _EMPTY
+            self.answered_empty += 1
+            return
+        uid = self._uid = (self._uid + 1) & 0xFFFFFFFF
+        self._pending[uid] = (client, slot)
+        self._up_out.append(_encode(0, uid, slot.op, payload))
+        if not self._up_flush_scheduled:
+            self._up_flush_scheduled = True
+            self.loop.call_soon(self._flush_upstream)
+
+    def _flush_upstream(self) -> None:
+        self._up_flush_scheduled = False
+        if self._up_out and self._up_transport is not None:
+            # Whole messages in one write (the C decoder must never see a split frame tail).
+            self._up_transport.write(b"".join(self._up_out))
+        self._up_out.clear()
+
+    # -- idle clients ---------------------------------------------------------------
+
+    async def _idle_sweeper(self) -> None:
+        period = min(max(self.idle / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for client in list(self._clients):
+                if not client.slots and now - client.last_active >= self.idle:
+                    log.debug("closing idle client connection")
+                    client.close()

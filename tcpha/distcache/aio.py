@@ -1,0 +1,330 @@
+"""asyncio distcache client: one connection, many requests in flight, answers matched by uid.
+
+    client = await AsyncDistcacheClient.connect("IP:127.0.0.1:9001", timeout=1.0)
+    ok = await client.add(b"id", b"data", 300000)
+    results = await asyncio.gather(*(client.get(k) for k in keys))   # pipelined
+    await client.close()
+
+``add/get/remove/has`` are awaitables with the results and failures of the blocking
+:class:`~tcpha.distcache.client.DistcacheClient` (same decisions, same :class:`DistcacheError`).
+They are plain methods returning a future rather than ``async def`` so that a pipelined batch
+costs no Task per request; ``await`` them like coroutines.
+
+Each request is written at once (requests queued in the same event-loop turn go out in one
+write) and answered when the reply with its uid arrives.  A request gets ``DistcacheError`` when
+``timeout`` seconds pass without its reply (the connection stays usable: a late reply is
+dropped), or when the connection breaks (every request in flight fails; the client is then
+closed and a new one must be made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable
+
+from .address import Address, AddressError, parse_address
+from .client import DistcacheError, _check_id
+from .codec import (FRAME_HEADER, MAX_FRAME_DATA, MAX_MESSAGE, PROTO_LEVEL, Message, MessageReader,
+                    Op, ProtocolError, Status, encode_add_payload, encode_message)
+
+__all__ = ["AsyncDistcacheClient", "open_address"]
+
+_pack_header = FRAME_HEADER.pack
+_unpack_header = FRAME_HEADER.unpack_from
+_OK = Status.OK
+_NOTOK = Status.NOTOK
+_DISC = Status.DISCONNECTED
+
+# What to make of a reply payload, per operation (the C client's decisions, see client.py).
+_ADD, _GET, _REMOVE, _HAVE = 0, 1, 2, 3
+
+
+async def open_address(addr: Address, protocol_factory, timeout: float | None):
+    """Open a stream connection to a distcache address with an asyncio protocol."""
+    loop = asyncio.get_running_loop()
+    if addr.kind == "unix":
+        coro = loop.create_unix_connection(protocol_factory, addr.path)
+    elif addr.kind == "fd":
+        if len(addr.fds) == 2 and addr.fds[0] != addr.fds[1]:
+            raise AddressError(f"cannot use '{addr.text}' as one socket: it names two descriptors")
+        sock = socket.socket(fileno=addr.fds[0])
+        sock.setblocking(False)
+        coro = loop.create_connection(protocol_factory, sock=sock)
+    else:
+        if addr.host is None:
+            raise AddressError(f"cannot connect to '{addr.text}': IP:port is a listen-only address, give a host")
+        family = socket.AF_INET6 if addr.ipv6 else socket.AF_INET
+        coro = loop.create_connection(protocol_factory, addr.host, addr.port, family=family)
+    if timeout is None:
+        return await coro
+    return await asyncio.wait_for(coro, timeout)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    __slots__ = ("client",)
+
+    def __init__(self, client: "AsyncDistcacheClient") -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.client._data(data)
+
+    def connection_lost(self, exc) -> None:
+        self.client._lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client._paused = True
+
+    def resume_writing(self) -> None:
+        self.client._paused = False
+        waiter = self.client._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class AsyncDistcacheClient:
+    """A pipelined asyncio client (create it with ``await AsyncDistcacheClient.connect(...)``)."""
+
+    def __init__(self, address: str, timeout: float | None = 5.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = MessageReader(expect_response=True)
+        # uid -> (future, operation, deadline)
+        self._pending: dict[int, tuple[asyncio.Future, int, float]] = {}
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._uid = 0
+        self._closed = False
+        self._error: str | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._slow = False
+        self._rest = b""
+
+    @classmethod
+    async def connect(cls, address: str, timeout: float | None = 5.0) -> "AsyncDistcacheClient":
+        try:
+            addr = parse_address(address)
+        except AddressError as exc:
+            raise DistcacheError(str(exc)) from None
+        self = cls(address, timeout)
+        try:
+            transport, _ = await open_address(addr, lambda: _ClientProtocol(self), timeout)
+        except AddressError as exc:
+            raise DistcacheError(str(exc)) from None
+        except asyncio.TimeoutError:
+            raise DistcacheError(f"{address}: connect timed out after {timeout} s") from None
+        except OSError as exc:
+            raise DistcacheError(f"{address}: cannot connect: {exc.strerror or exc}") from None
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    # -- public API (awaitables) -------------------------------------------------
+
+    def add(self, session_id: bytes, data: bytes, timeout_ms: int) -> Awaitable[bool]:
+        _check_id(session_id)
+        if not data:
+            raise ValueError("session data must not be empty")
+        payload = encode_add_payload(session_id, data, timeout_ms)
+        if len(payload) > MAX_MESSAGE:
+            fut = self._loop.create_future()
+            fut.set_result(False)
+            return fut
+        return self._request(_ADD, payload)
+
+    def get(self, session_id: bytes) -> Awaitable[bytes | None]:
+        if session_id.__class__ is not bytes:
+            session_id = bytes(session_id)
+        if not session_id or len(session_id) > MAX_MESSAGE:
+            _check_id(session_id)
+        return self._request(_GET, session_id)
+
+    def remove(self, session_id: bytes) -> Awaitable[bool]:
+        if session_id.__class__ is not bytes:
+            session_id = bytes(session_id)
+        if not session_id or len(session_id) > MAX_MESSAGE:
+            _check_id(session_id)
+        return self._request(_REMOVE, session_id)
+
+    def has(self, session_id: bytes) -> Awaitable[bool]:
+        if session_id.__class__ is not bytes:
+            session_id = bytes(session_id)
+        if not session_id or len(session_id) > MAX_MESSAGE:
+            _check_id(session_id)
+        return self._request(_HAVE, session_id)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        self._flush()
+        while self._paused and not self._closed:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    async def close(self) -> None:
+        self._fail_all("client closed")
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    async def __aenter__(self) -> "AsyncDistcacheClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _request(self, kind: int, payload: bytes) -> asyncio.Future:
+        fut = self._loop.create_future()
+        if self._closed:
+            fut.set_exception(DistcacheError(f"{self.address}: {self._error or 'client closed'}"))
+            return fut
+        uid = self._uid = (self._uid + 1) & 0xFFFFFFFF
+        n = len(payload)
+        if n <= MAX_FRAME_DATA:
+            self._out.append(_pack_header(PROTO_LEVEL, 0, uid, 0, kind, 1, n) + payload)
+        else:
+            self._out.append(encode_message(Message(False, uid, Op(kind), payload)))
+        deadline = 0.0
+        if self.timeout is not None:
+            deadline = time.monotonic() + self.timeout
+            if self._timer is None:
+                self._timer = self._loop.call_later(self.timeout, self._check_timeouts)
+        self._pending[uid] = (fut, kind, deadline)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._transport.write(data)
+
+    def _data(self, data: bytes) -> None:
+        # Fast path (hand-written for speed; the codec's MessageReader does the general case):
+        # whole single-frame responses are parsed here straight from the buffer.  The first
+        # frame that is not one (a multi-frame message, or anything the codec should judge)
+        # sends this and every later chunk through the MessageReader until it holds nothing.
+        if self._slow:
+            self._feed_reader(data)
+            return
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        end = len(data)
+        pos = 0
+        resolve = self._resolve
+        while end - pos >= 14:
+            level, is_resp, uid, op_class, op, complete, dlen = _unpack_header(data, pos)
+            if complete != 1 or level >> 16 != 0x11 or is_resp != 1 or op_class or op > 3 \
+                    or dlen > MAX_FRAME_DATA:
+                self._slow = True
+                self._feed_reader(data[pos:])
+                return
+            stop = pos + 14 + dlen
+            if stop > end:
+                break
+            resolve(uid, op, data[pos + 14:stop])
+            pos = stop
+        if pos < end:
+            self._rest = data[pos:]
+
+    def _feed_reader(self, data: bytes) -> None:
+        try:
+            msgs = self._reader.feed(data)
+        except ProtocolError as exc:
+            self._fail_all(f"corrupt reply: {exc}")
+            return
+        if not self._reader.pending():
+            self._slow = False
+        for msg in msgs:
+            self._resolve(msg.uid, msg.op, msg.payload)
+
+    def _resolve(self, uid: int, op: int, payload: bytes) -> None:
+        entry = self._pending.pop(uid, None)
+        if entry is None:
+            return  # the reply of a request that timed out
+        fut, kind, _ = entry
+        if fut.done():
+            return
+        if op != kind:
+            fut.set_exception(DistcacheError(f"{self.address}: reply for uid {uid} has operation "
+                                             f"{Op(op).name}, not {Op(kind).name}"))
+        elif not payload:
+            fut.set_exception(DistcacheError(f"{self.address}: empty reply (the proxy has no cache server)"))
+        elif kind == _GET:
+            fut.set_result(payload if len(payload) >= 5 else None)
+        elif len(payload) == 1:
+            status = payload[0]
+            if status == _OK:
+                fut.set_result(True)
+            elif status == _NOTOK:
+                fut.set_result(False)
+            elif status == _DISC:
+                fut.set_exception(DistcacheError(f"{self.address}: the proxy has lost its cache server"))
+            elif kind == _ADD:
+                fut.set_result(False)
+            else:
+                fut.set_exception(DistcacheError(f"{self.address}: {Op(kind).name} answered with status {status}"))
+        elif kind == _HAVE:
+            fut.set_result(False)
+        else:
+            fut.set_exception(DistcacheError(
+                f"{self.address}: unexpected {Op(kind).name} reply of {len(payload)} bytes"))
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
+        if not self._pending or self.timeout is None:
+            return
+        now = time.monotonic()
+        expired = []
+        first_left = None
+        for uid, (fut, _, deadline) in self._pending.items():
+            if deadline <= now:
+                expired.append(uid)
+            else:
+                first_left = deadline - now  # dict order == send order == deadline order
+                break
+        for uid in expired:
+            fut = self._pending.pop(uid)[0]
+            if not fut.done():
+                fut.set_exception(DistcacheError(f"{self.address}: no reply within {self.timeout} s"))
+        if first_left is not None:
+            self._timer = self._loop.call_later(first_left, self._check_timeouts)
+
+    def _lost(self, exc) -> None:
+        self._transport = None
+        self._fail_all("connection closed by the server" if exc is None else f"connection lost: {exc}")
+
+    def _fail_all(self, why: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self._error = why
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for fut, *_ in pending.values():
+            if not fut.done():
+                fut.set_exception(DistcacheError(f"{self.address}: {why}"))
+        if self._transport is not None and why != "client closed":
+            self._transport.close()
+            self._transport = None
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
