@@ -71,6 +71,9 @@ class ProtocolError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        # Whole messages decoded from the same feed() before the bad frame: a
+        # server answers them (in order) before closing, as the C server would.
+        self.messages: list[Message] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +156,7 @@ class MessageReader:
 
     def feed(self, data: bytes) -> list[Message]:
         if self._error is not None:
-            raise self._error
+            raise ProtocolError(self._error.reason, f"stream already failed ({self._error})")
         buf = self._buf + data if self._buf else data
         out: list[Message] = []
         pos = 0
@@ -213,6 +216,7 @@ class MessageReader:
                     self._parts.append(chunk)
                     self._part_len += dlen
         except ProtocolError as exc:
+            exc.messages = out
             self._error = exc
             self._buf = b""
             self._parts = []

@@ -1,0 +1,392 @@
+"""dc_server: the distcache session cache server (options and messages of the original 1.4.x).
+
+Single-dash options, as the original.  Extensions: ``-sessions`` above 60000,
+``-backend URL`` (memory or Redis), ``-persist FILE`` and ``-persist-interval MS``,
+``-stall MS``, IPv6 listen addresses.  See docs/distcache.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import resource
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.distcache.server import DistcacheServer
+from tcpha.distcache.store import DEFAULT_SESSIONS, SessionStore
+
+MIN_SESSIONS = 64
+ORIG_MAX_SESSIONS = 60000          # the original's limit; above it is our extension
+MAX_SESSIONS = 100_000_000
+MAX_PROGRESS = 1000000
+DEF_PERSIST_INTERVAL = 1000
+DEF_STALL = 30000
+
+USAGE = [
+    "",
+    "Usage: dc_server [options]      where 'options' are from;",
+    "  -daemon           (detach and run in the background)",
+    "  -user <user>      (run as an alternative user)",
+    "  -listen <addr>    (act as a server listening on address 'addr')",
+    "  -sockowner <user> (controls ownership of unix sockets)",
+    "  -sockgroup <group>(controls group ownership of unix sockets)",
+    "  -sockperms <oct>  (controls permissions of unix sockets)",
+    "  -sessions <num>   (make the cache hold a maximum of 'num' sessions)",
+    "  -progress <num>   (report cache progress at least every 'num' operations)",
+    "  -pidfile <path>   (a file to store the process ID in)",
+    "  -killable         (exit cleanly on a SIGUSR1 or SIGUSR2 signal)",
+    "  -<h|help|?>       (display this usage message)",
+    "",
+    " Eg. dc_server -listen IP:9001",
+    " will start a session cache server listening on port 9001 for all TCP/IP",
+    " interfaces.",
+    "",
+    " Extensions:",
+    "  -backend <url>    (memory (default), redis://host:port, rediss://...,",
+    "                     redis-cluster://host:port[,host:port...])",
+    "  -persist <path>   (keep sessions in this file across restarts; memory backend)",
+    "  -persist-interval <num> (msecs between writes of the persist file, def: 1000)",
+    "  -stall <num>      (close a connection holding part of a message silent for",
+    "                     'num' msecs, def: 30000)",
+    "  -sessions may exceed 60000.",
+    "",
+]
+
+
+class UsageError(Exception):
+    """An option error: the message line, then the usage text, exit 1."""
+
+
+@dataclass
+class Settings:
+    listen: str | None = None
+    sessions: int = DEFAULT_SESSIONS
+    progress: int = 0
+    daemon: bool = False
+    user: str | None = None
+    sockowner: str | None = None
+    sockgroup: str | None = None
+    sockperms: int | None = None
+    pidfile: str | None = None
+    killable: bool = False
+    backend: str = "memory"
+    persist: str | None = None
+    persist_interval: int = DEF_PERSIST_INTERVAL
+    stall: int = DEF_STALL
+
+
+def _atoi(text: str) -> int:
+    """C atoi(): optional blanks and sign, leading digits, the rest ignored; 0 if none."""
+    s = text.lstrip(" \t\n\r\f\v")
+    sign = 1
+    if s[:1] in ("+", "-"):
+        sign = -1 if s[0] == "-" else 1
+        s = s[1:]
+    digits = ""
+    for ch in s:
+        if "0" <= ch <= "9":
+            digits += ch
+        else:
+            break
+    return sign * int(digits) if digits else 0
+
+
+def _sessions(text: str, opt: str) -> int:
+    # Original: atoi(), then range-checked; the upper limit 60000 is lifted (extension).
+    value = _atoi(text)
+    if not MIN_SESSIONS <= value <= MAX_SESSIONS:
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return value
+
+
+def _progress(text: str, opt: str) -> int:
+    # Original: (unsigned long)atoi(), > 1000000 is an error (a negative wraps to huge).
+    value = _atoi(text)
+    if not 0 <= value <= MAX_PROGRESS:
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return value
+
+
+def _strtoul(lo: int, hi: int) -> Callable[[str, str], int]:
+    def conv(text: str, opt: str) -> int:
+        if not text or not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
+            raise UsageError(f"Error, {opt} given an invalid argument")
+        return int(text)
+    return conv
+
+
+def _octal(text: str, opt: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise UsageError(f"Error, {opt} given an invalid argument") from None
+    if not 0 <= value <= 0o7777:
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the settings table (gunicorn-style)."""
+    name: str
+    attr: str
+    takes_arg: bool
+    conv: Callable[[str, str], object] | None
+    default: object
+    doc: str
+    extension: bool = False
+
+
+OPTIONS: list[Option] = [
+    Option("-listen", "listen", True, None, None, "address to listen on (required)"),
+    Option("-sessions", "sessions", True, _sessions, DEFAULT_SESSIONS,
+           "maximum number of sessions held (64..60000 in the original; more is an extension)"),
+    Option("-progress", "progress", True, _progress, 0,
+           "also print the progress line every N operations (0..1000000; 0 = only once a second on change)"),
+    Option("-daemon", "daemon", False, None, False, "detach and run in the background (cwd /, stdio /dev/null)"),
+    Option("-user", "user", True, None, None, "switch to this user after listening, detaching and the pidfile"),
+    Option("-sockowner", "sockowner", True, None, None, "owner of the UNIX socket file (failure only warns)"),
+    Option("-sockgroup", "sockgroup", True, None, None, "group of the UNIX socket file (failure only warns)"),
+    Option("-sockperms", "sockperms", True, _octal, None, "permissions (octal) of the UNIX socket file"),
+    Option("-pidfile", "pidfile", True, None, None, "write the process id (no newline) to this file"),
+    Option("-killable", "killable", False, None, False, "exit cleanly on SIGUSR1/SIGUSR2"),
+    Option("-backend", "backend", True, None, "memory",
+           "memory, or a redis:// rediss:// redis-cluster:// URL", extension=True),
+    Option("-persist", "persist", True, None, None,
+           "keep sessions in this file across restarts and kill -9 (memory backend)", extension=True),
+    Option("-persist-interval", "persist_interval", True, _strtoul(1, 3600000), DEF_PERSIST_INTERVAL,
+           "ms between writes (and fdatasync) of the persist file", extension=True),
+    Option("-stall", "stall", True, _strtoul(1, 3600000), DEF_STALL,
+           "ms after which a connection holding part of a message and sending nothing is closed",
+           extension=True),
+]
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+def parse_args(argv: list[str]) -> Settings | None:
+    """Settings, or None when help was asked.  Raises UsageError."""
+    s = Settings()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "-help", "-?"):
+            return None
+        opt = _BY_NAME.get(a)
+        if opt is None:
+            raise UsageError(f'Error, "{a}" not recognised')
+        if opt.takes_arg:
+            if i + 1 >= len(argv):
+                raise UsageError(f"Error, {a} requires an argument")
+            i += 1
+            value: object = argv[i]
+            if opt.conv is not None:
+                value = opt.conv(argv[i], a)
+        else:
+            value = True
+        setattr(s, opt.attr, value)
+        i += 1
+    return s
+
+
+def _usage() -> None:
+    sys.stderr.write("\n".join(USAGE) + "\n")
+
+
+def _err(line: str) -> int:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    return 1
+
+
+def _daemonise() -> None:
+    """daemon(0, 0): fork, new session, cwd /, standard descriptors on /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _drop_privileges(user: str) -> None:
+    pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    os.setgroups([])
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+def _sock_attrs(s: Settings, path: str) -> None:
+    """-sockowner/-sockgroup/-sockperms on the UNIX socket file; failures only warn."""
+    if s.sockowner is not None or s.sockgroup is not None:
+        try:
+            uid = gid = -1
+            if s.sockowner is not None:
+                uid = int(s.sockowner) if s.sockowner.isdigit() else pwd.getpwnam(s.sockowner).pw_uid
+            if s.sockgroup is not None:
+                gid = int(s.sockgroup) if s.sockgroup.isdigit() else grp.getgrnam(s.sockgroup).gr_gid
+            os.chown(path, uid, gid)
+        except (KeyError, OSError) as exc:
+            sys.stderr.write(f"Warning, couldn't set ownership of '{path}': "
+                             f"{getattr(exc, 'strerror', None) or 'no such user or group'}\n")
+    if s.sockperms is not None:
+        try:
+            os.chmod(path, s.sockperms)
+        except OSError as exc:
+            sys.stderr.write(f"Warning, couldn't set permissions of '{path}': {exc.strerror}\n")
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (thousands of clients need descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def _open_backend(s: Settings):
+    """The store for -backend; raises UsageError-like one-line errors as ValueError."""
+    url = s.backend
+    if url == "memory":
+        return SessionStore(s.sessions)
+    if url.split("://", 1)[0] in ("redis", "rediss", "redis-cluster", "rediss-cluster") and "://" in url:
+        try:
+            from tcpha.distcache.redis_store import open_store
+        except ImportError as exc:
+            raise ValueError(f"Error, -backend {url}: Redis support is not available ({exc})") from None
+        try:
+            return open_store(url, s.sessions)
+        except ValueError as exc:
+            raise ValueError(f"Error, -backend: {exc}") from None
+    raise ValueError(f"Error, -backend given an invalid argument ('{url}': expected memory, "
+                     "redis://, rediss://, redis-cluster:// or rediss-cluster://)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        s = parse_args(args)
+    except UsageError as exc:
+        _err(str(exc))
+        _usage()
+        return 1
+    if s is None:
+        _usage()
+        return 0
+    if not s.listen:
+        return _err("Error, must provide -listen")
+    if s.persist is not None and s.backend != "memory":
+        return _err("Error, -persist works with -backend memory only")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        addr = parse_address(s.listen)
+        sock = listen_socket(addr)
+    except AddressError as exc:
+        return _err(f"Error, can't listen on '{s.listen}' ({exc})")
+    raise_fd_limit()
+    if addr.kind == "unix":
+        _sock_attrs(s, addr.path)
+    # Files named relative to where we were started, even after -daemon's chdir("/").
+    pidfile = os.path.abspath(s.pidfile) if s.pidfile else None
+    persist_path = os.path.abspath(s.persist) if s.persist else None
+    if s.daemon:
+        try:
+            _daemonise()
+        except OSError:
+            return _err("Error, couldn't detach!")
+    if pidfile:
+        try:
+            with open(pidfile, "w") as fp:
+                fp.write(str(os.getpid()))
+        except OSError:
+            return _err(f"Error, couldn't open 'pidfile' at '{s.pidfile}'.")
+    if s.user:
+        try:
+            _drop_privileges(s.user)
+        except (KeyError, OSError) as exc:
+            return _err(f"Error, couldn't become user '{s.user}' "
+                        f"({getattr(exc, 'strerror', None) or 'no such user'})")
+    try:
+        store = _open_backend(s)
+    except ValueError as exc:
+        return _err(str(exc))
+    persist = None
+    if persist_path:
+        from tcpha.distcache.persist import PersistentStore
+        try:
+            persist = PersistentStore(store, persist_path, interval_ms=s.persist_interval)
+        except OSError as exc:
+            return _err(f"Error, cannot use persist file '{s.persist}': {exc.strerror}")
+        store = persist
+    server = DistcacheServer(store, progress=s.progress, stall_timeout=s.stall / 1000.0,
+                             persist=persist, persist_interval_ms=s.persist_interval)
+    try:
+        _run(server, sock, s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if addr.kind == "unix":
+            try:
+                if os.path.exists(addr.path):
+                    os.unlink(addr.path)
+            except OSError:
+                pass
+    return 0
+
+
+def _run(server: DistcacheServer, sock, s: Settings) -> None:
+    try:
+        import uvloop  # optional: about twice the requests per second
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(server, sock, s))
+
+
+async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    await server.start(sock)
+    describe = getattr(server.store, "describe", None)
+    if describe is not None and server.is_async:
+        try:
+            logging.getLogger("tcpha.distcache.server").info("%s", await describe())
+        except Exception as exc:  # the backend may come up later; say so once
+            logging.getLogger("tcpha.distcache.server").warning(
+                "Warning, backend %s not answering yet: %s", s.backend, exc)
+    stop = asyncio.Event()
+    sigs = [signal.SIGTERM, signal.SIGINT]
+    if s.killable:
+        sigs += [signal.SIGUSR1, signal.SIGUSR2]
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    close = getattr(server.store, "close", None)
+    if close is not None and server.is_async:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
