@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import psutil
 from pyroute2 import IPRoute, netns as pr_netns
 
 from .topology import Topology
@@ -181,6 +182,45 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Does process `pid` or a descendant hold a TCP socket listening on `port`?
+
+    Hand-written on /proc because psutil matches a process's sockets against the *caller's* namespace
+    tables (/proc/net/tcp), and the lab's processes live in other namespaces: /proc/PID/net/tcp is the
+    table of PID's own namespace.
+    """
+    try:
+        root = psutil.Process(pid)
+        pids = [pid] + [c.pid for c in root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for p in pids:
+        inodes = set()
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{p}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+        if not inodes:
+            continue
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{p}/net/{table}") as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split()
+                        # local_address is HEXIP:HEXPORT, st 0A is LISTEN, field 9 the inode
+                        if (fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
+                                and fields[9] in inodes):
+                            return True
+            except (OSError, StopIteration, IndexError, ValueError):
+                continue
+    return False
 
 
 def lab_namespaces(prefix: str) -> list[str]:
@@ -383,10 +423,14 @@ class NamespaceLab:
                                f"{self.log_tail(host, name)}")
             ok = ready_path is None or os.path.exists(ready_path)
             if ok and ready_tcp is not None:
-                try:
-                    self.connect(host, ready_tcp[0], ready_tcp[1], timeout=0.5).close()
-                except OSError:
-                    ok = False
+                # The port must be held by this process (or its children), not by some other
+                # server that happens to listen there, and a connection must succeed.
+                ok = _listens(p.pid, ready_tcp[1])
+                if ok:
+                    try:
+                        self.connect(host, ready_tcp[0], ready_tcp[1], timeout=0.5).close()
+                    except OSError:
+                        ok = False
             if ok:
                 return p
             if time.monotonic() > deadline:
