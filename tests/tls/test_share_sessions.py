@@ -1,0 +1,113 @@
+"""Two TLS server processes (separate contexts, separate processes) sharing one dc_server: a session
+made on A is resumed on B, with Python's ssl client and with openssl s_client, for TLS 1.2 and 1.3;
+a cache that goes down or never answers costs full handshakes, never a failed connection."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from .conftest import client_context, s_client, visit, wait_for
+
+VERSIONS = ["TLSv1_2", "TLSv1_3"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_session_made_on_a_resumes_on_b_python_client(dc_server, tls_server, certs, version):
+    cache, _ = dc_server()
+    a = tls_server("A", cache)
+    b = tls_server("B", cache)
+    client = client_context(certs, version)
+
+    first = visit(a.port, client)
+    assert first.line == f"A reused=0 {version.replace('_', '.')}"
+    assert not first.reused and first.session is not None
+    on_b = visit(b.port, client, first.session)
+    assert on_b.line.startswith("B reused=1") and on_b.reused
+    back_on_a = visit(a.port, client, on_b.session)
+    assert back_on_a.line.startswith("A reused=1") and back_on_a.reused
+    # B found A's session in the cache (it had no other way to know it).
+    stats = json.loads(visit(b.port, client, send=b"stats\n").line)
+    assert stats["lookups"] == 1 and stats["hits"] == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_session_made_on_a_resumes_on_b_openssl_s_client(dc_server, tls_server, certs, tmp_path, version):
+    cache, _ = dc_server()
+    a = tls_server("A", cache)
+    b = tls_server("B", cache)
+    sess = str(tmp_path / "sess.pem")
+    tag = version.replace("_", ".")
+
+    out = s_client(a.port, version, certs.cert, sess_out=sess)
+    assert re.search(rf"^New, {re.escape(tag)},", out, re.M), out
+    assert "A reused=0" in out
+    assert (tmp_path / "sess.pem").read_text().startswith("-----BEGIN SSL SESSION PARAMETERS-----")
+
+    out = s_client(b.port, version, certs.cert, sess_in=sess)
+    assert re.search(rf"^Reused, {re.escape(tag)},", out, re.M), out
+    assert "B reused=1" in out
+
+
+def test_cache_down_full_handshakes_zero_failures_and_back(dc_server, tls_server, certs, procs):
+    cache, dc = dc_server()
+    a = tls_server("A", cache, "--retry-interval", "0.2")
+    b = tls_server("B", cache, "--retry-interval", "0.2")
+    client = client_context(certs, "TLSv1_3")
+    assert visit(b.port, client, visit(a.port, client).session).reused
+
+    procs.stop(dc)
+    failures, reused = 0, 0
+    session = None
+    for i in range(40):
+        try:
+            v = visit((a, b)[i % 2].port, client, session)
+            session = v.session
+            reused += v.reused
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            failures += 1
+            print("failed:", exc)
+    assert failures == 0
+    assert reused == 0  # nothing can be stored or found while the cache is down
+
+    dc_server(cache)  # the same address again
+
+    def resumes_across():
+        return visit(b.port, client, visit(a.port, client).session).reused
+
+    wait_for(resumes_across, 15, "resumption across servers after dc_server restarted", interval=0.1)
+    for server in (a, b):
+        log = server.log()
+        assert log.count("failed (") == 1, log      # one line per outage, not one per handshake
+        assert log.count("answers again") == 1, log
+
+
+def test_cache_that_never_answers_bounds_the_handshake(tls_server, certs):
+    # A listener that never accepts: connects succeed (backlog), requests are never answered.
+    black = socket.create_server(("127.0.0.1", 0), backlog=64)
+    try:
+        address = "IP:127.0.0.1:%d" % black.getsockname()[1]
+        timeout = 0.5
+        a = tls_server("A", address, "--timeout", str(timeout), "--retry-interval", "30")
+        b = tls_server("B", address, "--timeout", str(timeout), "--retry-interval", "0")
+        client = client_context(certs, "TLSv1_2")
+
+        first = visit(a.port, client)  # its ADD waits out the timeout, once
+        assert first.line.startswith("A reused=0")
+        assert timeout * 0.9 <= first.seconds < timeout + 1.5
+        # The cache is now marked down on A: the next handshakes do not wait at all.
+        for _ in range(3):
+            v = visit(a.port, client, first.session)
+            assert not v.reused and v.seconds < timeout * 0.8
+
+        # B retries the cache on every handshake: lookup + store, each bounded by the timeout.
+        t0 = time.monotonic()
+        v = visit(b.port, client, first.session)
+        assert not v.reused and v.line.startswith("B reused=0")
+        assert 2 * timeout * 0.9 <= time.monotonic() - t0 < 2 * timeout + 1.5
+    finally:
+        black.close()
