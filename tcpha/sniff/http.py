@@ -74,6 +74,9 @@ _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 _REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (HTTP/([0-9])\.([0-9]))")
 # RFC 9110 §5.5: field-value bytes are VCHAR, obs-text, SP, HTAB. CR, LF and NUL "are invalid and dangerous"
 # (MUST reject or replace); we refuse every other control character too, as h11 does.
+# Every prefix of a well-formed request-line (for refusing junk before its line ends).
+_REQUEST_LINE_PREFIX = re.compile(rb"[" + _TCHAR + rb"]*(?: [\x21-\x7e\x80-\xff]*(?: "
+                                  rb"(?:H(?:T(?:T(?:P(?:/(?:[0-9](?:\.[0-9]?)?)?)?)?)?)?)?)?)?")
 _BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _LEADING_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
@@ -127,11 +130,10 @@ def _check_incomplete(buf: bytes, start: int, max_size: int) -> None:
         line = buf[start:first_nl]
         _parse_request_line(line[:-1] if line.endswith(b"\r") else line)
         return
-    # Only part of the request-line: at least its method must be made of tchars. A final CR may begin CRLF.
+    # Only part of the request-line: it must be a prefix of one. A final CR may begin CRLF.
     partial = buf[start:-1] if buf.endswith(b"\r") else buf[start:]
-    method = partial.split(b" ", 1)[0]
-    if method and _TOKEN.fullmatch(method) is None:
-        raise HeadError(400, "invalid method token in request line")
+    if _REQUEST_LINE_PREFIX.fullmatch(partial) is None:
+        raise HeadError(400, "malformed request line")
 
 
 def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes, int]:
