@@ -171,9 +171,17 @@ class ControlConnection:
 
         Messages before a bad frame in the same ``data`` are not returned either: the caller
         drops the connection on ControlError (R7), so nothing from it is acted on.
+        ``feed(b"")`` means the peer closed the connection (as in h11): ControlError if that
+        leaves a frame half-received.
         """
         if self._error is not None:
             raise ControlError(f"control connection failed earlier: {self._error}")
+        if not data:
+            if self._buffer:
+                self._error = f"connection closed in the middle of a frame ({len(self._buffer)} bytes)"
+                self._buffer.clear()
+                raise ControlError(self._error)
+            return []
         try:
             return self._feed(data)
         except ControlError as exc:
