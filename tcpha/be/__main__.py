@@ -1,0 +1,5 @@
+import sys
+
+from tcpha.cli.be import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Kernel relay between a handed-off client socket and the local application: splice(2) both ways.
+
+Bytes go socket -> pipe -> socket inside the kernel (os.splice, Linux, Python >= 3.10); Python only
+sees lengths. Each direction is one pipe. The relay is driven by an asyncio loop's add_reader /
+add_writer callbacks (no coroutine per connection: the per-connection cost stays a few callbacks).
+
+Half-close is kept: when one side sends FIN and its pipe is drained, the relay shuts down writing
+towards the other side, so HTTP/1.0-style "send, shutdown, read the answer" clients work. When both
+directions have ended (or either side fails), both sockets are closed and `on_done` is called once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+from typing import Callable
+
+log = logging.getLogger("tcpha.be.relay")
+
+PIPE_SIZE = 1 << 20          # 1 MiB pipes: one splice call moves up to this much (fs.pipe-max-size default)
+CHUNK = PIPE_SIZE
+_FLAGS = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class _Direction:
+    """One way of the relay: src socket -> pipe -> dst socket."""
+
+    __slots__ = ("relay", "src", "dst", "rfd", "wfd", "buffered", "eof", "done", "moved",
+                 "reading", "writing", "name")
+
+    def __init__(self, relay: "SpliceRelay", src: socket.socket, dst: socket.socket, name: str):
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.name = name
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass                                    # smaller pipes still work, only more calls
+        self.buffered = 0                           # bytes sitting in the pipe
+        self.eof = False                            # src sent FIN
+        self.done = False                           # FIN passed on to dst (or direction aborted)
+        self.moved = 0
+        self.reading = False
+        self.writing = False
+
+    # -- kernel moves --------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Move as much as the kernel allows without blocking; (re)arm the watchers we need."""
+        while not self.done:
+            if self.buffered:
+                try:
+                    n = os.splice(self.rfd, self.dst.fileno(), self.buffered, flags=_FLAGS)
+                except OSError as e:
+                    if e.errno in _AGAIN:
+                        self._want(read=False, write=True)
+                        return
+                    raise
+                self.buffered -= n
+                self.moved += n
+                if self.buffered:
+                    continue
+            if self.eof:
+                self._finish()
+                return
+            try:
+                n = os.splice(self.src.fileno(), self.wfd, CHUNK, flags=_FLAGS)
+            except OSError as e:
+                if e.errno in _AGAIN:
+                    self._want(read=True, write=False)
+                    return
+                raise
+            if n == 0:
+                self.eof = True
+            else:
+                self.buffered += n
+
+    def _finish(self) -> None:
+        self.done = True
+        self._want(read=False, write=False)
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.relay._direction_done()
+
+    def _want(self, *, read: bool, write: bool) -> None:
+        loop = self.relay.loop
+        if read != self.reading:
+            if read:
+                loop.add_reader(self.src.fileno(), self.relay._step, self)
+            else:
+                self.relay._remove_reader(self.src.fileno(), self)
+            self.reading = read
+        if write != self.writing:
+            if write:
+                loop.add_writer(self.dst.fileno(), self.relay._step, self)
+            else:
+                loop.remove_writer(self.dst.fileno())
+            self.writing = write
+
+    def close(self) -> None:
+        self._want(read=False, write=False)
+        for fd in (self.rfd, self.wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class SpliceRelay:
+    """Relays `client` <-> `app` with splice until both directions end.
+
+    Both sockets must be connected; they are made non-blocking and owned by the relay (closed at the end).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, app: socket.socket,
+                 on_done: Callable[["SpliceRelay"], None] | None = None):
+        self.loop = loop
+        self.client = client
+        self.app = app
+        self.on_done = on_done
+        client.setblocking(False)
+        app.setblocking(False)
+        self.up = _Direction(self, client, app, "client->app")
+        self.down = _Direction(self, app, client, "app->client")
+        self.closed = False
+        self.error: str | None = None
+
+    def start(self) -> None:
+        for d in (self.up, self.down):
+            self._step(d)
+            if self.closed:
+                return
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.moved
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.moved
+
+    def _remove_reader(self, fd: int, direction: _Direction) -> None:
+        self.loop.remove_reader(fd)
+
+    def _step(self, direction: _Direction) -> None:
+        if self.closed:
+            return
+        try:
+            direction.pump()
+        except OSError as e:
+            # ECONNRESET / EPIPE from either side: the connection is over; close both ends.
+            self.error = f"{direction.name}: {os.strerror(e.errno) if e.errno else e}"
+            log.debug("relay %s ended: %s", self.describe(), self.error)
+            self.close()
+
+    def _direction_done(self) -> None:
+        if self.up.done and self.down.done:
+            self.close()
+
+    def describe(self) -> str:
+        try:
+            peer = self.client.getpeername()
+            return f"{peer[0]}:{peer[1]}"
+        except OSError:
+            return "?"
+
+    def close(self, *, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for d in (self.up, self.down):
+            d.close()
+        for s in (self.client, self.app):
+            try:
+                s.close()
+            except OSError:
+                pass
+        if self.on_done is not None:
+            self.on_done(self)

@@ -1,0 +1,464 @@
+"""tcpha-be: restores handed-off connections and relays them to the local application.
+
+One asyncio loop, callbacks only:
+- control listener on raddr:port: one authenticated ControlConnection per front-end connection.
+  A connection that presents a wrong key, a malformed or a replayed message is logged and dropped
+  before anything else happens: a forged Handoff never reaches repair.restore.
+- Handoff(xid, state): refuse a state whose local address is not our VIP, restore the socket
+  (TCP_REPAIR), connect to the application at redirectaddr:redirectport, answer Restored; then relay
+  in the kernel (splice). If the application cannot be reached the restored socket is closed
+  silently (repair mode) and the answer is Refused, so the front end can try another back end.
+- UNIX listener (same-host front end): accepted client sockets arrive by SCM_RIGHTS and are relayed.
+- When a relayed connection ends, FlowClosed goes back to the front end so that it removes the
+  flow's steering entry (after a short delay: the client's last ACK must still reach us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tcpha import control, repair
+from tcpha.be.relay import SpliceRelay
+
+log = logging.getLogger("tcpha.be")
+
+TCP_REPAIR = 19
+# The client's final ACK (for our FIN) still travels through the front end's steering entry:
+# FlowClosed is sent this long after the relay ended so that the entry outlives it.
+FLOWCLOSED_DELAY = 0.5
+# Header of a same-host fd-passing message: magic, listening port of the front end (for logs).
+FDPASS_MAGIC = b"TCPHAFD1"
+NOTICE = 25
+
+
+def _setting(cfg: Any, name: str, default: Any) -> Any:
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
+    """redirectaddr 0.0.0.0 (the default) means the application on this host."""
+    host = redirectaddr or "0.0.0.0"
+    if host in ("0.0.0.0", "*"):
+        host = "127.0.0.1"
+    return host, int(redirectport)
+
+
+def discard_silently(sock: socket.socket) -> None:
+    """Close a restored socket without a FIN or RST reaching the client (repair mode close)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    except OSError:
+        pass
+    sock.close()
+
+
+@dataclass
+class BackEndStats:
+    handoffs: int = 0
+    refused: int = 0
+    fdpassed: int = 0
+    control_errors: int = 0
+    active: int = 0
+
+
+class ControlSession(asyncio.Protocol):
+    """One control connection from a front end (server side)."""
+
+    def __init__(self, backend: "BackEnd"):
+        self.backend = backend
+        self.conn = control.ControlConnection(backend.authkey, role="be")
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.backend.sessions.add(self)
+        log.debug("control connection from %s", self.peer)
+        self.transport.write(self.conn.send(self.backend.greeting()))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            messages = self.conn.feed(data)
+        except control.ControlError as e:
+            self.backend.stats.control_errors += 1
+            log.warning("control connection from %s dropped: %s", self.peer, e)
+            self.abort()
+            return
+        for msg in messages:
+            try:
+                self.backend.on_message(self, msg)
+            except Exception:                                     # never crash the daemon
+                log.exception("control message %s from %s failed", type(msg).__name__, self.peer)
+
+    def send(self, msg: Any) -> bool:
+        if self.closed or self.transport is None:
+            return False
+        self.transport.write(self.conn.send(msg))
+        return True
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.backend.sessions.discard(self)
+        log.debug("control connection from %s closed%s", self.peer, f": {exc}" if exc else "")
+
+
+class FdPassSession:
+    """A same-host front end passing accepted sockets over a UNIX stream socket (SCM_RIGHTS)."""
+
+    def __init__(self, backend: "BackEnd", sock: socket.socket):
+        self.backend = backend
+        self.sock = sock
+        sock.setblocking(False)
+        backend.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        from tcpha import fdpass
+        while True:
+            try:
+                data, fds = fdpass.recv_fds(self.sock, 4096, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("fd-passing connection failed: %s", e)
+                self.close()
+                return
+            if not data and not fds:
+                self.close()
+                return
+            if not data.startswith(FDPASS_MAGIC):
+                log.warning("fd-passing connection sent a malformed message; dropped")
+                for fd in fds:
+                    os.close(fd)
+                self.close()
+                return
+            for fd in fds:
+                self.backend.adopt_client(fd)
+
+    def close(self) -> None:
+        try:
+            self.backend.loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        self.sock.close()
+
+
+class BackEnd:
+    """The back-end daemon. `kernel=False` skips VIP/ARP installation (tests that install it themselves)."""
+
+    def __init__(self, config: Any, *, kernel: bool = True):
+        self.config = config
+        self.authkey: bytes = config.authkey
+        self.vip: str = config.vaddr
+        self.app_addr = app_address(_setting(config, "redirectaddr", "0.0.0.0"),
+                                    _setting(config, "redirectport", 80))
+        self.lan_mac: str | None = None
+        self.maxclients = int(_setting(config, "maxclients", 256))
+        self.unix_path: str | None = _setting(config, "unixpath", None) or None
+        self.kernel = kernel
+        self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
+        self.sessions: set[ControlSession] = set()
+        self.relays: set[SpliceRelay] = set()
+        self.stats = BackEndStats()
+        self._server: asyncio.AbstractServer | None = None
+        self._unix_listener: socket.socket | None = None
+        self._stop: asyncio.Event | None = None
+        self._kernel_state: list[Any] = []
+        self.on_ready: Callable[[], None] | None = None
+
+    # -- messages --------------------------------------------------------------------------------
+    def greeting(self) -> Any:
+        return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
+                             addr=self.config.raddr, port=int(self.config.port), mac=self.lan_mac or "",
+                             app_port=self.app_addr[1], vaddr=self.vip)
+
+    def on_message(self, session: ControlSession, msg: Any) -> None:
+        if isinstance(msg, control.Handoff):
+            self.on_handoff(session, msg)
+        elif isinstance(msg, control.Hello):
+            if msg.vaddr not in ("0.0.0.0", self.vip):
+                log.warning("control connection from %s dropped: its VIP %s is not ours (%s)",
+                            session.peer, msg.vaddr, self.vip)
+                session.abort()
+                return
+            log.log(NOTICE, "front end %s (%s) connected", session.peer, msg.node_id)
+        elif isinstance(msg, control.Ping):
+            session.send(control.Pong(token=msg.token))
+        else:
+            log.debug("control message %s from %s ignored", type(msg).__name__, session.peer)
+
+    def on_handoff(self, session: ControlSession, msg: Any) -> None:
+        xid = msg.xid
+        t0 = time.perf_counter()
+
+        def refuse(reason: str) -> None:
+            self.stats.refused += 1
+            log.warning("handoff %d from %s refused: %s", xid, session.peer, reason)
+            session.send(control.Refused(xid=xid, reason=reason))
+
+        if len(self.relays) >= self.maxclients:
+            return refuse(f"busy: {len(self.relays)} connections (maxclients)")
+        try:
+            state = repair.TcpState.from_bytes(msg.state)
+        except Exception as e:
+            return refuse(f"malformed TCP state: {e}")
+        local_ip = state.local[0]
+        if local_ip != self.vip:
+            return refuse(f"local address {local_ip} is not this back end's VIP {self.vip}")
+        if (state.peer[0], state.peer[1], state.local[1]) != (msg.client_ip, msg.client_port, msg.vport):
+            return refuse("the TCP state does not match the handoff's flow")
+        try:
+            client = repair.restore(state)
+        except OSError as e:
+            return refuse(f"restore failed: {e.strerror or e}")
+        except Exception as e:
+            return refuse(f"restore failed: {e}")
+        peer = state.peer
+        app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        app.setblocking(False)
+        rc = app.connect_ex(self.app_addr)
+        if rc == 0:
+            self._handoff_done(session, xid, client, app, peer, t0)
+        elif rc in (errno.EINPROGRESS, errno.EAGAIN):
+            # Localhost connects complete at once in practice; wait for writability otherwise.
+            timer: asyncio.TimerHandle | None = None
+
+            def connected() -> None:
+                self.loop.remove_writer(app.fileno())
+                if timer is not None:
+                    timer.cancel()
+                err = app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    failed(os.strerror(err))
+                else:
+                    self._handoff_done(session, xid, client, app, peer, t0)
+
+            def failed(why: str) -> None:
+                try:
+                    self.loop.remove_writer(app.fileno())
+                except (ValueError, OSError):
+                    pass
+                app.close()
+                discard_silently(client)
+                refuse(f"application at {self.app_addr[0]}:{self.app_addr[1]} unreachable: {why}")
+
+            self.loop.add_writer(app.fileno(), connected)
+            timer = self.loop.call_later(1.0, failed, "connect timed out")
+        else:
+            app.close()
+            discard_silently(client)
+            refuse(f"application at {self.app_addr[0]}:{self.app_addr[1]} unreachable: {os.strerror(rc)}")
+
+    def _handoff_done(self, session: ControlSession, xid: int, client: socket.socket,
+                      app: socket.socket, peer: tuple[str, int], t0: float) -> None:
+        app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session.send(control.Restored(xid=xid))
+        self.stats.handoffs += 1
+        log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
+                 (time.perf_counter() - t0) * 1e6)
+        flow = (peer[0], peer[1], self.vip, client.getsockname()[1])
+        self._relay(client, app, lambda r: self._flow_closed(session, flow, r))
+
+    def _relay(self, client: socket.socket, app: socket.socket,
+               on_done: Callable[[SpliceRelay], None]) -> None:
+        relay = SpliceRelay(self.loop, client, app, on_done)
+        self.relays.add(relay)
+        self.stats.active = len(self.relays)
+        relay.start()
+
+    def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay) -> None:
+        self.relays.discard(relay)
+        self.stats.active = len(self.relays)
+        log.debug("flow %s:%d closed (up %d, down %d bytes)%s", flow[0], flow[1], relay.bytes_up,
+                  relay.bytes_down, f": {relay.error}" if relay.error else "")
+        self.loop.call_later(FLOWCLOSED_DELAY, self._send_flow_closed, session, flow)
+
+    def _send_flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int]) -> None:
+        msg = control.FlowClosed(client_ip=flow[0], client_port=flow[1], vip=flow[2], vport=flow[3])
+        if session.send(msg):
+            return
+        # The session that delivered the flow is gone: any control connection reaches a front end
+        # that shares the steering table (workers of one tcpha-fe).
+        for other in list(self.sessions):
+            if other.send(msg):
+                return
+        log.debug("FlowClosed for %s:%d not sent: no control connection (the front end's timeout "
+                  "removes the entry)", flow[0], flow[1])
+
+    # -- same-host sockets ----------------------------------------------------------------------
+    def adopt_client(self, fd: int) -> None:
+        try:
+            client = socket.socket(fileno=fd)
+        except OSError as e:
+            log.warning("passed fd %d unusable: %s", fd, e)
+            os.close(fd)
+            return
+        if len(self.relays) >= self.maxclients:
+            log.warning("passed connection dropped: busy (maxclients %d)", self.maxclients)
+            client.close()
+            return
+        app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            app.settimeout(1.0)     # loopback connect: immediate, or refused at once
+            app.connect(self.app_addr)
+        except OSError as e:
+            log.warning("passed connection dropped: application at %s:%d unreachable: %s",
+                        *self.app_addr, e)
+            app.close()
+            client.close()
+            return
+        app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stats.fdpassed += 1
+        self._relay(client, app, self._fd_relay_done)
+
+    def _fd_relay_done(self, relay: SpliceRelay) -> None:
+        self.relays.discard(relay)
+        self.stats.active = len(self.relays)
+
+    def _accept_unix(self) -> None:
+        assert self._unix_listener is not None
+        while True:
+            try:
+                sock, _ = self._unix_listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("UNIX accept failed: %s", e)
+                return
+            # Only root or our own user may hand us sockets.
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid not in (0, os.geteuid()):
+                log.warning("fd-passing connection from uid %d refused", uid)
+                sock.close()
+                continue
+            FdPassSession(self, sock)
+
+    # -- kernel state ----------------------------------------------------------------------------
+    def install_kernel_state(self) -> None:
+        """The VIP as a /32 on lo, and ARP filtering so that this host never answers for it."""
+        from tcpha import steering
+        from tcpha.fe.arbiter import interface_holding
+        ifname = self.config.interface
+        if not ifname or ifname == "auto":
+            ifname = interface_holding(self.config.raddr)
+        try:
+            with open(f"/sys/class/net/{ifname}/address") as f:
+                self.lan_mac = f.read().strip()
+        except OSError:
+            self.lan_mac = None
+        arp = steering.ArpFilter(vip=self.vip, ifname=ifname, uaddr=self.config.uaddr)
+        arp.install()              # before the VIP: never a moment where it could be answered
+        self._kernel_state.append(arp)
+        vip = steering.VipAddress(self.vip, "lo")
+        vip.install()
+        self._kernel_state.append(vip)
+        log.log(NOTICE, "kernel state installed: VIP %s on lo, ARP filtered on %s", self.vip, ifname)
+
+    def remove_kernel_state(self) -> None:
+        while self._kernel_state:
+            obj = self._kernel_state.pop()
+            try:
+                obj.remove()
+            except Exception as e:
+                log.error("removing %s failed: %s", type(obj).__name__, e)
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Install the kernel state, serve until SIGTERM/SIGINT, remove the kernel state.
+
+        Netlink work (pyroute2) happens outside the event loop: pyroute2 0.9's synchronous API
+        refuses to run inside a running asyncio loop.
+        """
+        if self.kernel:
+            self.install_kernel_state()
+        try:
+            asyncio.run(self.serve())
+        finally:
+            if self.kernel:
+                self.remove_kernel_state()
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            host = self.config.raddr
+            self._server = await self.loop.create_server(lambda: ControlSession(self), host,
+                                                         int(self.config.port), reuse_address=True,
+                                                         backlog=1024)
+            log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
+                     host, int(self.config.port), *self.app_addr, self.vip)
+            if self.unix_path:
+                self._listen_unix(self.unix_path)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self._stop.set)
+            if self.on_ready is not None:
+                self.on_ready()
+            await self._stop.wait()
+            log.info("stopping: %d connections relayed still open", len(self.relays))
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _listen_unix(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(64)
+        s.setblocking(False)
+        self._unix_listener = s
+        self.loop.add_reader(s.fileno(), self._accept_unix)
+        log.info("accepting same-host sockets on unix:%s", path)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.abort()
+        if self._unix_listener is not None:
+            try:
+                self.loop.remove_reader(self._unix_listener.fileno())
+            except (ValueError, OSError):
+                pass
+            self._unix_listener.close()
+            try:
+                os.unlink(self.unix_path)  # type: ignore[arg-type]
+            except OSError:
+                pass
+        for r in list(self.relays):
+            r.close()
+

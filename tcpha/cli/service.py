@@ -1,0 +1,108 @@
+"""What tcpha-fe and tcpha-be share as services: logging, sd_notify, daemonizing, the pidfile."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+
+def setup_logging(dbglevel: int, logfile: str | None, name: str) -> None:
+    """dbglevel 0-6 onto logging levels (tcpha.config.dbglevel_to_logging); stderr or a file."""
+    from tcpha.config import dbglevel_to_logging
+    level = dbglevel_to_logging(int(dbglevel))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if logfile and logfile != "-":
+        handler: logging.Handler = logging.FileHandler(logfile)
+        fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald adds the time and the unit; keep the line short and greppable.
+        fmt = f"{name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Library chatter (pyroute2 dumps whole netlink messages at DEBUG) stays out of our debug levels.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd our state (READY=1, STOPPING=1, ...) when started with Type=notify.
+
+    The protocol is one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET ('@' = abstract
+    namespace); a few lines of stdlib, no libsystemd needed.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError:
+        return False
+
+
+def daemonize() -> None:
+    """Classic double fork: detach from the terminal and the session; stdio to /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+class PidFile:
+    """Writes our pid; refuses to start when a live process holds the file; removed at exit."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pid = 0
+
+    def acquire(self) -> None:
+        try:
+            with open(self.path) as f:
+                old = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            old = 0
+        if old and old != os.getpid():
+            try:
+                os.kill(old, 0)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise RuntimeError(f"pidfile {self.path}: process {old} is running")
+            else:
+                raise RuntimeError(f"pidfile {self.path}: process {old} is running")
+        d = os.path.dirname(self.path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
+        self.pid = os.getpid()
+
+    def release(self) -> None:
+        if self.pid != os.getpid():
+            return                               # a forked worker: the arbiter owns the file
+        try:
+            with open(self.path) as f:
+                if int(f.read().strip() or 0) != self.pid:
+                    return
+            os.unlink(self.path)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,5 @@
+import sys
+
+from tcpha.cli.fe import main
+
+sys.exit(main())

@@ -1,0 +1,292 @@
+"""The front end's master process: kernel state, listening sockets, and the workers (gunicorn-style).
+
+The arbiter
+1. finds the LAN interface (`interface`, else the one holding `raddr`, else the route to `vaddr`),
+2. installs the VIP on it and the flow-steering table (FlowSteering.install adopts what a crashed
+   predecessor left under the same table name: its handed-off flows keep working throughout),
+3. opens the listening sockets on vaddr:port(s),
+4. forks `startservers` workers that inherit the listening sockets (startservers = 1 runs the one
+   worker in this process), replaces a worker that dies, and
+5. on SIGTERM/SIGINT stops the workers (they stop accepting and finish what they are dispatching),
+   waits until the handed-off flows are gone or `grace` has passed, and removes the kernel state.
+
+The dynamic pool between minspareservers and maxspareservers is issue 4's; here the pool is fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("tcpha.fe")
+
+NFT_TABLE = "tcpha_fe"
+IP_FREEBIND = 15
+RESPAWN_MIN_INTERVAL = 1.0
+
+
+def interface_holding(addr: str) -> str:
+    """The name of the interface that holds `addr` (RuntimeError if none does)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            if msg.get_attr("IFA_ADDRESS") == addr:
+                return ipr.get_links(msg["index"])[0].get_attr("IFLA_IFNAME")
+    raise RuntimeError(f"raddr {addr} is not an address of this host")
+
+
+def lan_interface(config: Any) -> str:
+    """The interface named by `interface`, else the one holding raddr, else the one routing to vaddr."""
+    from pyroute2 import IPRoute
+    name = getattr(config, "interface", None)
+    if name and name != "auto":
+        return name
+    raddr = getattr(config, "raddr", "0.0.0.0")
+    if raddr and raddr != "0.0.0.0":
+        return interface_holding(raddr)
+    with IPRoute() as ipr:
+        routes = ipr.route("get", dst=config.vaddr)
+        index = routes[0].get_attr("RTA_OIF") if routes else None
+        if index is None:
+            raise RuntimeError(f"no interface for vaddr {config.vaddr}: set 'interface = NAME'")
+        return ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+
+
+def listen_sockets(vip: str, ports: list[int], backlog: int) -> list[tuple[socket.socket, int]]:
+    out = []
+    for port in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            s.bind((vip, port))
+        except OSError as e:
+            s.close()
+            for other, _ in out:
+                other.close()
+            raise RuntimeError(f"cannot listen on {vip}:{port}: {e.strerror}") from None
+        s.listen(backlog)
+        s.setblocking(False)
+        out.append((s, port))
+    return out
+
+
+class FrontEnd:
+    def __init__(self, config: Any, *, table: str = NFT_TABLE):
+        self.config = config
+        self.table = table
+        self.ifname: str = ""
+        self.vip_address: Any = None
+        self.steering: Any = None
+        self.listeners: list[tuple[socket.socket, int]] = []
+        self.workers: dict[int, int] = {}          # pid -> worker number
+        self._stop = False
+        self._wakeup_r = -1
+        self.notify: Callable[[str], None] = lambda state: None
+
+    # -- kernel state ----------------------------------------------------------------------------
+    def make_steering(self) -> Any:
+        from tcpha.steering import FlowSteering
+        return FlowSteering(table=self.table, ifname=self.ifname, vip=self.config.vaddr,
+                            ports=list(self.config.ports), flow_timeout=float(self.config.flowtimeout))
+
+    def install(self) -> None:
+        from tcpha.steering import VipAddress
+        self.ifname = lan_interface(self.config)
+        self.vip_address = VipAddress(self.config.vaddr, self.ifname)
+        self.vip_address.install()
+        self.steering = self.make_steering()
+        self.steering.install()
+        log.info("kernel state installed: VIP %s on %s, steering table %s (%d entries adopted)",
+                 self.config.vaddr, self.ifname, self.table, self._entries())
+
+    def _entries(self) -> int:
+        try:
+            return int(self.steering.entries())
+        except Exception:
+            return -1
+
+    def remove(self) -> None:
+        for what, obj in (("steering table", self.steering), ("VIP", self.vip_address)):
+            if obj is None:
+                continue
+            try:
+                obj.remove()
+            except Exception as e:
+                log.error("removing the %s failed: %s", what, e)
+        self.steering = None
+        self.vip_address = None
+        log.info("kernel state removed")
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.install()
+            backlog = max(1024, int(self.config.maxclients) * 4)
+            self.listeners = listen_sockets(self.config.vaddr, list(self.config.ports), backlog)
+        except Exception as e:
+            log.critical("cannot start: %s", e)
+            self.remove()
+            return 1
+        try:
+            if int(self.config.startservers) <= 1:
+                self._run_single()
+            else:
+                self._run_arbiter()
+        finally:
+            self.notify("STOPPING=1")
+            for s, _ in self.listeners:
+                s.close()
+            self._wait_flows_gone()
+            self.remove()
+        return 0
+
+    def _make_worker(self, number: int, steering: Any) -> Any:
+        from tcpha.fe.worker import Worker
+        return Worker(self.config, self.listeners, steering, ifname=self.ifname, name=f"worker {number}")
+
+    def _run_single(self) -> None:
+        worker = self._make_worker(0, self.steering)
+        worker.on_ready = lambda: self.notify("READY=1")
+        worker.run()
+
+    def _wait_flows_gone(self) -> None:
+        """Handed-off flows keep their steering entries until they end or `grace` passes."""
+        if self.steering is None:
+            return
+        grace = float(getattr(self.config, "grace", 0) or 0)
+        deadline = time.monotonic() + grace
+        n = self._entries()
+        if n > 0:
+            log.info("waiting up to %g s for %d handed-off flows to end", grace, n)
+        # Workers are gone: FlowClosed can no longer arrive, so the only way out is the entries'
+        # own timeouts or the grace period (the workers already waited for theirs).
+        while n > 0 and time.monotonic() < deadline and not self._stop_now:
+            time.sleep(0.1)
+            n = self._entries()
+
+    _stop_now = False
+
+    # -- arbiter ---------------------------------------------------------------------------------
+    def _run_arbiter(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_r = r
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self._pending: list[int] = []
+        n = int(self.config.startservers)
+        for number in range(n):
+            self._spawn(number)
+        self.notify("READY=1")
+        log.info("arbiter %d: %d workers", os.getpid(), n)
+        last_spawn: dict[int, float] = {}
+        while True:
+            try:
+                select.select([r], [], [], 1.0)
+            except InterruptedError:
+                pass
+            try:
+                os.read(r, 512)
+            except BlockingIOError:
+                pass
+            sigs, self._pending = self._pending, []
+            if signal.SIGTERM in sigs or signal.SIGINT in sigs:
+                break
+            if signal.SIGHUP in sigs:
+                log.warning("SIGHUP: reloading is not supported yet; configuration unchanged")
+            for pid, number, status in self._reap():
+                log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
+                wait = last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                last_spawn[number] = time.monotonic()
+                self._spawn(number)
+        log.info("arbiter: stopping %d workers", len(self.workers))
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + float(getattr(self.config, "grace", 30) or 0) + 5
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        for pid in list(self.workers):
+            log.error("worker pid %d did not stop; killed", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.workers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._pending.append(signum)
+
+    def _reap(self) -> list[tuple[int, int, str]]:
+        out = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            number = self.workers.pop(pid, None)
+            if number is None:
+                continue
+            if os.WIFSIGNALED(status):
+                desc = f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+            else:
+                desc = f"status {os.WEXITSTATUS(status)}"
+            out.append((pid, number, desc))
+        return out
+
+    def _spawn(self, number: int) -> None:
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = number
+            return
+        # -- child ------------------------------------------------------------------------------
+        code = 0
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent()
+            worker = self._make_worker(number, self.make_steering_for_worker())
+            worker.run()
+        except BaseException:
+            log.exception("worker %d failed", number)
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def make_steering_for_worker(self) -> Any:
+        """A steering handle in the worker process, attached to the table the arbiter installed."""
+        s = self.make_steering()
+        attach = getattr(s, "attach", None)
+        if attach is not None:
+            attach()
+        else:
+            s.install()      # adopts the existing table: no change to the kernel
+        return s
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a worker whose arbiter died (kill -9) stops too; the kernel state stays."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # pragma: no cover
+        pass

@@ -1,0 +1,341 @@
+"""One accepted connection on its way to a back end.
+
+    accepted -> peek (MSG_PEEK: the bytes stay in the socket) -> parse head / ClientHello
+      -> rules -> candidates in order
+         -> same host:  SCM_RIGHTS to the local tcpha-be                         -> done
+         -> other host: freeze flow, dump (repair mode), Handoff over a control link
+              -> Restored: forward flow to the back end's MAC, close silently   -> done
+              -> Refused / timeout / link lost: release repair, thaw, next candidate
+      -> no candidate left / no rule matches: 503 written here, then close
+    bad head -> 400/414/431; head not complete within peektimeout -> 408
+
+Waiting for more of the head without consuming it: SO_RCVLOWAT is raised to one byte more than
+what was peeked, so the socket becomes readable only when new bytes (or a FIN) arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from tcpha import repair
+from tcpha.fe.responses import error_response
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tcpha.fe.worker import Worker
+
+log = logging.getLogger("tcpha.fe.dispatch")
+
+TCP_INFO = 11
+TCP_CLOSE_WAIT = 8
+LINGER = 2.0             # after writing an error answer: how long to wait for the client's FIN
+
+
+class Dispatch:
+    __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
+                 "next_index", "xid", "link", "backend", "flow", "facts", "reading", "finished",
+                 "lowat", "rule")
+
+    def __init__(self, worker: "Worker", sock: socket.socket, peer: tuple[str, int], lport: int):
+        self.worker = worker
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.lport = lport
+        self.t0 = time.perf_counter()
+        self.timer: Any = None
+        self.peeked = 0
+        self.candidates: list[str] = []
+        self.next_index = 0
+        self.xid = 0
+        self.link: Any = None
+        self.backend: Any = None
+        self.flow: Any = None
+        self.facts: Any = None
+        self.reading = False
+        self.finished = False
+        self.lowat = 1
+        self.rule: str | None = None
+
+    # -- peeking ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.timer = self.worker.loop.call_later(self.worker.peektimeout, self._peek_timeout)
+        self._peek(woken=False)
+
+    def _readable(self) -> None:
+        self._peek(woken=True)
+
+    def _peek(self, woken: bool) -> None:
+        w = self.worker
+        try:
+            buf = self.sock.recv(w.peekmax, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._want_read()
+            return
+        except OSError as e:
+            self._close(f"receive failed: {e.strerror or e}")
+            return
+        if not buf:
+            self._close("closed by the client before sending a request")
+            return
+        if woken and len(buf) == self.peeked and len(buf) < w.peekmax:
+            # Readable, yet nothing new: the client sent FIN (or an error) with an incomplete head.
+            self._close("client closed with an incomplete request head")
+            return
+        self.peeked = len(buf)
+        try:
+            facts = w.facts_of(buf)
+        except w.head_errors as e:
+            status = getattr(e, "status", 400)
+            if w.is_tls(buf):
+                self._close(f"malformed TLS ClientHello: {e}")
+            else:
+                self._answer(status, f"bad request head: {e}")
+            return
+        if facts is None:                                        # NeedMore
+            if len(buf) >= w.peekmax:
+                if w.is_tls(buf):
+                    self._close(f"TLS ClientHello longer than peekmax {w.peekmax}")
+                else:
+                    self._answer(431, f"request head longer than peekmax {w.peekmax}")
+                return
+            self._set_lowat(len(buf) + 1)
+            self._want_read()
+            return
+        self._stop_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.facts = facts
+        self.candidates = w.rules.candidates(facts)
+        if not self.candidates:
+            w.stats.nomatch += 1
+            if w.is_tls(buf):
+                self._close(f"no rule matches (sni {facts.sni!r}); closed")
+            else:
+                self._answer(503, f"no rule matches {facts.uri!r}")
+            return
+        self._next_candidate()
+
+    def _want_read(self) -> None:
+        if not self.reading:
+            self.worker.loop.add_reader(self.fd, self._readable)
+            self.reading = True
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.worker.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _set_lowat(self, n: int) -> None:
+        if n != self.lowat:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+                self.lowat = n
+            except OSError:
+                pass
+
+    def _peek_timeout(self) -> None:
+        self.timer = None
+        self._stop_reading()
+        if self.peeked and self.worker.is_tls_fd_peek(self.sock):
+            self._close(f"TLS ClientHello not complete within {self.worker.peektimeout:g} s")
+        else:
+            self._answer(408, f"request head not complete within {self.worker.peektimeout:g} s")
+
+    # -- handing off -----------------------------------------------------------------------------
+    def _next_candidate(self) -> None:
+        w = self.worker
+        while self.next_index < len(self.candidates):
+            target = self.candidates[self.next_index]
+            self.next_index += 1
+            backend = w.backends.get(target)
+            if backend is None:
+                log.error("rule target %s has no server; skipped", target)
+                continue
+            if backend.kind == "unix":
+                if self.lowat != 1:
+                    self._set_lowat(1)          # the socket itself travels: leave it as accepted
+                if backend.pass_socket(self.sock, self.lport):
+                    self.backend = backend
+                    self._finish_local()
+                    return
+                continue
+            link = backend.pick_link()
+            if link is None or backend.mac is None:
+                continue
+            if self._send_handoff(backend, link):
+                return
+        w.stats.unavailable += 1
+        self._answer(503, f"no back end available among {', '.join(self.candidates)}")
+
+    def _send_handoff(self, backend: Any, link: Any) -> bool:
+        w = self.worker
+        flow = self.flow
+        if flow is None:
+            flow = self.flow = w.flow_key(self.peer, self.lport)
+        try:
+            w.steering.freeze(flow)
+        except Exception as e:
+            log.error("freezing %s:%d failed: %s", self.peer[0], self.peer[1], e)
+            return False
+        try:
+            state = repair.dump(self.sock)
+        except OSError as e:
+            self._thaw()
+            log.warning("%s:%d: dump failed: %s", self.peer[0], self.peer[1], e)
+            return False
+        self.xid = xid = w.new_xid()
+        self.backend = backend
+        self.link = link
+        try:
+            link.send(w.handoff_message(xid, state, flow, self.peeked))
+        except Exception as e:
+            log.warning("back end %s: sending handoff failed: %s", backend.name, e)
+            self._rollback()
+            return False
+        w.pending[xid] = self
+        link.pending.add(xid)
+        self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out")
+        return True
+
+    def _thaw(self) -> None:
+        try:
+            self.worker.steering.thaw(self.flow)
+        except Exception as e:
+            log.error("thawing %s:%d failed: %s", self.peer[0], self.peer[1], e)
+
+    def _rollback(self) -> None:
+        try:
+            repair.release(self.sock)
+        except OSError as e:
+            # The connection cannot be taken back: it is lost for this client.
+            self._thaw()
+            self._close(f"rollback failed: {e}")
+            return
+        self._thaw()
+
+    def restored(self) -> None:
+        """The back end rebuilt the connection: steer the flow there and let go silently."""
+        w = self.worker
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.link.pending.discard(self.xid)
+        try:
+            w.steering.forward(self.flow, self.backend.mac)
+        except Exception as e:
+            log.error("forwarding %s:%d to %s failed: %s", self.peer[0], self.peer[1], self.backend.name, e)
+        repair.discard(self.sock)
+        self.finished = True
+        self.backend.handoffs += 1
+        w.stats.handoffs += 1
+        w.dispatch_done(self)
+        if w.log_connections:
+            log.info("%s:%d -> %s (%s) handed off in %.0f us", self.peer[0], self.peer[1], self.backend.name,
+                     self._describe(), (time.perf_counter() - self.t0) * 1e6)
+
+    def refused(self, reason: str) -> None:
+        """The back end refused, the link dropped or the answer did not come in time: take the connection back."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.link is not None:
+            self.link.pending.discard(self.xid)
+        self.backend.refused += 1
+        self.worker.stats.refused += 1
+        log.warning("%s:%d: back end %s did not take the connection: %s", self.peer[0], self.peer[1],
+                    self.backend.name, reason)
+        self._rollback()
+        if not self.finished:
+            self._next_candidate()
+
+    def _finish_local(self) -> None:
+        w = self.worker
+        self.sock.close()                     # our copy; the back end holds the other one
+        self.finished = True
+        w.stats.handoffs += 1
+        w.dispatch_done(self)
+        if w.log_connections:
+            log.info("%s:%d -> %s (%s) passed in %.0f us", self.peer[0], self.peer[1], self.backend.name,
+                     self._describe(), (time.perf_counter() - self.t0) * 1e6)
+
+    def _describe(self) -> str:
+        f = self.facts
+        if f is None:
+            return "-"
+        if f.uri is not None:
+            return f.uri.decode("latin-1")[:80]
+        return f"sni {f.sni}"
+
+    # -- answering and closing here --------------------------------------------------------------
+    def _answer(self, status: int, why: str) -> None:
+        """Write an error answer, close our side, and drain the client until its FIN (or LINGER).
+
+        Closing a socket with unread data makes the kernel send RST, which can destroy the answer
+        before the client reads it; so the request is consumed, then FIN, then the client's FIN.
+        """
+        w = self.worker
+        w.stats.answered[status] = w.stats.answered.get(status, 0) + 1
+        log.warning("%s:%d: %d: %s", self.peer[0], self.peer[1], status, why)
+        self._stop_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._set_lowat(1)
+        sock = self.sock
+        try:
+            self._drain()
+            sock.send(error_response(status))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(None)
+            return
+        self.finished = True
+        w.dispatch_done(self)           # no longer counts against maxclients
+        w.lingering[self.fd] = self
+        w.loop.add_reader(self.fd, self._linger_readable)
+        self.reading = True
+        self.timer = w.loop.call_later(LINGER, self._linger_end)
+
+    def _drain(self) -> bool:
+        """Read and drop what the client sent; True on EOF."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not data:
+                return True
+
+    def _linger_readable(self) -> None:
+        try:
+            eof = self._drain()
+        except OSError:
+            eof = True
+        if eof:
+            self._linger_end()
+
+    def _linger_end(self) -> None:
+        self.worker.lingering.pop(self.fd, None)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._stop_reading()
+        self.sock.close()
+
+    def _close(self, why: str | None) -> None:
+        if why:
+            log.info("%s:%d: %s", self.peer[0], self.peer[1], why)
+        self._stop_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if not self.finished:
+            self.finished = True
+            self.worker.dispatch_done(self)

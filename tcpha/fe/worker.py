@@ -1,0 +1,259 @@
+"""A front-end worker: one asyncio loop (callbacks only) that accepts, peeks, matches and hands off.
+
+Kernel state (VIP, steering table) is installed by the arbiter before workers start; a worker only
+adds and removes flow entries in it. Workers share the listening sockets (inherited across fork),
+and each keeps its own `connperbe` control connections to every back end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tcpha import control
+from tcpha.fe.backends import LocalBackend, RemoteBackend
+from tcpha.fe.dispatch import Dispatch
+
+log = logging.getLogger("tcpha.fe.worker")
+
+
+@dataclass
+class WorkerStats:
+    accepted: int = 0
+    handoffs: int = 0
+    refused: int = 0
+    nomatch: int = 0
+    unavailable: int = 0
+    flows_closed: int = 0
+    control_errors: int = 0
+    answered: dict[int, int] = field(default_factory=dict)
+
+
+class _NoHead(Exception):
+    status = 400
+
+
+def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException], ...], Any]:
+    """The sniff-rules helper's parsers: (parse_request_head, looks_like_tls, parse_client_hello, errors, NeedMore)."""
+    from tcpha.sniff import http as sniff_http
+    from tcpha.sniff.incomplete import NeedMore
+    errors: list[type[BaseException]] = [sniff_http.HeadError]
+    try:
+        from tcpha.sniff import tls as sniff_tls
+        looks_like_tls = sniff_tls.looks_like_tls
+        parse_hello = sniff_tls.parse_client_hello
+        errors.append(getattr(sniff_tls, "TlsHelloError", _NoHead))
+    except ImportError:                                       # pragma: no cover - until tls sniffing lands
+        looks_like_tls = lambda buf: bool(buf) and buf[0] == 0x16  # noqa: E731
+        parse_hello = None
+    return sniff_http.parse_request_head, looks_like_tls, parse_hello, tuple(errors), NeedMore
+
+
+class Worker:
+    def __init__(self, config: Any, listeners: list[tuple[socket.socket, int]], steering: Any, *,
+                 ifname: str, name: str = "worker"):
+        from tcpha.fe.rules import RequestFacts, RuleTable
+        self.config = config
+        self.listeners = listeners
+        self.steering = steering
+        self.ifname = ifname
+        self.name = name
+        self.authkey: bytes = config.authkey
+        self.vip: str = config.vaddr
+        self.peekmax = int(config.peekmax)
+        self.peektimeout = float(config.peektimeout)
+        self.handofftimeout = float(config.handofftimeout)
+        self.maxclients = int(config.maxclients)
+        self.grace = float(getattr(config, "grace", 30) or 0)
+        self.rules = RuleTable(config.rules)
+        self._facts_cls = RequestFacts
+        (self._parse_head, self.is_tls, self._parse_hello, self.head_errors,
+         self._need_more) = _sniffers()
+        self.backends: dict[str, Any] = {}
+        self.stats = WorkerStats()
+        self.pending: dict[int, Dispatch] = {}
+        self.lingering: dict[int, Dispatch] = {}
+        self.inflight = 0
+        self.accepting = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._xid = (os.getpid() & 0xFFFF) << 32
+        self._stopping: asyncio.Event | None = None
+        self.log_connections = log.isEnabledFor(logging.INFO)
+        self.on_ready: Callable[[], None] | None = None
+        from tcpha.steering import FlowKey
+        self._flow_key = FlowKey
+        self._build_backends()
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _build_backends(self) -> None:
+        connperbe = int(self.config.connperbe)
+        for spec in self.config.servers:
+            if spec.kind == "unix":
+                be: Any = LocalBackend(self, spec.path)
+                keys = [f"unix:{spec.path}"]
+            else:
+                be = RemoteBackend(self, spec.host, int(spec.port), connperbe)
+                keys = [f"{spec.host}:{spec.port}", spec.host]
+            for key in keys:
+                self.backends.setdefault(key, be)
+
+    # -- sniffing --------------------------------------------------------------------------------
+    def facts_of(self, buf: bytes) -> Any:
+        """RequestFacts for the peeked bytes, None while more is needed; raises a head error (HTTP).
+
+        A ClientHello that cannot be read (malformed, longer than peekmax) is routed like one
+        without SNI and ALPN (tcpha.fe.rules): TLS clients get no HTTP error page.
+        """
+        facts = self._facts_cls
+        if self.is_tls(buf):
+            if self._parse_hello is None:
+                return facts.from_client_hello(None)
+            try:
+                hello = self._parse_hello(buf, self.peekmax)
+            except self.head_errors:
+                return facts.from_client_hello(None)
+            if hello is self._need_more:
+                if len(buf) >= self.peekmax:
+                    return facts.from_client_hello(None)
+                return None
+            return facts.from_client_hello(hello)
+        head = self._parse_head(buf, self.peekmax)
+        if head is self._need_more:
+            return None
+        return facts.from_request_head(head)
+
+    def is_tls_fd_peek(self, sock: socket.socket) -> bool:
+        try:
+            return self.is_tls(sock.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
+    # -- handoffs --------------------------------------------------------------------------------
+    def new_xid(self) -> int:
+        self._xid += 1
+        return self._xid
+
+    def flow_key(self, peer: tuple[str, int], lport: int) -> Any:
+        return self._flow_key(client_ip=peer[0], client_port=peer[1], vip=self.vip, vport=lport)
+
+    def handoff_message(self, xid: int, state: Any, flow: Any, peeked: int) -> Any:
+        return control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
+                               vip=flow.vip, vport=flow.vport, peeked_len=peeked, state=state.to_bytes())
+
+    def fail_handoff(self, xid: int, reason: str) -> None:
+        d = self.pending.pop(xid, None)
+        if d is not None:
+            d.refused(reason)
+
+    def on_control_message(self, link: Any, msg: Any) -> None:
+        if isinstance(msg, control.Restored):
+            d = self.pending.pop(msg.xid, None)
+            if d is not None:
+                d.restored()
+            else:
+                log.error("back end %s: 'restored' for unknown or timed-out handoff %d", link.backend.name, msg.xid)
+        elif isinstance(msg, control.Refused):
+            self.fail_handoff(msg.xid, msg.reason)
+        elif isinstance(msg, control.FlowClosed):
+            self.stats.flows_closed += 1
+            try:
+                self.steering.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
+                                                       vip=msg.vip, vport=msg.vport))
+            except Exception as e:
+                log.error("removing steering entry %s:%d failed: %s", msg.client_ip, msg.client_port, e)
+        elif isinstance(msg, control.Ping):
+            link.send(control.Pong(token=msg.token))
+        else:
+            log.debug("back end %s: %s ignored", link.backend.name, type(msg).__name__)
+
+    # -- accepting -------------------------------------------------------------------------------
+    def _accept(self, lsock: socket.socket, lport: int) -> None:
+        loop_accept = lsock.accept
+        while self.inflight < self.maxclients:
+            try:
+                sock, peer = loop_accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("accept on port %d failed: %s", lport, e)
+                return
+            sock.setblocking(False)
+            self.inflight += 1
+            self.stats.accepted += 1
+            Dispatch(self, sock, peer, lport).start()
+        # maxclients connections are being dispatched: the rest waits in the kernel's accept queue.
+        self._pause_accepting()
+
+    def dispatch_done(self, d: Dispatch) -> None:
+        self.inflight -= 1
+        if not self.accepting and self.inflight < self.maxclients and not self._stopping_set():
+            self._resume_accepting()
+
+    def _stopping_set(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
+    def _resume_accepting(self) -> None:
+        if self.accepting:
+            return
+        for lsock, lport in self.listeners:
+            self.loop.add_reader(lsock.fileno(), self._accept, lsock, lport)
+        self.accepting = True
+
+    def _pause_accepting(self) -> None:
+        if not self.accepting:
+            return
+        for lsock, _ in self.listeners:
+            self.loop.remove_reader(lsock.fileno())
+        self.accepting = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        asyncio.run(self.serve())
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self.loop.call_soon_threadsafe(self._stopping.set)
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stopping.set)
+        for be in set(self.backends.values()):
+            be.start()
+        self._resume_accepting()
+        log.info("%s: accepting on %s port(s) %s", self.name, self.vip,
+                 " ".join(str(p) for _, p in self.listeners))
+        if self.on_ready is not None:
+            self.on_ready()
+        await self._stopping.wait()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Stop accepting; let connections being dispatched finish (at most `grace` seconds)."""
+        self._pause_accepting()
+        deadline = time.monotonic() + self.grace
+        while (self.inflight or self.pending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.inflight:
+            log.warning("%s: %d connections still being dispatched at stop", self.name, self.inflight)
+        for d in list(self.lingering.values()):
+            d._linger_end()
+        for be in set(self.backends.values()):
+            be.close()
+        await asyncio.sleep(0)
+        log.info("%s: stopped (%d handoffs, %d refused, %d unmatched)", self.name, self.stats.handoffs,
+                 self.stats.refused, self.stats.nomatch)
+
+
+def _kwargs(msg: Any) -> dict:
+    from dataclasses import fields, is_dataclass
+    if is_dataclass(msg):
+        return {f.name: getattr(msg, f.name) for f in fields(msg)}
+    return {}
