@@ -157,6 +157,13 @@ class MessageReader:
     def feed(self, data: bytes) -> list[Message]:
         if self._error is not None:
             raise ProtocolError(self._error.reason, f"stream already failed ({self._error})")
+        if not self._buf and not self._parts and len(data) >= HEADER_LEN:
+            # Fast path: exactly one whole single-frame message that passes every check below.
+            level, is_resp, uid, op_class, op, complete, dlen = _unpack_header(data, 0)
+            if (len(data) == HEADER_LEN + dlen and complete == 1 and level >> 16 == PROTO_MAJOR
+                    and is_resp == self._expect and op_class == 0 and op <= 3
+                    and dlen <= MAX_FRAME_DATA):
+                return [Message(bool(is_resp), uid, _OPS[op], bytes(data[HEADER_LEN:]))]
         buf = self._buf + data if self._buf else data
         out: list[Message] = []
         pos = 0

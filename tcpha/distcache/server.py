@@ -227,7 +227,7 @@ class DistcacheServer:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "reader", "last_rx", "backlog", "paused_writing",
-                 "task", "closing", "_time")
+                 "task", "closing", "_time", "is_partial")
 
     def __init__(self, server: DistcacheServer) -> None:
         self.server = server
@@ -237,6 +237,7 @@ class _Connection(asyncio.Protocol):
         self.paused_writing = False
         self.task: asyncio.Task | None = None
         self.closing = False
+        self.is_partial = False
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -269,18 +270,24 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx = self._time()
+        reader = self.reader
         error: ProtocolError | None = None
         try:
-            msgs = self.reader.feed(data)
+            msgs = reader.feed(data)
         except ProtocolError as exc:
             msgs = exc.messages
             error = exc
-        if self.reader.pending():
-            self.server.partial.add(self)
-        else:
-            self.server.partial.discard(self)
-        if self.server.is_async:
+        server = self.server
+        if reader._buf or reader._parts:
+            # Part of a message is held: remember when data last came (stall check).
+            self.last_rx = self._time()
+            if not self.is_partial:
+                self.is_partial = True
+                server.partial.add(self)
+        elif self.is_partial:
+            self.is_partial = False
+            server.partial.discard(self)
+        if server.is_async:
             self.backlog.extend(msgs)
             if error is not None:
                 self.backlog.append(error)  # type: ignore[arg-type]  # close when reached
@@ -292,15 +299,21 @@ class _Connection(asyncio.Protocol):
         if msgs:
             if self.backlog or self.paused_writing:
                 self.backlog.extend(msgs)
+            elif len(msgs) == 1 and error is None:
+                try:
+                    self.transport.write(server.handle(msgs[0]))
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
             else:
                 self._run(msgs)
         if error is not None:
             if self.backlog:
                 self.backlog.append(error)  # type: ignore[arg-type]
-            else:
+            elif not self.closing:
                 self._protocol_error(error)
-        elif self.server.progress:
-            self.server.check_progress_counter()
+        elif server.progress:
+            server.check_progress_counter()
 
     def _run(self, msgs: list[Message]) -> None:
         handle = self.server.handle
