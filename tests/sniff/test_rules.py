@@ -1,0 +1,191 @@
+"""tcpha.fe.rules: file order, first match, fallbacks, and which field each rule kind sees on HTTP and on TLS."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+
+from tcpha.fe.rules import RequestFacts, RuleTable
+from tcpha.sniff.http import parse_request_head
+from tcpha.sniff.tls import parse_client_hello
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Stand-in with RuleSpec's shape, compiled as tcpha.config compiles (host/sni case-insensitive)."""
+    target: str
+    field: str
+    pattern: str
+    regex: re.Pattern
+    lineno: int
+
+
+def rule(target: str, text: str, lineno: int = 1) -> Rule:
+    field, pattern = "uri", text
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in ("uri", "host", "sni", "alpn"):
+        field, pattern = prefix, rest
+    flags = re.IGNORECASE if field in ("host", "sni") else 0
+    return Rule(target, field, pattern, re.compile(pattern.encode(), flags), lineno)
+
+
+def table(*lines: tuple[str, str]) -> RuleTable:
+    return RuleTable([rule(t, p, i + 1) for i, (t, p) in enumerate(lines)])
+
+
+def http(uri: bytes, host: bytes | None = b"www.example.com") -> RequestFacts:
+    return RequestFacts(uri=uri, host=host, sni=None, alpn=[])
+
+
+def tls(sni: str | None, alpn: list[str] | None = None) -> RequestFacts:
+    return RequestFacts(uri=None, host=None, sni=sni, alpn=alpn or [])
+
+
+TCPHA = table(("img", "jpg$"), ("img", "gif$"), ("dyn", r"\.php"), ("all", ".*"))
+
+
+# -- TCPHA semantics ---------------------------------------------------------------------------------------------------
+
+def test_first_match_then_fallbacks_in_file_order():
+    assert TCPHA.candidates(http(b"/photos/a.jpg")) == ["img", "all"]
+    assert TCPHA.candidates(http(b"/index.php?id=3")) == ["dyn", "all"]
+    assert TCPHA.candidates(http(b"/")) == ["all"]
+
+
+def test_targets_deduplicated_keep_first_position():
+    t = table(("b", "^/x"), ("a", "x"), ("b", ".*"), ("a", ".*"), ("c", ".*"))
+    assert t.candidates(http(b"/x")) == ["b", "a", "c"]
+
+
+def test_no_match_is_empty():
+    assert table(("img", "jpg$")).candidates(http(b"/a.png")) == []
+    assert RuleTable([]).candidates(http(b"/")) == []
+
+
+def test_search_not_match_semantics():
+    assert table(("a", "images")).candidates(http(b"/static/images/x")) == ["a"]
+    assert table(("a", "^images")).candidates(http(b"/static/images/x")) == []
+
+
+def test_uri_rule_matches_path_or_full_target():
+    t = table(("img", "jpg$"), ("q", r"\?id="), ("exact", "^/a$"))
+    assert t.candidates(http(b"/a.jpg?v=2")) == ["img"]          # path ends in jpg
+    assert t.candidates(http(b"/p?id=7")) == ["q"]               # only the full target has the query
+    assert t.candidates(http(b"/a?x")) == ["exact"]
+    assert t.candidates(http(b"/a.jpgx")) == []
+
+
+def test_uri_rules_are_case_sensitive():
+    assert table(("img", "jpg$")).candidates(http(b"/A.JPG")) == []
+
+
+def test_path_given_by_facts_is_used():
+    facts = RequestFacts(uri=b"http://h/a.jpg?x", host=b"h", sni=None, alpn=[], path=b"/a.jpg")
+    assert table(("img", "^/a.jpg$")).candidates(facts) == ["img"]
+    # and derived from an absolute-form uri when not given
+    assert table(("img", "^/a.jpg$")).candidates(http(b"http://h/a.jpg?x")) == ["img"]
+
+
+# -- host, sni, alpn ----------------------------------------------------------------------------------------------------
+
+MIXED = table(("shop", r"host:^shop\.example\.com$"), ("api", "sni:^api\\."), ("h2", "alpn:^h2$"),
+              ("img", "jpg$"), ("nosni", "sni:^$"), ("anyhttp", ".*"))
+
+
+def test_http_sees_uri_and_host_rules_only():
+    assert MIXED.candidates(http(b"/a.jpg", b"shop.example.com")) == ["shop", "img", "anyhttp"]
+    assert MIXED.candidates(http(b"/", b"api.example.com")) == ["anyhttp"]     # sni rule never matches HTTP
+
+
+def test_tls_sees_host_sni_alpn_rules_only():
+    assert MIXED.candidates(tls("shop.example.com", ["http/1.1"])) == ["shop"]  # host rules see the SNI
+    assert MIXED.candidates(tls("api.example.com", ["h2", "http/1.1"])) == ["api", "h2"]
+    assert MIXED.candidates(tls("other.example")) == []                        # uri rules (.*) never match TLS
+
+
+def test_sni_less_and_unreadable_hello_match_empty_string():
+    assert MIXED.candidates(tls(None)) == ["nosni"]
+    assert MIXED.candidates(RequestFacts.from_client_hello(None)) == ["nosni"]
+    assert table(("d", "sni:.*")).candidates(tls(None)) == ["d"]
+    assert table(("d", "host:^$")).candidates(tls(None)) == ["d"]
+
+
+def test_http10_without_host_matches_empty_host():
+    assert table(("a", "host:^$")).candidates(http(b"/", None)) == ["a"]
+    assert table(("a", "host:.")).candidates(http(b"/", None)) == []
+
+
+def test_alpn_any_offered_protocol_and_none():
+    t = table(("h2", "alpn:^h2$"), ("none", "alpn:^$"))
+    assert t.candidates(tls("x", ["http/1.1", "h2"])) == ["h2"]
+    assert t.candidates(tls("x", [])) == ["none"]
+    assert t.candidates(tls("x", ["http/1.1"])) == []
+
+
+def test_host_and_sni_rules_case_insensitive_as_compiled():
+    assert table(("a", "host:^WWW\\.Example\\.com$")).candidates(http(b"/", b"www.example.com")) == ["a"]
+    assert table(("a", "sni:EXAMPLE")).candidates(tls("www.example.com")) == ["a"]
+
+
+def test_non_latin1_text_does_not_crash():
+    assert table(("a", "sni:.")).candidates(tls("\u2603.example")) == ["a"]
+
+
+# -- real parsed inputs, real config --------------------------------------------------------------------------------------
+
+def test_facts_from_parsed_head_and_hello(real_hellos):
+    head = parse_request_head(b"GET /img/a.jpg?x=1 HTTP/1.1\r\nHost: Shop.Example.com:80\r\n\r\n", 16384)
+    facts = RequestFacts.from_request_head(head)
+    assert MIXED.candidates(facts) == ["shop", "img", "anyhttp"]
+    hello = parse_client_hello(real_hellos["py-sni-alpn"], 16384)
+    assert MIXED.candidates(RequestFacts.from_client_hello(hello)) == ["h2"]
+    nosni = parse_client_hello(real_hellos["py-nosni"], 16384)
+    assert MIXED.candidates(RequestFacts.from_client_hello(nosni)) == ["nosni"]
+
+
+def test_with_tcpha_config_loader(tmp_path):
+    config = pytest.importorskip("tcpha.config")
+    key = tmp_path / "authkey"
+    key.write_text("0123456789abcdef" * 4 + "\n")
+    key.chmod(0o600)
+    path = tmp_path / "tcphafe.conf"
+    path.write_text(textwrap.dedent(f"""\
+        vaddr = 10.77.0.100
+        authkey = {key}
+        server = 10.77.0.11 666
+        server = 10.77.0.12 666
+        rule = 10.77.0.11 jpg$
+        rule = 10.77.0.12 host:^API\\.
+        rule = 10.77.0.12 sni:^$
+        rule = 10.77.0.11 .*
+        """))
+    try:
+        cfg = config.load_fe_config(str(path))
+    except config.ConfigError as e:  # pragma: no cover - a config-side change; say what it was
+        pytest.fail(f"sample config refused: {e}")
+    t = RuleTable(cfg.rules)
+    be1, be2 = cfg.rules[0].target, cfg.rules[1].target
+    assert be1 != be2
+    assert t.candidates(http(b"/x.jpg?v=1", b"api.example.com")) == [be1, be2]
+    assert t.candidates(http(b"/x", b"api.example.com")) == [be2, be1]
+    assert t.candidates(tls("api.example.com")) == [be2]
+    assert t.candidates(tls(None)) == [be2]
+    assert t.candidates(tls("www.example.com")) == []
+
+
+def test_matching_rules_for_logs():
+    matched = MIXED.matching_rules(http(b"/a.jpg", b"shop.example.com"))
+    assert [r.lineno for r in matched] == [1, 4, 6]
+
+
+def test_str_pattern_recompiled_as_bytes():
+    r = Rule("a", "uri", "jpg$", re.compile("jpg$"), 1)
+    assert RuleTable([r]).candidates(http(b"/a.jpg")) == ["a"]
+
+
+def test_unknown_field_refused():
+    with pytest.raises(ValueError, match="line 7"):
+        RuleTable([Rule("a", "cookie", "x", re.compile(b"x"), 7)])
