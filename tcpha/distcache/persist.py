@@ -146,6 +146,8 @@ class PersistentStore:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dc-persist")
         self._compactor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dc-compact")
         self._compacting: concurrent.futures.Future | None = None
+        self._switching: concurrent.futures.Future | None = None
+        self.compactions = 0
         self._lock = threading.Lock()       # guards _fd/_file_bytes between the two threads
         self._fd = -1
         self._file_bytes = 0
@@ -266,8 +268,12 @@ class PersistentStore:
                 except OSError as exc:
                     log.error("Error, compacting persist file '%s' failed: %s", self.path, exc.strerror)
                     return
-                self._writer.submit(self._switch, tmp_fd, b"".join(tail))
+                self._switching = self._writer.submit(self._switch, tmp_fd, b"".join(tail))
             return
+        if self._switching is not None:
+            if not self._switching.done():
+                return          # one compaction at a time, until its file is in place
+            self._switching = None
         if self._file_bytes >= max(MIN_COMPACT_BYTES, 2 * self._base_bytes):
             snapshot = list(self.store.entries())
             self._tail = []
@@ -302,9 +308,21 @@ class PersistentStore:
                 old, self._fd = self._fd, tmp_fd
                 self._file_bytes = self._base_bytes = size
             os.close(old)
+            self.compactions += 1
         except OSError as exc:
             log.error("Error, compacting persist file '%s' failed: %s", self.path, exc.strerror)
             os.close(tmp_fd)
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until what was handed to the threads is done; finish a compaction (tests, tools)."""
+        for _ in range(4):
+            self._writer.submit(lambda: None).result(timeout)
+            if self._compacting is not None:
+                self._compacting.result(timeout)
+            elif self._switching is None or self._switching.done():
+                break
+            self.flush()
+        self._writer.submit(lambda: None).result(timeout)
 
     def close(self) -> None:
         """Clean stop: write and sync everything."""
