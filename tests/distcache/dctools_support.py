@@ -309,11 +309,20 @@ def read_responses(sock: socket.socket, count: int, timeout: float = 5.0) -> lis
     return out
 
 
-def unix_connect(path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(path))
-    return s
+def unix_connect(path, timeout: float = 5.0) -> socket.socket:
+    """Connect to a UNIX socket, retrying while it is not there or not listening yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(str(path))
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 @pytest.fixture
