@@ -1,0 +1,383 @@
+"""Moving a live TCP connection between hosts with TCP_REPAIR: a small soccr-like API, no policy.
+
+Hand-written on the raw socket options because no maintained Python library wraps TCP_REPAIR (CRIU's
+libsoccr is C and GPL; we do not copy it). The sequence and its pitfalls are the ones recorded in
+docs/kernel.md (and shared/notes/tcp-repair.md), all verified on this kernel.
+
+    state = dump(sock)           # FE, after the flow's packets are frozen; sock stays in repair mode
+    blob = state.to_bytes()      # travels over the control channel
+    new = restore(TcpState.from_bytes(blob))   # BE: an ESTABLISHED socket owning the same 4-tuple
+    discard(sock)                # FE, after the BE said "restored": close without FIN/RST
+    release(sock)                # FE, if the BE refused: repair off, the FE still owns the connection
+
+Only ESTABLISHED connections can be moved: a socket in any other state makes dump() raise RepairError
+(and leaves it out of repair mode, as it was).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "RepairError",
+    "TcpState",
+    "dump",
+    "release",
+    "discard",
+    "restore",
+]
+
+# Socket options and ioctls (linux/tcp.h, linux/sockios.h); none are exported by Python's socket module.
+TCP_INFO = 11
+TCP_MAXSEG = 2
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+IP_FREEBIND = 15
+
+TCP_REPAIR_ON = 1
+TCP_REPAIR_OFF = 0  # off, and the kernel sends a window probe (an ACK) to get the peer talking again
+TCP_REPAIR_OFF_NO_WP = -1
+
+TCP_NO_QUEUE = 0
+TCP_RECV_QUEUE = 1
+TCP_SEND_QUEUE = 2
+
+TCPOPT_MSS = 2
+TCPOPT_WINDOW = 3
+TCPOPT_SACK_PERM = 4
+TCPOPT_TIMESTAMP = 8
+
+# tcp_info.tcpi_options bits
+TCPI_OPT_TIMESTAMPS = 1
+TCPI_OPT_SACK = 2
+TCPI_OPT_WSCALE = 4
+
+SIOCINQ = 0x541B
+SIOCOUTQ = 0x5411
+SIOCOUTQNSD = 0x894B
+
+TCP_ESTABLISHED = 1
+_TCP_STATE_NAMES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+    7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}
+
+# Large queues are refilled in pieces: one send() of a big buffer in repair mode asks the kernel for one
+# linear skb, which fails with ENOMEM beyond a few hundred KiB (seen).
+QUEUE_CHUNK = 64 * 1024
+
+_U32 = struct.Struct("=I")  # socket option values are host order
+_INT = struct.Struct("=i")
+_WINDOW = struct.Struct("=5I")  # struct tcp_repair_window
+_TCPI_HEAD = struct.Struct("=7B")  # state, ca_state, retransmits, probes, backoff, options, wscales
+_IOCTL_BUF = bytes(4)
+_U32_MASK = 0xFFFFFFFF
+
+# Wire format of TcpState.to_bytes (network byte order):
+#   version, family(4|6), flags, snd_wscale, rcv_wscale, mss,
+#   local ip (16 bytes, IPv4 in the first 4), local port, peer ip (16), peer port,
+#   snd_seq, rcv_seq, timestamp, snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup,
+#   unsent bytes, recv queue length, send queue length; then the two queues.
+STATE_VERSION = 1
+_HEADER = struct.Struct("!BBBBBH16sH16sH8I3I")
+_F_TIMESTAMPS = 1
+_F_SACK = 2
+_F_WSCALE = 4
+_F_WINDOW = 8
+
+
+class RepairError(OSError):
+    """A repair step failed; str(e) names the step."""
+
+
+@dataclass(slots=True)
+class TcpState:
+    """Everything needed to rebuild one established TCP connection elsewhere."""
+
+    family: int  # socket.AF_INET or socket.AF_INET6
+    local: tuple[str, int]  # the server side: (VIP, port)
+    peer: tuple[str, int]  # the client
+    snd_seq: int  # write_seq: sequence number after the last byte in the send queue
+    rcv_seq: int  # rcv_nxt: sequence number after the last byte in the receive queue
+    mss: int
+    recv_queue: bytes = b""  # received, not yet read by the application (e.g. the peeked request)
+    send_queue: bytes = b""  # written by the application, not yet acknowledged by the peer
+    unsent: int = 0  # how many bytes at the end of send_queue were never transmitted
+    timestamps: bool = False
+    sack: bool = False
+    wscale: bool = False
+    snd_wscale: int = 0
+    rcv_wscale: int = 0
+    timestamp: int = 0  # TCP_TIMESTAMP value at dump time (restores the per-connection offset)
+    window: tuple[int, int, int, int, int] | None = None  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+
+    def to_bytes(self) -> bytes:
+        flags = (
+            (_F_TIMESTAMPS if self.timestamps else 0)
+            | (_F_SACK if self.sack else 0)
+            | (_F_WSCALE if self.wscale else 0)
+            | (_F_WINDOW if self.window is not None else 0)
+        )
+        window = self.window if self.window is not None else (0, 0, 0, 0, 0)
+        try:
+            head = _HEADER.pack(
+                STATE_VERSION,
+                4 if self.family == socket.AF_INET else 6,
+                flags,
+                self.snd_wscale,
+                self.rcv_wscale,
+                self.mss,
+                _ip_bytes(self.family, self.local[0]),
+                self.local[1],
+                _ip_bytes(self.family, self.peer[0]),
+                self.peer[1],
+                self.snd_seq & _U32_MASK,
+                self.rcv_seq & _U32_MASK,
+                self.timestamp & _U32_MASK,
+                *window,
+                self.unsent,
+                len(self.recv_queue),
+                len(self.send_queue),
+            )
+        except (struct.error, ValueError) as exc:
+            raise ValueError(f"TcpState cannot be encoded: {exc}") from None
+        return b"".join((head, self.recv_queue, self.send_queue))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> TcpState:
+        data = memoryview(data)
+        if len(data) < _HEADER.size:
+            raise ValueError(f"TCP state too short: {len(data)} bytes, need at least {_HEADER.size}")
+        (version, fam, flags, snd_ws, rcv_ws, mss, lip, lport, pip, pport, snd_seq, rcv_seq, ts,
+         w1, w2, w3, w4, w5, unsent, rlen, slen) = _HEADER.unpack_from(data)
+        if version != STATE_VERSION:
+            raise ValueError(f"TCP state version {version} not supported (this side speaks {STATE_VERSION})")
+        if fam not in (4, 6):
+            raise ValueError(f"TCP state has unknown address family {fam}")
+        if len(data) != _HEADER.size + rlen + slen:
+            raise ValueError(
+                f"TCP state length {len(data)} does not match its queues ({_HEADER.size}+{rlen}+{slen})"
+            )
+        if unsent > slen:
+            raise ValueError(f"TCP state claims {unsent} unsent bytes in a {slen}-byte send queue")
+        if snd_ws > 14 or rcv_ws > 14:
+            raise ValueError("TCP state has a window scale above 14")
+        family = socket.AF_INET if fam == 4 else socket.AF_INET6
+        body = _HEADER.size
+        return cls(
+            family=family,
+            local=(_ip_text(family, lip), lport),
+            peer=(_ip_text(family, pip), pport),
+            snd_seq=snd_seq,
+            rcv_seq=rcv_seq,
+            mss=mss,
+            recv_queue=bytes(data[body:body + rlen]),
+            send_queue=bytes(data[body + rlen:body + rlen + slen]),
+            unsent=unsent,
+            timestamps=bool(flags & _F_TIMESTAMPS),
+            sack=bool(flags & _F_SACK),
+            wscale=bool(flags & _F_WSCALE),
+            snd_wscale=snd_ws,
+            rcv_wscale=rcv_ws,
+            timestamp=ts,
+            window=(w1, w2, w3, w4, w5) if flags & _F_WINDOW else None,
+        )
+
+
+def _ip_bytes(family: int, ip: str) -> bytes:
+    packed = socket.inet_pton(family, ip)
+    return packed.ljust(16, b"\0")
+
+
+def _ip_text(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(family, raw[:4])
+    return socket.inet_ntop(family, raw)
+
+
+def _ioctl_int(fd: int, request: int, step: str) -> int:
+    try:
+        return _INT.unpack(fcntl.ioctl(fd, request, _IOCTL_BUF))[0]
+    except OSError as exc:
+        raise RepairError(exc.errno, f"{step}: {exc.strerror}") from None
+
+
+def dump(sock: socket.socket) -> TcpState:
+    """Read the state of an ESTABLISHED connection; the socket is left in repair mode.
+
+    Call it only after the flow's incoming packets are stopped (frozen): a segment that the socket
+    accepted after its queues were read would be acknowledged to the client and lost.
+    """
+    fd = sock.fileno()
+    info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_HEAD.size)
+    state, _ca, _retr, _probes, _backoff, options, wscales = _TCPI_HEAD.unpack_from(info)
+    if state != TCP_ESTABLISHED:
+        raise RepairError(0, f"cannot move a connection in state {_TCP_STATE_NAMES.get(state, state)}")
+    setsockopt = sock.setsockopt
+    getsockopt = sock.getsockopt
+    tcp = socket.IPPROTO_TCP
+    try:
+        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_ON)
+    except OSError as exc:
+        raise RepairError(exc.errno, f"TCP_REPAIR on: {exc.strerror} (needs CAP_NET_ADMIN)") from None
+    try:
+        inq = _ioctl_int(fd, SIOCINQ, "SIOCINQ")
+        outq = _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
+        unsent = _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
+        mss = getsockopt(tcp, TCP_MAXSEG)
+        timestamp = _U32.unpack(getsockopt(tcp, TCP_TIMESTAMP, 4))[0]
+        try:
+            window = _WINDOW.unpack(getsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.size))
+        except OSError:
+            window = None  # kernel without TCP_REPAIR_WINDOW (< 4.8): the peer re-advertises it
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        rcv_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+        recv_queue = sock.recv(inq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if inq else b""
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+        send_queue = sock.recv(outq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if outq else b""
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        if len(recv_queue) != inq or len(send_queue) != outq:
+            raise RepairError(
+                0, f"queues changed while reading them (recv {len(recv_queue)}/{inq}, send {len(send_queue)}/{outq})"
+            )
+        local = sock.getsockname()
+        peer = sock.getpeername()
+    except RepairError:
+        _repair_off(sock)
+        raise
+    except OSError as exc:
+        _repair_off(sock)
+        raise RepairError(exc.errno, f"dump: {exc.strerror}") from None
+    return TcpState(
+        family=sock.family,
+        local=(local[0], local[1]),
+        peer=(peer[0], peer[1]),
+        snd_seq=snd_seq,
+        rcv_seq=rcv_seq,
+        mss=mss,
+        recv_queue=recv_queue,
+        send_queue=send_queue,
+        unsent=unsent,
+        timestamps=bool(options & TCPI_OPT_TIMESTAMPS),
+        sack=bool(options & TCPI_OPT_SACK),
+        wscale=bool(options & TCPI_OPT_WSCALE),
+        snd_wscale=wscales & 0x0F,
+        rcv_wscale=wscales >> 4,
+        timestamp=timestamp,
+        window=window,
+    )
+
+
+def _repair_off(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    except OSError:
+        pass
+
+
+def release(sock: socket.socket) -> None:
+    """Take a dumped socket out of repair mode: the connection goes on from this host (rollback)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    except OSError as exc:
+        raise RepairError(exc.errno, f"TCP_REPAIR off: {exc.strerror}") from None
+
+
+def discard(sock: socket.socket) -> None:
+    """Close a dumped socket silently: in repair mode the kernel sends no FIN or RST and keeps no TIME_WAIT."""
+    sock.close()
+
+
+def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
+    """Rebuild the connection described by `state` on this host and return the ESTABLISHED socket.
+
+    No packet is sent until the end, when repair mode is switched off (a window probe, an ACK). The local
+    address (the VIP) need not be configured when `freebind` is set; for replies to leave with it as
+    source it normally is (on lo, on a back end).
+    """
+    tcp = socket.IPPROTO_TCP
+    sock = socket.socket(state.family, socket.SOCK_STREAM)
+    setsockopt = sock.setsockopt
+    step = "socket"
+    try:
+        # SO_REUSEADDR before TCP_REPAIR: TCP_REPAIR makes the socket's reuse "forced"; setting
+        # SO_REUSEADDR afterwards overwrites that and bind() fails with EADDRINUSE as soon as a second
+        # restored connection holds the same VIP:port.
+        step = "SO_REUSEADDR"
+        setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        step = "TCP_REPAIR on"
+        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_ON)
+        # Queue sequence numbers, only settable while CLOSED. The kernel advances them again as the queues
+        # are refilled below, so set them to where the queues *start*.
+        step = "receive queue seq"
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        setsockopt(tcp, TCP_QUEUE_SEQ, _U32.pack((state.rcv_seq - len(state.recv_queue)) & _U32_MASK))
+        step = "send queue seq"
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        setsockopt(tcp, TCP_QUEUE_SEQ, _U32.pack((state.snd_seq - len(state.send_queue)) & _U32_MASK))
+        if freebind:
+            step = "IP_FREEBIND"
+            setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        step = f"bind {state.local[0]}:{state.local[1]}"
+        sock.bind(state.local)
+        step = f"connect {state.peer[0]}:{state.peer[1]}"
+        sock.connect(state.peer)  # repair mode: no SYN, straight to ESTABLISHED
+        step = "TCP_REPAIR_OPTIONS"
+        setsockopt(tcp, TCP_REPAIR_OPTIONS, _repair_options(state))
+        if state.timestamps:
+            step = "TCP_TIMESTAMP"
+            setsockopt(tcp, TCP_TIMESTAMP, _U32.pack(state.timestamp & _U32_MASK))
+        if state.recv_queue:
+            step = "receive queue refill"
+            setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            _send_chunked(sock, state.recv_queue)
+        sent_len = len(state.send_queue) - state.unsent
+        if sent_len:
+            step = "send queue refill"
+            setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            _send_chunked(sock, memoryview(state.send_queue)[:sent_len])
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        if state.window is not None:
+            # After the queues: the kernel refuses rcv_wup > rcv_nxt, and rcv_nxt only reaches its final
+            # value once the receive queue is refilled.
+            step = "TCP_REPAIR_WINDOW"
+            setsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
+        step = "TCP_REPAIR off"
+        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF)
+        if state.unsent:
+            # Bytes never transmitted are simply sent as new data now that the connection is live.
+            step = "unsent data"
+            sock.sendall(memoryview(state.send_queue)[sent_len:])
+    except OSError as exc:
+        sock.close()  # still in repair mode unless the last steps failed: silent
+        raise RepairError(exc.errno, f"restore {state.peer[0]}:{state.peer[1]}: {step}: {exc.strerror}") from None
+    return sock
+
+
+def _repair_options(state: TcpState) -> bytes:
+    opts = [TCPOPT_MSS, state.mss]
+    if state.wscale:
+        opts += (TCPOPT_WINDOW, state.snd_wscale | (state.rcv_wscale << 16))
+    if state.sack:
+        opts += (TCPOPT_SACK_PERM, 0)
+    if state.timestamps:
+        opts += (TCPOPT_TIMESTAMP, 0)
+    return struct.pack(f"={len(opts)}I", *opts)
+
+
+def _send_chunked(sock: socket.socket, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), QUEUE_CHUNK):
+        chunk = view[start:start + QUEUE_CHUNK]
+        while chunk:
+            n = sock.send(chunk)
+            chunk = chunk[n:]
+
