@@ -8,6 +8,7 @@ Same hosts, roles and addresses as the namespace lab; on the VMs the LAN is the 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 
@@ -20,6 +21,7 @@ def vagrant_hosts(topology: Topology) -> dict:
     return {
         "subnet": topology.subnet,
         "prefixlen": topology.prefixlen,
+        "netmask": str(ipaddress.ip_network(topology.subnet).netmask),
         "vip": topology.vip,
         "lan_ifname": VM_LAN_IFNAME,
         "hosts": [{"name": h.name, "role": h.role, "lan_ip": h.lan_ip} for h in topology.hosts],
