@@ -147,10 +147,10 @@ SENDERS: dict[type, frozenset[str]] = {
 _IP_FIELDS = {"client_ip", "vip", "addr", "vaddr"}
 _U16_FIELDS = {"port", "client_port", "vport", "app_port", "weight"}
 _U32_FIELDS = {"peeked_len"}
-_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
+# Fixed-size kinds and their struct codes; consecutive fixed fields are packed with one Struct.
+_FIXED = {"u64": "Q", "u32": "I", "u16": "H", "bool": "B", "ip": "4s"}
 
 
 def _kind(name: str, annotation: str) -> str:
@@ -164,18 +164,51 @@ def _kind(name: str, annotation: str) -> str:
             "tuple[tuple[str, str], ...]": "pairs"}[annotation]
 
 
-_SCHEMAS: dict[type, tuple[tuple[str, str], ...]] = {
-    cls: tuple((f.name, _kind(f.name, str(f.type))) for f in dataclasses.fields(cls))
-    for cls in MESSAGE_TYPES.values()
-}
+@dataclass(frozen=True)
+class _Segment:
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    fixed: struct.Struct | None   # None: one variable-length field (str, bytes, pairs)
 
 
-def _put_str(out: list[bytes], value: str, limit: int = 0xFFFF) -> None:
+def _segments(cls: type) -> tuple[_Segment, ...]:
+    segments: list[_Segment] = []
+    run: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if run:
+            fmt = ">" + "".join(_FIXED[kind] for _, kind in run)
+            segments.append(_Segment(tuple(n for n, _ in run), tuple(k for _, k in run), struct.Struct(fmt)))
+            run.clear()
+
+    for f in dataclasses.fields(cls):
+        kind = _kind(f.name, str(f.type))
+        if kind in _FIXED:
+            run.append((f.name, kind))
+        else:
+            flush()
+            segments.append(_Segment((f.name,), (kind,), None))
+    flush()
+    return tuple(segments)
+
+
+_SCHEMAS: dict[type, tuple[_Segment, ...]] = {cls: _segments(cls) for cls in MESSAGE_TYPES.values()}
+
+
+def _put_str(out: list[bytes], value: str) -> None:
     raw = value.encode("utf-8")
-    if len(raw) > limit:
+    if len(raw) > 0xFFFF:
         raise PayloadError(f"string of {len(raw)} bytes is too long")
     out.append(_U16.pack(len(raw)))
     out.append(raw)
+
+
+def _fixed_value(kind: str, value: Any) -> Any:
+    if kind == "ip":
+        return socket.inet_pton(socket.AF_INET, value)
+    if kind == "bool":
+        return 1 if value else 0
+    return value
 
 
 def encode_payload(msg: Any) -> bytes:
@@ -184,57 +217,43 @@ def encode_payload(msg: Any) -> bytes:
     if schema is None:
         raise PayloadError(f"not a control message: {type(msg).__name__}")
     out: list[bytes] = []
-    for name, kind in schema:
-        value = getattr(msg, name)
+    for seg in schema:
         try:
-            if kind == "u64":
-                out.append(_U64.pack(value))
-            elif kind == "u32":
-                out.append(_U32.pack(value))
-            elif kind == "u16":
-                out.append(_U16.pack(value))
-            elif kind == "bool":
-                out.append(_U8.pack(1 if value else 0))
-            elif kind == "ip":
-                out.append(socket.inet_pton(socket.AF_INET, value))
-            elif kind == "str":
+            if seg.fixed is not None:
+                out.append(seg.fixed.pack(*[_fixed_value(kind, getattr(msg, name))
+                                            for name, kind in zip(seg.names, seg.kinds)]))
+                continue
+            name, kind = seg.names[0], seg.kinds[0]
+            value = getattr(msg, name)
+            if kind == "str":
                 _put_str(out, value)
             elif kind == "bytes":
                 out.append(_U32.pack(len(value)))
                 out.append(bytes(value))
-            elif kind == "pairs":
+            else:  # pairs
                 out.append(_U16.pack(len(value)))
                 for first, second in value:
                     _put_str(out, first)
                     _put_str(out, second)
-        except (struct.error, OSError, TypeError, AttributeError, ValueError) as exc:
-            if isinstance(exc, PayloadError):
-                raise PayloadError(f"{type(msg).__name__}.{name}: {exc}") from None
-            raise PayloadError(f"{type(msg).__name__}.{name}: cannot encode {value!r}") from None
+        except PayloadError as exc:
+            raise PayloadError(f"{type(msg).__name__}.{'/'.join(seg.names)}: {exc}") from None
+        except (struct.error, OSError, TypeError, AttributeError, ValueError):
+            shown = {n: getattr(msg, n, None) for n in seg.names}
+            raise PayloadError(f"{type(msg).__name__}.{'/'.join(seg.names)}: cannot encode {shown!r}") from None
     return b"".join(out)
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> memoryview:
-        end = self.pos + n
-        if end > len(self.data):
-            raise PayloadError("payload ends early")
-        chunk = self.data[self.pos:end]
-        self.pos = end
-        return chunk
-
-    def string(self) -> str:
-        (n,) = _U16.unpack(self.take(2))
-        try:
-            return str(self.take(n), "utf-8")
-        except UnicodeDecodeError:
-            raise PayloadError("string is not UTF-8") from None
+def _take_str(data: memoryview, pos: int) -> tuple[str, int]:
+    if pos + 2 > len(data):
+        raise PayloadError("payload ends early")
+    (n,) = _U16.unpack_from(data, pos)
+    end = pos + 2 + n
+    if end > len(data):
+        raise PayloadError("payload ends early")
+    try:
+        return str(data[pos + 2:end], "utf-8"), end
+    except UnicodeDecodeError:
+        raise PayloadError("string is not UTF-8") from None
 
 
 def decode_payload(type_code: int, payload: memoryview | bytes) -> Any:
@@ -242,31 +261,45 @@ def decode_payload(type_code: int, payload: memoryview | bytes) -> Any:
     cls = MESSAGE_TYPES.get(type_code)
     if cls is None:
         raise PayloadError(f"unknown message type {type_code}")
-    reader = _Reader(memoryview(payload))
+    data = memoryview(payload)
+    pos = 0
     values: dict[str, Any] = {}
-    for name, kind in _SCHEMAS[cls]:
-        if kind == "u64":
-            (values[name],) = _U64.unpack(reader.take(8))
-        elif kind == "u32":
-            (values[name],) = _U32.unpack(reader.take(4))
-        elif kind == "u16":
-            (values[name],) = _U16.unpack(reader.take(2))
-        elif kind == "bool":
-            raw = reader.take(1)[0]
-            if raw > 1:
-                raise PayloadError(f"{cls.__name__}.{name}: bad boolean {raw}")
-            values[name] = bool(raw)
-        elif kind == "ip":
-            values[name] = socket.inet_ntop(socket.AF_INET, reader.take(4))
-        elif kind == "str":
-            values[name] = reader.string()
+    for seg in _SCHEMAS[cls]:
+        if seg.fixed is not None:
+            if pos + seg.fixed.size > len(data):
+                raise PayloadError("payload ends early")
+            for name, kind, raw in zip(seg.names, seg.kinds, seg.fixed.unpack_from(data, pos)):
+                if kind == "ip":
+                    raw = socket.inet_ntop(socket.AF_INET, raw)
+                elif kind == "bool":
+                    if raw > 1:
+                        raise PayloadError(f"{cls.__name__}.{name}: bad boolean {raw}")
+                    raw = bool(raw)
+                values[name] = raw
+            pos += seg.fixed.size
+            continue
+        name, kind = seg.names[0], seg.kinds[0]
+        if kind == "str":
+            values[name], pos = _take_str(data, pos)
         elif kind == "bytes":
-            (n,) = _U32.unpack(reader.take(4))
-            values[name] = bytes(reader.take(n))
-        elif kind == "pairs":
-            (n,) = _U16.unpack(reader.take(2))
-            values[name] = tuple((reader.string(), reader.string()) for _ in range(n))
-    if reader.pos != len(reader.data):
-        raise PayloadError(f"{cls.__name__}: {len(reader.data) - reader.pos} bytes after the payload")
+            if pos + 4 > len(data):
+                raise PayloadError("payload ends early")
+            (n,) = _U32.unpack_from(data, pos)
+            if pos + 4 + n > len(data):
+                raise PayloadError("payload ends early")
+            values[name] = bytes(data[pos + 4:pos + 4 + n])
+            pos += 4 + n
+        else:  # pairs
+            if pos + 2 > len(data):
+                raise PayloadError("payload ends early")
+            (count,) = _U16.unpack_from(data, pos)
+            pos += 2
+            pairs = []
+            for _ in range(count):
+                first, pos = _take_str(data, pos)
+                second, pos = _take_str(data, pos)
+                pairs.append((first, second))
+            values[name] = tuple(pairs)
+    if pos != len(data):
+        raise PayloadError(f"{cls.__name__}: {len(data) - pos} bytes after the payload")
     return cls(**values)
-

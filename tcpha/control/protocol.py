@@ -76,7 +76,19 @@ class ControlError(Exception):
 
 
 def _derive(key: bytes, *parts: bytes) -> bytes:
-    return hmac.digest(key, b"".join(parts), hashlib.sha256)
+    return hmac.digest(key, b"".join(parts), "sha256")
+
+
+def _mac_base(key: bytes) -> Any:
+    # The keyed HMAC state, copied per frame: cheaper than re-keying (hmac.digest) every time.
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _mac(base: Any, *parts: bytes) -> bytes:
+    h = base.copy()
+    for part in parts:
+        h.update(part)
+    return h.digest()
 
 
 class ControlConnection:
@@ -110,10 +122,10 @@ class ControlConnection:
         self.peer_hello: Hello | None = None
         self.authenticated = False          # True once a frame bound to both nonces verified
         self._key = key
-        self._hello_send_key = _derive(key, _LABEL_HELLO, role.encode())
-        self._hello_recv_key = _derive(key, _LABEL_HELLO, self.peer_role.encode())
-        self._send_key: bytes | None = None
-        self._recv_key: bytes | None = None
+        self._hello_send_key = _mac_base(_derive(key, _LABEL_HELLO, role.encode()))
+        self._hello_recv_key = _mac_base(_derive(key, _LABEL_HELLO, self.peer_role.encode()))
+        self._send_key: Any = None        # keyed HMAC states (see _mac_base)
+        self._recv_key: Any = None
         self._send_seq = 0
         self._recv_seq = 0
         self._hello_sent = False
@@ -154,15 +166,14 @@ class ControlConnection:
             raise ValueError(f"a {self.role} does not send {type(msg).__name__}")
         return self._frame(msg, self._send_key, self.max_message)
 
-    def _frame(self, msg: Any, key: bytes, limit: int) -> bytes:
+    def _frame(self, msg: Any, key: Any, limit: int) -> bytes:
         payload = encode_payload(msg)
         length = _HEADER.size + len(payload) + MAC_SIZE
         if length > limit:
             raise PayloadError(f"{type(msg).__name__} of {length} bytes exceeds the {limit}-byte limit")
         head = _LENGTH.pack(length) + _HEADER.pack(VERSION, msg.TYPE, self._send_seq)
         self._send_seq += 1
-        mac = hmac.digest(key, head + payload, hashlib.sha256)
-        return head + payload + mac
+        return head + payload + _mac(key, head, payload)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -216,7 +227,7 @@ class ControlConnection:
         first = self.peer_hello is None
         key = self._hello_recv_key if first else self._recv_key
         assert key is not None
-        expected = hmac.digest(key, frame[:body_end], hashlib.sha256)
+        expected = _mac(key, memoryview(frame)[:body_end])
         if not hmac.compare_digest(expected, frame[body_end:]):  # R1 (R2 for a Hello, R3 after)
             if first:
                 raise ControlError("bad MAC on the peer's Hello (wrong authkey, or not a tcpha peer)")
@@ -252,5 +263,6 @@ class ControlConnection:
             raise ControlError("peer's nonce equals ours (a reflected Hello)")
         self.peer_hello = hello
         # R3: keys for everything after the Hellos, bound to both fresh nonces and the direction.
-        self._send_key = _derive(self._key, _LABEL_DATA, self.role.encode(), self.nonce, hello.nonce)
-        self._recv_key = _derive(self._key, _LABEL_DATA, self.peer_role.encode(), hello.nonce, self.nonce)
+        self._send_key = _mac_base(_derive(self._key, _LABEL_DATA, self.role.encode(), self.nonce, hello.nonce))
+        self._recv_key = _mac_base(_derive(self._key, _LABEL_DATA, self.peer_role.encode(), hello.nonce,
+                                           self.nonce))

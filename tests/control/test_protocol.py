@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from tcpha.control import (HELLO_MAX, ControlConnection, ControlError, FlowClosed, Handoff, Hello,
                            PayloadError, Ping, Pong, Refused, Register, Registered, Restored, Unregister)
 from tcpha.control.messages import encode_payload
-from tcpha.control.protocol import MAC_SIZE, VERSION
+from tcpha.control.protocol import MAC_SIZE, VERSION, _mac
 
 KEY = b"0123456789abcdef" * 4
 OTHER_KEY = b"fedcba9876543210" * 4
@@ -42,7 +40,7 @@ def raw_frame(conn: ControlConnection, type_code: int, payload: bytes, *, versio
     conn._send_seq += 1
     length = 10 + len(payload) + MAC_SIZE
     head = struct.pack(">IBBQ", length, version, type_code, seq)
-    return head + payload + hmac.digest(conn._send_key, head + payload, hashlib.sha256)
+    return head + payload + _mac(conn._send_key, head, payload)
 
 
 # -- round trips -----------------------------------------------------------------------------
