@@ -26,7 +26,7 @@ from tcpha.config.settings import BE_SETTINGS, FE_SETTINGS, SETTINGS, Setting
 
 __all__ = ["ConfigError", "ServerSpec", "RuleSpec", "FEConfig", "BEConfig", "LOCAL_TARGET",
            "load_fe_config", "load_be_config", "read_authkey", "changed_options",
-           "MIN_KEY_BYTES", "RULE_FIELDS"]
+           "MIN_KEY_BYTES", "RULE_FIELDS", "compile_rule", "register_rules"]
 
 # A rule whose target is the front end's own local node (issue 4 point 5).
 LOCAL_TARGET = "local"
@@ -269,20 +269,39 @@ def _parse_server(path: str, line: _Line) -> ServerSpec:
                       _parse_weight(path, line.lineno, words[2:]))
 
 
-def _parse_pattern(path: str, lineno: int, text: str) -> tuple[str, str, re.Pattern[bytes]]:
-    """``[FIELD:]REGEX`` -> (field, pattern, compiled). No prefix means the URI (TCPHA)."""
-    field_name, pattern = "uri", text
-    prefix, sep, rest = text.partition(":")
-    if sep and prefix.lower() in RULE_FIELDS:
-        field_name, pattern = prefix.lower(), rest
+def compile_rule(target: str, field_name: str, pattern: str, lineno: int = 0) -> RuleSpec:
+    """A RuleSpec from its parts, compiled as the loader compiles rules; ValueError (one line).
+
+    For rules that do not come from a file, e.g. a back end's Register message (dregister):
+    ``[compile_rule(backend_name, f, p) for f, p in register.rules]``.
+    """
+    if field_name not in RULE_FIELDS:
+        raise ValueError(f"unknown rule field {field_name!r} (expected one of: {', '.join(RULE_FIELDS)})")
     if not pattern:
-        raise ConfigError(path, lineno, f"rule: empty regular expression for {field_name}")
+        raise ValueError(f"empty regular expression for {field_name}")
     flags = re.IGNORECASE if field_name in _CASELESS_FIELDS else 0
     try:
         compiled = re.compile(pattern.encode("utf-8"), flags)
     except re.error as exc:
-        raise ConfigError(path, lineno, f"rule: bad regular expression {_clip(pattern)!r}: {exc}") from None
-    return field_name, pattern, compiled
+        raise ValueError(f"bad regular expression {_clip(pattern)!r}: {exc}") from None
+    return RuleSpec(target, field_name, pattern, compiled, lineno)
+
+
+def _parse_pattern(path: str, lineno: int, text: str, target: str) -> RuleSpec:
+    """``[FIELD:]REGEX`` -> RuleSpec. No prefix means the URI (TCPHA)."""
+    field_name, pattern = "uri", text
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix.lower() in RULE_FIELDS:
+        field_name, pattern = prefix.lower(), rest
+    try:
+        return compile_rule(target, field_name, pattern, lineno)
+    except ValueError as exc:
+        raise ConfigError(path, lineno, f"rule: {exc}") from None
+
+
+def register_rules(config: Any) -> tuple[tuple[str, str], ...]:
+    """A BEConfig's rules as Register.rules: ((field, pattern), ...)."""
+    return tuple((rule.field, rule.pattern) for rule in config.rules)
 
 
 def _split_rule(path: str, line: _Line) -> tuple[str, str]:
@@ -389,9 +408,9 @@ def load_fe_config(path: str) -> Any:
     rules: list[RuleSpec] = []
     for line in repeated.get("rule", []):
         addr, text = _split_rule(path, line)
-        field_name, pattern, regex = _parse_pattern(path, line.lineno, text)
+        rule = _parse_pattern(path, line.lineno, text, "")  # the regex first: its errors come first
         target = _fe_rule_target(path, line.lineno, addr, servers, values)
-        rules.append(RuleSpec(target, field_name, pattern, regex, line.lineno))
+        rules.append(dataclasses.replace(rule, target=target))
     values["servers"] = servers
     values["rules"] = rules
     if values["vaddr"] == values["raddr"]:
@@ -430,8 +449,7 @@ def load_be_config(path: str) -> Any:
                                   f"rule names {parts[0]}, but a back end's rules can only name itself "
                                   f"({values['raddr']})")
             text = parts[1].strip()
-        field_name, pattern, regex = _parse_pattern(path, line.lineno, text)
-        rules.append(RuleSpec(own_name, field_name, pattern, regex, line.lineno))
+        rules.append(_parse_pattern(path, line.lineno, text, own_name))
     values["rules"] = rules
     if values["vaddr"] in (values["raddr"], values["uaddr"]):
         raise ConfigError(path, where["vaddr"], "vaddr (the VIP) must differ from raddr and uaddr")

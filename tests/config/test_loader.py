@@ -375,3 +375,20 @@ def test_sample_configs_load(tmp_path, keyfile):
         ("10.77.0.12:666", "uri", ".*")]
     be = load_be_config(str(tmp_path / "tcphabe.conf"))
     assert (be.raddr, be.port, be.app_address) == ("10.77.0.11", 666, ("127.0.0.1", 8080))
+
+
+def test_compile_rule_for_registered_back_ends(write_conf, be_minimal):
+    from tcpha.config import compile_rule, register_rules
+    be = load_be_config(write_conf(be_minimal + "dregister = 1\nfeaddr = 10.77.0.10\n"
+                                   "rule = jpg$\nrule = host:^IMG\\.\n"))
+    pairs = register_rules(be)
+    assert pairs == (("uri", "jpg$"), ("host", "^IMG\\."))
+    rules = [compile_rule(be.name, f, p) for f, p in pairs]
+    assert [r.regex for r in rules] == [r.regex for r in be.rules]
+    assert rules[1].regex.search(b"img.example")
+    with pytest.raises(ValueError, match="bad regular expression"):
+        compile_rule("x", "uri", "(")
+    with pytest.raises(ValueError, match="unknown rule field 'cookie'"):
+        compile_rule("x", "cookie", "a")
+    with pytest.raises(ValueError, match="empty regular expression"):
+        compile_rule("x", "sni", "")
