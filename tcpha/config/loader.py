@@ -423,6 +423,8 @@ def load_fe_config(path: str) -> Any:
     if local in (values["vaddr"],) and values["redirectport"] in values["ports"]:
         raise ConfigError(path, where.get("redirectport", where.get("redirectaddr", 0)),
                           "the local node (redirectaddr:redirectport) is the VIP's own port: a loop")
+    if "healthtimeout" not in where and values["dtcinterval"] > 0:
+        values["healthtimeout"] = min(values["healthtimeout"], values["dtcinterval"])
     if values["healthtimeout"] > values["dtcinterval"] > 0:
         raise ConfigError(path, where.get("healthtimeout", where.get("dtcinterval", 0)),
                           f"healthtimeout ({values['healthtimeout']:g}) is longer than "

@@ -151,6 +151,11 @@ def test_values_with_units(write_conf, fe_minimal):
     assert cfg.metrics == ("127.0.0.1", 9100) and cfg.dtcinterval == 0
 
 
+def test_healthtimeout_follows_a_short_dtcinterval(write_conf, fe_minimal):
+    cfg = load_fe_config(write_conf(fe_minimal + "dtcinterval = 0.5\n"))
+    assert (cfg.dtcinterval, cfg.healthtimeout) == (0.5, 0.5)
+
+
 def test_authkey_relative_to_the_config_file(tmp_path, keyfile):
     sub = tmp_path / "etc"
     sub.mkdir()
