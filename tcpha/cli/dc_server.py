@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if s.persist is not None and s.backend != "memory":
         return _err("Error, -persist works with -backend memory only")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Until the event loop takes them over, these signals stop us cleanly (exit 0) too.
+    early = [signal.SIGTERM] + ([signal.SIGUSR1, signal.SIGUSR2] if s.killable else [])
+    for sig in early:
+        signal.signal(sig, _early_stop)
     try:
         addr = parse_address(s.listen)
         sock = listen_socket(addr)
@@ -352,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _early_stop(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def _run(server: DistcacheServer, sock, s: Settings) -> None:
     try:
         import uvloop  # optional: about twice the requests per second
@@ -364,6 +372,12 @@ def _run(server: DistcacheServer, sock, s: Settings) -> None:
 
 async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sigs = [signal.SIGTERM, signal.SIGINT]
+    if s.killable:
+        sigs += [signal.SIGUSR1, signal.SIGUSR2]
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop.set)
     await server.start(sock)
     describe = getattr(server.store, "describe", None)
     if describe is not None and server.is_async:
@@ -372,12 +386,6 @@ async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
         except Exception as exc:  # the backend may come up later; say so once
             logging.getLogger("tcpha.distcache.server").warning(
                 "Warning, backend %s not answering yet: %s", s.backend, exc)
-    stop = asyncio.Event()
-    sigs = [signal.SIGTERM, signal.SIGINT]
-    if s.killable:
-        sigs += [signal.SIGUSR1, signal.SIGUSR2]
-    for sig in sigs:
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
     close = getattr(server.store, "close", None)
