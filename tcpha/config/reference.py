@@ -18,7 +18,7 @@ import os
 import sys
 import textwrap
 
-from tcpha.config.settings import GROUPS, SETTINGS, Setting, settings_for
+from tcpha.config.settings import GROUPS, Setting, settings_for
 
 __all__ = ["help_epilog", "add_help", "dbglevel_to_logging", "detail_file", "configuration_md",
            "generated_files", "write_all", "DBGLEVELS"]
