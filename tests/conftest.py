@@ -36,9 +36,14 @@ def pytest_collection_modifyitems(config, items):
 # --- the namespace lab (owner: lab) -----------------------------------------------------------------
 
 def _new_prefix() -> str:
-    prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
-    RUN_PREFIXES.add(prefix)
-    return prefix
+    # Unlike run_prefix (one per test), several labs may be made at once: skip prefixes in use.
+    from tcpha.lab.netns import lab_namespaces
+
+    while True:
+        prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
+        if prefix not in RUN_PREFIXES and not lab_namespaces(prefix):
+            RUN_PREFIXES.add(prefix)
+            return prefix
 
 
 @pytest.fixture
