@@ -18,6 +18,7 @@ does, but it is far too slow and heavy for a per-connection path, and it tolerat
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .incomplete import NeedMore
@@ -37,6 +38,7 @@ EXT_ALPN = 16
 EXT_PRE_SHARED_KEY = 41
 EXT_SUPPORTED_VERSIONS = 43
 NAME_TYPE_HOST_NAME = 0
+_PRINTABLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 
 
 class TlsHelloError(ValueError):
@@ -193,10 +195,17 @@ def _parse_body(body: bytes, length: int) -> ClientHello:
     extensions = r.vector(2, 0, 2 ** 16 - 1, "extensions")
     if r.remaining():
         raise TlsHelloError("bytes after the extensions block")
+    # The extension loop is the hot path (a dozen or more extensions per hello): read the 4-byte headers inline
+    # rather than through _Reader, with the same bounds checks.
+    data, pos, end = body, extensions.pos, extensions.end
     seen: set[int] = set()
-    while extensions.remaining():
-        ext_type = extensions.uint(2, "extension type")
-        data = extensions.vector(2, 0, 2 ** 16 - 1, f"extension {ext_type}")
+    while pos < end:
+        if end - pos < 4:
+            raise TlsHelloError("ClientHello truncated in extension header")
+        ext_type = (data[pos] << 8) | data[pos + 1]
+        ext_end = pos + 4 + ((data[pos + 2] << 8) | data[pos + 3])
+        if ext_end > end:
+            raise TlsHelloError(f"extension {ext_type} length runs past its enclosing structure")
         if ext_type in seen:
             # RFC 8446 §4.2: "There MUST NOT be more than one extension of the same type in a given extension block."
             raise TlsHelloError(f"extension {ext_type} appears twice")
@@ -206,11 +215,12 @@ def _parse_body(body: bytes, length: int) -> ClientHello:
         seen.add(ext_type)
         hello.extensions.append(ext_type)
         if ext_type == EXT_SERVER_NAME:
-            hello.sni = _server_name(data)
+            hello.sni = _server_name(_Reader(data, pos + 4, ext_end))
         elif ext_type == EXT_ALPN:
-            hello.alpn = _alpn(data)
+            hello.alpn = _alpn(_Reader(data, pos + 4, ext_end))
         elif ext_type == EXT_SUPPORTED_VERSIONS:
-            hello.versions = _supported_versions(data)
+            hello.versions = _supported_versions(_Reader(data, pos + 4, ext_end))
+        pos = ext_end
     return hello
 
 
@@ -236,7 +246,7 @@ def _server_name(data: _Reader) -> str:
     # "HostName contains the fully qualified DNS hostname of the server ... represented as a byte string using
     # ASCII encoding without a trailing dot". We refuse non-printable bytes (they could reach logs), tolerate a
     # trailing dot (removed) and lower-case the name (DNS names are case-insensitive, RFC 4343).
-    if any(b < 0x21 or b > 0x7E for b in host):
+    if _PRINTABLE_ASCII.fullmatch(host) is None:
         raise TlsHelloError("server name is not printable ASCII")
     text = host.decode("ascii").lower()
     if text.endswith("."):
