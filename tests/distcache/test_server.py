@@ -490,3 +490,104 @@ def test_persist_damaged_file_is_reported_and_skipped(dc_server, tmp_path):
                   Message(False, 9, Op.HAVE, b"bad"))
     assert [m.payload for m in got] == [b"\x00"] * 4 + [b"\x01", b"\x01"]
     assert "skipped 2 damaged region(s)" in srv.stderr
+
+
+# --- back-pressure and the async (Redis-style) store path ---------------------------------------
+
+def test_client_that_does_not_read_keeps_server_memory_bounded(dc_server):
+    srv = dc_server()
+    big = b"B" * 32000
+    with srv.connect() as s, srv.connect() as other:
+        rpc(s, add_msg(1, b"big", big))
+        s.setblocking(False)
+        get = encode_message(Message(False, 2, Op.GET, b"big"))
+        sent = 0
+        last_progress = time.monotonic()
+        # Up to ~1.5 GB of replies requested; the server must stop reading instead of buffering them.
+        while sent < 50_000 and time.monotonic() - last_progress < 1.0:
+            try:
+                s.send(get * 100)
+                sent += 100
+                last_progress = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert sent < 50_000          # the socket filled up: the server stopped reading from us
+        assert psutil.Process(srv.proc.pid).memory_info().rss < 200 * 2**20
+        (r,) = rpc(other, Message(False, 3, Op.HAVE, b"big"))
+        assert r.payload == b"\x00"
+
+
+def test_async_store_is_awaited_in_order():
+    import asyncio
+    import random
+
+    from tcpha.distcache.server import DistcacheServer
+    from tcpha.distcache.store import SessionStore
+
+    class SlowAsyncStore:
+        is_async = True
+
+        def __init__(self):
+            self.inner = SessionStore(1000)
+            self.rng = random.Random(3)
+
+        async def _pause(self):
+            await asyncio.sleep(self.rng.random() / 1000)
+
+        async def add(self, sid, data, timeout_ms):
+            await self._pause()
+            return self.inner.add(sid, data, timeout_ms)
+
+        async def get(self, sid):
+            await self._pause()
+            return self.inner.get(sid)
+
+        async def remove(self, sid):
+            await self._pause()
+            return self.inner.remove(sid)
+
+        async def has(self, sid):
+            await self._pause()
+            return self.inner.has(sid)
+
+        def __len__(self):
+            return len(self.inner)
+
+    async def main():
+        server = DistcacheServer(SlowAsyncStore(), show_progress=False)
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        port = lsock.getsockname()[1]
+        await server.start(lsock)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            msgs = []
+            for i in range(100):
+                msgs += [add_msg(2 * i, b"s%d" % i, b"d%d" % i), Message(False, 2 * i + 1, Op.GET, b"s%d" % i)]
+            writer.write(b"".join(encode_message(m) for m in msgs) + frame(level=0x00120000, data=b"x"))
+            dec = MessageReader(expect_response=True)
+            out = []
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                if not data:
+                    break
+                out += dec.feed(data)
+            writer.close()
+            return out
+        finally:
+            await server.stop()
+
+    out = asyncio.run(main())
+    # Every request answered in order, then the bad frame closed the connection.
+    assert [m.uid for m in out] == list(range(200))
+    assert all(out[2 * i + 1].payload == b"d%d" % i for i in range(100))
+
+
+def test_redis_backend_unreachable_answers_misses(dc_server):
+    pytest.importorskip("tcpha.distcache.redis_store")
+    srv = dc_server("-backend", "redis://127.0.0.1:1")
+    with srv.connect() as s:
+        r = rpc(s, add_msg(1, b"a", b"b"), Message(False, 2, Op.GET, b"a"), Message(False, 3, Op.HAVE, b"a"))
+    assert [m.payload for m in r] == [b"\x01", b"\x01", b"\x01"]
+    assert srv.proc.poll() is None
