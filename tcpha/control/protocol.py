@@ -27,7 +27,8 @@ R4  Sequence numbers are strictly consecutive per direction (0 for Hello, then 1
     covered by the MAC: a frame replayed, reordered or dropped within a connection is refused.
 R5  A frame longer than ``max_message`` (``HELLO_MAX`` before the peer's Hello verified) is
     refused as soon as its length prefix is read, so an unauthenticated peer cannot make the
-    receiver buffer more than HELLO_MAX bytes.
+    receiver buffer more than HELLO_MAX bytes before a Hello verified. (A replayed Hello gets a
+    peer to max_message per connection at most, and never further than the MAC check.)
 R6  A message the peer's role may not send (a Handoff from a back end, a second Hello, a
     peer claiming our own role or echoing our nonce) is refused.
 R7  After the first error the connection is dead: feed() raises again; the I/O loop logs the
