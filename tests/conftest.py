@@ -107,10 +107,10 @@ def pytest_sessionfinish(session, exitstatus):
         return
     leaked = []
     for prefix in sorted(RUN_PREFIXES):
-        leaked += remove_prefix(prefix)
+        leaked += remove_prefix(prefix, root_objects=True)
     if leaked:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        line = f"conftest: removed leaked namespaces: {' '.join(leaked)}"
+        line = f"conftest: removed leaked namespaces/objects: {', '.join(leaked)}"
         if reporter is not None:
             reporter.write_line(line, yellow=True)
         else:

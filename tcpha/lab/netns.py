@@ -233,14 +233,52 @@ def lab_namespaces(prefix: str) -> list[str]:
     return sorted(n for n in pr_netns.listnetns() if n.startswith(prefix + "-"))
 
 
-def remove_prefix(prefix: str) -> list[str]:
-    """Remove whatever a lab with this prefix left (processes, namespaces); returns the namespaces removed."""
+def remove_prefix(prefix: str, *, root_objects: bool = False) -> list[str]:
+    """Remove whatever a lab with this prefix left (processes, namespaces); returns what was removed.
+
+    With root_objects, also links and nftables tables in the root namespace whose names start with
+    the prefix (what a test that worked outside a lab might have left).
+    """
     names = lab_namespaces(prefix)
     _kill_pids(list(pids_in_netns(names)))
     for n in names:
         with contextlib.suppress(OSError):
             pr_netns.remove(n)
-    return names
+    removed = list(names)
+    if root_objects:
+        removed += _remove_root_links(prefix) + _remove_root_nft_tables(prefix)
+    return removed
+
+
+def _remove_root_links(prefix: str) -> list[str]:
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("IFLA_IFNAME") or ""
+            if name.startswith(prefix):
+                with contextlib.suppress(Exception):
+                    ipr.link("del", index=link["index"])
+                    removed.append(f"link {name}")
+    return removed
+
+
+def _remove_root_nft_tables(prefix: str) -> list[str]:
+    try:
+        import nftables
+    except ImportError:
+        return []
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, _ = nft.cmd("list tables")
+    if rc != 0 or not out:
+        return []
+    removed = []
+    for item in json.loads(out).get("nftables", []):
+        t = item.get("table")
+        if t and t.get("name", "").startswith(prefix):
+            if nft.cmd(f"delete table {t['family']} {t['name']}")[0] == 0:
+                removed.append(f"nft table {t['family']} {t['name']}")
+    return removed
 
 
 class NamespaceLab:
