@@ -103,3 +103,14 @@ def test_down_without_state_file_cleans_by_name(cli, run_prefix):
     r = cli("down", run_prefix)
     assert r.returncode == 0 and "no state file" in r.stdout
     assert not {n for n in netns_list() if n.startswith(run_prefix + "-")}
+
+
+def test_up_from_topology_file(cli, run_prefix, tmp_path):
+    topo = tmp_path / "three.toml"
+    topo.write_text("backends = 3\n")
+    r = cli("up", "--name", run_prefix, "--topology", str(topo))
+    assert r.returncode == 0, r.stderr
+    assert "10.77.0.13/24@eth0" in r.stdout
+    assert cli("exec", "be3", "ping", "-c", "1", "-W", "2", "10.77.0.2").returncode == 0
+    r = cli("up", "--name", run_prefix + "x", "--topology", str(topo), "--backends", "2")
+    assert r.returncode == 2 and "exclude" in r.stderr

@@ -279,3 +279,16 @@ def test_state_round_trip(lab, tmp_path):
     again = NamespaceLab.load(tmp_path / "s.json")
     assert again.prefix == lab.prefix and again.topology == lab.topology and again.is_up
     assert again.mac("be1") == lab.mac("be1")
+
+
+def test_lab_module_fixture_is_shared(lab_module):
+    assert lab_module.is_up
+    test_lab_module_fixture_is_shared.prefixes.append(lab_module.prefix)
+    assert lab_module.run("client", ["ping", "-c", "1", "-W", "2", lab_module.ip("fe")]).returncode == 0
+
+
+test_lab_module_fixture_is_shared.prefixes = []
+
+
+def test_lab_module_fixture_same_lab_again(lab_module):
+    assert test_lab_module_fixture_is_shared.prefixes == [lab_module.prefix]
