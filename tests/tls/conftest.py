@@ -31,13 +31,25 @@ class Certs:
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory) -> Certs:
-    """A self-signed P-256 certificate for localhost / 127.0.0.1 (cryptography is installed)."""
+    """A self-signed P-256 certificate for localhost / 127.0.0.1: made with the cryptography
+    package when it is installed (it is not a project dependency), else with the openssl CLI."""
+    d = tmp_path_factory.mktemp("tlscerts")
+    cert, key = d / "cert.pem", d / "key.pem"
+    try:
+        _certs_with_cryptography(cert, key)
+    except ImportError:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return Certs(str(cert), str(key))
+
+
+def _certs_with_cryptography(cert_path: Path, key_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    d = tmp_path_factory.mktemp("tlscerts")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -50,11 +62,9 @@ def certs(tmp_path_factory) -> Certs:
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return Certs(str(d / "cert.pem"), str(d / "key.pem"))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.02):

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Full vs resumed TLS handshake rates, with sessions shared through a dc_server and without.
+
+Run by hand (not in CI):   python bench/tls/run.py [--seconds 3] [--clients 2]
+Writes bench/results/tls.md.
+
+Scenarios, for TLS 1.2 and 1.3 and each key type:
+  shared    two tcpha.tls.resume_server processes A and B sharing one dc_server (UNIX socket);
+            "full": the client never offers a session; "resumed": it offers its newest session,
+            alternating A, B, A, ... so every resumption crosses servers.
+  unshared  the same two processes without a shared cache (OpenSSL's internal cache each):
+            "resumed" alternating A/B then resumes nothing (every one is full), which is what
+            a non-sticky balancer costs without distcache; "same server" offers it to A only.
+Each client process runs connections one after another: connect, handshake, read the server's
+line, close.  Rate = all connections / wall time.
+
+Through the front end: --target HOST:PORT[,HOST:PORT...] --no-start points the clients at
+running servers instead (e.g. the lab's VIP:443 with tcpha-fe and two tcpha-be terminating TLS,
+`tcpha-lab exec client -- python bench/tls/run.py --target 10.77.0.100:443 --no-start`); the
+resumed rows then measure resumption across whichever back ends the front end picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results" / "tls.md"
+DC_SERVER = [sys.executable, "-c", "import sys; from tcpha.cli.dc_server import main; sys.exit(main())"]
+
+
+def make_cert(d: str, key_type: str) -> tuple[str, str]:
+    cert, key = f"{d}/{key_type}.crt", f"{d}/{key_type}.key"
+    newkey = ["-newkey", "rsa:2048"] if key_type == "rsa2048" else \
+        ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    subprocess.run(["openssl", "req", "-x509", *newkey, "-nodes", "-days", "1", "-keyout", key, "-out", cert,
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def start_server(name: str, cert: str, key: str, cache: str | None) -> tuple[subprocess.Popen, tuple[str, int]]:
+    argv = [sys.executable, "-m", "tcpha.tls.resume_server", "--cert", cert, "--key", key, "--name", name]
+    if cache:
+        argv += ["--cache", cache]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    m = re.match(r"listening on (\S+):(\d+)", p.stdout.readline())
+    if not m:
+        p.kill()
+        raise SystemExit(f"{name} did not start")
+    return p, (m.group(1), int(m.group(2)))
+
+
+def one(addr, ctx, session):
+    t0 = time.perf_counter()
+    raw = socket.create_connection(addr, timeout=10)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        line = tls.recv(128)
+        dt = time.perf_counter() - t0
+        return dt, tls.session_reused, tls.session, line
+
+
+def client(args):
+    targets, cafile, version, mode, seconds, q = args
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion[version]
+    session = None
+    if mode != "full":
+        _, _, session, _ = one(targets[0], ctx, None)
+    lat, reused, n, errors = [], 0, 0, 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        addr = targets[0] if mode == "same" else targets[n % len(targets)]
+        try:
+            dt, r, s, _ = one(addr, ctx, session if mode != "full" else None)
+        except (OSError, ssl.SSLError):
+            errors += 1
+            continue
+        n += 1
+        lat.append(dt)
+        reused += r
+        if mode != "full" and s is not None:
+            session = s  # a real client keeps the newest session (TLS 1.3: the newest ticket)
+    q.put((n, reused, errors, lat))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def run(targets, cafile, version, mode, seconds, clients, server_pids=()):
+    q = multiprocessing.Queue()
+    cpu0 = cpu_seconds(list(server_pids))
+    t0 = time.perf_counter()
+    ps = [multiprocessing.Process(target=client, args=((targets, cafile, version, mode, seconds, q),))
+          for _ in range(clients)]
+    for p in ps:
+        p.start()
+    res = [q.get() for _ in ps]
+    wall = time.perf_counter() - t0
+    for p in ps:
+        p.join()
+    n = sum(r[0] for r in res)
+    cpu = cpu_seconds(list(server_pids)) - cpu0
+    lat = sorted(x for r in res for x in r[3])
+    return {"n": n, "cpu_us": cpu / n * 1e6 if n and server_pids else 0.0, "rate": n / min(wall, seconds + 0.2), "reused": sum(r[1] for r in res),
+            "errors": sum(r[2] for r in res),
+            "p50": statistics.median(lat) * 1000 if lat else 0,
+            "p99": lat[int(len(lat) * 0.99) - 1] * 1000 if lat else 0}
+
+
+def bio_handshake(sctx, cctx, session=None):
+    """One handshake over memory BIOs (no sockets, no threads): (client SSLObject, server seconds)."""
+    si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    s = sctx.wrap_bio(si, so, server_side=True)
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost", session=session)
+    c_done = s_done = False
+    server_time = 0.0
+    while not (c_done and s_done):
+        if not c_done:
+            try:
+                c.do_handshake()
+                c_done = True
+            except ssl.SSLWantReadError:
+                pass
+        si.write(co.read())
+        if not s_done:
+            t0 = time.perf_counter()
+            try:
+                s.do_handshake()
+                s_done = True
+            except ssl.SSLWantReadError:
+                pass
+            server_time += time.perf_counter() - t0
+        ci.write(so.read())
+    s.write(b"x")  # the client reads past a TLS 1.3 ticket sent after the handshake
+    ci.write(so.read())
+    c.read(1)
+    return c, server_time
+
+
+def handshake_costs(cert, key, version, cache, count=400):
+    """Server-side do_handshake time (µs) for full, resumed through the shared cache (alternating
+    two contexts) and resumed through OpenSSL's internal cache (one context, unshared)."""
+    from tcpha.tls import share_sessions
+
+    cctx = ssl.create_default_context(cafile=cert)
+    cctx.minimum_version = cctx.maximum_version = ssl.TLSVersion[version]
+
+    def server(shared):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        if shared and not share_sessions(ctx, cache):
+            raise SystemExit("share_sessions failed")
+        return ctx
+
+    a, b, internal = server(True), server(True), server(False)
+    out = {}
+    for name, ctxs, resume in (("full", (a, b), False), ("resumed, shared cache, alternating A/B", (a, b), True),
+                               ("resumed, internal cache, same server", (internal,), True)):
+        session = bio_handshake(ctxs[0], cctx)[0].session
+        total, reused = 0.0, 0
+        for i in range(count):
+            c, t = bio_handshake(ctxs[i % len(ctxs)], cctx, session if resume else None)
+            total += t
+            reused += c.session_reused
+            session = c.session
+        out[name] = (total / count * 1e6, reused, count)
+    return out
+
+
+def cache_latency(address: str, count: int = 3000) -> float:
+    from tcpha.distcache.client import PERSISTENT, DistcacheClient
+    c = DistcacheClient(address, PERSISTENT, timeout=1)
+    c.add(b"x" * 32, b"y" * 135, 60000)
+    t0 = time.perf_counter()
+    for _ in range(count):
+        c.get(b"x" * 32)
+    c.close()
+    return (time.perf_counter() - t0) / count * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--keys", default="p256,rsa2048")
+    ap.add_argument("--versions", default="TLSv1_2,TLSv1_3")
+    ap.add_argument("--target", help="HOST:PORT[,HOST:PORT] of running servers (e.g. the front end)")
+    ap.add_argument("--cafile", help="with --target: the servers' CA/certificate")
+    ap.add_argument("--no-start", action="store_true", help="with --target: start nothing")
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    rows = []
+    bio_rows: list = []
+    procs: list[subprocess.Popen] = []
+    tmp = tempfile.mkdtemp(prefix="tcpha-bench-tls-")
+    extra = ""
+    try:
+        if a.target:
+            if not (a.no_start and a.cafile):
+                raise SystemExit("--target needs --no-start and --cafile")
+            targets = [(h, int(p)) for h, _, p in (t.rpartition(":") for t in a.target.split(","))]
+            for version in a.versions.split(","):
+                for mode in ("full", "alternate"):
+                    r = run(targets, a.cafile, version, mode, a.seconds, a.clients)
+                    rows.append(("target " + a.target, "-", version, mode, r))
+        else:
+            cache = f"UNIX:{tmp}/scache"
+            dc = subprocess.Popen(DC_SERVER + ["-listen", cache, "-sessions", "60000"],
+                                  stderr=subprocess.DEVNULL)
+            procs.append(dc)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(f"{tmp}/scache"):
+                if time.monotonic() > deadline or dc.poll() is not None:
+                    raise SystemExit("dc_server did not start")
+                time.sleep(0.05)
+            extra = f"dc_server GET round trip (UNIX socket, 135-byte session): {cache_latency(cache):.0f} µs\n"
+            for key_type in a.keys.split(","):
+                cert, key = make_cert(tmp, key_type)
+                setups = {}
+                for setup in ("shared", "unshared"):
+                    servers = [start_server(n, cert, key, cache if setup == "shared" else None) for n in "AB"]
+                    procs.extend(p for p, _ in servers)
+                    # Server CPU: the two servers, plus the dc_server when it serves them.
+                    pids = [p.pid for p, _ in servers] + ([dc.pid] if setup == "shared" else [])
+                    setups[setup] = ([addr for _, addr in servers], pids)
+                # Rounds interleave the scenarios, so that load from elsewhere on the machine
+                # hits them alike; each row is the round with the median rate.
+                results: dict[tuple, list[dict]] = {}
+                for _ in range(a.rounds):
+                    for setup, (targets, pids) in setups.items():
+                        for version in a.versions.split(","):
+                            modes = ("full", "alternate") if setup == "shared" else ("full", "alternate", "same")
+                            for mode in modes:
+                                r = run(targets, cert, version, mode, a.seconds, a.clients, pids)
+                                results.setdefault((setup, key_type, version, mode), []).append(r)
+                                print(setup, key_type, version, mode, f"{r['rate']:.0f}/s", flush=True,
+                                      file=sys.stderr)
+                for k, rs in results.items():
+                    rs.sort(key=lambda r: r["rate"])
+                    rows.append((*k, rs[len(rs) // 2]))
+                for version in a.versions.split(","):
+                    for name, cost in handshake_costs(cert, key, version, cache).items():
+                        bio_rows.append((key_type, version, name, cost))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    write_results(a, rows, extra, bio_rows)
+    return 0
+
+
+MODE_TEXT = {"full": "full (no session offered)", "alternate": "resumed, alternating A/B",
+             "same": "resumed, same server"}
+
+
+def write_results(a, rows, extra: str, bio_rows: list) -> None:
+    out = ["# TLS handshake rates: full vs resumed, shared session cache vs none", "",
+           f"`python bench/tls/run.py --seconds {a.seconds} --clients {a.clients} --rounds {a.rounds}` on "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+           f"{os.cpu_count()} CPUs (shared with other work), Python {platform.python_version()}, "
+           f"{ssl.OPENSSL_VERSION}.", "",
+           "Servers: `tcpha.tls.resume_server` processes (threaded, one CPython process each); clients: "
+           f"{a.clients} processes, each one connection at a time (connect, handshake, read a line, close). "
+           "Loopback. Each row: the median of the rounds (by rate).", ""]
+    if extra:
+        out += [extra]
+    out += ["`rate` is end to end, clients and servers sharing the same 2 CPUs; `server CPU` is the "
+            "servers' own CPU time per connection (both servers, plus dc_server in the shared setup) and "
+            "`capacity` its inverse: the handshakes per second one CPU of server can do.", "",
+            "| setup | key | TLS | connections | rate /s | server CPU µs/conn | capacity /s/CPU | reused | errors | p50 ms | p99 ms |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for setup, key, version, mode, r in rows:
+        cap = 1e6 / r["cpu_us"] if r["cpu_us"] else 0
+        out.append(f"| {setup} | {key} | {version.replace('_', '.')} | {MODE_TEXT.get(mode, mode)} | "
+                   f"{r['rate']:.0f} | {r['cpu_us']:.0f} | {cap:.0f} | {r['reused']}/{r['n']} | {r['errors']} | "
+                   f"{r['p50']:.2f} | {r['p99']:.2f} |")
+    out += ["", "## Resumed / full (target ≥ 1.5×)", "",
+            "| setup | key | TLS | connections | rate ratio | server capacity ratio | resumed |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    full = {(s, k, v): r for s, k, v, m, r in rows if m == "full"}
+    for s, k, v, m, r in rows:
+        if m != "full" and (s, k, v) in full:
+            f = full[(s, k, v)]
+            ratio = r["rate"] / f["rate"]
+            cap = f["cpu_us"] / r["cpu_us"] if r["cpu_us"] else 0
+            out.append(f"| {s} | {k} | {v.replace('_', '.')} | {MODE_TEXT.get(m, m)} | {ratio:.2f}× | "
+                       f"{cap:.2f}× | {r['reused']}/{r['n']} |")
+    if bio_rows:
+        out += ["", "## The handshake alone (in process, memory BIOs: no sockets, no threads)", "",
+                "Server-side `do_handshake` time per handshake (wall time: includes waiting for dc_server), "
+                "400 handshakes each; speed-up = full / this.", "",
+                "| key | TLS | handshake | server µs | speed-up vs full | resumed |",
+                "| --- | --- | --- | ---: | ---: | ---: |"]
+        fulls = {(k, v): c[0] for k, v, n, c in bio_rows if n == "full"}
+        for k, v, n, (us, reused, count) in bio_rows:
+            out.append(f"| {k} | {v.replace('_', '.')} | {n} | {us:.0f} | {fulls[(k, v)] / us:.2f}× | {reused}/{count} |")
+    out += ["", "Through the front end: not measured here yet (needs tcpha-fe/tcpha-be terminating TLS in the "
+            "lab); run with `--target VIP:443 --cafile CERT --no-start` from the lab's client namespace.", ""]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(out))
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
