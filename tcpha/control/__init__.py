@@ -5,9 +5,10 @@ tcpha/control/messages.py for the messages.
 """
 
 from tcpha.control.messages import (MESSAGE_TYPES, FlowClosed, Handoff, Hello, PayloadError, Ping, Pong,
-                                    Refused, Register, Registered, Restored, Unregister)
+                                    Refused, Register, Registered, Restored, Steered,
+                                    Unregister)
 from tcpha.control.protocol import (DEFAULT_MAX_MESSAGE, HELLO_MAX, ControlConnection, ControlError)
 
 __all__ = ["ControlConnection", "ControlError", "PayloadError", "Hello", "Handoff", "Restored",
-           "Refused", "FlowClosed", "Ping", "Pong", "Register", "Registered", "Unregister",
+           "Refused", "FlowClosed", "Ping", "Pong", "Register", "Registered", "Unregister", "Steered",
            "MESSAGE_TYPES", "DEFAULT_MAX_MESSAGE", "HELLO_MAX"]

@@ -21,6 +21,8 @@ Ping / Pong    both  liveness and round-trip time (token echoed)
 Register       be    dynamic registration (dregister = 1) with the BE's rules
 Registered     fe    answer to Register
 Unregister     be    the BE leaves (unload/stop): no new handoffs
+Steered        fe    xid's flow is now steered to the BE: it may send to the client
+                     (until then the client's ACKs would be dropped by the FE's freeze)
 =============  ====  ===============================================================
 """
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = ["Hello", "Handoff", "Restored", "Refused", "FlowClosed", "Ping", "Pong", "Register",
-           "Registered", "Unregister", "Message", "MESSAGE_TYPES", "SENDERS", "encode_payload",
+           "Registered", "Unregister", "Steered", "Message", "MESSAGE_TYPES", "SENDERS", "encode_payload",
            "decode_payload", "PayloadError"]
 
 
@@ -128,17 +130,24 @@ class Unregister:
     reason: str = ""
 
 
-Message = Hello | Handoff | Restored | Refused | FlowClosed | Ping | Pong | Register | Registered | Unregister
+@dataclass(frozen=True, slots=True)
+class Steered:
+    TYPE: ClassVar[int] = 11
+    xid: int
+
+
+Message = (Hello | Handoff | Restored | Refused | FlowClosed | Ping | Pong | Register | Registered | Unregister
+           | Steered)
 
 MESSAGE_TYPES: dict[int, type] = {cls.TYPE: cls for cls in
                                   (Hello, Handoff, Restored, Refused, FlowClosed, Ping, Pong, Register,
-                                   Registered, Unregister)}
+                                   Registered, Unregister, Steered)}
 
 # Which role may send each message; the receiver refuses anything else (a BE never accepts a
 # Restored, a FE never accepts a Handoff: a reflected or misrouted frame is an error, not an action).
 SENDERS: dict[type, frozenset[str]] = {
     Hello: frozenset({"fe", "be"}), Ping: frozenset({"fe", "be"}), Pong: frozenset({"fe", "be"}),
-    Handoff: frozenset({"fe"}), Registered: frozenset({"fe"}),
+    Handoff: frozenset({"fe"}), Registered: frozenset({"fe"}), Steered: frozenset({"fe"}),
     Restored: frozenset({"be"}), Refused: frozenset({"be"}), FlowClosed: frozenset({"be"}),
     Register: frozenset({"be"}), Unregister: frozenset({"be"}),
 }
