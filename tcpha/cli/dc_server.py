@@ -304,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         addr = parse_address(s.listen)
         sock = listen_socket(addr)
     except AddressError as exc:
-        return _err(f"Error, can't listen on '{s.listen}' ({exc})")
+        detail = str(exc)
+        prefix = f"cannot listen on '{s.listen}': "
+        if detail.startswith(prefix):
+            detail = detail[len(prefix):]
+        return _err(f"Error, can't listen on '{s.listen}' ({detail})")
     raise_fd_limit()
     if addr.kind == "unix":
         _sock_attrs(s, addr.path)
