@@ -16,6 +16,10 @@ __all__ = ["FdPassError", "send_fds", "recv_fds"]
 class FdPassError(OSError):
     """Passing descriptors failed; str(e) says why in one line."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 
 def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send `data` with the descriptors `fds` attached, in one message (the data must not be empty)."""

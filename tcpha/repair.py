@@ -96,6 +96,10 @@ _F_WINDOW = 8
 class RepairError(OSError):
     """A repair step failed; str(e) names the step."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 
 @dataclass(slots=True)
 class TcpState:

@@ -1,0 +1,16 @@
+"""Kernel state for the handoff: flow steering (nftables), the VIP, ARP filtering, neighbour lookup.
+
+No policy here: the daemons decide, these classes only install, adopt and remove kernel objects.
+"""
+
+from .address import ADDRESS_PROTO, AddressError, VipAddress
+from .arp import ArpFilter, ArpFilterError
+from .flows import FlowKey, FlowSteering, SteeringError
+from .neighbour import NeighbourError, neighbour_mac
+
+__all__ = [
+    "ADDRESS_PROTO", "AddressError", "VipAddress",
+    "ArpFilter", "ArpFilterError",
+    "FlowKey", "FlowSteering", "SteeringError",
+    "NeighbourError", "neighbour_mac",
+]

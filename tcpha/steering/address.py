@@ -1,0 +1,104 @@
+"""The virtual address (VIP): on the FE's LAN interface, or as a /32 on the BE's `lo`.
+
+Ownership is recorded in the kernel itself, on the address: IFA_PROTO (the address "protocol", like a
+route's protocol; shown by `ip addr` as `proto`) is set to ADDRESS_PROTO. A restarted daemon that finds the
+VIP carrying that mark adopts it (and will remove it on stop); a VIP configured by the operator (no mark)
+is used but never removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VipAddress", "AddressError", "ADDRESS_PROTO"]
+
+ADDRESS_PROTO = 0x7C  # our mark in IFA_PROTO (user values are free above the kernel's 0..3)
+
+
+class AddressError(RuntimeError):
+    """Adding or removing the VIP failed; str(e) is one clear line."""
+
+
+class VipAddress:
+    """The VIP on one interface of one namespace. add() is idempotent; remove() removes only what we own."""
+
+    def __init__(self, address: str, ifname: str, *, prefixlen: int = 32, netns: str | None = None):
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            raise AddressError(f"not an IP address: {address!r}") from None
+        self.address = str(ip)
+        self.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        maxlen = 32 if ip.version == 4 else 128
+        if not 0 < prefixlen <= maxlen:
+            raise AddressError(f"bad prefix length {prefixlen} for {address}")
+        self.ifname = ifname
+        self.prefixlen = prefixlen
+        self.netns = netns
+        self.owned = False  # True once we added it, or adopted one carrying our mark
+
+    def _ipr(self) -> IPRoute:
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+
+    def _index(self, ipr: IPRoute) -> int:
+        idx = ipr.link_lookup(ifname=self.ifname)
+        if not idx:
+            where = f" in namespace {self.netns}" if self.netns else ""
+            raise AddressError(f"no interface {self.ifname}{where}")
+        return idx[0]
+
+    def _find(self, ipr: IPRoute, index: int) -> dict | None:
+        for msg in ipr.get_addr(family=self.family, index=index):
+            if msg.get("IFA_LOCAL", msg.get("IFA_ADDRESS")) == self.address or msg.get("IFA_ADDRESS") == self.address:
+                return msg
+        return None
+
+    def present(self) -> bool:
+        with self._ipr() as ipr:
+            return self._find(ipr, self._index(ipr)) is not None
+
+    def add(self) -> bool:
+        """Make sure the VIP is on the interface. Returns True if we own it (added now, or adopted)."""
+        with self._ipr() as ipr:
+            index = self._index(ipr)
+            found = self._find(ipr, index)
+            if found is not None:
+                self.owned = found.get("IFA_PROTO") == ADDRESS_PROTO
+                log.info("VIP %s already on %s (%s)", self.address, self.ifname,
+                         "ours: adopted" if self.owned else "configured by someone else: left alone")
+                return self.owned
+            try:
+                ipr.addr("add", index=index, address=self.address, prefixlen=self.prefixlen,
+                         IFA_PROTO=ADDRESS_PROTO)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise AddressError(f"adding {self.address}/{self.prefixlen} to {self.ifname}: {exc}") from None
+            self.owned = True
+            return True
+
+    def remove(self) -> None:
+        """Remove the VIP if we own it (added or adopted). Idempotent."""
+        if not self.owned:
+            return
+        with self._ipr() as ipr:
+            try:
+                index = self._index(ipr)
+            except AddressError:
+                self.owned = False
+                return  # the interface (and so the address) is gone
+            found = self._find(ipr, index)
+            if found is not None:
+                try:
+                    ipr.addr("del", index=index, address=self.address, prefixlen=found["prefixlen"])
+                except NetlinkError as exc:
+                    if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                        raise AddressError(f"removing {self.address} from {self.ifname}: {exc}") from None
+        self.owned = False

@@ -1,0 +1,338 @@
+"""Steering handed-off flows from the front end to their back end, in the kernel (nftables netdev ingress).
+
+The table, on the FE's LAN interface (for table T, interface eth0, VIP V, ports P):
+
+    table netdev T {
+      set frozen  { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; ... }
+      map forward { type ipv4_addr . inet_service . ipv4_addr . inet_service : ether_addr;
+                    flags dynamic,timeout; ... }
+      chain ingress {
+        type filter hook ingress device "eth0" priority filter; policy accept;
+        ip daddr V tcp dport { P } jump flows
+      }
+      chain flows {
+        tcp flags syn return                                   # a new connection is always the FE's
+        ip saddr . tcp sport . ip daddr . tcp dport @frozen drop
+        ether daddr set ip saddr . tcp sport . ip daddr . tcp dport map @forward
+          ether saddr set FE_MAC
+          update @forward { ip saddr . tcp sport . ip daddr . tcp dport timeout FLOW_TIMEOUT : ether daddr }
+          fwd to "eth0"
+      }
+    }
+
+Why netdev ingress and not fwmark + policy routing: it runs before conntrack, routing and the IP stack, so
+there is no TTL decrement, no ICMP redirect (send_redirects), no rp_filter, no ip_forward and no conntrack
+judging the forwarded ACKs invalid; nothing outside this one table has to change, so install/adopt/remove
+touch a single kernel object. The source MAC is rewritten too: with only the destination rewritten, the
+bridge/switch learns the client's MAC on the FE's port and the BE's replies to the client get lost.
+
+Keys are the flow's full 4-tuple (client ip . client port . VIP . port), so several VIPs/ports never mix.
+A key missing from the map ends the rule: new SYNs and flows the FE still owns reach its own stack.
+Every element has a timeout (the safety net when a close report is lost); each forwarded packet refreshes
+it, so the forward timeout is an idle timeout and a long download never loses its entry.
+
+Everything lives in the kernel: handed-off flows keep working while the FE process is dead, and a new FE
+adopts the table (same name) with its elements instead of duplicating or flushing it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from pyroute2 import IPRoute
+
+from .nft import Nft, NftError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FlowKey", "FlowSteering", "SteeringError"]
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,31}$")
+_IFNAME_RE = re.compile(r"^[^\s/\"']{1,15}$")
+_KEY_TYPE = ["ipv4_addr", "inet_service", "ipv4_addr", "inet_service"]
+FROZEN_SET = "frozen"
+FORWARD_MAP = "forward"
+INGRESS_CHAIN = "ingress"
+FLOWS_CHAIN = "flows"
+MAP_SIZE = 1 << 20
+FROZEN_SIZE = 1 << 16
+
+
+class SteeringError(RuntimeError):
+    """Kernel flow steering failed; str(e) is one clear line."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    client_ip: str
+    client_port: int
+    vip: str
+    vport: int
+
+    def nft(self) -> str:
+        """The key in nft syntax; validated, since it is spliced into a command."""
+        try:
+            cip = ipaddress.IPv4Address(self.client_ip)
+            vip = ipaddress.IPv4Address(self.vip)
+        except ValueError as exc:
+            raise SteeringError(f"flow {self}: {exc}") from None
+        if not (0 < self.client_port < 65536 and 0 < self.vport < 65536):
+            raise SteeringError(f"flow {self}: port out of range")
+        return f"{cip} . {self.client_port} . {vip} . {self.vport}"
+
+
+def _mac(mac: str) -> str:
+    mac = mac.lower()
+    if not _MAC_RE.match(mac):
+        raise SteeringError(f"not a MAC address: {mac!r}")
+    return mac
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, int(round(seconds * 1000)))}ms"
+
+
+class FlowSteering:
+    """The FE's steering table: freeze a flow during its handoff, then forward it to its back end."""
+
+    def __init__(self, *, table: str, ifname: str, vip: str, ports: list[int], netns: str | None = None,
+                 flow_timeout: float = 900.0, freeze_timeout: float = 10.0):
+        if not _NAME_RE.match(table):
+            raise SteeringError(f"bad nft table name {table!r}")
+        if not _IFNAME_RE.match(ifname):
+            raise SteeringError(f"bad interface name {ifname!r}")
+        try:
+            self.vip = str(ipaddress.IPv4Address(vip))
+        except ValueError:
+            raise SteeringError(f"flow steering needs an IPv4 VIP, got {vip!r}") from None
+        if not ports or any(not (0 < int(p) < 65536) for p in ports):
+            raise SteeringError(f"bad port list {ports!r}")
+        if flow_timeout <= 0 or freeze_timeout <= 0:
+            raise SteeringError("timeouts must be positive")
+        self.table = table
+        self.ifname = ifname
+        self.ports = sorted({int(p) for p in ports})
+        self.netns = netns
+        self.flow_timeout = flow_timeout
+        self.freeze_timeout = freeze_timeout
+        self._nft = Nft(netns)
+        self._prefix = f"netdev {table}"
+        self._flow_to = _ms(flow_timeout)
+        self._freeze_to = _ms(freeze_timeout)
+        self.mac: str | None = None
+        self.adopted = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _own_mac(self) -> str:
+        with IPRoute(netns=self.netns) if self.netns else IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.ifname)
+            if not idx:
+                raise SteeringError(f"no interface {self.ifname}" + (f" in namespace {self.netns}" if self.netns else ""))
+            mac = ipr.get_links(idx[0])[0].get("IFLA_ADDRESS")
+        if not mac:
+            raise SteeringError(f"interface {self.ifname} has no MAC address")
+        return _mac(mac)
+
+    def _objects(self) -> str:
+        t = self._prefix
+        key = " . ".join(_KEY_TYPE)
+        return "\n".join((
+            f"add table {t} {{ comment \"tcpha-fe flow steering\"; }}",
+            f"add set {t} {FROZEN_SET} {{ type {key}; flags timeout; timeout {self._freeze_to}; size {FROZEN_SIZE}; }}",
+            f"add map {t} {FORWARD_MAP} {{ type {key} : ether_addr; flags dynamic,timeout; "
+            f"timeout {self._flow_to}; size {MAP_SIZE}; }}",
+            f"add chain {t} {INGRESS_CHAIN} {{ type filter hook ingress device \"{self.ifname}\" "
+            f"priority filter; policy accept; }}",
+            f"add chain {t} {FLOWS_CHAIN}",
+        ))
+
+    def _rules(self) -> str:
+        t = self._prefix
+        key = "ip saddr . tcp sport . ip daddr . tcp dport"
+        ports = ", ".join(str(p) for p in self.ports)
+        return "\n".join((
+            f"flush chain {t} {INGRESS_CHAIN}",
+            f"flush chain {t} {FLOWS_CHAIN}",
+            f"add rule {t} {INGRESS_CHAIN} ip daddr {self.vip} tcp dport {{ {ports} }} jump {FLOWS_CHAIN}",
+            f"add rule {t} {FLOWS_CHAIN} tcp flags syn return",
+            f"add rule {t} {FLOWS_CHAIN} {key} @{FROZEN_SET} drop",
+            # The map lookup comes first: on a miss the rule stops before touching the packet.
+            f"add rule {t} {FLOWS_CHAIN} ether daddr set {key} map @{FORWARD_MAP} "
+            f"ether saddr set {self.mac} "
+            f"update @{FORWARD_MAP} {{ {key} timeout {self._flow_to} : ether daddr }} "
+            f"fwd to \"{self.ifname}\"",
+        ))
+
+    def _compatible(self) -> str | None:
+        """None if the existing table has the layout we need (rules aside), else why not."""
+        # Listed piece by piece: JSON listings of the rules print warnings in nft 1.0.x, and the chain's
+        # device only shows in the text form.
+        sets = {o["set"]["name"]: o["set"] for o in self._nft.list_json("sets netdev", terse=True)
+                if "set" in o and o["set"].get("table") == self.table}
+        maps = {o["map"]["name"]: o["map"] for o in self._nft.list_json("maps netdev", terse=True)
+                if "map" in o and o["map"].get("table") == self.table}
+        chains = {o["chain"]["name"]: o["chain"] for o in self._nft.list_json("chains netdev")
+                  if "chain" in o and o["chain"].get("table") == self.table}
+        frozen = sets.get(FROZEN_SET)
+        if frozen is None or frozen.get("type") != _KEY_TYPE:
+            return f"set {FROZEN_SET} missing or of another type"
+        fwd = maps.get(FORWARD_MAP)
+        if fwd is None or fwd.get("type") != _KEY_TYPE or fwd.get("map") != "ether_addr":
+            return f"map {FORWARD_MAP} missing or of another type"
+        if "timeout" not in (fwd.get("flags") or []):
+            return f"map {FORWARD_MAP} without timeouts"
+        ingress = chains.get(INGRESS_CHAIN)
+        if ingress is None or ingress.get("hook") != "ingress":
+            return f"chain {INGRESS_CHAIN} missing or not an ingress hook"
+        text = self._nft.list_text(f"chain {self._prefix} {INGRESS_CHAIN}")
+        m = re.search(r'hook ingress (?:device "([^"]+)"|devices = \{([^}]*)\})', text)
+        devices = ([m.group(1)] if m.group(1) else re.findall(r'"([^"]+)"', m.group(2))) if m else []
+        if devices != [self.ifname]:
+            return f"chain {INGRESS_CHAIN} hooked on {devices or 'another device'}, not {self.ifname}"
+        if FLOWS_CHAIN not in chains:
+            return f"chain {FLOWS_CHAIN} missing"
+        return None
+
+    def install(self) -> None:
+        """Create the table, or adopt the one a crashed predecessor left (its elements keep working).
+
+        Adopting replaces the rules (VIP, ports, MAC may have changed) in one atomic transaction and keeps
+        every set and map element. A table of the same name with an incompatible layout is replaced.
+        """
+        self.mac = self._own_mac()
+        try:
+            if self._nft.table_exists("netdev", self.table):
+                why = self._compatible()
+                if why is None:
+                    self._nft.run(self._rules())
+                    self.adopted = True
+                    log.info("adopted nft table netdev %s (%d forwarded flows kept)", self.table, self.entries())
+                    return
+                log.warning("nft table netdev %s exists but %s: replacing it", self.table, why)
+                self._nft.run(f"delete table {self._prefix}\n{self._objects()}\n{self._rules()}")
+                self.adopted = False
+                return
+            self._nft.run(f"{self._objects()}\n{self._rules()}")
+        except NftError as exc:
+            raise SteeringError(f"installing nft table netdev {self.table} on {self.ifname}: {exc}") from None
+        self.adopted = False
+
+    def remove(self) -> None:
+        """Delete the table (handed-off flows then reach the FE again, which resets them). Idempotent."""
+        try:
+            self._nft.run(f"delete table {self._prefix}")
+        except NftError as exc:
+            if not exc.missing:
+                raise SteeringError(f"removing nft table netdev {self.table}: {exc}") from None
+
+    def installed(self) -> bool:
+        return self._nft.table_exists("netdev", self.table)
+
+    # -- per-flow operations (hot path: one libnftables call each) --------------------------------
+    def freeze(self, flow: FlowKey) -> None:
+        """Drop the flow's incoming packets (the client retransmits them) until thaw() or forward()."""
+        self._run(f"add element {self._prefix} {FROZEN_SET} {{ {flow.nft()} timeout {self._freeze_to} }}")
+
+    def thaw(self, flow: FlowKey) -> None:
+        """Let the flow's packets reach this host again. Idempotent."""
+        k = flow.nft()
+        # add-then-delete in one transaction: never fails when the element has already gone (timeout).
+        self._run(f"add element {self._prefix} {FROZEN_SET} {{ {k} }}\n"
+                  f"delete element {self._prefix} {FROZEN_SET} {{ {k} }}")
+
+    def forward(self, flow: FlowKey, be_mac: str) -> None:
+        """Send the flow's later packets to the back end with MAC `be_mac`; also thaws it. Atomic."""
+        self.forward_many([(flow, be_mac)])
+
+    def forward_many(self, flows: Iterable[tuple[FlowKey, str]]) -> None:
+        """forward() for many flows in one transaction."""
+        t = self._prefix
+        flows = list(flows)
+        adds, frozen = [], []
+        for flow, mac in flows:
+            k = flow.nft()
+            adds.append(f"{k} timeout {self._flow_to} : {_mac(mac)}")
+            frozen.append(k)
+        if not adds:
+            return
+        fz = ", ".join(frozen)
+        cmd = (f"add element {t} {FORWARD_MAP} {{ {', '.join(adds)} }}\n"
+               f"add element {t} {FROZEN_SET} {{ {fz} }}\n"
+               f"delete element {t} {FROZEN_SET} {{ {fz} }}")
+        try:
+            self._nft.run(cmd)
+        except NftError as exc:
+            if not exc.exists or len(adds) == 1:
+                raise SteeringError(f"forwarding flows: {exc}") from None
+            # One flow already forwarded to another MAC: do them one by one so the others still go in.
+            errors = []
+            for flow, mac in flows:
+                try:
+                    self.forward(flow, mac)
+                except SteeringError as one:
+                    errors.append(str(one))
+            if errors:
+                raise SteeringError(errors[0]) from None
+
+    def unforward(self, flow: FlowKey) -> None:
+        """Forget the flow (its connection ended). Idempotent: a flow already gone is fine."""
+        self.unforward_many([flow])
+
+    def unforward_many(self, flows: Iterable[FlowKey]) -> None:
+        keys = [f.nft() for f in flows]
+        if not keys:
+            return
+        try:
+            self._nft.run(f"delete element {self._prefix} {FORWARD_MAP} {{ {', '.join(keys)} }}")
+        except NftError as exc:
+            if not exc.missing:
+                raise SteeringError(f"unforwarding flows: {exc}") from None
+            if len(keys) == 1:
+                return
+            # Some had expired already (the batch is all-or-nothing): delete the rest one by one.
+            for k in keys:
+                try:
+                    self._nft.run(f"delete element {self._prefix} {FORWARD_MAP} {{ {k} }}")
+                except NftError as one:
+                    if not one.missing:
+                        raise SteeringError(f"unforwarding flow {k}: {one}") from None
+
+    def _run(self, cmd: str) -> None:
+        try:
+            self._nft.run(cmd)
+        except NftError as exc:
+            raise SteeringError(str(exc)) from None
+
+    # -- inspection ------------------------------------------------------------------------------
+    def _elements(self, name: str, kind: str) -> list:
+        try:
+            objs = self._nft.list_json(f"{kind} {self._prefix} {name}")
+        except NftError as exc:
+            raise SteeringError(f"listing {kind} {name}: {exc}") from None
+        for o in objs:
+            if kind in o:
+                return o[kind].get("elem", [])
+        return []
+
+    def entries(self) -> int:
+        """Number of flows in the forward map."""
+        return len(self._elements(FORWARD_MAP, "map"))
+
+    def frozen_entries(self) -> int:
+        return len(self._elements(FROZEN_SET, "set"))
+
+    def forwarded(self) -> dict[FlowKey, str]:
+        """The forward map as {flow: BE MAC} (for status output and tests)."""
+        out: dict[FlowKey, str] = {}
+        for item in self._elements(FORWARD_MAP, "map"):
+            key, mac = item
+            if isinstance(key, dict) and "elem" in key:
+                key = key["elem"]["val"]
+            cip, cport, vip, vport = key["concat"]
+            out[FlowKey(cip, int(cport), vip, int(vport))] = mac
+        return out
