@@ -72,12 +72,12 @@ _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 # The request-target may hold any visible byte; obs-text (0x80-0xFF) is tolerated as nginx does, because some
 # clients send raw UTF-8 paths. Controls, SP and DEL are refused.
 _REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (HTTP/([0-9])\.([0-9]))")
-# RFC 9110 §5.5: field-value bytes are VCHAR, obs-text, SP, HTAB. CR, LF and NUL "are invalid and dangerous"
-# (MUST reject or replace); we refuse every other control character too, as h11 does.
 # Every prefix of a well-formed request-line (for refusing junk before its line ends).
 _REQUEST_LINE_PREFIX = re.compile(rb"[" + _TCHAR + rb"]*(?: [\x21-\x7e\x80-\xff]*(?: "
                                   rb"(?:H(?:T(?:T(?:P(?:/(?:[0-9](?:\.[0-9]?)?)?)?)?)?)?)?)?)?")
-_BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §5.5: field-value bytes are VCHAR, obs-text, SP, HTAB. Searched over whole field lines with their line
+# ends, so LF and CR are left to the line-end check.
+_BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LEADING_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
 # RFC 9110 §7.2: Host = uri-host [ ":" port ]; RFC 3986 §3.2.2: IP-literal / IPv4address / reg-name, where
@@ -105,13 +105,17 @@ def parse_request_head(buf: bytes, max_size: int) -> RequestHead | type[NeedMore
     if end is None:
         _check_incomplete(buf, start, max_size)
         return NeedMore
-    lines = buf[start:end.start()].split(b"\n")
-    # RFC 9112 §2.2: with LF as terminator, "ignore any preceding CR"; a CR anywhere else is a bare CR, which
-    # "MUST [be considered] invalid" (or replaced): the request-line and field checks below refuse it.
-    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-
-    method, uri, version, minor = _parse_request_line(lines[0])
-    headers = _parse_field_lines(lines[1:])
+    line_end = buf.find(b"\n", start)
+    request_line = buf[start:line_end - 1] if buf[line_end - 1] == 0x0D else buf[start:line_end]
+    method, uri, version, minor = _parse_request_line(request_line)
+    # The field lines, each with its line end (the last one's "\n" is where the empty line starts).
+    fields = buf[line_end + 1:end.start() + 1]
+    # RFC 9112 §2.2: with LF as terminator, "ignore any preceding CR"; a CR anywhere else is a bare CR, which a
+    # recipient "MUST consider ... invalid" (or replace). RFC 9110 §5.5: CR, LF, NUL in a field value are "invalid
+    # and dangerous"; we refuse every control but HTAB, as h11 does. One scan for the whole field block.
+    if _BAD_FIELD_BYTE.search(fields) is not None or fields.count(b"\r") != fields.count(b"\r\n"):
+        raise HeadError(400, "control character or bare CR in header fields")
+    headers = _parse_field_lines(fields.replace(b"\r\n", b"\n").split(b"\n")[:-1])
     host, path = _target_host_and_path(method, uri, headers, minor)
     content_length, chunked = _body_framing(headers, minor)
     return RequestHead(method=method, uri=uri, version=version, headers=headers, host=host, head_len=end.end(),
@@ -151,26 +155,33 @@ def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes, int]:
 
 
 def _parse_field_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
+    fields: list[tuple[bytes, bytes]] = []
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            # RFC 9112 §5.2: obs-fold in a request "MUST either reject the message by sending a 400"; §2.2 says the
-            # same choice for whitespace between the start-line and the first field.
-            raise HeadError(400, "obsolete line folding (or whitespace-led line) in header fields")
-        colon = line.find(b":")
-        if colon <= 0:
-            raise HeadError(400, "header field line without a name and colon")
-        name = line[:colon]
-        if _TOKEN.fullmatch(name) is None:
-            # RFC 9112 §5.1: "No whitespace is allowed between the field name and colon ... A server MUST reject,
-            # with a response status code of 400" — and field-name = token (RFC 9110 §5.1).
-            raise HeadError(400, f"invalid header field name {name[:40]!r}")
         # RFC 9112 §5.1: field-line = field-name ":" OWS field-value OWS; OWS is not part of the value.
-        value = line[colon + 1:].strip(b" \t")
-        if _BAD_FIELD_BYTE.search(value) is not None:
-            raise HeadError(400, f"control character in header field {name.decode('ascii')}")
-        headers.append((name.lower(), value))
-    return headers
+        name, colon, value = line.partition(b":")
+        if not colon:
+            _refuse_field_name(line if line[:1] in (b" ", b"\t") else b"")
+        if not name:
+            _refuse_field_name(name)
+        fields.append((name, value.strip(b" \t")))
+    # field-name = token (RFC 9110 §5.1). Tokens concatenated form a token, and no name is empty: one check for all.
+    if fields and _TOKEN.fullmatch(b"".join([name for name, _ in fields])) is None:
+        for name, _ in fields:
+            if _TOKEN.fullmatch(name) is None:
+                _refuse_field_name(name)
+    return [(name.lower(), value) for name, value in fields]
+
+
+def _refuse_field_name(name: bytes) -> None:
+    if name[:1] in (b" ", b"\t"):
+        # RFC 9112 §5.2: obs-fold in a request "MUST either reject the message by sending a 400"; §2.2 says the
+        # same choice for whitespace between the start-line and the first field.
+        raise HeadError(400, "obsolete line folding (or whitespace-led line) in header fields")
+    if not name:
+        raise HeadError(400, "header field line without a name and colon")
+    # RFC 9112 §5.1: "No whitespace is allowed between the field name and colon ... A server MUST reject, with a
+    # response status code of 400" — caught here as any other byte that is not a tchar.
+    raise HeadError(400, f"invalid header field name {name[:40]!r}")
 
 
 def _normalise_host(value: bytes) -> bytes:
