@@ -12,7 +12,6 @@ so later commands find it. When only one lab is up, NAME may be left out.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import secrets

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tcpha.lab import DEFAULT_TOPOLOGY, LabError, NamespaceLab, make_topology
+from tcpha.lab import DEFAULT_TOPOLOGY, LabError, NamespaceLab
 from tcpha.lab import netns as labnetns
 from tcpha.lab.netns import pids_in_netns
 
