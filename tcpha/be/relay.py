@@ -133,11 +133,17 @@ class SpliceRelay:
         self.closed = False
         self.error: str | None = None
 
-    def start(self) -> None:
-        for d in (self.up, self.down):
-            self._step(d)
-            if self.closed:
-                return
+    def start(self, *, hold_down: bool = False) -> None:
+        """Start relaying. hold_down: do not send to the client until release() (the front end has
+        not yet steered the flow here; the client's ACKs would be lost)."""
+        self._step(self.up)
+        if not hold_down and not self.closed:
+            self._step(self.down)
+
+    def release(self) -> None:
+        """Start the app -> client direction held by start(hold_down=True)."""
+        if not self.closed and not self.down.reading and not self.down.writing and not self.down.done:
+            self._step(self.down)
 
     @property
     def bytes_up(self) -> int:

@@ -35,6 +35,9 @@ TCP_REPAIR = 19
 # The client's final ACK (for our FIN) still travels through the front end's steering entry:
 # FlowClosed is sent this long after the relay ended so that the entry outlives it.
 FLOWCLOSED_DELAY = 0.5
+# Longest wait for the front end's Steered before sending to the client anyway.
+STEER_WAIT = 1.0
+NFT_TABLE = "tcpha_be"
 # Header of a same-host fd-passing message: magic, listening port of the front end (for logs).
 FDPASS_MAGIC = b"TCPHAFD1"
 NOTICE = 25
@@ -51,6 +54,16 @@ def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
     if host in ("0.0.0.0", "*"):
         host = "127.0.0.1"
     return host, int(redirectport)
+
+
+def vip_held_elsewhere(vip: str) -> bool:
+    """True when `vip` is an address of an interface other than lo (a front end on this host)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            if msg.get_attr("IFA_ADDRESS") == vip and msg.get_attr("IFA_LABEL") != "lo":
+                return True
+    return False
 
 
 def discard_silently(sock: socket.socket) -> None:
@@ -80,6 +93,7 @@ class ControlSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.closed = False
+        self.unsteered: dict[int, tuple[SpliceRelay, asyncio.TimerHandle]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -123,6 +137,8 @@ class ControlSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.backend.sessions.discard(self)
+        for xid in list(self.unsteered):       # the front end is gone; its steering stays in the kernel
+            self.backend._steered(self, xid)
         log.debug("control connection from %s closed%s", self.peer, f": {exc}" if exc else "")
 
 
@@ -198,6 +214,8 @@ class BackEnd:
     def on_message(self, session: ControlSession, msg: Any) -> None:
         if isinstance(msg, control.Handoff):
             self.on_handoff(session, msg)
+        elif isinstance(msg, control.Steered):
+            self._steered(session, msg.xid)
         elif isinstance(msg, control.Hello):
             if msg.vaddr not in ("0.0.0.0", self.vip):
                 log.warning("control connection from %s dropped: its VIP %s is not ours (%s)",
@@ -280,14 +298,27 @@ class BackEnd:
         log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
                  (time.perf_counter() - t0) * 1e6)
         flow = (peer[0], peer[1], self.vip, client.getsockname()[1])
-        self._relay(client, app, lambda r: self._flow_closed(session, flow, r))
+        relay = self._relay(client, app, lambda r: self._flow_closed(session, flow, r), hold_down=True)
+        # Nothing goes to the client before the front end says the flow is steered here (Steered):
+        # until then the client's ACKs would hit the front end's freeze and we would wait an RTO.
+        timer = self.loop.call_later(STEER_WAIT, self._steered, session, xid)
+        session.unsteered[xid] = (relay, timer)
+
+    def _steered(self, session: ControlSession, xid: int) -> None:
+        entry = session.unsteered.pop(xid, None)
+        if entry is None:
+            return
+        relay, timer = entry
+        timer.cancel()
+        relay.release()
 
     def _relay(self, client: socket.socket, app: socket.socket,
-               on_done: Callable[[SpliceRelay], None]) -> None:
+               on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
         relay = SpliceRelay(self.loop, client, app, on_done)
         self.relays.add(relay)
         self.stats.active = len(self.relays)
-        relay.start()
+        relay.start(hold_down=hold_down)
+        return relay
 
     def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay) -> None:
         self.relays.discard(relay)
@@ -370,11 +401,11 @@ class BackEnd:
                 self.lan_mac = f.read().strip()
         except OSError:
             self.lan_mac = None
-        arp = steering.ArpFilter(vip=self.vip, ifname=ifname, uaddr=self.config.uaddr)
+        arp = steering.ArpFilter(self.vip, ifname, table=NFT_TABLE)
         arp.install()              # before the VIP: never a moment where it could be answered
         self._kernel_state.append(arp)
-        vip = steering.VipAddress(self.vip, "lo")
-        vip.install()
+        vip = steering.VipAddress(self.vip, "lo", prefixlen=32)
+        vip.add()
         self._kernel_state.append(vip)
         log.log(NOTICE, "kernel state installed: VIP %s on lo, ARP filtered on %s", self.vip, ifname)
 
@@ -393,6 +424,13 @@ class BackEnd:
         Netlink work (pyroute2) happens outside the event loop: pyroute2 0.9's synchronous API
         refuses to run inside a running asyncio loop.
         """
+        if self.kernel and vip_held_elsewhere(self.vip):
+            # A front end on this host holds the VIP on its LAN interface; sockets reach us over
+            # the UNIX socket already bound to it. Adding the VIP to lo and filtering its ARP
+            # here would break that front end.
+            log.log(NOTICE, "the VIP %s is on a LAN interface of this host (a front end): VIP and "
+                    "ARP filtering left to it", self.vip)
+            self.kernel = False
         if self.kernel:
             self.install_kernel_state()
         try:

@@ -101,7 +101,7 @@ class FrontEnd:
         from tcpha.steering import VipAddress
         self.ifname = lan_interface(self.config)
         self.vip_address = VipAddress(self.config.vaddr, self.ifname)
-        self.vip_address.install()
+        self.vip_address.add()
         self.steering = self.make_steering()
         self.steering.install()
         log.info("kernel state installed: VIP %s on %s, steering table %s (%d entries adopted)",
@@ -144,7 +144,6 @@ class FrontEnd:
             self.notify("STOPPING=1")
             for s, _ in self.listeners:
                 s.close()
-            self._wait_flows_gone()
             self.remove()
         return 0
 
@@ -272,14 +271,9 @@ class FrontEnd:
             os._exit(code)
 
     def make_steering_for_worker(self) -> Any:
-        """A steering handle in the worker process, attached to the table the arbiter installed."""
-        s = self.make_steering()
-        attach = getattr(s, "attach", None)
-        if attach is not None:
-            attach()
-        else:
-            s.install()      # adopts the existing table: no change to the kernel
-        return s
+        """A steering handle in the worker process for the table the arbiter installed (the
+        per-flow operations need no install: they name the table's set and map)."""
+        return self.make_steering()
 
 
 def _die_with_parent() -> None:

@@ -228,6 +228,8 @@ class Dispatch:
             w.steering.forward(self.flow, self.backend.mac)
         except Exception as e:
             log.error("forwarding %s:%d to %s failed: %s", self.peer[0], self.peer[1], self.backend.name, e)
+        if self.link.up:
+            self.link.send(w.steered_message(self.xid))
         repair.discard(self.sock)
         self.finished = True
         self.backend.handoffs += 1

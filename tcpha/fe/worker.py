@@ -146,6 +146,9 @@ class Worker:
         return control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
                                vip=flow.vip, vport=flow.vport, peeked_len=peeked, state=state.to_bytes())
 
+    def steered_message(self, xid: int) -> Any:
+        return control.Steered(xid=xid)
+
     def fail_handoff(self, xid: int, reason: str) -> None:
         d = self.pending.pop(xid, None)
         if d is not None:
@@ -227,6 +230,7 @@ class Worker:
             self.loop.add_signal_handler(sig, self._stopping.set)
         for be in set(self.backends.values()):
             be.start()
+        await self._wait_backends(max(1.0, self.handofftimeout))
         self._resume_accepting()
         log.info("%s: accepting on %s port(s) %s", self.name, self.vip,
                  " ".join(str(p) for _, p in self.listeners))
@@ -234,6 +238,24 @@ class Worker:
             self.on_ready()
         await self._stopping.wait()
         await self._drain()
+
+    def _entries(self) -> int:
+        try:
+            return int(self.steering.entries())
+        except Exception:
+            return 0
+
+    async def _wait_backends(self, timeout: float) -> None:
+        """Give the control connections a moment before accepting, so that the first clients are
+        not answered 503 only because the links were still being set up (bounded: a back end that
+        is down must not keep the front end from serving the others)."""
+        remote = [be for be in set(self.backends.values()) if be.kind == "tcp"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(be.ready for be in remote):
+            await asyncio.sleep(0.01)
+        down = [be.name for be in remote if not be.ready]
+        if down:
+            log.warning("%s: accepting without back end(s) %s (not reachable yet)", self.name, ", ".join(down))
 
     async def _drain(self) -> None:
         """Stop accepting; let connections being dispatched finish (at most `grace` seconds)."""
@@ -243,6 +265,15 @@ class Worker:
             await asyncio.sleep(0.01)
         if self.inflight:
             log.warning("%s: %d connections still being dispatched at stop", self.name, self.inflight)
+        # Handed-off flows keep their steering entries until their back ends report them closed
+        # (the control connections stay up for that) or the grace period ends.
+        flows = self._entries()
+        if flows > 0:
+            log.log(25, "%s: waiting up to %.0f s for %d handed-off flows to end", self.name,
+                    max(0.0, deadline - time.monotonic()), flows)
+        while flows > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            flows = self._entries()
         for d in list(self.lingering.values()):
             d._linger_end()
         for be in set(self.backends.values()):
