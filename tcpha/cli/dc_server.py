@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             persist = PersistentStore(store, persist_path, interval_ms=s.persist_interval)
         except OSError as exc:
-            return _err(f"Error, cannot use persist file '{s.persist}': {exc.strerror}")
+            return _err(f"Error, cannot use persist file '{s.persist}': {exc.strerror or exc}")
         store = persist
     server = DistcacheServer(store, progress=s.progress, stall_timeout=s.stall / 1000.0,
                              persist=persist, persist_interval_ms=s.persist_interval)

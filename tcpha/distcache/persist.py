@@ -160,8 +160,9 @@ class PersistentStore:
     def _load(self) -> LoadReport:
         sessions, report = load_file(self.path)
         if report.error:
-            log.warning("Warning, cannot read persist file '%s': %s; starting empty",
-                        self.path, report.error)
+            # Not damage but an unusable path (permissions, a directory...): starting empty would
+            # overwrite sessions we could not read, so this one is an error.
+            raise OSError(f"cannot read it: {report.error}")
         if report.bad_header:
             log.warning("Warning, persist file '%s' has a damaged header; reading what records remain",
                         self.path)

@@ -48,7 +48,7 @@ class DistcacheServer:
     """Serves the distcache protocol from ``store`` on one or more listening sockets."""
 
     def __init__(self, store: Any, *, progress: int = 0, stall_timeout: float = 30.0,
-                 write_limit: int = 256 * 1024, progress_out: TextIO | None = None,
+                 write_limit: int = 64 * 1024, progress_out: TextIO | None = None,
                  persist: Any = None, persist_interval_ms: int = 1000,
                  show_progress: bool = True) -> None:
         self.store = store

@@ -591,3 +591,11 @@ def test_redis_backend_unreachable_answers_misses(dc_server):
         r = rpc(s, add_msg(1, b"a", b"b"), Message(False, 2, Op.GET, b"a"), Message(False, 3, Op.HAVE, b"a"))
     assert [m.payload for m in r] == [b"\x01", b"\x01", b"\x01"]
     assert srv.proc.poll() is None
+
+
+def test_persist_path_problems_are_errors_not_data_loss(tmp_path):
+    r = run_cli("-listen", f"UNIX:{tmp_path}/s", "-persist", str(tmp_path / "no" / "such" / "dir" / "f"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error, cannot use persist file") and r.stderr.count("\n") == 1
+    r = run_cli("-listen", f"UNIX:{tmp_path}/s2", "-persist", str(tmp_path))     # a directory
+    assert r.returncode == 1 and r.stderr.startswith("Error, cannot use persist file")
