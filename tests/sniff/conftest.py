@@ -217,3 +217,64 @@ def real_hellos() -> dict[str, bytes]:
         hellos["openssl-noservername"] = openssl_hello("-noservername")
     return hellos
 
+
+
+# -- resumption hellos: a real in-memory handshake, then a client offering the session ----------------------------
+
+def _pump(client: ssl.SSLObject, c_in: ssl.MemoryBIO, c_out: ssl.MemoryBIO,
+          server: ssl.SSLObject, s_in: ssl.MemoryBIO, s_out: ssl.MemoryBIO) -> None:
+    """Drive both ends of a handshake over memory BIOs until neither has anything left to say."""
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for name, obj in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        moved = c_out.pending or s_out.pending
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()) and not moved:
+            break
+    assert all(done.values()), "in-memory handshake did not complete"
+    # TLS 1.3 tickets arrive after the handshake: let the client read them.
+    try:
+        client.read(1)
+    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        pass
+
+
+def resumption_hello(tmp_dir, version: ssl.TLSVersion, sni: str = "resume.example") -> bytes:
+    """The ClientHello of a client resuming a session (TLS 1.3: pre_shared_key, last; TLS 1.2: session ticket)."""
+    key, cert = f"{tmp_dir}/key.pem", f"{tmp_dir}/cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-subj", f"/CN={sni}", "-days", "1"],
+                   check=True, capture_output=True, timeout=CAPTURE_TIMEOUT)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+    for ctx in (server_ctx, client_ctx):
+        ctx.minimum_version = ctx.maximum_version = version
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    client = client_ctx.wrap_bio(bios[0], bios[1], server_hostname=sni)
+    server = server_ctx.wrap_bio(bios[2], bios[3], server_side=True)
+    _pump(client, bios[0], bios[1], server, bios[2], bios[3])
+    session = client.session
+    assert session is not None and session.has_ticket
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    again = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni, session=session)
+    with pytest.raises(ssl.SSLWantReadError):
+        again.do_handshake()
+    return c_out.read()
+
+
+@pytest.fixture(scope="session")
+def resumption_hellos(tmp_path_factory) -> dict[str, bytes]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    tmp_dir = tmp_path_factory.mktemp("resume")
+    return {"tls13": resumption_hello(tmp_dir, ssl.TLSVersion.TLSv1_3),
+            "tls12": resumption_hello(tmp_dir, ssl.TLSVersion.TLSv1_2)}

@@ -278,3 +278,38 @@ def test_handshake_failure_alert_understood_by_openssl(real_hellos):
     incoming.write(HANDSHAKE_FAILURE_ALERT)
     with pytest.raises(ssl.SSLError, match="(?i)handshake.failure"):
         client.do_handshake()
+
+
+# -- resumption: what a returning client sends (the case the shared session cache exists for) -------------------------
+
+def test_tls13_resumption_hello_with_pre_shared_key(resumption_hellos):
+    raw = resumption_hellos["tls13"]
+    hello = parse(raw)
+    assert hello.sni == "resume.example" and hello.versions == [TLS13]
+    assert hello.extensions[-1] == 41                     # pre_shared_key, last as RFC 8446 §4.2.11 requires
+    for cut in range(len(raw)):
+        assert parse_client_hello(raw[:cut], MAX) is NeedMore
+
+
+def test_tls12_resumption_hello_with_ticket(resumption_hellos):
+    hello = parse(resumption_hellos["tls12"])
+    assert hello.sni == "resume.example" and hello.versions == [TLS12]
+    assert 35 in hello.extensions                          # session_ticket carrying the ticket
+
+
+def test_pre_shared_key_moved_is_malformed(b, resumption_hellos):
+    """Reorder a real resumption hello's extensions so that pre_shared_key is not last."""
+    handshake = b.unwrap(resumption_hellos["tls13"])
+    body = handshake[4:]
+    pos = 35 + body[34]
+    pos += 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 1 + body[pos]
+    exts, block = [], body[pos + 2:]
+    while block:
+        length = int.from_bytes(block[2:4], "big")
+        exts.append(block[:4 + length])
+        block = block[4 + length:]
+    assert int.from_bytes(exts[-1][:2], "big") == 41
+    reordered = b"".join([exts[-1]] + exts[:-1])
+    new_body = body[:pos] + b.vec16(reordered)
+    assert "pre_shared_key" in malformed(b.records(b"\x01" + len(new_body).to_bytes(3, "big") + new_body))
