@@ -46,8 +46,11 @@ USAGE = [
     " will listen on a unix domain socket at /tmp/scache and will manage",
     " forwarding requests and responses to and from two the cache server.",
     "",
-    " Extension: -server/-connect may be given several times; the servers are",
-    " used in turn, the next one taking over when the current one fails.",
+    " Extensions:",
+    "  -server/-connect may be given several times; the servers are used in",
+    "  turn, the next one taking over when the current one fails.",
+    "  -upstream-timeout <num> (drop a server connection that leaves a request",
+    "                     unanswered 'num' msecs, def: 10000, 0: never)",
     "",
 ]
 
@@ -69,6 +72,7 @@ class Settings:
     idle: int = DEF_IDLE
     pidfile: str | None = None
     killable: bool = False
+    upstream_timeout: int = 10000
 
 
 def _strtoul(text: str, opt: str, lo: int, hi: int) -> int:
@@ -119,6 +123,8 @@ OPTIONS: list[Option] = [
     Option(("-pidfile",), True, _set("pidfile"), "write the process id to this file"),
     Option(("-killable",), False, lambda s, o, v: setattr(s, "killable", True),
            "exit cleanly on SIGUSR1/SIGUSR2"),
+    Option(("-upstream-timeout",), True, _set("upstream_timeout", lambda v, o: _strtoul(v, o, 0, MAX_IDLE)),
+           "extension: drop a server that leaves a request unanswered this many ms (0 = never)"),
 ]
 _BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
 
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{': ' + exc.strerror if isinstance(exc, OSError) and exc.strerror else ''}\n")
             return 1
 
-    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle)
+    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

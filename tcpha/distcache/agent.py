@@ -160,13 +160,17 @@ class Agent:
     """
 
     def __init__(self, listen: socket.socket, servers: list[Address], *, retry_ms: int = 5000,
-                 idle_ms: int = 0) -> None:
+                 idle_ms: int = 0, upstream_timeout_ms: int = 10000) -> None:
         if not servers:
             raise ValueError("at least one server address is needed")
         self.listen_sock = listen
         self.servers = servers
         self.retry = retry_ms / 1000.0
         self.idle = idle_ms / 1000.0
+        # Extension: an upstream that leaves a request unanswered this long (e.g. stalled in the
+        # middle of a frame) is treated as dead (the C agent would wait forever).
+        self.upstream_timeout = upstream_timeout_ms / 1000.0
+        self._watchdog_task: asyncio.Task | None = None
         self.connect_timeout = min(max(self.retry, 1.0), 10.0)
         self._clients: set[_Client] = set()
         self._server_idx = 0
@@ -177,7 +181,7 @@ class Agent:
         self._up_out: list[bytes] = []
         self._up_flush_scheduled = False
         self._upstream_paused = False
-        self._pending: dict[int, tuple[_Client, _Slot]] = {}
+        self._pending: dict[int, tuple[_Client, _Slot, float]] = {}
         self._uid = 0
         self._retry_handle: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task | None = None
@@ -213,6 +217,8 @@ class Agent:
         self._start_connect()
         if self.idle > 0:
             self._idle_task = asyncio.ensure_future(self._idle_sweeper())
+        if self.upstream_timeout > 0:
+            self._watchdog_task = asyncio.ensure_future(self._watchdog())
         try:
             await self._stopped.wait()
         finally:
@@ -223,8 +229,9 @@ class Agent:
             self._stopped.set()
 
     async def _shutdown(self) -> None:
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        for task in (self._idle_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
         if self._connecting is not None:
@@ -296,7 +303,7 @@ class Agent:
             if entry is None:
                 log.debug("answer for unknown uid %d dropped", msg.uid)
                 continue
-            client, slot = entry
+            client, slot, _ = entry
             if client.closed:
                 continue  # Rule: answers for clients that left are dropped.
             slot.answer = msg.payload
@@ -320,7 +327,7 @@ class Agent:
         # Rule: requests outstanding when the upstream dies are answered with [2].
         pending, self._pending = self._pending, {}
         touched = set()
-        for client, slot in pending.values():
+        for client, slot, _ in pending.values():
             if not client.closed:
                 slot.answer = _DISCONNECTED
                 self.answered_disconnected += 1
@@ -356,7 +363,7 @@ class Agent:
             self.answered_empty += 1
             return
         uid = self._uid = (self._uid + 1) & 0xFFFFFFFF
-        self._pending[uid] = (client, slot)
+        self._pending[uid] = (client, slot, time.monotonic())
         self._up_out.append(_encode(0, uid, slot.op, payload))
         if not self._up_flush_scheduled:
             self._up_flush_scheduled = True
@@ -368,6 +375,17 @@ class Agent:
             # Whole messages in one write (the C decoder must never see a split frame tail).
             self._up_transport.write(b"".join(self._up_out))
         self._up_out.clear()
+
+    async def _watchdog(self) -> None:
+        period = min(max(self.upstream_timeout / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(period)
+            if self._pending and self._up_transport is not None:
+                oldest = next(iter(self._pending.values()))[2]
+                if time.monotonic() - oldest > self.upstream_timeout:
+                    log.warning("cache server %s left a request unanswered for %.1f s, dropping it",
+                                self.current_server.text, self.upstream_timeout)
+                    self._drop_upstream("unanswered request")
 
     # -- idle clients ---------------------------------------------------------------
 

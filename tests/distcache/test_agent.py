@@ -85,6 +85,19 @@ def test_outstanding_requests_get_2_when_the_server_dies(procs, fake_servers, so
     assert read_responses(s, 1)[0].payload == b""
 
 
+def test_silent_upstream_is_dropped_after_upstream_timeout(procs, fake_servers, sockdir):
+    up = fake_servers(sockdir / "up", policy=lambda i, m: None)     # accepts, never answers
+    procs.agent(f"UNIX:{sockdir}/agent", up.address, args=("-upstream-timeout", "300", "-retry", "60000"),
+                upstream=False)
+    wait_until(lambda: up.connections == 1, 10, "the agent's upstream connection")
+    s = unix_connect(sockdir / "agent")
+    t0 = time.monotonic()
+    s.sendall(request(3, Op.GET, b"abcdef"))
+    (m,) = read_responses(s, 1, timeout=5)
+    assert (m.uid, m.payload) == (3, b"\x02")
+    assert 0.25 < time.monotonic() - t0 < 3
+
+
 def test_reconnects_every_retry_period(procs, sockdir):
     agent = f"UNIX:{sockdir}/agent"
     procs.agent(agent, f"UNIX:{sockdir}/srv", args=("-retry", "100"), upstream=False)
