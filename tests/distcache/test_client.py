@@ -273,3 +273,34 @@ def test_aio_connect_failure(sockdir):
         with pytest.raises(DistcacheError):
             await AsyncDistcacheClient.connect(f"UNIX:{sockdir}/none", timeout=1)
     asyncio.run(main())
+
+
+def test_aio_batches(procs, sockdir):
+    addr = f"UNIX:{sockdir}/s"
+    procs.server(addr, "-sessions", "5000")
+
+    async def main():
+        c = await AsyncDistcacheClient.connect(addr, timeout=5)
+        ids = [b"batch-%05d" % i for i in range(3000)]
+        datas = [os.urandom(5 + i % 3000) for i in range(3000)]   # some multi-frame
+        assert await c.add_many(list(zip(ids, datas, [60000] * 3000))) == [True] * 3000
+        # A batch and single requests interleaved on the same connection.
+        single = c.get(ids[5])
+        got, has = await asyncio.gather(c.get_many(ids), c.has_many(ids[:10] + [b"absent-id"]))
+        assert got == datas and await single == datas[5]
+        assert has == [True] * 10 + [False]
+        assert await c.remove_many(ids[:2] + ids[:1]) == [True, True, False]
+        assert await c.get_many([]) == []
+        await c.close()
+    asyncio.run(main())
+
+
+def test_aio_batch_timeout(fake_servers, sockdir):
+    silent = fake_servers(sockdir / "silent", policy=lambda i, m: None)
+
+    async def main():
+        c = await AsyncDistcacheClient.connect(silent.address, timeout=0.3)
+        with pytest.raises(DistcacheError, match="within"):
+            await c.get_many([b"abcdef", b"ghijkl"])
+        await c.close()
+    asyncio.run(main())
