@@ -143,7 +143,7 @@ class ControlSession(asyncio.Protocol):
 
 
 class FdPassSession:
-    """A same-host front end passing accepted sockets over a UNIX stream socket (SCM_RIGHTS)."""
+    """A same-host front end passing accepted sockets over a UNIX seqpacket socket (SCM_RIGHTS)."""
 
     def __init__(self, backend: "BackEnd", sock: socket.socket):
         self.backend = backend
@@ -155,10 +155,10 @@ class FdPassSession:
         from tcpha import fdpass
         while True:
             try:
-                data, fds = fdpass.recv_fds(self.sock, 4096, 64)
-            except (BlockingIOError, InterruptedError):
-                return
+                data, fds = fdpass.recv_fds(self.sock, 64, 1)
             except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EINTR):
+                    return
                 log.warning("fd-passing connection failed: %s", e)
                 self.close()
                 return
@@ -424,12 +424,13 @@ class BackEnd:
         Netlink work (pyroute2) happens outside the event loop: pyroute2 0.9's synchronous API
         refuses to run inside a running asyncio loop.
         """
-        if self.kernel and vip_held_elsewhere(self.vip):
-            # A front end on this host holds the VIP on its LAN interface; sockets reach us over
-            # the UNIX socket already bound to it. Adding the VIP to lo and filtering its ARP
-            # here would break that front end.
-            log.log(NOTICE, "the VIP %s is on a LAN interface of this host (a front end): VIP and "
-                    "ARP filtering left to it", self.vip)
+        if self.kernel and (self.unix_path or vip_held_elsewhere(self.vip)):
+            # A back end with a UNIX socket shares its host with a front end (that is what the
+            # socket is for), which holds the VIP on its LAN interface: the passed sockets are
+            # already bound to it. Adding the VIP to lo and filtering its ARP here would break
+            # that front end, whichever of the two starts first.
+            log.log(NOTICE, "a front end shares this host (unixpath set, or the VIP %s on a LAN "
+                    "interface): VIP and ARP filtering left to it", self.vip)
             self.kernel = False
         if self.kernel:
             self.install_kernel_state()
@@ -470,7 +471,8 @@ class BackEnd:
         except FileNotFoundError:
             pass
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # SOCK_SEQPACKET: one message per handed socket, boundaries kept (no framing to get wrong).
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)
         try:
             s.bind(path)

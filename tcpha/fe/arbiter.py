@@ -104,8 +104,12 @@ class FrontEnd:
         self.vip_address.add()
         self.steering = self.make_steering()
         self.steering.install()
-        log.info("kernel state installed: VIP %s on %s, steering table %s (%d entries adopted)",
-                 self.config.vaddr, self.ifname, self.table, self._entries())
+        if getattr(self.steering, "adopted", False):
+            log.log(25, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
+                    "%d handed-off flows", self.config.vaddr, self.ifname, self.table, self._entries())
+        else:
+            log.log(25, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
+                    self.ifname, self.table)
 
     def _entries(self) -> int:
         try:
@@ -123,7 +127,7 @@ class FrontEnd:
                 log.error("removing the %s failed: %s", what, e)
         self.steering = None
         self.vip_address = None
-        log.info("kernel state removed")
+        log.log(25, "kernel state removed")
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:

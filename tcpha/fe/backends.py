@@ -12,6 +12,7 @@ with SCM_RIGHTS over a persistent UNIX stream connection (no TCP state transfer,
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -240,7 +241,7 @@ class LocalBackend:
         now = time.monotonic()
         if now < self._next_try:
             return False
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             s.connect(self.path)
         except OSError as e:
@@ -258,7 +259,7 @@ class LocalBackend:
     def _readable(self) -> None:
         assert self.sock is not None
         try:
-            data = self.sock.recv(4096)
+            data = self.sock.recv(64)
         except BlockingIOError:
             return
         except OSError:
@@ -288,10 +289,10 @@ class LocalBackend:
         assert self.sock is not None
         try:
             fdpass.send_fds(self.sock, FDPASS_MAGIC + lport.to_bytes(2, "big"), [client.fileno()])
-        except (BlockingIOError, InterruptedError):
-            log.warning("back end %s: busy (socket buffer full)", self.name)
-            return False
         except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                log.warning("back end %s: busy (socket buffer full)", self.name)
+                return False
             log.warning("back end %s: passing a socket failed: %s", self.name, e.strerror or e)
             self._drop()
             return False

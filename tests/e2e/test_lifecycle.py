@@ -1,0 +1,134 @@
+"""Front-end life cycle and fallbacks: kill -9 mid-download, restart adopting the kernel state, clean stop,
+refusal and back-end loss falling through to the next back end, the same-host SCM_RIGHTS path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tcpha.lab.demo import VPORT
+from tcpha.lab.http import start_http
+
+pytestmark = pytest.mark.netns
+
+BIG = "video/clip.mp4"
+
+
+def nft_tables(lab, host: str) -> str:
+    return lab.run(host, ["nft", "list", "tables"], capture_output=True, text=True).stdout
+
+
+def fe_has_vip(dep) -> bool:
+    return any(a.startswith(dep.vip + "/") for a in dep.lab.addresses("fe"))
+
+
+def start_download(dep, path: str):
+    s = dep.connect(timeout=30)
+    s.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 256 * 1024)
+    s.sendall(f"GET /{path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before the response head"
+        head += chunk
+    head, _, rest = head.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s, hashlib.sha256(rest), len(rest)
+
+
+def read_some(s, digest, got: int, n: int) -> int:
+    target = got + n
+    while got < target:
+        b = s.recv(65536)
+        assert b, "download ended early"
+        digest.update(b)
+        got += len(b)
+    return got
+
+
+def read_rest(s, digest, got: int) -> int:
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return got
+        digest.update(b)
+        got += len(b)
+
+
+def test_kill9_mid_download_restart_adopts_and_stop_cleans_up(fresh):
+    dep = fresh
+    lab = dep.lab
+    dep.start()
+    assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+
+    s, digest, got = start_download(dep, BIG)
+    try:
+        got = read_some(s, digest, got, 2 << 20)
+        os.kill(dep.fe_proc.pid, signal.SIGKILL)           # the whole front end, no clean-up
+        dep.fe_proc.wait(10)
+        # the kernel state outlives the process: the flow is steered in the kernel
+        assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+        got = read_some(s, digest, got, 4 << 20)
+
+        # a new front end adopts the table instead of replacing it: the download still runs
+        dep.start_fe()
+        assert "adopted" in lab.log_path("fe", "tcpha-fe").read_text()
+        assert dep.request("/img/logo.jpg").backend == "be1"
+        got = read_rest(s, digest, got)
+    finally:
+        s.close()
+    assert got == dep.files[BIG]
+    assert digest.hexdigest() == dep.origins["be2"].sha256(BIG)
+
+    # a clean stop removes the VIP and the nft table
+    rc = dep.stop_fe()
+    assert rc == 0
+    assert not fe_has_vip(dep)
+    assert "tcpha_fe" not in nft_tables(lab, "fe")
+
+
+def test_refusal_and_lost_back_end_fall_through_to_the_next(fresh):
+    dep = fresh
+    lab = dep.lab
+    be1, be2 = lab.ip("be1"), lab.ip("be2")
+    dep.start(fe={"rules": [f"{be1} jpg$", f"{be2} jpg$", f"{be1} ^/only-be1", f"{be2} ^/(?!only-be1)"]})
+    assert dep.request("/img/logo.jpg").backend == "be1"
+
+    # be1's application is down: tcpha-be on be1 refuses (it cannot relay), the FE takes the
+    # connection back and hands it to be2
+    dep.origins["be1"].stop()
+    r = dep.request("/img/logo.jpg")
+    assert (r.status, r.backend) == (200, "be2")
+    assert r.body == dep.origins["be2"].expected("img/logo.jpg")
+    assert "refused" in lab.log_path("be1", "tcpha-be").read_text()
+
+    # tcpha-be on be1 is gone altogether: its control connections drop, be2 takes over
+    lab.stop(dep.be_procs.pop("be1"))
+    r = dep.request("/img/logo.jpg")
+    assert (r.status, r.backend) == (200, "be2")
+    # a URI only be1 may take, with be1 gone: 503 from the front end
+    r = dep.request("/only-be1")
+    assert r.status == 503 and r.headers.get("server") == "tcpha-fe"
+
+
+def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
+    dep = fresh
+    lab = dep.lab
+    path = str(dep.dir / "be.sock")
+    origin = start_http(lab, "fe", port=8080, files={"a.bin": 70_000})
+    dep.start_backend("fe", unixpath=path)
+    dep.start_fe(servers=[f"unix:{path}"], rules=[f"unix:{path} ^/"], dbglevel=4)
+    r = dep.request("/a.bin")
+    assert (r.status, r.backend) == (200, "fe")
+    assert r.body == origin.expected("a.bin")
+    # keep-alive on the passed socket, then more connections
+    for _ in range(20):
+        assert dep.request("/whoami").body == b"fe\n"
+    log = lab.log_path("fe", "tcpha-fe").read_text()
+    assert "passed" in log and "handed off" not in log
