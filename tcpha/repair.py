@@ -232,22 +232,27 @@ def dump(sock: socket.socket) -> TcpState:
     except OSError as exc:
         raise RepairError(exc.errno, f"TCP_REPAIR on: {exc.strerror} (needs CAP_NET_ADMIN)") from None
     try:
+        # Select the send queue at once and leave it selected: while a repaired socket has the send queue
+        # selected, the kernel marks new data as sent without transmitting it. Otherwise a loss-probe or
+        # retransmission timer firing during or after the dump (the socket's timers keep running, and the
+        # client's ACKs are being dropped) puts new bytes on the wire that the dumped state says were never
+        # sent: the client then ACKs beyond the restored socket's snd_nxt and the connection stalls (seen).
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         inq = _ioctl_int(fd, SIOCINQ, "SIOCINQ")
         outq = _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
         unsent = _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
-        mss = getsockopt(tcp, TCP_MAXSEG)
+        mss = getsockopt(tcp, TCP_MAXSEG)  # in repair mode: the negotiated clamp, not the current mss
         timestamp = _U32.unpack(getsockopt(tcp, TCP_TIMESTAMP, 4))[0]
         try:
             window = _WINDOW.unpack(getsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.size))
         except OSError:
             window = None  # kernel without TCP_REPAIR_WINDOW (< 4.8): the peer re-advertises it
+        snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+        send_queue = sock.recv(outq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if outq else b""
         setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         rcv_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
         recv_queue = sock.recv(inq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if inq else b""
-        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
-        send_queue = sock.recv(outq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if outq else b""
-        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)  # see above: nothing new leaves from now on
         if len(recv_queue) != inq or len(send_queue) != outq:
             raise RepairError(
                 0, f"queues changed while reading them (recv {len(recv_queue)}/{inq}, send {len(send_queue)}/{outq})"
@@ -327,6 +332,10 @@ def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
         step = "send queue seq"
         setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         setsockopt(tcp, TCP_QUEUE_SEQ, _U32.pack((state.snd_seq - len(state.send_queue)) & _U32_MASK))
+        # The MSS clamp before connect(): connect sizes the socket's segments from it, and setting it later
+        # through TCP_REPAIR_OPTIONS alone leaves the socket sending 536-byte segments (seen).
+        step = "TCP_MAXSEG"
+        setsockopt(tcp, TCP_MAXSEG, state.mss)
         if freebind:
             step = "IP_FREEBIND"
             setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
