@@ -132,3 +132,36 @@ def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
         assert dep.request("/whoami").body == b"fe\n"
     log = lab.log_path("fe", "tcpha-fe").read_text()
     assert "passed" in log and "handed off" not in log
+
+
+def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fresh):
+    import psutil
+    dep = fresh
+    dep.start(fe={"startservers": 3, "maxspareservers": 3})
+    arbiter = psutil.Process(dep.fe_proc.pid)
+
+    def workers() -> set[int]:
+        return {c.pid for c in arbiter.children() if c.status() != psutil.STATUS_ZOMBIE}
+
+    deadline = time.monotonic() + 10
+    while len(workers()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = workers()
+    assert len(before) == 3
+    for _ in range(30):
+        r = dep.request("/img/logo.jpg")
+        assert (r.status, r.backend) == (200, "be1")
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (victim in workers() or len(workers()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = workers()
+    assert victim not in after and len(after) == 3
+    assert "exited (signal SIGKILL); starting a new one" in dep.lab.log_path("fe", "tcpha-fe").read_text()
+    # every worker still hands off (and the replacement's control connections are up)
+    for _ in range(60):
+        r = dep.request("/index.html")
+        assert (r.status, r.backend) == (200, "be2")
+    assert dep.stop_fe() == 0
+    assert not fe_has_vip(dep)
