@@ -126,9 +126,18 @@ class LabDeployment:
                 self.origins[name] = start_http(self.lab, name, port=APP_PORT, files=self.files,
                                                 kind=kw.get("kind", self.origin_kind))
 
-    def start_backend(self, host: str, **options: Any) -> Any:
+    def copy_config(self, template: Path, name: str) -> Path:
+        """A sample config copied next to this deployment's key (its 'authkey = authkey' is relative)."""
+        conf = self.dir / name
+        conf.write_text(template.read_text())
+        return conf
+
+    def start_backend(self, host: str, template: Path | None = None, **options: Any) -> Any:
         conf = self.dir / f"tcphabe-{host}.conf"
-        conf.write_text(be_config_text(self.lab, host, str(self.key), **options))
+        if template is not None:
+            self.copy_config(template, conf.name)
+        else:
+            conf.write_text(be_config_text(self.lab, host, str(self.key), **options))
         proc = self.lab.spawn(host, self.python("tcpha.be", "-c", str(conf)), name="tcpha-be",
                               ready_tcp=(self.lab.ip(host), int(options.get("port", CONTROL_PORT))),
                               timeout=15)
@@ -140,8 +149,9 @@ class LabDeployment:
         conf.write_text(fe_config_text(self.lab, str(self.key), **options))
         return conf
 
-    def start_fe(self, wait: bool = True, **options: Any) -> Any:
-        conf = self.write_fe_config(**options)
+    def start_fe(self, wait: bool = True, template: Path | None = None, **options: Any) -> Any:
+        conf = (self.copy_config(template, "tcphafe.conf") if template is not None
+                else self.write_fe_config(**options))
         self.fe_proc = self.lab.spawn("fe", self.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe",
                                       timeout=15)
         if wait:
@@ -203,37 +213,76 @@ DEMO_URIS = ["/index.html", "/img/logo.jpg", "/img/photo.jpg", "/api/status.json
              "/video/clip.mp4", "/whoami"]
 
 
-def run_demo(prefix: str | None = None, out=None) -> int:
+def sample_configs() -> Path | None:
+    """conf/lab of the source tree (the demo's configs), if this is a checkout."""
+    d = Path(__file__).resolve().parents[2] / "conf" / "lab"
+    return d if (d / "tcphafe.conf").is_file() else None
+
+
+def run_demo(prefix: str | None = None, out=None, keep: bool = False) -> int:
     """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table."""
     from .topology import DEFAULT_TOPOLOGY
     out = out or sys.stdout
     prefix = prefix or ("d" + secrets.token_hex(2) + str(os.getpid() % 10))
     lab = NamespaceLab(DEFAULT_TOPOLOGY, prefix)
+    confs = sample_configs()
     try:
         lab.up()
         dep = LabDeployment(lab)
         print(f"lab {prefix}: client {lab.ip('client')}, front end {lab.ip('fe')}, back ends "
               f"{', '.join(lab.ip(b) for b in dep.backends)}, VIP {dep.vip}", file=out)
-        dep.start()
-        print("rules: jpg$ -> be1, everything else -> be2 (conf/lab/tcphafe.conf)\n", file=out)
+        dep.start_origins()
+        for host in dep.backends:
+            tpl = confs / f"tcphabe-{host}.conf" if confs else None
+            dep.start_backend(host, template=tpl if tpl and tpl.is_file() else None)
+        if confs:
+            dep.start_fe(template=confs / "tcphafe.conf")
+            rules = [line.split("=", 1)[1].strip() for line in (confs / "tcphafe.conf").read_text().splitlines()
+                     if line.strip().startswith("rule")]
+            print(f"configs: {confs}/tcphafe.conf, tcphabe-be*.conf", file=out)
+        else:
+            dep.start_fe()
+            rules = ["10.77.0.11 jpg$", "10.77.0.12 .*"]
+        names = {lab.ip(h): h for h in dep.backends}
+        print("rules (first match wins): " + "; ".join(
+            f"{r.split(None, 1)[1]} -> {names.get(r.split()[0], r.split()[0])}" for r in rules) + "\n", file=out)
         rows = []
         for uri in DEMO_URIS:
             before = lab.counters("fe").tx_bytes
-            r = dep.request(uri, timeout=30)
-            time.sleep(0.05)      # let the last ACKs pass before reading the counter
+            rx_before = lab.counters("client").rx_bytes
+            r = dep.request(uri, timeout=60)
+            time.sleep(0.1)      # the last ACKs and FINs pass before the counters are read
             fe_tx = lab.counters("fe").tx_bytes - before
-            rows.append((uri, r.status, r.backend or "-", len(r.body), fe_tx))
+            client_rx = lab.counters("client").rx_bytes - rx_before
+            rows.append((uri, r.status, r.backend or "-", len(r.body), client_rx, fe_tx))
         w = max(len(u) for u in DEMO_URIS)
-        print(f"{'URI':<{w}}  status  back end  client received  FE transmitted", file=out)
-        for uri, status, be, got, tx in rows:
-            print(f"{uri:<{w}}  {status:>6}  {be:<8}  {got:>15,}  {tx:>14,}", file=out)
-        total_rx = sum(r[3] for r in rows)
-        total_tx = sum(r[4] for r in rows)
-        print(f"\nthe front end transmitted {total_tx:,} bytes for {total_rx:,} bytes of responses "
-              f"({100 * total_tx / max(total_rx, 1):.2f}%)", file=out)
+        print(f"{'URI':<{w}}  status  back end  body bytes  client received  FE transmitted", file=out)
+        for uri, status, be, body, rx, tx in rows:
+            print(f"{uri:<{w}}  {status:>6}  {be:<8}  {body:>10,}  {rx:>15,}  {tx:>14,}", file=out)
+        total_rx = sum(r[4] for r in rows)
+        total_tx = sum(r[5] for r in rows)
+        print(f"\nthe client received {total_rx:,} bytes; the front end's LAN interface transmitted "
+              f"{total_tx:,} ({100 * total_tx / max(total_rx, 1):.2f}%): responses went from the back "
+              f"ends straight to the client", file=out)
+        if keep:
+            print(f"lab kept: tcpha-lab exec --name ... / remove with: tcpha-lab down (prefix {prefix})", file=out)
         return 0
     except LabError as e:
         print(f"tcpha-lab demo: {e}", file=sys.stderr)
         return 1
     finally:
-        lab.down()
+        if not keep:
+            lab.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="tcpha-lab demo",
+                                description="Namespace lab with tcpha-fe, two tcpha-be and nginx; real requests; "
+                                            "a table of who answered and what the front end transmitted.")
+    p.parse_args(argv)
+    return run_demo()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
