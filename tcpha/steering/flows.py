@@ -40,11 +40,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Iterable
 
 from pyroute2 import IPRoute
 
+from .nfnl import NFPROTO_NETDEV, ElementBatch, ElementSocket, NetlinkError
 from .nft import Nft, NftError
 
 log = logging.getLogger(__name__)
@@ -55,11 +58,13 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/\"']{1,15}$")
 _KEY_TYPE = ["ipv4_addr", "inet_service", "ipv4_addr", "inet_service"]
+_KEY = struct.Struct("!4sH2x4sH2x")
 FROZEN_SET = "frozen"
 FORWARD_MAP = "forward"
 INGRESS_CHAIN = "ingress"
 FLOWS_CHAIN = "flows"
 MAP_SIZE = 1 << 20
+_BATCH_ELEMENTS = 500  # flows per transaction: keeps each netlink message well below 64 KiB
 FROZEN_SIZE = 1 << 16
 
 
@@ -79,11 +84,23 @@ class FlowKey:
         try:
             cip = ipaddress.IPv4Address(self.client_ip)
             vip = ipaddress.IPv4Address(self.vip)
-        except ValueError as exc:
-            raise SteeringError(f"flow {self}: {exc}") from None
-        if not (0 < self.client_port < 65536 and 0 < self.vport < 65536):
-            raise SteeringError(f"flow {self}: port out of range")
+        except ValueError:
+            raise SteeringError(f"bad flow {self.client_ip!r} -> {self.vip!r}: not an IPv4 address") from None
+        if not (isinstance(self.client_port, int) and isinstance(self.vport, int)
+                and 0 < self.client_port < 65536 and 0 < self.vport < 65536):
+            raise SteeringError(f"bad flow {cip}:{self.client_port} -> {vip}:{self.vport}: port out of range")
         return f"{cip} . {self.client_port} . {vip} . {self.vport}"
+
+    def key(self) -> bytes:
+        """The 16-byte kernel key (each field in a 4-byte slot, network order); validated."""
+        try:
+            if 0 < self.client_port < 65536 and 0 < self.vport < 65536:
+                return _KEY.pack(socket.inet_pton(socket.AF_INET, self.client_ip), self.client_port,
+                                 socket.inet_pton(socket.AF_INET, self.vip), self.vport)
+        except (OSError, TypeError, struct.error):
+            pass
+        self.nft()  # raises the precise error
+        raise SteeringError(f"bad flow {self}")
 
 
 def _mac(mac: str) -> str:
@@ -91,6 +108,18 @@ def _mac(mac: str) -> str:
     if not _MAC_RE.match(mac):
         raise SteeringError(f"not a MAC address: {mac!r}")
     return mac
+
+
+def _mac_bytes(mac: str) -> bytes:
+    raw = _MAC_CACHE.get(mac)
+    if raw is None:
+        raw = bytes.fromhex(_mac(mac).replace(":", ""))
+        if len(_MAC_CACHE) < 4096:
+            _MAC_CACHE[mac] = raw
+    return raw
+
+
+_MAC_CACHE: dict[str, bytes] = {}
 
 
 def _ms(seconds: float) -> str:
@@ -121,7 +150,10 @@ class FlowSteering:
         self.flow_timeout = flow_timeout
         self.freeze_timeout = freeze_timeout
         self._nft = Nft(netns)
+        self._elements_sock: ElementSocket | None = None
         self._prefix = f"netdev {table}"
+        self._flow_ms = max(1, int(round(flow_timeout * 1000)))
+        self._freeze_ms = max(1, int(round(freeze_timeout * 1000)))
         self._flow_to = _ms(flow_timeout)
         self._freeze_to = _ms(freeze_timeout)
         self.mac: str | None = None
@@ -233,80 +265,75 @@ class FlowSteering:
     def installed(self) -> bool:
         return self._nft.table_exists("netdev", self.table)
 
-    # -- per-flow operations (hot path: one libnftables call each) --------------------------------
+    # -- per-flow operations (hot path: one nfnetlink transaction each, ~15 µs of CPU) -----------------
+    # Element changes go over raw nfnetlink (tcpha.steering.nfnl): libnftables re-reads its cache from
+    # the kernel on every call and costs 10-50x more. Each call is one atomic transaction.
+    def _send(self, batch: ElementBatch, what: str) -> None:
+        sock = self._elements_sock
+        if sock is None:
+            sock = self._elements_sock = ElementSocket(self.netns)
+        try:
+            sock.run(batch)
+        except NetlinkError as exc:
+            hint = " (is the table installed?)" if exc.errno == 2 else ""
+            raise SteeringError(f"{what}: {exc}{hint}") from None
+
     def freeze(self, flow: FlowKey) -> None:
         """Drop the flow's incoming packets (the client retransmits them) until thaw() or forward()."""
-        self._run(f"add element {self._prefix} {FROZEN_SET} {{ {flow.nft()} timeout {self._freeze_to} }}")
+        batch = ElementBatch()
+        batch.add(NFPROTO_NETDEV, self.table, FROZEN_SET, [(flow.key(), None, self._freeze_ms)])
+        self._send(batch, "freezing flow")
 
     def thaw(self, flow: FlowKey) -> None:
         """Let the flow's packets reach this host again. Idempotent."""
-        k = flow.nft()
-        # add-then-delete in one transaction: never fails when the element has already gone (timeout).
-        self._run(f"add element {self._prefix} {FROZEN_SET} {{ {k} }}\n"
-                  f"delete element {self._prefix} {FROZEN_SET} {{ {k} }}")
+        batch = ElementBatch()
+        batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, [flow.key()])
+        self._send(batch, "thawing flow")
 
     def forward(self, flow: FlowKey, be_mac: str) -> None:
         """Send the flow's later packets to the back end with MAC `be_mac`; also thaws it. Atomic."""
-        self.forward_many([(flow, be_mac)])
+        key = flow.key()
+        batch = ElementBatch()
+        batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, [(key, _mac_bytes(be_mac), self._flow_ms)])
+        batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, [key])
+        self._send(batch, f"forwarding flow to {be_mac}")
 
     def forward_many(self, flows: Iterable[tuple[FlowKey, str]]) -> None:
-        """forward() for many flows in one transaction."""
-        t = self._prefix
-        flows = list(flows)
-        adds, frozen = [], []
+        """forward() for many flows, one transaction (all or none) per _BATCH_ELEMENTS flows."""
+        adds, keys = [], []
         for flow, mac in flows:
-            k = flow.nft()
-            adds.append(f"{k} timeout {self._flow_to} : {_mac(mac)}")
-            frozen.append(k)
+            key = flow.key()
+            adds.append((key, _mac_bytes(mac), self._flow_ms))
+            keys.append(key)
         if not adds:
             return
-        fz = ", ".join(frozen)
-        cmd = (f"add element {t} {FORWARD_MAP} {{ {', '.join(adds)} }}\n"
-               f"add element {t} {FROZEN_SET} {{ {fz} }}\n"
-               f"delete element {t} {FROZEN_SET} {{ {fz} }}")
-        try:
-            self._nft.run(cmd)
-        except NftError as exc:
-            if not exc.exists or len(adds) == 1:
-                raise SteeringError(f"forwarding flows: {exc}") from None
-            # One flow already forwarded to another MAC: do them one by one so the others still go in.
-            errors = []
-            for flow, mac in flows:
-                try:
-                    self.forward(flow, mac)
-                except SteeringError as one:
-                    errors.append(str(one))
-            if errors:
-                raise SteeringError(errors[0]) from None
+        for i in range(0, len(adds), _BATCH_ELEMENTS):
+            batch = ElementBatch()
+            batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds[i:i + _BATCH_ELEMENTS])
+            batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, keys[i:i + _BATCH_ELEMENTS])
+            self._send(batch, "forwarding flows")
 
     def unforward(self, flow: FlowKey) -> None:
         """Forget the flow (its connection ended). Idempotent: a flow already gone is fine."""
-        self.unforward_many([flow])
+        batch = ElementBatch()
+        batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, [flow.key()])
+        self._send(batch, "unforwarding flow")
 
     def unforward_many(self, flows: Iterable[FlowKey]) -> None:
-        keys = [f.nft() for f in flows]
+        keys = [f.key() for f in flows]
         if not keys:
             return
-        try:
-            self._nft.run(f"delete element {self._prefix} {FORWARD_MAP} {{ {', '.join(keys)} }}")
-        except NftError as exc:
-            if not exc.missing:
-                raise SteeringError(f"unforwarding flows: {exc}") from None
-            if len(keys) == 1:
-                return
-            # Some had expired already (the batch is all-or-nothing): delete the rest one by one.
-            for k in keys:
-                try:
-                    self._nft.run(f"delete element {self._prefix} {FORWARD_MAP} {{ {k} }}")
-                except NftError as one:
-                    if not one.missing:
-                        raise SteeringError(f"unforwarding flow {k}: {one}") from None
+        for i in range(0, len(keys), _BATCH_ELEMENTS):
+            batch = ElementBatch()
+            batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, keys[i:i + _BATCH_ELEMENTS])
+            self._send(batch, "unforwarding flows")
 
-    def _run(self, cmd: str) -> None:
-        try:
-            self._nft.run(cmd)
-        except NftError as exc:
-            raise SteeringError(str(exc)) from None
+    def close(self) -> None:
+        """Release this handle's sockets (the kernel objects stay: see remove())."""
+        if self._elements_sock is not None:
+            self._elements_sock.close()
+            self._elements_sock = None
+        self._nft.close()
 
     # -- inspection ------------------------------------------------------------------------------
     def _elements(self, name: str, kind: str) -> list:

@@ -1,0 +1,194 @@
+"""Adding and removing nftables set/map elements over raw nfnetlink: the per-connection hot path.
+
+Hand-written because nothing maintained does this fast enough from Python: libnftables (the `nftables`
+module) parses nft text or JSON and refreshes its object cache from the kernel on every call, which costs
+0.1-1.5 ms per element operation here (measured, bench/results/repair.md); pyroute2's nftables module cannot
+build sets with concatenated keys. The tables, sets, maps and rules themselves are still made with
+libnftables (tcpha.steering.flows); this module only sends NEWSETELEM / DESTROYSETELEM messages, in one
+nfnetlink batch (one atomic transaction) per call, and waits for the kernel's acknowledgements.
+
+Wire format (linux/netlink.h, linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h):
+  nlmsghdr(len u32, type u16, flags u16, seq u32, pid u32) + nfgenmsg(family u8, version u8, res_id be16)
+  + attributes nlattr(len u16, type u16) padded to 4 bytes.
+A batch is BATCH_BEGIN (res_id = NFNL_SUBSYS_NFTABLES) ... BATCH_END. Set element keys of concatenated
+types put each field in its own 4-byte-aligned slot (an inet_service takes 2 bytes + 2 bytes of padding).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+
+from .netns import call_in_netns
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLA_F_NESTED = 0x8000
+
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DESTROYSETELEM = 30  # like DELSETELEM, but no error when the element is absent (kernel >= 6.3)
+
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
+NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_DATA_VALUE = 1
+
+NFPROTO_NETDEV = 5
+NFPROTO_INET = 1
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("!BBH")
+_NLATTR = struct.Struct("=HH")
+_NLMSGERR = struct.Struct("=i")
+_BE64 = struct.Struct("!Q")
+_KEY4 = struct.Struct("!4sH2x4sH2x")  # ipv4_addr . inet_service . ipv4_addr . inet_service
+
+
+class NetlinkError(OSError):
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = _NLATTR.size + len(payload)
+    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
+
+
+def _nest(kind: int, *parts: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def flow_key(client_ip: str, client_port: int, vip: str, vport: int) -> bytes:
+    """The 16-byte kernel key of an `ipv4_addr . inet_service . ipv4_addr . inet_service` element."""
+    return _KEY4.pack(socket.inet_aton(client_ip), client_port, socket.inet_aton(vip), vport)
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+class ElementBatch:
+    """Element operations collected for one transaction."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, int, bytes]] = []  # (type, flags, payload)
+
+    def _list(self, family: int, table: str, setname: str, elems: list[bytes]) -> bytes:
+        return (_NFGENMSG.pack(family, 0, 0)
+                + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + _attr(NFTA_SET_ELEM_LIST_SET, setname.encode() + b"\0")
+                + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems))
+
+    def add(self, family: int, table: str, setname: str,
+            elements: list[tuple[bytes, bytes | None, int | None]]) -> None:
+        """Add (key, data or None, timeout ms or None) elements; an identical existing element is fine."""
+        elems = []
+        for key, data, timeout_ms in elements:
+            parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
+            if data is not None:
+                parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data)))
+            if timeout_ms is not None:
+                parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, _BE64.pack(timeout_ms)))
+            elems.append(_nest(NFTA_LIST_ELEM, *parts))
+        self.messages.append((NFT_MSG_NEWSETELEM, NLM_F_CREATE, self._list(family, table, setname, elems)))
+
+    def destroy(self, family: int, table: str, setname: str, keys: list[bytes]) -> None:
+        """Remove elements by key; absent ones are ignored."""
+        elems = [_nest(NFTA_LIST_ELEM, _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, k))) for k in keys]
+        self.messages.append((NFT_MSG_DESTROYSETELEM, 0, self._list(family, table, setname, elems)))
+
+
+class ElementSocket:
+    """An nfnetlink socket (in one namespace) that runs element batches. Thread-safe."""
+
+    def __init__(self, netns: str | None = None):
+        self._sock = call_in_netns(netns, self._open)
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._portid = self._sock.getsockname()[0]
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without a copy of our request
+        s.bind((0, 0))
+        return s
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def run(self, batch: ElementBatch) -> None:
+        """Send the batch as one transaction; raise NetlinkError with the kernel's errno if it failed."""
+        if not batch.messages:
+            return
+        with self._lock:
+            seq = self._seq
+            self._seq = (seq + len(batch.messages) + 2) & 0x7FFFFFFF
+            parts = [_NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0),
+                     _NFGENMSG.pack(0, 0, NFNL_SUBSYS_NFTABLES)]
+            first = seq + 1
+            for i, (kind, flags, payload) in enumerate(batch.messages):
+                parts.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                                            NLM_F_REQUEST | NLM_F_ACK | flags, first + i, 0))
+                parts.append(payload)
+            last = first + len(batch.messages) - 1
+            parts.append(_NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size, NFNL_MSG_BATCH_END, NLM_F_REQUEST,
+                                        last + 1, 0))
+            parts.append(_NFGENMSG.pack(0, 0, NFNL_SUBSYS_NFTABLES))
+            self._sock.send(b"".join(parts))
+            self._wait_acks(first, last)
+
+    def _wait_acks(self, first: int, last: int) -> None:
+        # One NLMSG_ERROR (error 0 = ack) per message that asked for it. The kernel handles the batch inside
+        # our send() call, so every answer is queued once send() returns. When the transaction fails, the
+        # kernel reports the failing message(s) (and may skip acks for others); nothing of it is applied.
+        pending = set(range(first, last + 1))
+        error = 0
+        while pending:
+            if error and not self._more_waiting():
+                break
+            data = self._sock.recv(65536)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    break
+                if kind == NLMSG_ERROR and seq in pending:
+                    code = -_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0]
+                    pending.discard(seq)
+                    if code and not error:
+                        error = code
+                offset += (length + 3) & ~3
+        if error:
+            raise NetlinkError(error, f"nftables: {os.strerror(error)}")
+
+    def _more_waiting(self) -> bool:
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+
+__all__ = ["ElementBatch", "ElementSocket", "NetlinkError", "flow_key", "mac_bytes", "NFPROTO_NETDEV",
+           "NFPROTO_INET", "errno"]

@@ -1,0 +1,234 @@
+"""Kernel objects: the steering table (install/adopt/remove, timeouts, bounds), the VIP, the ARP filter."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from tcpha.steering import (
+    ADDRESS_PROTO,
+    ArpFilter,
+    FlowKey,
+    FlowSteering,
+    SteeringError,
+    VipAddress,
+    neighbour_mac,
+)
+from tcpha.steering.netns import call_in_netns
+
+pytestmark = pytest.mark.netns
+
+
+def _tables(lab, host: str) -> str:
+    return lab.run(host, ["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+
+
+def _flows(n: int, base: int = 1024) -> list[FlowKey]:
+    return [FlowKey(f"10.77.{1 + i // 60000}.{2 + (i // 250) % 250}", base + i % 60000, "10.77.0.100", 80)
+            for i in range(n)]
+
+
+def _wait(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)  # polling kernel state with a deadline
+    return cond()
+
+
+@pytest.fixture
+def steering_factory(lab_module, run_prefix):
+    made: list[FlowSteering] = []
+
+    def make(**kw) -> FlowSteering:
+        args = dict(table=f"{run_prefix}st", ifname=lab_module.ifname("fe"), vip=lab_module.vip, ports=[80],
+                    netns=lab_module.netns("fe"))
+        args.update(kw)
+        fs = FlowSteering(**args)
+        made.append(fs)
+        return fs
+
+    try:
+        yield make
+    finally:
+        for fs in made:
+            fs.remove()
+
+
+def test_install_adopt_remove(lab_module, steering_factory, run_prefix):
+    first = steering_factory()
+    first.install()
+    assert not first.adopted
+    flows = _flows(50)
+    first.forward_many([(f, "02:00:00:00:00:0b") for f in flows])
+    first.freeze(FlowKey("10.77.0.2", 999, lab_module.vip, 80))
+    # The process "crashes" (no remove); a successor with other ports adopts the same table.
+    second = steering_factory(ports=[80, 8080])
+    second.install()
+    assert second.adopted
+    assert second.entries() == 50
+    assert set(second.forwarded()) == set(flows)
+    assert second.frozen_entries() == 1
+    assert _tables(lab_module, "fe").count(f"table netdev {run_prefix}st\n") == 1
+    rules = lab_module.run("fe", ["nft", "list", "chain", "netdev", f"{run_prefix}st", "ingress"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "{ 80, 8080 }" in rules
+    second.remove()
+    assert f"{run_prefix}st" not in _tables(lab_module, "fe")
+    assert not second.installed()
+    second.remove()  # idempotent
+
+
+def test_incompatible_table_of_same_name_is_replaced(lab_module, steering_factory, run_prefix):
+    lab_module.run("fe", ["nft", f"add table netdev {run_prefix}st; add set netdev {run_prefix}st frozen "
+                          "{ type ipv4_addr; }"], check=True)
+    fs = steering_factory()
+    fs.install()
+    assert not fs.adopted
+    fs.forward(FlowKey("10.77.0.2", 5000, lab_module.vip, 80), "02:00:00:00:00:0b")
+    assert fs.entries() == 1
+
+
+def test_entries_time_out_and_table_stays_bounded(steering_factory):
+    fs = steering_factory(flow_timeout=1.0, freeze_timeout=0.5)
+    fs.install()
+    flows = _flows(10_000)
+    for i in range(0, len(flows), 1000):
+        fs.forward_many([(f, "02:00:00:00:00:0b") for f in flows[i:i + 1000]])
+    assert fs.entries() == 10_000
+    # Connections end: the BE reports them, the FE removes them (in batches, some twice, some already gone).
+    fs.unforward_many(flows[:9_950])
+    fs.unforward_many(flows[9_900:9_950])  # already removed: no error
+    assert fs.entries() == 50
+    fs.freeze(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
+    # ... and the safety timeout removes the rest (the close reports that were lost).
+    assert _wait(lambda: fs.entries() == 0 and fs.frozen_entries() == 0, 10)
+    fs.unforward_many(flows[-50:])  # expired already: still fine
+    fs.thaw(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
+
+
+def test_bad_input_is_refused_with_clear_errors(lab_module, steering_factory):
+    with pytest.raises(SteeringError, match="IPv4 VIP"):
+        steering_factory(vip="not-an-ip")
+    with pytest.raises(SteeringError, match="table name"):
+        steering_factory(table="bad name; flush ruleset")
+    fs = steering_factory()
+    fs.install()
+    with pytest.raises(SteeringError, match="MAC"):
+        fs.forward(FlowKey("10.77.0.2", 1, lab_module.vip, 80), "zz:zz")
+    with pytest.raises(SteeringError, match="port"):
+        fs.forward(FlowKey("10.77.0.2", 0, lab_module.vip, 80), "02:00:00:00:00:0b")
+    with pytest.raises(SteeringError, match="not an IPv4 address"):
+        fs.freeze(FlowKey("10.77.0.2; flush ruleset", 1, lab_module.vip, 80))
+    missing = steering_factory(table="x" + fs.table, ifname="nosuch0")
+    with pytest.raises(SteeringError, match="no interface nosuch0"):
+        missing.install()
+
+
+def test_vip_address_ownership_and_adoption(lab_module):
+    ns = lab_module.netns("be2")
+    vip = "10.77.0.201"
+    first = VipAddress(vip, "lo", netns=ns)
+    try:
+        assert first.add() is True
+        with lab_module.ipr("be2") as ipr:
+            found = [a for a in ipr.get_addr(family=socket.AF_INET) if a.get("IFA_LOCAL") == vip]
+        assert len(found) == 1 and found[0].get("IFA_PROTO") == ADDRESS_PROTO
+        # A restart: the successor adopts the address it finds with our mark, and adds no second one.
+        second = VipAddress(vip, "lo", netns=ns)
+        assert second.add() is True
+        second.remove()
+        assert not first.present()
+        # An address configured by the operator (no mark) is used but never removed.
+        lab_module.run("be2", ["ip", "addr", "add", f"{vip}/32", "dev", "lo"], check=True)
+        theirs = VipAddress(vip, "lo", netns=ns)
+        assert theirs.add() is False
+        theirs.remove()
+        assert theirs.present()
+    finally:
+        lab_module.run("be2", ["ip", "addr", "del", f"{vip}/32", "dev", "lo"])
+
+
+def _arp_request(src_mac: bytes, src_ip: str, target_ip: str) -> bytes:
+    eth = b"\xff" * 6 + src_mac + b"\x08\x06"
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, src_mac, socket.inet_aton(src_ip), b"\0" * 6,
+                      socket.inet_aton(target_ip))
+    return eth + arp
+
+
+def _arp_replies_for(lab, target_ip: str, after_first: float = 0.3, timeout: float = 3.0) -> set[str]:
+    """Send one ARP request for target_ip from the client; collect the MACs that answer.
+
+    Waits until the first answer arrives, then a further `after_first` seconds for any other host to answer.
+    """
+    ifname = lab.ifname("client")
+    mac = bytes.fromhex(lab.mac("client").replace(":", ""))
+
+    def body() -> set[str]:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        try:
+            s.bind((ifname, 0x0806))
+            s.send(_arp_request(mac, lab.ip("client"), target_ip))
+            answers: set[str] = set()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    frame = s.recv(1500)
+                except TimeoutError:
+                    break
+                op, sha, spa = struct.unpack_from("!6xH6s4s", frame, 14)
+                if op == 2 and socket.inet_ntoa(spa) == target_ip:
+                    if not answers:
+                        deadline = min(deadline, time.monotonic() + after_first)
+                    answers.add(sha.hex(":"))
+            return answers
+        finally:
+            s.close()
+
+    return call_in_netns(lab.netns("client"), body)
+
+
+def test_arp_filter_keeps_backend_quiet_about_the_vip(lab_module, run_prefix):
+    lab = lab_module
+    vip = "10.77.0.150"
+    ns = lab.netns("be1")
+    fe_vip = VipAddress(vip, lab.ifname("fe"), netns=lab.netns("fe"))
+    be_vip = VipAddress(vip, "lo", netns=ns)
+    arp = ArpFilter(vip, lab.ifname("be1"), table=f"{run_prefix}arp", netns=ns)
+    try:
+        be_vip.add()
+        # Control: without the filter the back end does answer ARP for an address on its lo.
+        assert lab.mac("be1") in _arp_replies_for(lab, vip)
+        fe_vip.add()
+        arp.install()
+        assert lab.sysctl("be1", "net.ipv4.conf.all.arp_ignore") == "1"
+        assert lab.sysctl("be1", f"net.ipv4.conf.{lab.ifname('be1')}.arp_announce") == "2"
+        for _ in range(3):
+            assert _arp_replies_for(lab, vip) == {lab.mac("fe")}
+        # A second instance adopts the table and still restores the original sysctls on remove.
+        again = ArpFilter(vip, lab.ifname("be1"), table=f"{run_prefix}arp", netns=ns)
+        again.install()
+        assert again.adopted
+        assert _tables(lab, "be1").count(f"table arp {run_prefix}arp\n") == 1
+        again.remove()
+        assert lab.sysctl("be1", "net.ipv4.conf.all.arp_ignore") == "0"
+        assert lab.sysctl("be1", f"net.ipv4.conf.{lab.ifname('be1')}.arp_announce") == "0"
+        assert f"{run_prefix}arp" not in _tables(lab, "be1")
+    finally:
+        arp.remove()
+        fe_vip.remove()
+        be_vip.remove()
+
+
+def test_neighbour_mac_resolves_on_demand(lab_module):
+    lab = lab_module
+    ns = lab.netns("fe")
+    lab.run("fe", ["ip", "neigh", "flush", "dev", lab.ifname("fe")])
+    assert neighbour_mac(lab.ip("be2"), lab.ifname("fe"), netns=ns) == lab.mac("be2")
+    with pytest.raises(Exception, match="did not answer ARP"):
+        neighbour_mac("10.77.0.222", lab.ifname("fe"), netns=ns, timeout=0.5)
