@@ -168,6 +168,7 @@ def main() -> int:
     args = ap.parse_args()
     scale = 0.3 if args.quick else 1.0
     tmp = tempfile.mkdtemp(prefix="dcbench")
+    load_start = os.getloadavg()[0]
     rows = []
     for transport, make in (("TCP 127.0.0.1", lambda: f"IP:127.0.0.1:{free_port()}"),
                             ("UNIX socket", lambda: f"UNIX:{tmp}/dc{time.monotonic_ns()}.sock")):
@@ -190,7 +191,9 @@ def main() -> int:
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python3 bench/distcache/run.py"
         f"{' --quick' if args.quick else ''}` on {os.cpu_count()} cores "
-        f"(load average before the run's end {loadavg[0]:.2f}; the machine is shared with other work).",
+        f"(1-minute load average {load_start:.2f} at the start, {loadavg[0]:.2f} at the end; the machine is "
+        "shared with other work, so rates vary from run to run: the server's CPU µs per operation is the "
+        "steadier figure).",
         f"Python {sys.version.split()[0]}, event loop: "
         f"{'uvloop' if _has_uvloop() else 'asyncio'}. dc_test is ours (tcpha.cli.dc_test), 512 sessions, "
         "random ops; the client is Python too and shares the 2 cores with the server.",
