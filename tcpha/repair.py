@@ -40,6 +40,7 @@ TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
 IP_FREEBIND = 15
+MAX_USER_MSS = 32767
 
 TCP_REPAIR_ON = 1
 TCP_REPAIR_OFF = 0  # off, and the kernel sends a window probe (an ACK) to get the peer talking again
@@ -334,8 +335,9 @@ def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
         setsockopt(tcp, TCP_QUEUE_SEQ, _U32.pack((state.snd_seq - len(state.send_queue)) & _U32_MASK))
         # The MSS clamp before connect(): connect sizes the socket's segments from it, and setting it later
         # through TCP_REPAIR_OPTIONS alone leaves the socket sending 536-byte segments (seen).
+        # TCP_MAXSEG takes at most 32767 (MAX_TCP_WINDOW): only loopback MSSes are larger.
         step = "TCP_MAXSEG"
-        setsockopt(tcp, TCP_MAXSEG, state.mss)
+        setsockopt(tcp, TCP_MAXSEG, min(state.mss, MAX_USER_MSS))
         if freebind:
             step = "IP_FREEBIND"
             setsockopt(socket.SOL_IP, IP_FREEBIND, 1)

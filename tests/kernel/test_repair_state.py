@@ -1,0 +1,130 @@
+"""TcpState's wire format, and dump/restore on loopback (no namespaces needed, but CAP_NET_ADMIN)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from hypothesis import given, strategies as st
+
+from tcpha import repair
+from tcpha.repair import TcpState
+
+u32 = st.integers(0, 2**32 - 1)
+ipv4 = st.ip_addresses(v=4).map(str)
+# The text form the socket module gives (which is what dump() records).
+ipv6 = st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))
+port = st.integers(1, 65535)
+
+
+@st.composite
+def states(draw):
+    v6 = draw(st.booleans())
+    ip = ipv6 if v6 else ipv4
+    send_queue = draw(st.binary(max_size=300))
+    return TcpState(
+        family=socket.AF_INET6 if v6 else socket.AF_INET,
+        local=(draw(ip), draw(port)), peer=(draw(ip), draw(port)),
+        snd_seq=draw(u32), rcv_seq=draw(u32), mss=draw(st.integers(48, 65535)),
+        recv_queue=draw(st.binary(max_size=300)), send_queue=send_queue,
+        unsent=draw(st.integers(0, len(send_queue))),
+        timestamps=draw(st.booleans()), sack=draw(st.booleans()), wscale=draw(st.booleans()),
+        snd_wscale=draw(st.integers(0, 14)), rcv_wscale=draw(st.integers(0, 14)), timestamp=draw(u32),
+        window=draw(st.none() | st.tuples(u32, u32, u32, u32, u32)),
+    )
+
+
+@given(states())
+def test_round_trip(state):
+    assert TcpState.from_bytes(state.to_bytes()) == state
+
+
+@given(states(), st.data())
+def test_corrupt_input_raises_value_error_only(state, data):
+    blob = bytearray(state.to_bytes())
+    cut = data.draw(st.integers(0, len(blob)))
+    mutated = bytes(blob[:cut])
+    if cut < len(blob):
+        with pytest.raises(ValueError):
+            TcpState.from_bytes(mutated)
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] ^= data.draw(st.integers(1, 255))
+    try:
+        TcpState.from_bytes(bytes(blob))  # may still be a valid state: it must never raise anything else
+    except ValueError:
+        pass
+
+
+def test_version_and_length_errors_are_clear():
+    blob = TcpState(family=socket.AF_INET, local=("10.0.0.1", 80), peer=("10.0.0.2", 1234), snd_seq=2**32 - 1,
+                    rcv_seq=2**31, mss=1460, recv_queue=b"GET").to_bytes()
+    with pytest.raises(ValueError, match="version 9 not supported"):
+        TcpState.from_bytes(b"\x09" + blob[1:])
+    with pytest.raises(ValueError, match="does not match its queues"):
+        TcpState.from_bytes(blob + b"x")
+    with pytest.raises(ValueError, match="too short"):
+        TcpState.from_bytes(blob[:10])
+
+
+@pytest.mark.netns  # needs CAP_NET_ADMIN
+def test_loopback_dump_restore_keeps_the_stream():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    server.settimeout(5)
+    restored = None
+    try:
+        client.sendall(b"request")
+        assert server.recv(7, socket.MSG_PEEK | socket.MSG_WAITALL) == b"request"
+        state = repair.dump(server)
+        assert state.recv_queue == b"request"
+        assert state.local == server.getsockname() and state.peer == server.getpeername()
+        repair.discard(server)
+        restored = repair.restore(TcpState.from_bytes(state.to_bytes()))
+        restored.settimeout(5)
+        assert restored.recv(7) == b"request"
+        payload = os.urandom(300_000)
+        restored.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += client.recv(65536)
+        assert got == payload
+        client.sendall(b"more")
+        assert restored.recv(4) == b"more"
+        # A second restored connection on the same local port binds fine (SO_REUSEADDR before TCP_REPAIR).
+        client2 = socket.create_connection(listener.getsockname(), timeout=5)
+        server2, _ = listener.accept()
+        state2 = repair.dump(server2)
+        repair.discard(server2)
+        restored2 = repair.restore(state2)
+        client2.sendall(b"x")
+        restored2.settimeout(5)
+        assert restored2.recv(1) == b"x"
+        restored2.close()
+        client2.close()
+    finally:
+        client.close()
+        listener.close()
+        if restored is not None:
+            restored.close()
+
+
+@pytest.mark.netns
+def test_release_rolls_back():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    server.settimeout(5)
+    try:
+        client.sendall(b"hi")
+        assert server.recv(2, socket.MSG_PEEK | socket.MSG_WAITALL) == b"hi"
+        repair.dump(server)
+        repair.release(server)
+        assert server.recv(2) == b"hi"
+        server.sendall(b"back")
+        assert client.recv(4) == b"back"
+    finally:
+        client.close()
+        server.close()
+        listener.close()
