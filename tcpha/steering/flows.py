@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import socket
 import struct
@@ -151,6 +152,7 @@ class FlowSteering:
         self.freeze_timeout = freeze_timeout
         self._nft = Nft(netns)
         self._elements_sock: ElementSocket | None = None
+        self._elements_pid = 0
         self._prefix = f"netdev {table}"
         self._flow_ms = max(1, int(round(flow_timeout * 1000)))
         self._freeze_ms = max(1, int(round(freeze_timeout * 1000)))
@@ -270,8 +272,10 @@ class FlowSteering:
     # the kernel on every call and costs 10-50x more. Each call is one atomic transaction.
     def _send(self, batch: ElementBatch, what: str) -> None:
         sock = self._elements_sock
-        if sock is None:
+        if sock is None or self._elements_pid != os.getpid():
+            # (Re)open after a fork too: two processes sharing one netlink socket would read each other's acks.
             sock = self._elements_sock = ElementSocket(self.netns)
+            self._elements_pid = os.getpid()
         try:
             sock.run(batch)
         except NetlinkError as exc:
@@ -284,6 +288,14 @@ class FlowSteering:
         batch.add(NFPROTO_NETDEV, self.table, FROZEN_SET, [(flow.key(), None, self._freeze_ms)])
         self._send(batch, "freezing flow")
 
+    def freeze_many(self, flows: Iterable[FlowKey]) -> None:
+        """freeze() for many flows, one transaction per _BATCH_ELEMENTS flows."""
+        elems = [(f.key(), None, self._freeze_ms) for f in flows]
+        for i in range(0, len(elems), _BATCH_ELEMENTS):
+            batch = ElementBatch()
+            batch.add(NFPROTO_NETDEV, self.table, FROZEN_SET, elems[i:i + _BATCH_ELEMENTS])
+            self._send(batch, "freezing flows")
+
     def thaw(self, flow: FlowKey) -> None:
         """Let the flow's packets reach this host again. Idempotent."""
         batch = ElementBatch()
@@ -292,11 +304,7 @@ class FlowSteering:
 
     def forward(self, flow: FlowKey, be_mac: str) -> None:
         """Send the flow's later packets to the back end with MAC `be_mac`; also thaws it. Atomic."""
-        key = flow.key()
-        batch = ElementBatch()
-        batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, [(key, _mac_bytes(be_mac), self._flow_ms)])
-        batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, [key])
-        self._send(batch, f"forwarding flow to {be_mac}")
+        self.forward_many([(flow, be_mac)])
 
     def forward_many(self, flows: Iterable[tuple[FlowKey, str]]) -> None:
         """forward() for many flows, one transaction (all or none) per _BATCH_ELEMENTS flows."""
@@ -308,9 +316,13 @@ class FlowSteering:
         if not adds:
             return
         for i in range(0, len(adds), _BATCH_ELEMENTS):
+            chunk = keys[i:i + _BATCH_ELEMENTS]
             batch = ElementBatch()
+            # An entry already there for the same 4-tuple belongs to an earlier connection that ended (the
+            # FE has just accepted this one), its removal still pending: replace it, in the same transaction.
+            batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, chunk)
             batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds[i:i + _BATCH_ELEMENTS])
-            batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, keys[i:i + _BATCH_ELEMENTS])
+            batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, chunk)
             self._send(batch, "forwarding flows")
 
     def unforward(self, flow: FlowKey) -> None:

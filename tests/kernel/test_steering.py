@@ -232,3 +232,22 @@ def test_neighbour_mac_resolves_on_demand(lab_module):
     assert neighbour_mac(lab.ip("be2"), lab.ifname("fe"), netns=ns) == lab.mac("be2")
     with pytest.raises(Exception, match="did not answer ARP"):
         neighbour_mac("10.77.0.222", lab.ifname("fe"), netns=ns, timeout=0.5)
+
+
+def test_forward_replaces_a_stale_entry_and_freeze_many(lab_module, steering_factory):
+    fs = steering_factory()
+    fs.install()
+    flow = FlowKey("10.77.0.2", 4242, lab_module.vip, 80)
+    fs.forward(flow, "02:00:00:00:00:0b")
+    # The same 4-tuple comes back (a new connection) before the old entry was removed: it goes elsewhere.
+    fs.freeze(flow)
+    fs.forward(flow, "02:00:00:00:00:0c")
+    assert fs.forwarded() == {flow: "02:00:00:00:00:0c"}
+    assert fs.frozen_entries() == 0
+    many = _flows(1200, base=20000)
+    fs.freeze_many(many)
+    assert fs.frozen_entries() == 1200
+    fs.forward_many([(f, "02:00:00:00:00:0b") for f in many])
+    assert fs.frozen_entries() == 0 and fs.entries() == 1201
+    with pytest.raises(SteeringError, match="is the table installed"):
+        steering_factory(table="x" + fs.table).freeze(flow)
