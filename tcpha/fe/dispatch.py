@@ -166,40 +166,48 @@ class Dispatch:
             link = backend.pick_link()
             if link is None or backend.mac is None:
                 continue
-            if self._send_handoff(backend, link):
-                return
+            # Two-phase handoff, step 1: stop the client's packets reaching our socket. Freezes
+            # are batched per loop iteration (one nft transaction for all connections ready now).
+            if self.flow is None:
+                self.flow = w.flow_key(self.peer, self.lport)
+            self.backend = backend
+            self.link = link
+            w.batch.freeze(self)
+            return
         w.stats.unavailable += 1
         self._answer(503, f"no back end available among {', '.join(self.candidates)}")
 
-    def _send_handoff(self, backend: Any, link: Any) -> bool:
+    def frozen(self, error: Exception | None) -> None:
+        """Step 2 (the flow is frozen): dump the socket, send the state, wait for the answer."""
         w = self.worker
-        flow = self.flow
-        if flow is None:
-            flow = self.flow = w.flow_key(self.peer, self.lport)
-        try:
-            w.steering.freeze(flow)
-        except Exception as e:
-            log.error("freezing %s:%d failed: %s", self.peer[0], self.peer[1], e)
-            return False
+        if error is not None:
+            log.error("freezing %s:%d failed: %s", self.peer[0], self.peer[1], error)
+            self._next_candidate()
+            return
+        link = self.link
+        if not link.up:
+            self._thaw()
+            self._next_candidate()
+            return
         try:
             state = repair.dump(self.sock)
         except OSError as e:
             self._thaw()
             log.warning("%s:%d: dump failed: %s", self.peer[0], self.peer[1], e)
-            return False
+            self._next_candidate()
+            return
         self.xid = xid = w.new_xid()
-        self.backend = backend
-        self.link = link
         try:
-            link.send(w.handoff_message(xid, state, flow, self.peeked))
+            link.send(w.handoff_message(xid, state, self.flow, self.peeked))
         except Exception as e:
-            log.warning("back end %s: sending handoff failed: %s", backend.name, e)
+            log.warning("back end %s: sending handoff failed: %s", self.backend.name, e)
             self._rollback()
-            return False
+            if not self.finished:
+                self._next_candidate()
+            return
         w.pending[xid] = self
         link.pending.add(xid)
         self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out")
-        return True
 
     def _thaw(self) -> None:
         try:
@@ -224,10 +232,13 @@ class Dispatch:
             self.timer.cancel()
             self.timer = None
         self.link.pending.discard(self.xid)
-        try:
-            w.steering.forward(self.flow, self.backend.mac)
-        except Exception as e:
-            log.error("forwarding %s:%d to %s failed: %s", self.peer[0], self.peer[1], self.backend.name, e)
+        w.batch.forward(self)          # batched per loop iteration, like the freezes
+
+    def forwarded(self, error: Exception | None) -> None:
+        """Step 3 (the flow now goes to the back end): tell it, and let go of our socket silently."""
+        w = self.worker
+        if error is not None:
+            log.error("forwarding %s:%d to %s failed: %s", self.peer[0], self.peer[1], self.backend.name, error)
         if self.link.up:
             self.link.send(w.steered_message(self.xid))
         repair.discard(self.sock)
