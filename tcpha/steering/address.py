@@ -12,6 +12,9 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
+
+from .netns import call_in_netns
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -102,3 +105,26 @@ class VipAddress:
                     if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
                         raise AddressError(f"removing {self.address} from {self.ifname}: {exc}") from None
         self.owned = False
+
+    def announce(self) -> None:
+        """Send one gratuitous ARP for the VIP from the interface (what keepalived does on taking a VIP),
+        so that hosts with a stale ARP entry (a previous holder) switch to us at once. IPv4, non-lo only."""
+        if self.family != socket.AF_INET or self.ifname == "lo":
+            return
+        with self._ipr() as ipr:
+            mac = ipr.get_links(self._index(ipr))[0].get("IFLA_ADDRESS")
+        hw = bytes.fromhex(mac.replace(":", ""))
+        ip = socket.inet_aton(self.address)
+        # Ethernet broadcast + ARP request whose sender and target are both the VIP (RFC 5227 announcement).
+        frame = (b"\xff" * 6 + hw + b"\x08\x06"
+                 + struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, ip, b"\0" * 6, ip))
+
+        def send() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as s:
+                s.bind((self.ifname, 0x0806))
+                s.send(frame)
+
+        try:
+            call_in_netns(self.netns, send)
+        except OSError as exc:
+            raise AddressError(f"announcing {self.address} on {self.ifname}: {exc}") from None

@@ -152,3 +152,7 @@ class ArpFilter:
                 raise ArpFilterError(f"removing ARP filter table {self.table}: {exc}") from None
         except OSError as exc:
             raise ArpFilterError(f"restoring ARP sysctls: {exc}") from None
+
+    def close(self) -> None:
+        """Release this handle's resources (the kernel objects stay: see remove())."""
+        self._nft.close()

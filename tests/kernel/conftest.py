@@ -153,6 +153,7 @@ def handoff_lab(lab_module):
         for be in ("be1", "be2"):
             arp = ArpFilter(vip, lab.ifname(be), table=f"{prefix}arp", netns=lab.netns(be))
             arp.install()
+            cleanups.append(arp.close)
             cleanups.append(arp.remove)
             be_vip = VipAddress(vip, "lo", netns=lab.netns(be))
             be_vip.add()
@@ -160,6 +161,7 @@ def handoff_lab(lab_module):
         steering = FlowSteering(table=f"{prefix}fe", ifname=lab.ifname("fe"), vip=vip, ports=[VPORT],
                                 netns=lab.netns("fe"))
         steering.install()
+        cleanups.append(steering.close)
         cleanups.append(steering.remove)
         listener = lab.socket("fe")
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

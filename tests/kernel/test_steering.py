@@ -57,6 +57,7 @@ def steering_factory(lab_module, run_prefix):
     finally:
         for fs in made:
             fs.remove()
+            fs.close()
 
 
 def test_install_adopt_remove(lab_module, steering_factory, run_prefix):
@@ -221,6 +222,7 @@ def test_arp_filter_keeps_backend_quiet_about_the_vip(lab_module, run_prefix):
         assert f"{run_prefix}arp" not in _tables(lab, "be1")
     finally:
         arp.remove()
+        arp.close()
         fe_vip.remove()
         be_vip.remove()
 
@@ -251,3 +253,28 @@ def test_forward_replaces_a_stale_entry_and_freeze_many(lab_module, steering_fac
     assert fs.frozen_entries() == 0 and fs.entries() == 1201
     with pytest.raises(SteeringError, match="is the table installed"):
         steering_factory(table="x" + fs.table).freeze(flow)
+
+
+def test_vip_announce_updates_a_stale_arp_entry(lab_module):
+    lab = lab_module
+    vip = "10.77.0.160"
+    fe_vip = VipAddress(vip, lab.ifname("fe"), netns=lab.netns("fe"))
+    client_if = lab.ifname("client")
+    try:
+        # The client believes a previous holder (be2's MAC) has the VIP.
+        lab.run("client", ["ip", "neigh", "replace", vip, "lladdr", lab.mac("be2"), "dev", client_if,
+                           "nud", "stale"], check=True)
+        fe_vip.add()
+        fe_vip.announce()
+
+        def client_sees_fe() -> bool:
+            with lab.ipr("client") as ipr:
+                for n in ipr.get_neighbours(family=socket.AF_INET):
+                    if n.get("NDA_DST") == vip:
+                        return n.get("NDA_LLADDR") == lab.mac("fe")
+            return False
+
+        assert _wait(client_sees_fe, 5)
+    finally:
+        fe_vip.remove()
+        lab.run("client", ["ip", "neigh", "del", vip, "dev", client_if])
