@@ -8,6 +8,8 @@
               -> Refused / timeout / link lost: release repair, thaw, next candidate
       -> no candidate left / no rule matches: 503 written here, then close
     bad head -> 400/414/431; head not complete within peektimeout -> 408
+    TLS (docs/rules.md): a ClientHello that is malformed, longer than peekmax or not complete within
+    peektimeout is routed as one without SNI/ALPN; no rule matches -> handshake_failure alert, close
 
 Waiting for more of the head without consuming it: SO_RCVLOWAT is raised to one byte more than
 what was peeked, so the socket becomes readable only when new bytes (or a FIN) arrive.
@@ -27,6 +29,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from tcpha.fe.worker import Worker
 
 log = logging.getLogger("tcpha.fe.dispatch")
+
+try:
+    from tcpha.sniff.tls import HANDSHAKE_FAILURE_ALERT
+except ImportError:  # pragma: no cover - RFC 8446 6: alert record, fatal(2), handshake_failure(40)
+    HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 1, 0, 2, 2, 40))
+
+
+def _tls_default_facts() -> Any:
+    """What a TLS connection whose ClientHello could not be read is matched as (docs/rules.md): no SNI, no ALPN."""
+    from tcpha.fe.rules import RequestFacts
+    return RequestFacts.from_client_hello(None)
 
 TCP_INFO = 11
 TCP_CLOSE_WAIT = 8
@@ -85,35 +98,49 @@ class Dispatch:
             self._close("client closed with an incomplete request head")
             return
         self.peeked = len(buf)
+        tls = w.is_tls(buf)
         try:
             facts = w.facts_of(buf)
         except w.head_errors as e:
-            status = getattr(e, "status", 400)
-            if w.is_tls(buf):
-                self._close(f"malformed TLS ClientHello: {e}")
+            if tls:      # docs/rules.md: an unreadable ClientHello is routed as one without SNI/ALPN
+                self._route(_tls_default_facts(), f"unreadable TLS ClientHello ({e})")
             else:
-                self._answer(status, f"bad request head: {e}")
+                self._answer(getattr(e, "status", 400), f"bad request head: {e}")
+            return
+        except Exception as e:                                  # never a crash, whatever the bytes
+            log.exception("%s:%d: sniffing the first %d bytes failed", self.peer[0], self.peer[1], len(buf))
+            if tls:
+                self._route(_tls_default_facts(), f"unreadable TLS ClientHello ({e})")
+            else:
+                self._answer(400, f"unreadable request head: {e}")
             return
         if facts is None:                                        # NeedMore
             if len(buf) >= w.peekmax:
-                if w.is_tls(buf):
-                    self._close(f"TLS ClientHello longer than peekmax {w.peekmax}")
+                if tls:
+                    self._route(_tls_default_facts(), f"TLS ClientHello longer than peekmax {w.peekmax}")
                 else:
                     self._answer(431, f"request head longer than peekmax {w.peekmax}")
                 return
             self._set_lowat(len(buf) + 1)
             self._want_read()
             return
+        self._route(facts, None)
+
+    def _route(self, facts: Any, why: str | None) -> None:
+        """Match the rules and hand off to the first candidate; `why`: the facts are the TLS default."""
+        w = self.worker
         self._stop_reading()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if why is not None:
+            log.info("%s:%d: %s: routed as a ClientHello without SNI", self.peer[0], self.peer[1], why)
         self.facts = facts
         self.candidates = w.rules.candidates(facts)
         if not self.candidates:
             w.stats.nomatch += 1
-            if w.is_tls(buf):
-                self._close(f"no rule matches (sni {facts.sni!r}); closed")
+            if facts.uri is None:
+                self._tls_refuse(f"no rule matches (sni {facts.sni!r})")
             else:
                 self._answer(503, f"no rule matches {facts.uri!r}")
             return
@@ -141,7 +168,9 @@ class Dispatch:
         self.timer = None
         self._stop_reading()
         if self.peeked and self.worker.is_tls_fd_peek(self.sock):
-            self._close(f"TLS ClientHello not complete within {self.worker.peektimeout:g} s")
+            self._set_lowat(1)
+            self._route(_tls_default_facts(),
+                        f"TLS ClientHello not complete within {self.worker.peektimeout:g} s")
         else:
             self._answer(408, f"request head not complete within {self.worker.peektimeout:g} s")
 
@@ -307,6 +336,30 @@ class Dispatch:
             return
         self.finished = True
         w.dispatch_done(self)           # no longer counts against maxclients
+        w.lingering[self.fd] = self
+        w.loop.add_reader(self.fd, self._linger_readable)
+        self.reading = True
+        self.timer = w.loop.call_later(LINGER, self._linger_end)
+
+    def _tls_refuse(self, why: str) -> None:
+        """No rule for this TLS connection: a fatal handshake_failure alert (plaintext, as a server may
+        send before its ServerHello, RFC 8446 6.2), then close. No HTTP answer is possible inside TLS."""
+        w = self.worker
+        log.warning("%s:%d: handshake_failure alert: %s", self.peer[0], self.peer[1], why)
+        self._stop_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._set_lowat(1)
+        try:
+            self._drain()                 # unread bytes would turn our close into an RST
+            self.sock.send(HANDSHAKE_FAILURE_ALERT)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(None)
+            return
+        self.finished = True
+        w.dispatch_done(self)
         w.lingering[self.fd] = self
         w.loop.add_reader(self.fd, self._linger_readable)
         self.reading = True
