@@ -1,0 +1,336 @@
+"""TLS termination on the back end: handed-off connections to a VIP port in `tlsports` are decrypted
+here and the plaintext relayed to the application at redirectaddr:redirectport (any unmodified HTTP
+server), with the TLS sessions kept in the shared distcache session cache (tcpha.tls.share_sessions).
+
+The front end hands the connection over *before* the handshake (it only peeked at the ClientHello,
+which is still in the restored socket's receive queue), so the whole handshake happens here.
+
+Why in the back end's event loop rather than a thread per connection: the relay is a few callbacks
+per readiness event, like the splice relay; a handshake costs ~1-3 ms of CPU either way (the GIL
+serialises OpenSSL calls made from Python threads as well, apart from the crypto itself), and a thread
+per connection would add a thread start (~60 us) and two context switches per record. The session
+cache lookup is synchronous inside the handshake (OpenSSL's get callback), bounded by the shim's
+timeout and its circuit breaker, so a dead cache costs at most one timeout per retry interval.
+
+    TlsTermination.from_config(cfg)  -> None (tlscert unset) or the context + ports
+    termination.wants(sock)          -> is this connection's local port one of tlsports
+    termination.relay(loop, client, app, on_done) -> TlsRelay (start / release / close like SpliceRelay)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("tcpha.be.tls")
+
+HANDSHAKE_TIMEOUT = 10.0     # a client that does not finish its handshake in this time is dropped
+CACHE_LOOKUP_TIMEOUT = 0.2   # seconds: bound of one session cache operation (it runs mid-handshake)
+BUFFER_LIMIT = 256 * 1024    # bytes buffered per direction before we stop reading that side
+RECV_SIZE = 65536
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class TlsSetupError(Exception):
+    """The TLS settings cannot be used (certificate, key); str(e) is one line."""
+
+
+@dataclass
+class TlsStats:
+    handshakes: int = 0      # completed
+    resumed: int = 0         # of which resumed (session from the cache)
+    failed: int = 0          # handshakes that failed (bad ClientHello, alert, timeout, reset)
+
+
+@dataclass
+class TlsTermination:
+    context: ssl.SSLContext
+    ports: frozenset[int]
+    shared: bool                         # sessions go through the shared cache
+    cache: str | None
+    stats: TlsStats = field(default_factory=TlsStats)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "TlsTermination | None":
+        cert = getattr(config, "tlscert", None)
+        if not cert:
+            return None
+        key = getattr(config, "tlskey", None) or None
+        ports = frozenset(int(p) for p in (getattr(config, "tlsports", None) or [443]))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(cert, key)
+        except FileNotFoundError as e:
+            raise TlsSetupError(f"tlscert/tlskey: {e.filename}: no such file") from None
+        except (ssl.SSLError, OSError) as e:
+            raise TlsSetupError(f"tlscert {cert}" + (f" / tlskey {key}" if key else "") +
+                                f": cannot load the certificate and key: {e}") from None
+        ctx.set_alpn_protocols(["http/1.1"])     # the relay speaks to an HTTP/1.1 application
+        cache = getattr(config, "sessioncache", None) or None
+        shared = False
+        if cache:
+            from tcpha.tls import share_sessions
+            timeout = int(getattr(config, "sessiontimeout", 300) or 300)
+            # False after one log line when the shim's self-checks fail: TLS still works, unshared.
+            shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout)
+        if not shared:
+            # Without the shared cache: OpenSSL's own cache (this process only) and TLS 1.3 tickets.
+            ctx.num_tickets = 1
+        log.log(25, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
+                cert, f"shared through {cache}" if shared else "not shared (no sessioncache)" if not cache
+                else f"NOT shared (the shim refused; see above), cache {cache}")
+        return cls(context=ctx, ports=ports, shared=shared, cache=cache)
+
+    def wants(self, client: socket.socket) -> bool:
+        try:
+            return client.getsockname()[1] in self.ports
+        except OSError:
+            return False
+
+    def relay(self, loop: asyncio.AbstractEventLoop, client: socket.socket, app: socket.socket,
+              on_done: Callable[[Any], None] | None) -> "TlsRelay":
+        return TlsRelay(self, loop, client, app, on_done)
+
+
+class TlsRelay:
+    """TLS server on `client`, plaintext to `app`; the same life cycle as SpliceRelay.
+
+    Level-triggered: every readiness event runs :meth:`_pump`, which makes all the progress it can
+    (handshake, client -> app, app -> client, half-closes) and then watches exactly the fds it
+    needs. Half-close is kept: the client's close_notify / FIN becomes a FIN to the application; the
+    application's FIN becomes close_notify + FIN to the client.
+    """
+
+    def __init__(self, term: TlsTermination, loop: asyncio.AbstractEventLoop, client: socket.socket,
+                 app: socket.socket, on_done: Callable[[Any], None] | None):
+        self.term = term
+        self.loop = loop
+        self.app = app
+        self.on_done = on_done
+        self.peer = _peer(client)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.setblocking(False)
+        app.setblocking(False)
+        self.client_fd = client.fileno()
+        self.app_fd = app.fileno()
+        self.tls = term.context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        self.handshaken = False
+        self.held = True
+        self.closed = False
+        self.error: str | None = None
+        self.up = bytearray()        # client -> app, decrypted
+        self.down = bytearray()      # app -> client, to encrypt
+        self.up_eof = self.up_shut = False
+        self.down_eof = self.down_shut = False
+        self.bytes_up = self.bytes_down = 0
+        self.version: str | None = None
+        self.resumed = False
+        self._watch = {"cr": False, "cw": False, "ar": False, "aw": False}
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- SpliceRelay's interface ---------------------------------------------------------------------
+    def start(self, *, hold_down: bool = False) -> None:
+        """hold_down: nothing may go to the client (our ServerHello) until release(): the front end
+        has not yet steered the flow here."""
+        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        if not hold_down:
+            self.release()
+
+    def release(self) -> None:
+        if self.held and not self.closed:
+            self.held = False
+            self._pump()
+
+    def describe(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "?"
+
+    def close(self, *, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._set_watch(cr=False, cw=False, ar=False, aw=False)
+        for s in (self.tls, self.app):
+            try:
+                s.close()
+            except OSError:
+                pass
+        if self.on_done is not None:
+            self.on_done(self)
+
+    # -- the work ------------------------------------------------------------------------------------
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self.handshaken and not self.closed:
+            self._fail(f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s")
+
+    def _fail(self, why: str) -> None:
+        if not self.handshaken:
+            self.term.stats.failed += 1
+        self.error = why
+        log.info("TLS %s: %s", self.describe(), why)
+        self.close()
+
+    def _event(self) -> None:
+        if not self.closed:
+            self._pump()
+
+    def _pump(self) -> None:
+        try:
+            self._progress()
+        except ssl.SSLError as e:
+            self._fail(f"TLS error: {e.reason or e}")
+            return
+        except OSError as e:
+            self._fail(f"{e.strerror or e}")
+            return
+        if self.closed:
+            return
+        if self.up_shut and self.down_shut:
+            self.close()
+
+    def _progress(self) -> None:
+        want = {"cr": False, "cw": False, "ar": False, "aw": False}
+        if self.held:
+            self._set_watch(**want)
+            return
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                want["cr"] = True
+                self._set_watch(**want)
+                return
+            except ssl.SSLWantWriteError:
+                want["cw"] = True
+                self._set_watch(**want)
+                return
+            self._handshake_done()
+        moved = True
+        while moved and not self.closed:
+            moved = False
+            want = {"cr": False, "cw": False, "ar": False, "aw": False}
+            # client -> app
+            if not self.up_eof and len(self.up) < BUFFER_LIMIT:
+                try:
+                    data = self.tls.recv(RECV_SIZE)
+                except ssl.SSLWantReadError:
+                    want["cr"] = True
+                except ssl.SSLWantWriteError:
+                    want["cw"] = True
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                    self.up_eof = moved = True
+                else:
+                    moved = True
+                    if data:
+                        self.up += data
+                    else:
+                        self.up_eof = True
+            if self.up:
+                try:
+                    n = self.app.send(self.up)
+                except BlockingIOError:
+                    want["aw"] = True
+                else:
+                    del self.up[:n]
+                    self.bytes_up += n
+                    moved = moved or n > 0
+                    if self.up:
+                        want["aw"] = True
+            elif self.up_eof and not self.up_shut:
+                self.up_shut = moved = True
+                _shutdown_write(self.app)
+            # app -> client
+            if not self.down_eof and len(self.down) < BUFFER_LIMIT:
+                try:
+                    data = self.app.recv(RECV_SIZE)
+                except BlockingIOError:
+                    want["ar"] = True
+                else:
+                    moved = True
+                    if data:
+                        self.down += data
+                    else:
+                        self.down_eof = True
+            if self.down:
+                try:
+                    n = self.tls.send(self.down)
+                except ssl.SSLWantWriteError:
+                    want["cw"] = True
+                except ssl.SSLWantReadError:
+                    want["cr"] = True
+                else:
+                    del self.down[:n]
+                    self.bytes_down += n
+                    moved = moved or n > 0
+                    if self.down:
+                        want["cw"] = True
+            elif self.down_eof and not self.down_shut:
+                self.down_shut = moved = True
+                self._close_notify()
+            if self.up_shut and self.down_shut:
+                break
+        self._set_watch(**want)
+
+    def _handshake_done(self) -> None:
+        self.handshaken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.version = self.tls.version()
+        self.resumed = bool(self.tls.session_reused)
+        stats = self.term.stats
+        stats.handshakes += 1
+        stats.resumed += self.resumed
+        log.debug("TLS %s: %s handshake done (%s)", self.describe(), self.version,
+                  "resumed" if self.resumed else "full")
+
+    def _close_notify(self) -> None:
+        """The application ended its answer: close_notify (best effort), then FIN to the client."""
+        try:
+            self.tls._sslobj.shutdown()          # type: ignore[union-attr]  # sends close_notify
+        except (ssl.SSLError, OSError, AttributeError, ValueError):
+            pass                                  # usually SSLWantRead: the peer's close_notify is not here yet
+        try:
+            socket.socket.shutdown(self.tls, socket.SHUT_WR)   # the TCP half-close, keeping the TLS object
+        except OSError:
+            pass
+
+    def _set_watch(self, *, cr: bool, cw: bool, ar: bool, aw: bool) -> None:
+        w = self._watch
+        loop = self.loop
+        if cr != w["cr"]:
+            loop.add_reader(self.client_fd, self._event) if cr else loop.remove_reader(self.client_fd)
+            w["cr"] = cr
+        if cw != w["cw"]:
+            loop.add_writer(self.client_fd, self._event) if cw else loop.remove_writer(self.client_fd)
+            w["cw"] = cw
+        if ar != w["ar"]:
+            loop.add_reader(self.app_fd, self._event) if ar else loop.remove_reader(self.app_fd)
+            w["ar"] = ar
+        if aw != w["aw"]:
+            loop.add_writer(self.app_fd, self._event) if aw else loop.remove_writer(self.app_fd)
+            w["aw"] = aw
+
+
+def _peer(sock: socket.socket) -> tuple[str, int] | None:
+    try:
+        return sock.getpeername()[:2]
+    except OSError:
+        return None
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
