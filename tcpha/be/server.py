@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from tcpha import control, repair
 from tcpha.be.relay import SpliceRelay
+from tcpha.be.tls import TlsTermination
 
 log = logging.getLogger("tcpha.be")
 
@@ -204,6 +205,8 @@ class BackEnd:
         self._stop: asyncio.Event | None = None
         self._kernel_state: list[Any] = []
         self.on_ready: Callable[[], None] | None = None
+        # tlscert set: connections to a VIP port in tlsports are TLS-terminated here (tcpha.be.tls).
+        self.tls: TlsTermination | None = None
 
     # -- messages --------------------------------------------------------------------------------
     def greeting(self) -> Any:
@@ -314,7 +317,10 @@ class BackEnd:
 
     def _relay(self, client: socket.socket, app: socket.socket,
                on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
-        relay = SpliceRelay(self.loop, client, app, on_done)
+        if self.tls is not None and self.tls.wants(client):
+            relay: Any = self.tls.relay(self.loop, client, app, on_done)
+        else:
+            relay = SpliceRelay(self.loop, client, app, on_done)
         self.relays.add(relay)
         self.stats.active = len(self.relays)
         relay.start(hold_down=hold_down)
@@ -432,6 +438,7 @@ class BackEnd:
             log.log(NOTICE, "a front end shares this host (unixpath set, or the VIP %s on a LAN "
                     "interface): VIP and ARP filtering left to it", self.vip)
             self.kernel = False
+        self.tls = TlsTermination.from_config(self.config)     # before any kernel state: may fail
         if self.kernel:
             self.install_kernel_state()
         try:
