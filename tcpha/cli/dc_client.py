@@ -273,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         await agent.run()
 
     try:
-        asyncio.run(serve())
+        try:
+            import uvloop  # optional: a faster event loop when installed
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve())
     finally:
         if unix_path:
             try:

@@ -146,6 +146,8 @@ class _Pair:
             del buf[:pos]
             if dest is not None:
                 dest.write(out)
+            elif d is self.c2s:
+                self.early.append(out)   # the server connection is not up yet
             self.snooper.emit(lines)
 
 
@@ -173,6 +175,9 @@ class _ClientSide(asyncio.Protocol):
             transport.close()
             return
         pair.server = transport
+        if pair.early:
+            transport.write(b"".join(pair.early))
+            pair.early.clear()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dctools_support import (fake_servers, procs, read_responses, request, sockdir,  # noqa: E402,F401
-                             unix_connect, wait_until)
+from dctools_support import (agent_has_upstream, fake_servers, procs, read_responses,  # noqa: E402,F401
+                             request, sockdir, unix_connect, wait_until)
 
 from tcpha.distcache.client import PERSISTENT, DistcacheClient, DistcacheError  # noqa: E402
 from tcpha.distcache.codec import Op  # noqa: E402
@@ -261,6 +261,7 @@ def test_daemon_detaches(procs, fake_servers, sockdir):
     assert proc.cwd() == "/"
     assert os.getsid(pid) != os.getsid(0)          # its own session, no controlling terminal
     assert proc.ppid() != os.getpid()
+    wait_until(lambda: agent_has_upstream(f"UNIX:{sockdir}/agent"), 10, "the daemon to serve")
     assert DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=2).has(b"abcdef") is False
     os.kill(pid, signal.SIGTERM)
     proc.wait(10)

@@ -140,12 +140,12 @@ def test_failure_is_detected(procs, fake_servers, sockdir):
 def test_no_server(procs, sockdir):
     r = _dc_test(procs, "-connect", f"UNIX:{sockdir}/none", "-persistent")
     assert (r.returncode, r.stderr, r.stdout) == (1, "Error, 'DC_CTX' creation failed\n", "")
-    r = _dc_test(procs, "-connect", f"UNIX:{sockdir}/none", "-sessions", "3", "-ops", "10")
+    r = _dc_test(procs, "-connect", f"UNIX:{sockdir}/none", "-sessions", "3", "-ops", "100")
     assert r.returncode == 1
-    assert r.stdout.splitlines()[1] == "Info, 0 tests succeeded before the first failure"
-    assert r.stderr.splitlines()[0] in ("Error, add failed!", "Error, transaction failure",
-                                        "Error, get failed!", "Error, remove failed!") or \
-        r.stderr.splitlines()[0].startswith("Error,")
+    # A failed remove/get of an absent session looks like the right answer (as in the original);
+    # the first add or have exposes the dead server.
+    assert re.match(r"^Info, \d+ tests succeeded before the first failure$", r.stdout.splitlines()[1])
+    assert r.stderr.splitlines()[0] in ("Error, add failed!", "Error, transaction failure")
 
 
 @pytest.mark.parametrize("args, message", [
