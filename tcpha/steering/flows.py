@@ -347,31 +347,28 @@ class FlowSteering:
             self._elements_sock = None
         self._nft.close()
 
-    # -- inspection ------------------------------------------------------------------------------
-    def _elements(self, name: str, kind: str) -> list:
+    # -- inspection (netlink dumps: fast even with 100k flows, unlike listing through libnftables) ---
+    def _dump(self, name: str, keys: bool) -> tuple[int, list[tuple[bytes, bytes | None]]]:
+        sock = self._elements_sock
+        if sock is None or self._elements_pid != os.getpid():
+            sock = self._elements_sock = ElementSocket(self.netns)
+            self._elements_pid = os.getpid()
         try:
-            objs = self._nft.list_json(f"{kind} {self._prefix} {name}")
-        except NftError as exc:
-            raise SteeringError(f"listing {kind} {name}: {exc}") from None
-        for o in objs:
-            if kind in o:
-                return o[kind].get("elem", [])
-        return []
+            return sock.dump_elements(NFPROTO_NETDEV, self.table, name, keys=keys)
+        except NetlinkError as exc:
+            raise SteeringError(f"listing {name} of nft table netdev {self.table}: {exc}") from None
 
     def entries(self) -> int:
-        """Number of flows in the forward map."""
-        return len(self._elements(FORWARD_MAP, "map"))
+        """Number of flows in the forward map (a kernel dump: O(n), ~1 s per 100k flows; for status output)."""
+        return self._dump(FORWARD_MAP, False)[0]
 
     def frozen_entries(self) -> int:
-        return len(self._elements(FROZEN_SET, "set"))
+        return self._dump(FROZEN_SET, False)[0]
 
     def forwarded(self) -> dict[FlowKey, str]:
         """The forward map as {flow: BE MAC} (for status output and tests)."""
         out: dict[FlowKey, str] = {}
-        for item in self._elements(FORWARD_MAP, "map"):
-            key, mac = item
-            if isinstance(key, dict) and "elem" in key:
-                key = key["elem"]["val"]
-            cip, cport, vip, vport = key["concat"]
-            out[FlowKey(cip, int(cport), vip, int(vport))] = mac
+        for key, mac in self._dump(FORWARD_MAP, True)[1]:
+            cip, cport, vip, vport = _KEY.unpack(key)
+            out[FlowKey(socket.inet_ntoa(cip), cport, socket.inet_ntoa(vip), vport)] = (mac or b"").hex(":")
         return out
