@@ -442,7 +442,16 @@ class BackEnd:
         if self.kernel:
             self.install_kernel_state()
         try:
-            asyncio.run(self.serve())
+            profile = os.environ.get("TCPHA_PROFILE")       # bench/handoff: where the CPU goes
+            if profile:
+                import cProfile
+                prof = cProfile.Profile()
+                try:
+                    prof.runcall(asyncio.run, self.serve())
+                finally:
+                    prof.dump_stats(f"{profile}.be.{os.getpid()}")
+            else:
+                asyncio.run(self.serve())
         finally:
             if self.kernel:
                 self.remove_kernel_state()
