@@ -1,0 +1,122 @@
+"""The worker's end of its runtime link to the control plane (a socketpair made before the fork).
+
+Newline-delimited JSON, one request at a time from the control plane, one reply each:
+
+    {"id": N, "op": "gate", "gate": {backend: accepts_new}}   health / weight / drain, as decided
+    {"id": N, "op": "dbglevel", "level": 0-6}                   log level of this process
+    {"id": N, "op": "conn"}      -> {"id": N, "rows": [...]}     the worker's connection table
+    {"id": N, "op": "metrics"}   -> {"id": N, "metrics": {...}, "dispatching": n, "flows": n}
+    {"id": N, "op": "stop"}                                      stop accepting, finish, exit
+    {"id": N, "op": "add_backend", "name", "host", "port", "rules": [[field, pattern], ...]}
+    {"id": N, "op": "remove_backend", "name"}                    dynamic registration
+
+Runs in the worker's event loop (callbacks only); the control plane never touches worker objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger("tcpha.fe.agent")
+
+
+class WorkerAgent:
+    def __init__(self, worker: Any, sock: socket.socket):
+        self.worker = worker
+        self.sock = sock
+        self.buf = b""
+        self.closed = False
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.worker.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.worker.loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.sock.close()
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The control plane went away (the arbiter died): keep serving; nothing to answer.
+            self.close()
+            return
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            try:
+                req = json.loads(line)
+                reply = self.handle(req)
+            except Exception as e:                      # never crash the worker
+                log.exception("runtime request failed")
+                reply = {"error": str(e)}
+                req = {}
+            reply["id"] = req.get("id") if isinstance(req, dict) else None
+            out = json.dumps(reply).encode() + b"\n"
+            self.worker.loop.create_task(self.worker.loop.sock_sendall(self.sock, out))
+
+    def handle(self, req: dict) -> dict:
+        w = self.worker
+        ledger = w.ledger
+        op = req.get("op")
+        if op == "gate":
+            ledger.gate = {str(k): bool(v) for k, v in req.get("gate", {}).items()}
+            return {"ok": True}
+        if op == "dbglevel":
+            from tcpha.config import dbglevel_to_logging
+            logging.getLogger().setLevel(dbglevel_to_logging(int(req["level"])))
+            w.log_connections = logging.getLogger("tcpha.fe.handoff").isEnabledFor(logging.INFO)
+            return {"ok": True}
+        if op == "conn":
+            return {"rows": ledger.conn_rows()}
+        if op == "metrics":
+            return {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
+                    "flows": len(ledger.flows), "inflight": w.inflight}
+        if op == "stop":
+            w.stop()
+            return {"ok": True}
+        if op == "add_backend":
+            return self._add_backend(req)
+        if op == "remove_backend":
+            return self._remove_backend(req["name"])
+        return {"error": f"unknown op {op!r}"}
+
+    def _add_backend(self, req: dict) -> dict:
+        from tcpha.config import compile_rule
+        from tcpha.fe.backends import RemoteBackend
+        from tcpha.fe.rules import RuleTable
+        w = self.worker
+        name = req["name"]
+        rules = [compile_rule(name, f, p) for f, p in req.get("rules", [])]
+        if name not in w.backends:
+            be = RemoteBackend(w, req["host"], int(req["port"]), int(w.config.connperbe))
+            w.backends[name] = be
+            be.start()
+        w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name] + rules
+        w.rules = RuleTable(list(w.config.rules) + w.dynamic_rules)
+        w.ledger.set_rules(list(w.config.rules) + w.dynamic_rules)
+        return {"ok": True}
+
+    def _remove_backend(self, name: str) -> dict:
+        from tcpha.fe.rules import RuleTable
+        w = self.worker
+        w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name]
+        w.rules = RuleTable(list(w.config.rules) + w.dynamic_rules)
+        w.ledger.set_rules(list(w.config.rules) + w.dynamic_rules)
+        be = w.backends.pop(name, None)
+        if be is not None and be not in w.backends.values():
+            be.close()
+        return {"ok": True}

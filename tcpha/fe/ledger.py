@@ -1,0 +1,136 @@
+"""A front-end worker's record of its connections: what is being dispatched, what was handed off and
+not yet reported closed, the counters behind the metrics, and the back ends it may hand off to now.
+
+The worker calls it at each step (Dispatch.start / handed_off / answered / dispatch_done, FlowClosed);
+the control plane reads it through the worker's runtime link (tcpha.fe.agent) for ``conn``, the
+metrics and ``dbglevel``, and writes ``gate`` there when health, weights or drain change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tcpha.metrics import WorkerMetrics
+
+log = logging.getLogger("tcpha.fe.handoff")
+
+LOCAL = "local"
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    client_ip: str
+    client_port: int
+    vport: int
+    backend: str
+    rule: str
+    since: float                 # time.time() of the handoff
+    state: str = "handed-off"    # or "local" (relayed to the local node by this worker)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    relay: Any = None            # local node: the SpliceRelay (bytes known live)
+
+
+def rule_text(rule: Any) -> str:
+    return f"{rule.field}:{rule.pattern}"
+
+
+class ConnectionLedger:
+    def __init__(self, rules: list[Any], flow_timeout: float = 3600.0):
+        self.metrics = WorkerMetrics()
+        self.flows: dict[tuple[str, int, int], FlowRecord] = {}
+        self.dispatching: dict[int, Any] = {}
+        self.gate: dict[str, bool] = {}          # back end name -> accepts new connections (absent: yes)
+        self.flow_timeout = flow_timeout
+        self.set_rules(rules)
+
+    def set_rules(self, rules: list[Any]) -> None:
+        from tcpha.fe.rules import RuleTable
+        by_target: dict[str, list[tuple[Any, Any]]] = {}
+        for rule in rules:
+            by_target.setdefault(rule.target, []).append((rule, RuleTable([rule])))
+        self._by_target = by_target
+
+    # -- questions the dispatcher asks ----------------------------------------------------------
+    def accepts(self, name: str) -> bool:
+        return self.gate.get(name, True)
+
+    def rule_for(self, facts: Any, target: str) -> str:
+        """The first rule naming `target` that matches these facts ('-' when none: a fallback)."""
+        if facts is None:
+            return "-"
+        for rule, single in self._by_target.get(target, ()):
+            try:
+                if single.candidates(facts):
+                    return rule_text(rule)
+            except Exception:
+                break
+        return "-"
+
+    # -- events ---------------------------------------------------------------------------------
+    def started(self, d: Any) -> None:
+        self.dispatching[id(d)] = d
+
+    def ended(self, d: Any) -> None:
+        self.dispatching.pop(id(d), None)
+
+    def handed_off(self, d: Any, backend: str, *, target: str | None = None, outcome: str = "handed_off",
+                   relay: Any = None) -> None:
+        seconds = time.perf_counter() - d.t0
+        rule = self.rule_for(d.facts, target or backend)
+        self.metrics.handoff(backend, rule, outcome, seconds)
+        if outcome in ("handed_off", "local"):
+            self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
+                d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
+                state="local" if outcome == "local" else "handed-off", relay=relay)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s:%d -> %s rule %s %s in %.0f us", d.peer[0], d.peer[1], backend, rule,
+                     "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
+
+    def refused(self, d: Any, backend: str, target: str) -> None:
+        self.metrics.handoff(backend, self.rule_for(d.facts, target), "refused")
+
+    def answered(self, d: Any, status: int) -> None:
+        self.metrics.answered[status] = self.metrics.answered.get(status, 0) + 1
+        if status == 503:
+            self.metrics.handoff("none", "-", "unavailable" if getattr(d, "candidates", None) else "no_match")
+
+    def flow_closed(self, client_ip: str, client_port: int, vport: int, bytes_in: int = 0,
+                    bytes_out: int = 0) -> None:
+        self.flows.pop((client_ip, client_port, vport), None)
+
+    def local_closed(self, key: tuple[str, int, int]) -> None:
+        self.flows.pop(key, None)
+
+    # -- what the control plane reads ------------------------------------------------------------
+    def conn_rows(self) -> list[dict[str, Any]]:
+        now = time.time()
+        mono = time.perf_counter()
+        rows = []
+        for d in list(self.dispatching.values()):
+            state = "handing-off" if getattr(d, "xid", 0) and getattr(d, "backend", None) else "reading"
+            be = getattr(d, "backend", None)
+            rows.append({"client": f"{d.peer[0]}:{d.peer[1]}", "vport": d.lport,
+                         "backend": be.name if be is not None else "-", "rule": "-", "state": state,
+                         "age": round(mono - d.t0, 3), "bytes_in": getattr(d, "peeked", 0), "bytes_out": None})
+        stale = []
+        for key, f in self.flows.items():
+            age = now - f.since
+            if f.state != "local" and age > self.flow_timeout:
+                stale.append(key)
+                continue
+            state = f.state
+            if state == "handed-off" and not self.accepts(f.backend):
+                state = "draining"
+            bytes_in, bytes_out = f.bytes_in or None, f.bytes_out or None
+            if f.relay is not None:
+                bytes_in, bytes_out = f.relay.bytes_up, f.relay.bytes_down
+            rows.append({"client": f"{f.client_ip}:{f.client_port}", "vport": f.vport, "backend": f.backend,
+                         "rule": f.rule, "state": state, "age": round(age, 3),
+                         "bytes_in": bytes_in, "bytes_out": bytes_out})
+        for key in stale:
+            self.flows.pop(key, None)
+        return rows

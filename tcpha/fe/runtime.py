@@ -1,0 +1,353 @@
+"""The front end's run-time state and control surface, living in the arbiter (tcpha.runtime.plane):
+
+* the health table and prober (tcpha.fe.health) and the operator's weights and drains; every change
+  is pushed to the workers as a *gate* (back end -> may take new connections);
+* the control files (RUNDIR, default /run/tcpha/fe):
+
+      sys/unload        write 1: stop like SIGTERM (stop accepting, finish, wait for flows / grace)
+      sys/dbglevel      0-6, applied to the arbiter and every worker at once
+      sys/dtcinterval   seconds between health checks, 0 = off; a new value applies within 1 s
+      sys/rise sys/fall health damping
+      backends/NAME/{status,weight,drain}   NAME is HOST:PORT (unix:/a/b shows as unix:_a_b)
+      conn              live connection table (every worker's dispatching + handed-off flows)
+      status            one line per back end, workers, flows
+      metrics           the Prometheus text (also on `metrics = [ADDR:]PORT` when set)
+
+* the runtime links to the workers (tcpha.fe.agent), the metrics endpoint, and the registration
+  listener for dregister back ends (tcpha.fe.registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
+from tcpha.runtime.plane import ControlPlane
+from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
+
+log = logging.getLogger("tcpha.fe.runtime")
+NOTICE = 25
+
+
+def file_name(backend: str) -> str:
+    return backend.replace("/", "_")
+
+
+class WorkerLink:
+    """The control plane's end of one worker's runtime link (asyncio, in the plane's loop)."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+        self.next_id = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.alive = True
+
+    async def open(self) -> None:
+        self.sock.setblocking(False)
+        self.reader, self.writer = await asyncio.open_connection(sock=self.sock, limit=16 * 1024 * 1024)
+
+    async def ask(self, op: str, timeout: float = 2.0, **kw: Any) -> dict:
+        if not self.alive or self.writer is None or self.reader is None:
+            raise ConnectionError(f"worker {self.pid}: link closed")
+        async with self.lock:
+            self.next_id += 1
+            rid = self.next_id
+            self.writer.write(json.dumps({"id": rid, "op": op, **kw}).encode() + b"\n")
+            try:
+                await self.writer.drain()
+                while True:
+                    line = await asyncio.wait_for(self.reader.readline(), timeout)
+                    if not line:
+                        raise ConnectionError(f"worker {self.pid}: link closed")
+                    reply = json.loads(line)
+                    if reply.get("id") == rid:
+                        return reply
+            except (ConnectionError, OSError):
+                self.alive = False
+                raise
+
+    def close(self) -> None:
+        self.alive = False
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.sock.close()
+
+
+class FrontEndRuntime:
+    def __init__(self, fe: Any):
+        self.fe = fe
+        self.config = config = fe.config
+        self.health = HealthTable(int(config.rise), int(config.fall))
+        for spec in config.servers:
+            self.health.add(spec.name, int(getattr(spec, "weight", 1)))
+        self.dbglevel = int(config.dbglevel)
+        self.dtcinterval = float(config.dtcinterval)
+        self.links: dict[int, WorkerLink] = {}
+        self.retired: list[dict[str, Any]] = []
+        self.prober: HealthProber | None = None
+        self.registry: Any = None
+        self.metrics_server: Any = None
+        self.started = time.time()
+        self.tree = ControlTree()
+        self._build_tree()
+        self.plane = ControlPlane(rundir=str(config.rundir), tree=self.tree, name="tcpha-fe",
+                                  use_fuse=bool(getattr(config, "usefuse", True)),
+                                  extra_ops={"takeover": self._op_takeover})
+        self.plane.on_start(self._start_async)
+        self.plane.on_stop(self._stop_async)
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self, wait_free: float = 0.0) -> None:
+        self.plane.start(wait_free=wait_free)
+
+    def stop(self) -> None:
+        self.plane.stop()
+
+    async def _start_async(self) -> None:
+        c = self.config
+        self.prober = HealthProber(self.health, key=c.authkey, raddr=c.raddr, vip=c.vaddr,
+                                   interval=self.dtcinterval, timeout=float(c.healthtimeout),
+                                   kind=c.healthcheck, path=c.healthpath, app_port=int(c.healthport),
+                                   on_change=lambda name, change, why: self.push_gate())
+        for spec in c.servers:
+            self.prober.add(CheckTarget(spec.name, spec.kind, spec.host, spec.port, spec.path))
+        if c.metrics is not None:
+            from tcpha.metrics import MetricsServer
+            self.metrics_server = MetricsServer(tuple(c.metrics), self.metrics_text_async)
+            try:
+                await self.metrics_server.start()
+            except OSError as e:
+                log.error("metrics endpoint %s:%d: %s", c.metrics[0], c.metrics[1], e.strerror or e)
+                self.metrics_server = None
+        if c.raddr != "0.0.0.0" and int(c.registerport):
+            from tcpha.fe.registry import RegistrationListener
+            self.registry = RegistrationListener(self)
+            try:
+                await self.registry.start()
+            except OSError as e:
+                log.error("registration port %s:%d: %s (dregister back ends cannot register)", c.raddr,
+                          int(c.registerport), e.strerror or e)
+                self.registry = None
+
+    async def _stop_async(self) -> None:
+        if self.prober is not None:
+            self.prober.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        if self.registry is not None:
+            await self.registry.close()
+        for link in self.links.values():
+            link.close()
+
+    # -- workers ---------------------------------------------------------------------------------
+    @staticmethod
+    def worker_socketpair() -> tuple[socket.socket, socket.socket]:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def attach_worker(self, pid: int, sock: socket.socket) -> None:
+        self.plane.call_soon(lambda: asyncio.ensure_future(self._attach(pid, sock)))
+
+    async def _attach(self, pid: int, sock: socket.socket) -> None:
+        link = WorkerLink(pid, sock)
+        await link.open()
+        self.links[pid] = link
+        try:
+            await link.ask("gate", gate=self.health.available())
+            await link.ask("dbglevel", level=self.dbglevel)
+            for name, info in (self.registry.backends.items() if self.registry else []):
+                await link.ask("add_backend", **info)
+        except (ConnectionError, OSError, asyncio.TimeoutError) as e:
+            log.warning("worker %d: runtime link: %s", pid, e)
+
+    def detach_worker(self, pid: int) -> None:
+        self.plane.call_soon(self._detach, pid)
+
+    def _detach(self, pid: int) -> None:
+        link = self.links.pop(pid, None)
+        if link is not None:
+            if link.last_metrics:
+                self.retired.append(link.last_metrics)
+            link.close()
+
+    async def ask_all(self, op: str, **kw: Any) -> list[dict]:
+        links = list(self.links.values())
+        results = await asyncio.gather(*(link.ask(op, **kw) for link in links), return_exceptions=True)
+        out = []
+        for link, r in zip(links, results):
+            if isinstance(r, BaseException):
+                log.debug("worker %d: %s: %s", link.pid, op, r)
+                continue
+            if op == "metrics":
+                link.last_metrics = r.get("metrics", {})
+            out.append(r)
+        return out
+
+    def push_gate(self) -> None:
+        """Tell every worker which back ends may take new connections (from any thread)."""
+        async def push() -> None:
+            await self.ask_all("gate", gate=self.health.available())
+        self.plane.call_soon(lambda: asyncio.ensure_future(push()))
+
+    # -- knobs -----------------------------------------------------------------------------------
+    def set_dbglevel(self, level: int) -> None:
+        from tcpha.config import dbglevel_to_logging
+        self.dbglevel = level
+        logging.getLogger().setLevel(dbglevel_to_logging(level))
+        log.log(NOTICE, "dbglevel set to %d", level)
+        self.plane.run(self.ask_all("dbglevel", level=level))
+
+    def set_dtcinterval(self, seconds: float) -> None:
+        self.dtcinterval = seconds
+        if seconds > 0 and float(self.config.healthtimeout) > seconds and self.prober is not None:
+            self.prober.timeout = seconds
+        if self.prober is not None:
+            self.plane.call_soon(self.prober.set_interval, seconds)
+        log.log(NOTICE, "dtcinterval set to %g s%s", seconds, " (health checks off)" if seconds == 0 else "")
+
+    def set_damping(self, rise: int | None = None, fall: int | None = None) -> None:
+        self.health.set_damping(rise or self.health.rise, fall or self.health.fall)
+
+    def set_weight(self, name: str, weight: int) -> None:
+        be = self.health.get(name)
+        if be is None:
+            raise WriteRefused(f"no back end {name}")
+        be.set_weight(weight)
+        log.log(NOTICE, "back end %s: weight %d%s", name, weight, " (draining)" if weight == 0 else "")
+        self.push_gate()
+
+    def set_drain(self, name: str, drain: bool) -> None:
+        be = self.health.get(name)
+        if be is None:
+            raise WriteRefused(f"no back end {name}")
+        be.drain = drain
+        log.log(NOTICE, "back end %s: %s", name, "draining: no new connections" if drain else "drain off")
+        self.push_gate()
+
+    def unload(self, value: bool) -> None:
+        if value:
+            log.log(NOTICE, "unload requested through the control directory")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def conn_rows_async(self) -> list[dict]:
+        rows: list[dict] = []
+        for r in await self.ask_all("conn"):
+            rows.extend(r.get("rows", []))
+        return rows
+
+    def conn_rows(self) -> list[dict]:
+        return self.plane.run(self.conn_rows_async())
+
+    def conn_text(self) -> str:
+        rows = self.conn_rows()
+        head = f"{'client':<22} {'port':>5} {'backend':<22} {'state':<12} {'age':>9} {'bytes_in':>10} {'bytes_out':>10} rule"
+        lines = [head]
+        for r in sorted(rows, key=lambda r: -r["age"]):
+            lines.append(f"{r['client']:<22} {r['vport']:>5} {r['backend']:<22} {r['state']:<12} "
+                         f"{r['age']:>9.3f} {_num(r['bytes_in']):>10} {_num(r['bytes_out']):>10} {r['rule']}")
+        return "\n".join(lines)
+
+    async def metrics_text_async(self) -> str:
+        from tcpha.metrics import WorkerMetrics, exposition
+        parts = await self.ask_all("metrics")
+        merged = WorkerMetrics.merge([p.get("metrics", {}) for p in parts] + self.retired)
+        flows = sum(int(p.get("flows", 0)) for p in parts)
+        dispatching = sum(int(p.get("dispatching", 0)) for p in parts)
+        return exposition(merged, health=self.health.snapshot(), active_flows=flows, dispatching=dispatching,
+                          workers=len(self.links))
+
+    def status_text(self) -> str:
+        lines = [f"tcpha-fe pid {os.getpid()} up {time.time() - self.started:.0f} s, {len(self.links)} workers, "
+                 f"dtcinterval {self.dtcinterval:g} s, dbglevel {self.dbglevel}"]
+        for h in self.health.snapshot():
+            extra = f" ({h['last_error']})" if h["last_error"] else ""
+            lines.append(f"{h['name']:<28} {h['status']:<6} weight {h['weight']:<3} "
+                         f"{'dynamic' if h['dynamic'] else 'static ':<7} checks {h['checks']} failed "
+                         f"{h['failures']}{extra}")
+        return "\n".join(lines)
+
+    # -- the tree --------------------------------------------------------------------------------
+    def _build_tree(self) -> None:
+        t = self.tree
+        t.add(ControlFile("sys/unload", lambda: "0", bool_setter(self.unload, "unload"),
+                          "write 1 to stop the front end cleanly"))
+        t.add(ControlFile("sys/dbglevel", lambda: str(self.dbglevel),
+                          int_setter(self.set_dbglevel, 0, 6, "dbglevel"), "log level 0-6",
+                          data=lambda: self.dbglevel))
+        t.add(ControlFile("sys/dtcinterval", lambda: f"{self.dtcinterval:g}",
+                          float_setter(self.set_dtcinterval, 0, 3600, "dtcinterval"),
+                          "seconds between health checks; 0 = off", data=lambda: self.dtcinterval))
+        t.add(ControlFile("sys/rise", lambda: str(self.health.rise),
+                          int_setter(lambda v: self.set_damping(rise=v), 1, 100, "rise"),
+                          "good checks in a row to put a back end back", data=lambda: self.health.rise))
+        t.add(ControlFile("sys/fall", lambda: str(self.health.fall),
+                          int_setter(lambda v: self.set_damping(fall=v), 1, 100, "fall"),
+                          "failed checks in a row to take a back end out", data=lambda: self.health.fall))
+        t.add(ControlFile("conn", self.conn_text, None, "live connection table", data=self.conn_rows))
+        t.add(ControlFile("status", self.status_text, None, "back ends and workers",
+                          data=lambda: {"pid": os.getpid(), "workers": sorted(self.links),
+                                        "dtcinterval": self.dtcinterval, "dbglevel": self.dbglevel,
+                                        "backends": self.health.snapshot()}))
+        t.add(ControlFile("metrics", lambda: self.plane.run(self.metrics_text_async()), None,
+                          "Prometheus text exposition"))
+        for name in list(self.health.backends):
+            self.add_backend_files(name)
+
+    def add_backend_files(self, name: str) -> None:
+        d = f"backends/{file_name(name)}"
+        t = self.tree
+
+        def health() -> Any:
+            be = self.health.get(name)
+            if be is None:
+                raise FileNotFoundError(name)
+            return be
+
+        t.add(ControlFile(f"{d}/status", lambda: health().status + (f" {health().last_error}" if health().last_error else ""),
+                          None, "up, down or drain", data=lambda: health().snapshot()))
+        t.add(ControlFile(f"{d}/weight", lambda: str(health().weight),
+                          int_setter(lambda v: self.set_weight(name, v), 0, 256, f"{name} weight"),
+                          "0-256; 0 stops new connections", data=lambda: health().weight))
+        t.add(ControlFile(f"{d}/drain", lambda: "1" if health().drain else "0",
+                          bool_setter(lambda v: self.set_drain(name, v), f"{name} drain"),
+                          "1: no new connections, handed-off flows continue", data=lambda: health().drain))
+
+    def remove_backend_files(self, name: str) -> None:
+        self.tree.remove_prefix(f"backends/{file_name(name)}")
+
+    # -- upgrade ---------------------------------------------------------------------------------
+    async def _op_takeover(self, request: dict, writer: Any) -> dict:
+        """A new tcpha-fe asks for our listening sockets (seamless upgrade): they travel over the
+        control socket with SCM_RIGHTS; then we stop like on unload, leaving the kernel state to it."""
+        from tcpha import fdpass
+        listeners = list(self.fe.listeners)
+        sock = writer.get_extra_info("socket")
+        ports = [p for _, p in listeners]
+        msg = json.dumps({"ok": True, "ports": ports, "pid": os.getpid()}).encode() + b"\n"
+        raw = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            raw.setblocking(True)
+            fdpass.send_fds(raw, msg, [s.fileno() for s, _ in listeners])
+        finally:
+            raw.close()
+        log.log(NOTICE, "upgrade: listening sockets (ports %s) handed to a new tcpha-fe; stopping and leaving "
+                "the kernel state to it", " ".join(map(str, ports)))
+        self.fe.handed_over = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        return None  # type: ignore[return-value]
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else str(v)

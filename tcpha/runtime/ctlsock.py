@@ -1,0 +1,150 @@
+"""The control socket (``RUNDIR/ctl.sock``): the control files' reads and writes for scripts (``tcpha-ctl``).
+
+One JSON object per line each way (newline-delimited JSON), any number of requests per connection:
+
+    {"op": "list"}                              -> {"ok": true, "files": [{"path", "writable", "doc"}, ...]}
+    {"op": "read", "path": "sys/dbglevel"}      -> {"ok": true, "text": "3\n", "data": 3}
+    {"op": "write", "path": "sys/dbglevel", "value": "5"}  -> {"ok": true}
+    anything wrong                              -> {"ok": false, "error": "one line"}
+
+Only root (or the daemon's own user) may connect: the socket is created mode 0600 and the peer's
+credentials (SO_PEERCRED) are checked. Extra operations (e.g. the upgrade's ``takeover``) are
+registered by the daemon with ``extra_ops``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from typing import Any, Awaitable, Callable
+
+from tcpha.runtime.tree import ControlTree, WriteRefused
+
+log = logging.getLogger("tcpha.runtime")
+
+MAX_LINE = 64 * 1024
+
+Handler = Callable[[dict, Any], Awaitable[dict]]
+
+
+def _run_blocking(fn: Callable[[], Any]) -> Awaitable[Any]:
+    return asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+async def answer(tree: ControlTree, request: dict) -> dict:
+    """The reply to one request (sans socket: tests feed dicts)."""
+    op = request.get("op")
+    path = request.get("path", "")
+    try:
+        if op == "list":
+            return {"ok": True, "files": tree.describe()}
+        if op == "read":
+            if not isinstance(path, str):
+                raise ValueError("path must be a string")
+            text = await _run_blocking(lambda: tree.read(path))
+            data = await _run_blocking(lambda: tree.data(path))
+            return {"ok": True, "text": text, "data": data}
+        if op == "write":
+            value = request.get("value")
+            if not isinstance(path, str) or not isinstance(value, str):
+                raise ValueError("write needs 'path' and 'value' strings")
+            await _run_blocking(lambda: tree.write(path, value))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+    except (WriteRefused, ValueError, FileNotFoundError, PermissionError) as e:
+        return {"ok": False, "error": str(e)}
+    except Exception as e:                     # a client never takes the daemon down
+        log.exception("control socket: %s %s failed", op, path)
+        return {"ok": False, "error": f"internal error: {e}"}
+
+
+class ControlSocketServer:
+    def __init__(self, tree: ControlTree, path: str, extra_ops: dict[str, Handler] | None = None):
+        self.tree = tree
+        self.path = path
+        self.extra_ops = extra_ops or {}
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        finally:
+            os.umask(old)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            uid = struct.unpack("3i", creds)[1]
+            if uid not in (0, os.geteuid()):
+                writer.write(b'{"ok": false, "error": "permission denied"}\n')
+                writer.close()
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(b'{"ok": false, "error": "request too long"}\n')
+                    break
+                if not line:
+                    break
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                except ValueError as e:
+                    reply: dict = {"ok": False, "error": f"bad request: {e}"}
+                else:
+                    handler = self.extra_ops.get(request.get("op"))
+                    if handler is not None:
+                        try:
+                            reply = await handler(request, writer)
+                        except Exception as e:
+                            log.exception("control socket: %s failed", request.get("op"))
+                            reply = {"ok": False, "error": str(e)}
+                    else:
+                        reply = await answer(self.tree, request)
+                if reply is None:               # the handler wrote its own answer
+                    continue
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+def request(path: str, req: dict, timeout: float = 5.0) -> dict:
+    """One request to a daemon's control socket (blocking; for tcpha-ctl and tests)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    if not buf:
+        raise ConnectionError(f"{path}: the daemon closed the connection without an answer")
+    return json.loads(buf)

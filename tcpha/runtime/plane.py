@@ -1,0 +1,186 @@
+"""The control plane of a daemon: a thread with its own asyncio loop serving the control directory
+(FUSE, in a second thread), the control socket, and the metrics endpoint, without ever blocking the
+daemon's own loop or the arbiter's signal loop.
+
+    plane = ControlPlane(rundir="/run/tcpha/fe", tree=tree, name="tcpha-fe")
+    plane.start()                 # mounts rundir, binds the control socket
+    plane.run(coro)               # run a coroutine in the plane's loop from any thread (blocking)
+    plane.stop()
+
+Layout: with FUSE the directory itself is the mount; the socket cannot live inside a FUSE mount, so
+it is bound next to it (``RUNDIR.ctl.sock``) and the mount shows ``ctl.sock`` as a symlink to it.
+Without FUSE (no /dev/fuse, no pyfuse3, or ``usefuse = False``) the directory is a real one holding the
+socket and files mirrored by tcpha.runtime.mirror (writes reverted and logged when invalid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import Any, Awaitable, Callable
+
+from tcpha.runtime.ctlsock import ControlSocketServer, request
+from tcpha.runtime.tree import ControlTree
+
+log = logging.getLogger("tcpha.runtime")
+NOTICE = 25
+
+
+class RundirInUse(RuntimeError):
+    pass
+
+
+def socket_path(rundir: str) -> str:
+    return rundir.rstrip("/") + ".ctl.sock"
+
+
+def daemon_alive(rundir: str) -> bool:
+    """True when a live daemon answers on this control directory's socket."""
+    for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
+        try:
+            request(path, {"op": "list"}, timeout=1.0)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+class ControlPlane:
+    def __init__(self, *, rundir: str, tree: ControlTree, name: str, use_fuse: bool = True,
+                 extra_ops: dict[str, Callable[..., Awaitable[dict]]] | None = None):
+        self.rundir = rundir.rstrip("/") or "/"
+        self.tree = tree
+        self.name = name
+        self.use_fuse = use_fuse
+        self.extra_ops = extra_ops or {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.mode = "none"                   # 'fuse' | 'mirror'
+        self.sock_path = ""
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._fuse: Any = None
+        self._mirror: Any = None
+        self._ctl: ControlSocketServer | None = None
+        self._startup: list[Callable[[], Awaitable[None]]] = []
+        self._shutdown: list[Callable[[], Awaitable[None]]] = []
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def on_start(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """A coroutine function run in the plane's loop at start (health prober, metrics server...)."""
+        self._startup.append(fn)
+
+    def on_stop(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._shutdown.append(fn)
+
+    def start(self, *, wait_free: float = 0.0) -> None:
+        """Start the loop thread, then the control socket and the directory. Raises RundirInUse when a
+        live daemon serves this rundir (after waiting up to `wait_free` seconds for it to leave)."""
+        from tcpha.runtime.fusefs import detach_stale_mount, fuse_available
+        import time
+        deadline = time.monotonic() + wait_free
+        while daemon_alive(self.rundir):
+            if time.monotonic() >= deadline:
+                raise RundirInUse(f"control directory {self.rundir} is served by another running daemon")
+            time.sleep(0.1)
+        detach_stale_mount(self.rundir)
+        why_not = fuse_available() if self.use_fuse else "usefuse is off"
+        self.mode = "fuse" if why_not is None else "mirror"
+        self.sock_path = socket_path(self.rundir) if self.mode == "fuse" else os.path.join(self.rundir, "ctl.sock")
+        os.makedirs(os.path.dirname(self.sock_path) or "/", exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("control plane did not start")
+        if self.mode == "fuse":
+            from tcpha.runtime.fusefs import FuseMount
+            self._fuse = FuseMount(self.tree, self.rundir, links={"ctl.sock": self.sock_path}, fsname=self.name)
+            try:
+                self._fuse.start()
+            except Exception as e:
+                log.warning("control directory %s: FUSE mount failed (%s); using a plain directory", self.rundir, e)
+                self._fuse = None
+                self.mode = "mirror"
+        if self.mode == "mirror":
+            if why_not is not None:
+                log.log(NOTICE, "control directory %s: FUSE unavailable (%s); plain files, invalid writes "
+                        "are reverted and logged", self.rundir, why_not)
+            from tcpha.runtime.mirror import MirrorDirectory
+            self._mirror = MirrorDirectory(self.tree, self.rundir)
+            self._mirror.start()
+            if self.sock_path != os.path.join(self.rundir, "ctl.sock"):
+                old = self.sock_path
+                self.sock_path = os.path.join(self.rundir, "ctl.sock")
+                self.run(self._rebind(old))
+        log.log(NOTICE, "control directory %s (%s), control socket %s", self.rundir, self.mode, self.sock_path)
+
+    async def _rebind(self, old: str) -> None:
+        if self._ctl is not None:
+            await self._ctl.close()
+        self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
+        await self._ctl.start()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stopped = asyncio.Event()
+        self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
+        try:
+            await self._ctl.start()
+            for fn in self._startup:
+                try:
+                    await fn()
+                except Exception as e:
+                    log.error("%s: control plane start-up step failed: %s", self.name, e)
+        finally:
+            self._ready.set()
+        await self._stopped.wait()
+        for fn in self._shutdown:
+            try:
+                await fn()
+            except Exception as e:
+                log.error("%s: control plane stop step failed: %s", self.name, e)
+        if self._ctl is not None:
+            await self._ctl.close()
+
+    def run(self, coro: Awaitable[Any], timeout: float = 5.0) -> Any:
+        """Run a coroutine in the plane's loop and wait for its result (from another thread)."""
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError("control plane did not answer in time") from None
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        if self._fuse is not None:
+            try:
+                self._fuse.stop()
+            except Exception as e:
+                log.error("control directory %s: unmount failed: %s", self.rundir, e)
+            self._fuse = None
+        if self._mirror is not None:
+            self._mirror.stop()
+            self._mirror = None
+        if self.loop is not None and self._stopped is not None and self._thread is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._stopped.set)
+            except RuntimeError:
+                pass
+            self._thread.join(5)
+        self._thread = None
