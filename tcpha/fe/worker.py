@@ -29,6 +29,7 @@ class WorkerStats:
     handoffs: int = 0
     refused: int = 0
     nomatch: int = 0
+    local: int = 0
     unavailable: int = 0
     flows_closed: int = 0
     control_errors: int = 0
@@ -155,6 +156,11 @@ class Worker:
         self.backends: dict[str, Any] = {}
         self.batch = SteeringBatch(self)
         self.stats = WorkerStats()
+        from tcpha.fe.ledger import ConnectionLedger
+        # Connections, flows, counters and the health gate, read and written by the control plane
+        # through `runtime_sock` (tcpha.fe.agent; issue 4).
+        self.ledger = ConnectionLedger(list(config.rules), float(getattr(config, "flowtimeout", 3600) or 3600))
+        self.runtime_sock: socket.socket | None = None
         self.pending: dict[int, Dispatch] = {}
         self.lingering: dict[int, Dispatch] = {}
         self.inflight = 0
@@ -170,14 +176,20 @@ class Worker:
 
     # -- configuration ---------------------------------------------------------------------------
     def _build_backends(self) -> None:
+        from tcpha.config import LOCAL_TARGET
+        from tcpha.fe.backends import LocalNode
+        local = getattr(self.config, "local_node", None)
+        self.local_node = LocalNode(self, local) if local else None
+        if self.local_node is not None:
+            self.backends[LOCAL_TARGET] = self.local_node
         connperbe = int(self.config.connperbe)
         for spec in self.config.servers:
             if spec.kind == "unix":
                 be: Any = LocalBackend(self, spec.path)
-                keys = [f"unix:{spec.path}"]
+                keys = [spec.name]
             else:
                 be = RemoteBackend(self, spec.host, int(spec.port), connperbe)
-                keys = [f"{spec.host}:{spec.port}", spec.host]
+                keys = [spec.name, spec.host]
             for key in keys:
                 self.backends.setdefault(key, be)
 
@@ -243,6 +255,7 @@ class Worker:
             self.fail_handoff(msg.xid, msg.reason)
         elif isinstance(msg, control.FlowClosed):
             self.stats.flows_closed += 1
+            self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out)
             self.batch.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
                                                 vip=msg.vip, vport=msg.vport))
         elif isinstance(msg, control.Ping):
@@ -270,6 +283,7 @@ class Worker:
 
     def dispatch_done(self, d: Dispatch) -> None:
         self.inflight -= 1
+        self.ledger.ended(d)
         if not self.accepting and self.inflight < self.maxclients and not self._stopping_set():
             self._resume_accepting()
 
@@ -310,6 +324,9 @@ class Worker:
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self.runtime_sock is not None:
+            from tcpha.fe.agent import WorkerAgent
+            WorkerAgent(self, self.runtime_sock).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stopping.set)
         for be in set(self.backends.values()):
