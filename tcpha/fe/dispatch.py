@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tcpha import repair
+from tcpha.fe.localnode import LOCAL, serve_locally
 from tcpha.fe.responses import error_response
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,6 +75,7 @@ class Dispatch:
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
+        self.worker.ledger.started(self)
         self.timer = self.worker.loop.call_later(self.worker.peektimeout, self._peek_timeout)
         self._peek(woken=False)
 
@@ -137,8 +139,12 @@ class Dispatch:
             log.info("%s:%d: %s: routed as a ClientHello without SNI", self.peer[0], self.peer[1], why)
         self.facts = facts
         self.candidates = w.rules.candidates(facts)
+        if w.local_node is not None and "local" not in self.candidates:
+            self.candidates.append("local")          # what no back end takes goes to the local node
         if not self.candidates:
             w.stats.nomatch += 1
+            if serve_locally(w, self):                # the local node takes what no rule matches
+                return
             if facts.uri is None:
                 self._tls_refuse(f"no rule matches (sni {facts.sni!r})")
             else:
@@ -180,9 +186,26 @@ class Dispatch:
         while self.next_index < len(self.candidates):
             target = self.candidates[self.next_index]
             self.next_index += 1
+            if target == LOCAL:                       # a rule naming the front end itself
+                if serve_locally(w, self):
+                    return
+                continue
+            if not w.ledger.accepts(target):          # down (health checks), weight 0 or draining
+                continue
             backend = w.backends.get(target)
             if backend is None:
                 log.error("rule target %s has no server; skipped", target)
+                continue
+            if backend.kind == "local":
+                self._set_lowat(1)
+                if backend.take(self.sock):
+                    self.backend = backend
+                    self.finished = True
+                    w.stats.local += 1
+                    w.dispatch_done(self)
+                    if w.log_connections:
+                        log.info("%s:%d -> %s (%s)", self.peer[0], self.peer[1], backend.name, self._describe())
+                    return
                 continue
             if backend.kind == "unix":
                 if self.lowat != 1:
@@ -204,6 +227,8 @@ class Dispatch:
             w.batch.freeze(self)
             return
         w.stats.unavailable += 1
+        if LOCAL not in self.candidates and serve_locally(w, self):   # all matching back ends out
+            return
         self._answer(503, f"no back end available among {', '.join(self.candidates)}")
 
     def frozen(self, error: Exception | None) -> None:
@@ -274,10 +299,8 @@ class Dispatch:
         self.finished = True
         self.backend.handoffs += 1
         w.stats.handoffs += 1
+        w.ledger.handed_off(self, self.backend.name)     # counters, conn table, the per-handoff log line
         w.dispatch_done(self)
-        if w.log_connections:
-            log.info("%s:%d -> %s (%s) handed off in %.0f us", self.peer[0], self.peer[1], self.backend.name,
-                     self._describe(), (time.perf_counter() - self.t0) * 1e6)
 
     def refused(self, reason: str) -> None:
         """The back end refused, the link dropped or the answer did not come in time: take the connection back."""
@@ -288,6 +311,7 @@ class Dispatch:
             self.link.pending.discard(self.xid)
         self.backend.refused += 1
         self.worker.stats.refused += 1
+        self.worker.ledger.refused(self, self.backend.name, self.backend.name)
         log.warning("%s:%d: back end %s did not take the connection: %s", self.peer[0], self.peer[1],
                     self.backend.name, reason)
         self._rollback()
@@ -299,10 +323,8 @@ class Dispatch:
         self.sock.close()                     # our copy; the back end holds the other one
         self.finished = True
         w.stats.handoffs += 1
+        w.ledger.handed_off(self, self.backend.name, outcome="passed")
         w.dispatch_done(self)
-        if w.log_connections:
-            log.info("%s:%d -> %s (%s) passed in %.0f us", self.peer[0], self.peer[1], self.backend.name,
-                     self._describe(), (time.perf_counter() - self.t0) * 1e6)
 
     def _describe(self) -> str:
         f = self.facts
@@ -321,6 +343,7 @@ class Dispatch:
         """
         w = self.worker
         w.stats.answered[status] = w.stats.answered.get(status, 0) + 1
+        w.ledger.answered(self, status)
         log.warning("%s:%d: %d: %s", self.peer[0], self.peer[1], status, why)
         self._stop_reading()
         if self.timer is not None:
