@@ -87,27 +87,27 @@ class Nft:
             return []
         return [o for o in json.loads(output).get("nftables", []) if "metainfo" not in o]
 
-    def list_text(self, what: str) -> str:
-        """`list WHAT` in nft's own text syntax (what JSON in nft 1.0.x leaves out, e.g. a chain's device)."""
+    def list_text(self, what: str, *, terse: bool = False) -> str:
+        """`list WHAT` in nft's own text syntax (what JSON in nft 1.0.x leaves out, e.g. a chain's device).
+
+        terse: without set elements in the output.
+        """
         with self._lock:
             self._ctx.set_json_output(False)
+            self._ctx.set_terse_output(terse)
             try:
                 rc, output, error = self._cmd(f"list {what}")
             finally:
                 self._ctx.set_json_output(True)
+                self._ctx.set_terse_output(False)
         if rc != 0:
             raise NftError(f"nft: list {what}: {error.strip().splitlines()[0] if error.strip() else 'failed'}",
                            missing="No such file or directory" in error)
         return output
 
     def table_exists(self, family: str, table: str) -> bool:
-        try:
-            self.list_text(f"table {family} {table}")
-        except NftError as exc:
-            if exc.missing:
-                return False
-            raise
-        return True
+        # `list tables` reads no sets or elements (listing the table itself fetches every element).
+        return any(o["table"].get("name") == table for o in self.list_json(f"tables {family}") if "table" in o)
 
 
 class _NetnsWorker:
