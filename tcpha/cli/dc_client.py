@@ -11,6 +11,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -261,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{': ' + exc.strerror if isinstance(exc, OSError) and exc.strerror else ''}\n")
             return 1
 
+    # Many local clients: allow as many descriptors as the hard limit permits.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
     agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout)
 
     async def serve() -> None:

@@ -289,3 +289,31 @@ def test_help(procs):
     r = procs.run("tcpha.cli.dc_client", "-h")
     assert r.returncode == 0
     assert "Usage: dc_client [options]" in r.stderr
+
+
+def test_two_thousand_clients_at_once(procs, sockdir):
+    import resource
+    import socket as socketmod
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4200:
+        pytest.skip("needs a descriptor limit above 4200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4200), hard))
+    procs.server(f"UNIX:{sockdir}/srv", "-sessions", "4000")
+    procs.agent(f"UNIX:{sockdir}/agent", f"UNIX:{sockdir}/srv")
+    socks = []
+    try:
+        for i in range(2000):
+            s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+            s.connect(str(sockdir / "agent"))      # blocking: waits while the backlog is full
+            s.settimeout(10)
+            socks.append(s)
+        for i, s in enumerate(socks):
+            s.sendall(request(i, Op.ADD, (60000).to_bytes(4, "big") + (8).to_bytes(4, "big") + b"c%07d" % i + b"data-data"))
+        for i, s in enumerate(socks):
+            (m,) = read_responses(s, 1, timeout=10)
+            assert (m.uid, m.payload) == (i, b"\x00")
+    finally:
+        for s in socks:
+            s.close()
+    c = DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=5)
+    assert c.get(b"c0001999") == b"data-data"
