@@ -165,3 +165,20 @@ def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fres
         assert (r.status, r.backend) == (200, "be2")
     assert dep.stop_fe() == 0
     assert not fe_has_vip(dep)
+
+
+def test_local_node_serves_what_no_back_end_takes(fresh):
+    dep = fresh
+    lab = dep.lab
+    fe_ip = lab.ip("fe")
+    origin = start_http(lab, "fe", port=8080, files={"api/status.json": 300})
+    dep.start(fe={"redirectaddr": fe_ip, "redirectport": 8080,
+                  "rules": [f"{lab.ip('be1')} jpg$", f"local ^/api/"]})
+    assert dep.request("/img/logo.jpg").backend == "be1"
+    r = dep.request("/api/status.json")                 # a rule naming the local node
+    assert (r.status, r.backend) == (200, "fe") and r.body == origin.expected("api/status.json")
+    r = dep.request("/whoami")                          # no rule matches: the local node, not 503
+    assert (r.status, r.body) == (200, b"fe\n")
+    # the local node down: a request only it could take gets 503
+    origin.stop()
+    assert dep.request("/whoami").status == 503
