@@ -367,8 +367,9 @@ class Worker:
         if self.inflight:
             log.warning("%s: %d connections still being dispatched at stop", self.name, self.inflight)
         # Handed-off flows keep their steering entries until their back ends report them closed
-        # (the control connections stay up for that) or the grace period ends.
-        flows = self._entries()
+        # (the control connections stay up for that) or the grace period ends. After a handover
+        # (seamless upgrade) the successor receives their reports: no wait.
+        flows = self._entries() if getattr(self, "wait_flows", True) else 0
         if flows > 0:
             log.log(25, "%s: waiting up to %.0f s for %d handed-off flows to end", self.name,
                     max(0.0, deadline - time.monotonic()), flows)
