@@ -86,8 +86,12 @@ class WorkerAgent:
             return {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
                     "flows": len(ledger.flows), "inflight": w.inflight}
         if op == "stop":
+            if req.get("wait_flows") is False:
+                w.wait_flows = False
             w.stop()
             return {"ok": True}
+        if op == "reload":
+            return self._reload(req["path"], req.get("keep", []))
         if op == "add_backend":
             return self._add_backend(req)
         if op == "remove_backend":
@@ -119,4 +123,44 @@ class WorkerAgent:
         be = w.backends.pop(name, None)
         if be is not None and be not in w.backends.values():
             be.close()
+        return {"ok": True}
+
+    def _reload(self, path: str, keep: list[str]) -> dict:
+        """Apply a changed config file in place: rules, back ends, timeouts; nothing is dropped
+        (connections being dispatched finish with the objects they hold)."""
+        from tcpha.config import load_fe_config
+        from tcpha.fe.backends import LocalBackend, RemoteBackend
+        from tcpha.fe.rules import RuleTable
+        w = self.worker
+        new = load_fe_config(path)
+        for k in keep:
+            setattr(new, k, getattr(w.config, k))
+        wanted: dict[str, Any] = {}
+        for spec in new.servers:
+            keys = [f"unix:{spec.path}"] if spec.kind == "unix" else [f"{spec.host}:{spec.port}", spec.host]
+            be = None
+            for k in keys:
+                be = be or w.backends.get(k)
+            if be is None:
+                be = (LocalBackend(w, spec.path) if spec.kind == "unix"
+                      else RemoteBackend(w, spec.host, int(spec.port), int(new.connperbe)))
+                be.start()
+            for k in keys:
+                wanted.setdefault(k, be)
+        dynamic = {r.target for r in getattr(w, "dynamic_rules", [])}
+        for k, be in list(w.backends.items()):
+            if k not in wanted and k not in dynamic:
+                del w.backends[k]
+                if be not in w.backends.values() and be not in wanted.values():
+                    be.close()
+        w.backends.update(wanted)
+        w.config = new
+        w.peekmax = int(new.peekmax)
+        w.peektimeout = float(new.peektimeout)
+        w.handofftimeout = float(new.handofftimeout)
+        w.maxclients = int(new.maxclients)
+        w.grace = float(getattr(new, "grace", 30) or 0)
+        rules = list(new.rules) + list(getattr(w, "dynamic_rules", []))
+        w.rules = RuleTable(rules)
+        w.ledger.set_rules(rules)
         return {"ok": True}

@@ -90,6 +90,9 @@ class FrontEnd:
         self._stop = False
         self._wakeup_r = -1
         self.notify: Callable[[str], None] = lambda state: None
+        self.runtime: Any = None        # tcpha.fe.runtime: control files, health checks, metrics (issue 4)
+        self.handed_over = False        # seamless upgrade: a successor owns the kernel state now
+        self._retiring: set[int] = set()
 
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
@@ -131,14 +134,21 @@ class FrontEnd:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:
+        from tcpha.fe.runtime import start_runtime
+        from tcpha.fe.upgrade import take_over
+        inherited = None
         try:
+            inherited = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
             self.install()
             backlog = max(1024, int(self.config.maxclients) * 4)
-            self.listeners = listen_sockets(self.config.vaddr, list(self.config.ports), backlog)
+            self.listeners = inherited or listen_sockets(self.config.vaddr, list(self.config.ports), backlog)
         except Exception as e:
             log.critical("cannot start: %s", e)
-            self.remove()
+            if inherited is None:
+                self.remove()
             return 1
+        # The predecessor releases its control directory once its workers have stopped accepting.
+        self.runtime = start_runtime(self, wait_free=(float(self.config.grace) + 10) if inherited else 0)
         try:
             if int(self.config.startservers) <= 1:
                 self._run_single()
@@ -146,9 +156,14 @@ class FrontEnd:
                 self._run_arbiter()
         finally:
             self.notify("STOPPING=1")
+            if self.runtime is not None:
+                self.runtime.stop()
             for s, _ in self.listeners:
                 s.close()
-            self.remove()
+            if self.handed_over:
+                log.log(25, "handed over to a new tcpha-fe: kernel state left to it")
+            else:
+                self.remove()
         return 0
 
     def _make_worker(self, number: int, steering: Any) -> Any:
@@ -158,6 +173,13 @@ class FrontEnd:
     def _run_single(self) -> None:
         worker = self._make_worker(0, self.steering)
         worker.on_ready = lambda: self.notify("READY=1")
+        if self.runtime is not None:
+            ours, theirs = self.runtime.worker_socketpair()
+            worker.runtime_sock = theirs
+            self.runtime.attach_worker(os.getpid(), ours)
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.runtime.reload())
+        else:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.run()
 
     def _wait_flows_gone(self) -> None:
@@ -204,14 +226,23 @@ class FrontEnd:
             if signal.SIGTERM in sigs or signal.SIGINT in sigs:
                 break
             if signal.SIGHUP in sigs:
-                log.warning("SIGHUP: reloading is not supported yet; configuration unchanged")
+                if self.runtime is not None:
+                    self.runtime.reload()
+                else:
+                    log.warning("SIGHUP: no runtime (control directory unavailable); configuration unchanged")
             for pid, number, status in self._reap():
+                if pid in self._retiring:
+                    self._retiring.discard(pid)
+                    log.log(25, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
+                    continue
                 log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
                 wait = last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
                 last_spawn[number] = time.monotonic()
                 self._spawn(number)
+            if self.runtime is not None and not self._pending:
+                self._adjust_pool()
         log.info("arbiter: stopping %d workers", len(self.workers))
         for pid in list(self.workers):
             try:
@@ -231,6 +262,33 @@ class FrontEnd:
                 pass
         self.workers.clear()
 
+    def _adjust_pool(self) -> None:
+        """Keep idle workers between minspareservers and maxspareservers (tcpha.fe.pool), one step a tick."""
+        from tcpha.fe.pool import SparePolicy
+        try:
+            busy = self.runtime.busy_per_worker()
+        except Exception as e:
+            log.debug("worker pool: no answer from the workers: %s", e)
+            return
+        busy = {pid: n for pid, n in busy.items() if pid in self.workers and pid not in self._retiring}
+        policy = SparePolicy(int(self.config.minspareservers), int(self.config.maxspareservers))
+        step = policy.decide(list(busy.values()))
+        idle = sum(1 for n in busy.values() if n == 0)
+        if step > 0:
+            number = max(self.workers.values(), default=-1) + 1
+            log.log(25, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
+                    idle, len(busy), policy.minspare, number)
+            self._spawn(number)
+        elif step < 0:
+            pid = max(p for p, n in busy.items() if n == 0)
+            log.log(25, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
+                    idle, len(busy), policy.maxspare, self.workers[pid], pid)
+            self._retiring.add(pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._pending.append(signum)
 
@@ -246,6 +304,8 @@ class FrontEnd:
             number = self.workers.pop(pid, None)
             if number is None:
                 continue
+            if self.runtime is not None:
+                self.runtime.detach_worker(pid)
             if os.WIFSIGNALED(status):
                 desc = f"signal {signal.Signals(os.WTERMSIG(status)).name}"
             else:
@@ -254,9 +314,13 @@ class FrontEnd:
         return out
 
     def _spawn(self, number: int) -> None:
+        pair = self.runtime.worker_socketpair() if self.runtime is not None else None
         pid = os.fork()
         if pid:
             self.workers[pid] = number
+            if pair is not None:
+                pair[1].close()
+                self.runtime.attach_worker(pid, pair[0])
             return
         # -- child ------------------------------------------------------------------------------
         code = 0
@@ -264,8 +328,12 @@ class FrontEnd:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads go through the arbiter
             _die_with_parent()
             worker = self._make_worker(number, self.make_steering_for_worker())
+            if pair is not None:
+                pair[0].close()
+                worker.runtime_sock = pair[1]
             worker.run()
         except BaseException:
             log.exception("worker %d failed", number)

@@ -327,6 +327,83 @@ class FrontEndRuntime:
     def remove_backend_files(self, name: str) -> None:
         self.tree.remove_prefix(f"backends/{file_name(name)}")
 
+    # -- reload (SIGHUP) -------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the config file and apply it to the running front end (from any thread)."""
+        self.plane.call_soon(lambda: asyncio.ensure_future(self._reload()))
+
+    async def _reload(self) -> None:
+        from tcpha.config import ConfigError, changed_options, load_fe_config
+        notify = getattr(self.fe, "notify", lambda state: None)
+        notify("RELOADING=1")
+        try:
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, load_fe_config, self.config.path)
+            except ConfigError as e:
+                log.error("reload refused, configuration unchanged: %s", e)
+                return
+            changed = changed_options(self.config, new)
+            if not changed:
+                log.log(NOTICE, "reload: configuration unchanged")
+                return
+            needs_restart = [c for c in changed if c in ("vaddr", "ports", "interface", "rundir", "raddr",
+                                                          "registerport", "metrics", "logfile")]
+            if needs_restart:
+                log.warning("reload: %s changed; applied at the next restart (or upgrade)", ", ".join(needs_restart))
+            # Back ends: new servers in, removed ones out, weights as written.
+            old_names = {s.name for s in self.config.servers}
+            new_names = {s.name for s in new.servers}
+            for spec in new.servers:
+                be = self.health.add(spec.name, int(getattr(spec, "weight", 1)))
+                if spec.name not in old_names:
+                    self.add_backend_files(spec.name)
+                    if self.prober is not None:
+                        self.prober.add(CheckTarget(spec.name, spec.kind, spec.host, spec.port, spec.path))
+                be.dynamic = False
+            for name in old_names - new_names:
+                self.health.remove(name)
+                self.remove_backend_files(name)
+                if self.prober is not None:
+                    self.prober.remove(name)
+            self.health.set_damping(int(new.rise), int(new.fall))
+            if "dtcinterval" in changed:
+                self.set_dtcinterval(float(new.dtcinterval))
+            if self.prober is not None:
+                self.prober.timeout = float(new.healthtimeout)
+                self.prober.kind, self.prober.path = new.healthcheck, new.healthpath
+                self.prober.app_port = int(new.healthport)
+            keep = {k: getattr(self.config, k) for k in needs_restart}
+            for k, v in keep.items():
+                setattr(new, k, v)
+            self.config = new
+            self.fe.config = new
+            await self.ask_all("reload", path=new.path, keep=list(keep))
+            await self.ask_all("gate", gate=self.health.available())
+            if "dbglevel" in changed:
+                from tcpha.config import dbglevel_to_logging
+                self.dbglevel = int(new.dbglevel)
+                logging.getLogger().setLevel(dbglevel_to_logging(self.dbglevel))
+                await self.ask_all("dbglevel", level=self.dbglevel)
+            log.log(NOTICE, "reloaded %s: %s", new.path, ", ".join(c for c in changed if c not in needs_restart))
+        except Exception:
+            log.exception("reload failed")
+        finally:
+            notify("READY=1")
+
+    # -- worker pool -----------------------------------------------------------------------------
+    def busy_per_worker(self) -> dict[int, int]:
+        """pid -> connections being dispatched (for the arbiter's spare-worker policy)."""
+        async def ask() -> dict[int, int]:
+            links = list(self.links.values())
+            res = await asyncio.gather(*(l.ask("metrics", timeout=1.0) for l in links), return_exceptions=True)
+            out = {}
+            for l, r in zip(links, res):
+                if not isinstance(r, BaseException):
+                    l.last_metrics = r.get("metrics", {})
+                    out[l.pid] = int(r.get("inflight", 0))
+            return out
+        return self.plane.run(ask(), timeout=3.0)
+
     # -- upgrade ---------------------------------------------------------------------------------
     async def _op_takeover(self, request: dict, writer: Any) -> dict:
         """A new tcpha-fe asks for our listening sockets (seamless upgrade): they travel over the
@@ -345,9 +422,25 @@ class FrontEndRuntime:
         log.log(NOTICE, "upgrade: listening sockets (ports %s) handed to a new tcpha-fe; stopping and leaving "
                 "the kernel state to it", " ".join(map(str, ports)))
         self.fe.handed_over = True
+        # Workers stop accepting and finish what they dispatch, without waiting for handed-off flows
+        # (the successor's control connections receive their FlowClosed).
+        await self.ask_all("stop", wait_flows=False)
         os.kill(os.getpid(), signal.SIGTERM)
         return None  # type: ignore[return-value]
 
 
 def _num(v: Any) -> str:
     return "-" if v is None else str(v)
+
+
+def start_runtime(fe: Any, *, wait_free: float = 0.0) -> FrontEndRuntime | None:
+    """The front end's runtime, started; None (and one error line) when the control directory cannot
+    be served: the front end keeps serving clients without it."""
+    try:
+        rt = FrontEndRuntime(fe)
+        rt.start(wait_free=wait_free)
+        return rt
+    except Exception as e:
+        log.error("control directory %s not available: %s (running without control files, health checks "
+                  "and metrics)", getattr(fe.config, "rundir", "?"), e)
+        return None

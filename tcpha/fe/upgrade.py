@@ -1,0 +1,67 @@
+"""Seamless upgrade: a new tcpha-fe started while the old one runs takes over from it.
+
+1. The new process finds a live front end on its control socket (same ``rundir``) and sends
+   ``{"op": "takeover"}``; the old one answers with its *listening sockets* attached (SCM_RIGHTS).
+   The very same sockets change hands, so connections waiting in the accept queue are not lost (a
+   second socket bound with SO_REUSEPORT would own its own queue, and closing the old one would reset
+   the connections queued on it).
+2. The old process stops accepting, finishes the connections it is dispatching, and exits *without*
+   removing the kernel state (it is ``handed_over``).
+3. The new process adopts the kernel state (FlowSteering.install and VipAddress.add adopt what is
+   there: the flows handed off by the old one keep their entries), waits for the old control
+   directory to be released, and serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+log = logging.getLogger("tcpha.fe.upgrade")
+NOTICE = 25
+
+
+def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, int]] | None:
+    """The listening sockets of a running front end on the same rundir, or None when there is none."""
+    from tcpha import fdpass
+    from tcpha.runtime.plane import socket_path
+    rundir = str(config.rundir).rstrip("/")
+    for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError:
+            s.close()
+            continue
+        try:
+            s.sendall(b'{"op": "takeover"}\n')
+            data, fds = fdpass.recv_fds(s, 4096, 16)
+        finally:
+            s.close()
+        try:
+            reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
+        except ValueError:
+            reply = {}
+        if not reply.get("ok") or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"takeover from the front end on {path} failed: {reply.get('error', 'no sockets')}")
+        ports = list(reply.get("ports", []))
+        socks = []
+        for fd, port in zip(fds, ports):
+            ls = socket.socket(fileno=fd)
+            ls.setblocking(False)
+            socks.append((ls, int(port)))
+        want = sorted(int(p) for p in config.ports)
+        if sorted(p for _, p in socks) != want:
+            log.warning("upgrade: the predecessor listened on %s, this configuration says %s; using its sockets "
+                        "for the ports both have", [p for _, p in socks], want)
+            socks = [(ls, p) for ls, p in socks if p in want] or socks
+        log.log(NOTICE, "upgrade: took over the listening sockets of tcpha-fe pid %s (ports %s)",
+                reply.get("pid"), " ".join(str(p) for _, p in socks))
+        return socks
+    return None
