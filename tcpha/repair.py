@@ -73,6 +73,7 @@ _TCP_STATE_NAMES = {
 # Large queues are refilled in pieces: one send() of a big buffer in repair mode asks the kernel for one
 # linear skb, which fails with ENOMEM beyond a few hundred KiB (seen).
 QUEUE_CHUNK = 64 * 1024
+DUMP_ATTEMPTS = 4
 
 _U32 = struct.Struct("=I")  # socket option values are host order
 _INT = struct.Struct("=i")
@@ -239,25 +240,34 @@ def dump(sock: socket.socket) -> TcpState:
         # client's ACKs are being dropped) puts new bytes on the wire that the dumped state says were never
         # sent: the client then ACKs beyond the restored socket's snd_nxt and the connection stalls (seen).
         setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        inq = _ioctl_int(fd, SIOCINQ, "SIOCINQ")
-        outq = _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
-        unsent = _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
         mss = getsockopt(tcp, TCP_MAXSEG)  # in repair mode: the negotiated clamp, not the current mss
         timestamp = _U32.unpack(getsockopt(tcp, TCP_TIMESTAMP, 4))[0]
-        try:
-            window = _WINDOW.unpack(getsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.size))
-        except OSError:
-            window = None  # kernel without TCP_REPAIR_WINDOW (< 4.8): the peer re-advertises it
-        snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
-        send_queue = sock.recv(outq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if outq else b""
-        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        rcv_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
-        recv_queue = sock.recv(inq, socket.MSG_PEEK | socket.MSG_DONTWAIT) if inq else b""
-        setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)  # see above: nothing new leaves from now on
-        if len(recv_queue) != inq or len(send_queue) != outq:
-            raise RepairError(
-                0, f"queues changed while reading them (recv {len(recv_queue)}/{inq}, send {len(send_queue)}/{outq})"
-            )
+        peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
+        # A segment that passed the freeze just before it took effect may still be processed during the
+        # dump (repair mode does not stop reception), and an ACK may shrink the send queue: read until two
+        # looks at the queue lengths agree with what was read in between.
+        for _attempt in range(DUMP_ATTEMPTS):
+            inq = _ioctl_int(fd, SIOCINQ, "SIOCINQ")
+            outq = _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
+            unsent = _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
+            snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]  # send queue selected
+            send_queue = sock.recv(outq, peek) if outq else b""
+            setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            rcv_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]
+            recv_queue = sock.recv(inq, peek) if inq else b""
+            setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)  # see above: nothing new leaves from now on
+            try:
+                window = _WINDOW.unpack(getsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.size))
+            except OSError:
+                window = None  # kernel without TCP_REPAIR_WINDOW (< 4.8): the peer re-advertises it
+            if (len(recv_queue) == inq and len(send_queue) == outq
+                    and _ioctl_int(fd, SIOCINQ, "SIOCINQ") == inq
+                    and _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ") == outq
+                    and _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD") == unsent):
+                break
+        else:
+            raise RepairError(0, "the connection's queues kept changing during the dump "
+                                 "(packets still reaching the socket: is the flow frozen?)")
         local = sock.getsockname()
         peer = sock.getpeername()
     except RepairError:
