@@ -321,6 +321,7 @@ class BackEnd:
             relay: Any = self.tls.relay(self.loop, client, app, on_done)
         else:
             relay = SpliceRelay(self.loop, client, app, on_done)
+        relay.started = time.monotonic()     # for the conn table's age  # type: ignore[attr-defined]
         self.relays.add(relay)
         self.stats.active = len(self.relays)
         relay.start(hold_down=hold_down)
@@ -470,6 +471,12 @@ class BackEnd:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
+            # Control directory (sys/unload, sys/dbglevel, conn) and dregister (issue 4).
+            from tcpha.be.runtime import start_be_runtime, start_registrar
+            self.runtime = start_be_runtime(self)
+            self.registrar = start_registrar(self)
+            if self.runtime is not None:
+                self.runtime.registrar = self.registrar
             if self.on_ready is not None:
                 self.on_ready()
             await self._stop.wait()
@@ -501,6 +508,10 @@ class BackEnd:
         log.info("accepting same-host sockets on unix:%s", path)
 
     async def _shutdown(self) -> None:
+        if getattr(self, "registrar", None) is not None:
+            await self.registrar.stop()               # Unregister: the front end stops sending at once
+        if getattr(self, "runtime", None) is not None:
+            self.runtime.stop()
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):

@@ -1,0 +1,126 @@
+"""The back end's control directory (RUNDIR, default /run/tcpha/be) and dynamic registration.
+
+    sys/unload     write 1: stop like SIGTERM
+    sys/dbglevel   0-6
+    conn           the connections relayed now: client, application, state, age, bytes each way
+    status         pid, registration state, counters
+
+Served by tcpha.runtime.plane (FUSE, else plain files) in a thread; reads of the back end's own
+objects are made in its event loop (``run_coroutine_threadsafe``), never from the plane's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from tcpha.runtime.plane import ControlPlane
+from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
+
+log = logging.getLogger("tcpha.be.runtime")
+NOTICE = 25
+
+
+class BackEndRuntime:
+    def __init__(self, be: Any):
+        self.be = be
+        self.config = be.config
+        self.dbglevel = int(getattr(be.config, "dbglevel", 3))
+        self.started = time.time()
+        self.registrar: Any = None
+        self.tree = ControlTree()
+        t = self.tree
+        t.add(ControlFile("sys/unload", lambda: "0", bool_setter(self.unload, "unload"), "write 1 to stop"))
+        t.add(ControlFile("sys/dbglevel", lambda: str(self.dbglevel),
+                          int_setter(self.set_dbglevel, 0, 6, "dbglevel"), "log level 0-6", data=lambda: self.dbglevel))
+        t.add(ControlFile("conn", self.conn_text, None, "connections relayed now", data=self.conn_rows))
+        t.add(ControlFile("status", self.status_text, None, "state and counters", data=self.status_data))
+        self.plane = ControlPlane(rundir=str(self.config.rundir), tree=t, name="tcpha-be",
+                                  use_fuse=bool(getattr(self.config, "usefuse", True)))
+
+    def start(self) -> None:
+        self.plane.start()
+
+    def stop(self) -> None:
+        self.plane.stop()
+
+    def _in_loop(self, fn: Any) -> Any:
+        async def call() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self.be.loop).result(5)
+
+    def set_dbglevel(self, level: int) -> None:
+        from tcpha.config import dbglevel_to_logging
+        self.dbglevel = level
+        logging.getLogger().setLevel(dbglevel_to_logging(level))
+        log.log(NOTICE, "dbglevel set to %d", level)
+
+    def unload(self, value: bool) -> None:
+        if value:
+            log.log(NOTICE, "unload requested through the control directory")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def conn_rows(self) -> list[dict]:
+        def rows() -> list[dict]:
+            now = time.monotonic()
+            out = []
+            for r in list(self.be.relays):
+                try:
+                    app = r.app.getpeername()
+                    app_text = f"{app[0]}:{app[1]}"
+                except (OSError, AttributeError):
+                    app_text = "-"
+                out.append({"client": r.describe() if hasattr(r, "describe") else "?", "app": app_text,
+                            "state": "closing" if getattr(r, "closed", False) else "relaying",
+                            "age": round(now - getattr(r, "started", now), 3),
+                            "bytes_in": getattr(r, "bytes_up", None), "bytes_out": getattr(r, "bytes_down", None)})
+            return out
+        return self._in_loop(rows)
+
+    def conn_text(self) -> str:
+        lines = [f"{'client':<22} {'app':<22} {'state':<9} {'age':>9} {'bytes_in':>10} {'bytes_out':>10}"]
+        for r in sorted(self.conn_rows(), key=lambda r: -r["age"]):
+            lines.append(f"{r['client']:<22} {r['app']:<22} {r['state']:<9} {r['age']:>9.3f} "
+                         f"{r['bytes_in'] if r['bytes_in'] is not None else '-':>10} "
+                         f"{r['bytes_out'] if r['bytes_out'] is not None else '-':>10}")
+        return "\n".join(lines)
+
+    def status_data(self) -> dict:
+        s = self.be.stats
+        reg = None
+        if self.registrar is not None:
+            reg = {"frontend": self.registrar.fe_name, "registered": self.registrar.registered}
+        return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1), "handoffs": s.handoffs,
+                "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
+                "active": s.active, "registration": reg}
+
+    def status_text(self) -> str:
+        d = self.status_data()
+        reg = d["registration"]
+        regtext = "off" if reg is None else f"{'registered with' if reg['registered'] else 'registering with'} {reg['frontend']}"
+        return (f"tcpha-be pid {d['pid']} up {d['uptime']:.0f} s; {d['active']} connections; {d['handoffs']} handoffs, "
+                f"{d['refused']} refused, {d['fdpassed']} passed, {d['control_errors']} control errors; dregister {regtext}")
+
+
+def start_be_runtime(be: Any) -> BackEndRuntime | None:
+    """Control directory + registrar; control-directory problems are logged, never fatal."""
+    rt = BackEndRuntime(be)
+    try:
+        rt.start()
+    except Exception as e:
+        log.error("control directory %s not available: %s (running without control files)", be.config.rundir, e)
+        rt = None  # type: ignore[assignment]
+    return rt
+
+
+def start_registrar(be: Any) -> Any:
+    if not getattr(be.config, "dregister", False):
+        return None
+    from tcpha.be.registrar import Registrar
+    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
+    r.start()
+    return r
