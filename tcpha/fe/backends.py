@@ -303,49 +303,6 @@ class LocalBackend:
         self._drop()
 
 
-class LocalNode:
-    """The front end's own application (redirectaddr:redirectport): connections that no back end
-    takes, and rules naming the front end itself, are relayed to it here with splice (issue 4)."""
-
-    kind = "local"
-
-    def __init__(self, worker: "Worker", addr: tuple[str, int]):
-        self.worker = worker
-        self.addr = addr
-        self.name = f"local {addr[0]}:{addr[1]}"
-        self.handoffs = 0
-        self.relays: set[Any] = set()
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        for r in list(self.relays):
-            r.close()
-
-    @property
-    def available(self) -> bool:
-        return True
-
-    def take(self, client: socket.socket) -> bool:
-        """Relay the client to the local application; False if it cannot be reached."""
-        from tcpha.be.relay import SpliceRelay
-        app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            app.settimeout(1.0)          # a local address: connected or refused at once
-            app.connect(self.addr)
-        except OSError as e:
-            app.close()
-            log.warning("%s: unreachable: %s", self.name, e.strerror or e)
-            return False
-        app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        relay = SpliceRelay(self.worker.loop, client, app, self.relays.discard)
-        self.relays.add(relay)
-        relay.start()
-        self.handoffs += 1
-        return True
-
-
 def backend_key_for_rule(target: str) -> str:
     """The key a rule's ADDR resolves to (a server's address, or unix:/PATH)."""
     if target.startswith("unix:"):

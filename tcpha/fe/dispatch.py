@@ -139,8 +139,6 @@ class Dispatch:
             log.info("%s:%d: %s: routed as a ClientHello without SNI", self.peer[0], self.peer[1], why)
         self.facts = facts
         self.candidates = w.rules.candidates(facts)
-        if w.local_node is not None and "local" not in self.candidates:
-            self.candidates.append("local")          # what no back end takes goes to the local node
         if not self.candidates:
             w.stats.nomatch += 1
             if serve_locally(w, self):                # the local node takes what no rule matches
@@ -195,17 +193,6 @@ class Dispatch:
             backend = w.backends.get(target)
             if backend is None:
                 log.error("rule target %s has no server; skipped", target)
-                continue
-            if backend.kind == "local":
-                self._set_lowat(1)
-                if backend.take(self.sock):
-                    self.backend = backend
-                    self.finished = True
-                    w.stats.local += 1
-                    w.dispatch_done(self)
-                    if w.log_connections:
-                        log.info("%s:%d -> %s (%s)", self.peer[0], self.peer[1], backend.name, self._describe())
-                    return
                 continue
             if backend.kind == "unix":
                 if self.lowat != 1:

@@ -29,7 +29,6 @@ class WorkerStats:
     handoffs: int = 0
     refused: int = 0
     nomatch: int = 0
-    local: int = 0
     unavailable: int = 0
     flows_closed: int = 0
     control_errors: int = 0
@@ -176,12 +175,6 @@ class Worker:
 
     # -- configuration ---------------------------------------------------------------------------
     def _build_backends(self) -> None:
-        from tcpha.config import LOCAL_TARGET
-        from tcpha.fe.backends import LocalNode
-        local = getattr(self.config, "local_node", None)
-        self.local_node = LocalNode(self, local) if local else None
-        if self.local_node is not None:
-            self.backends[LOCAL_TARGET] = self.local_node
         connperbe = int(self.config.connperbe)
         for spec in self.config.servers:
             if spec.kind == "unix":

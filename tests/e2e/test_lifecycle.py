@@ -131,7 +131,12 @@ def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
     for _ in range(20):
         assert dep.request("/whoami").body == b"fe\n"
     log = lab.log_path("fe", "tcpha-fe").read_text()
-    assert "passed" in log and "handed off" not in log
+    assert f"-> unix:{path}" in log
+    assert "tcpha_fe" in nft_tables(lab, "fe")
+    # no flow was steered: the passed sockets never left this host
+    from tcpha.steering import FlowSteering
+    steering = FlowSteering(table="tcpha_fe", ifname=lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
+    assert lab.call("fe", steering.entries) == 0
 
 
 def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fresh):
