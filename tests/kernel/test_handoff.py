@@ -250,3 +250,33 @@ def test_dump_refuses_a_connection_not_established(handoff_lab):
         conn.close()
     finally:
         client.close()
+
+
+def test_many_sequential_handoffs_without_errors_or_resets(handoff_lab, client_capture):
+    h = handoff_lab
+    flows = set()
+    for i in range(300):
+        be = "be1" if i % 2 else "be2"
+        client = _client(h)
+        be_sock = None
+        try:
+            req = b"GET /n/%d HTTP/1.1\r\nConnection: close\r\n\r\n" % i
+            conn = h.accept_request(client, req)
+            be_sock, flow, _ = h.hand_off(conn, be)
+            assert h.recv_exact(be_sock, len(req)) == req
+            body = b"%s answers %d" % (be.encode(), i)
+            be_sock.sendall(h.http_response(body))
+            be_sock.shutdown(socket.SHUT_WR)
+            assert h.read_http_response(client)[1] == body
+            assert client.recv(1) == b""  # the BE's FIN
+            client.close()
+            assert be_sock.recv(1) == b""  # the client's FIN reached the BE through the FE
+            flows.add(flow)
+            h.steering.unforward(flow)  # what the FE does when the BE reports the close
+        finally:
+            client.close()
+            if be_sock is not None:
+                be_sock.close()
+    assert len(flows) == 300 and not flows & set(h.steering.forwarded())
+    client_capture.stop()
+    assert client_capture.tcp_resets() == []
