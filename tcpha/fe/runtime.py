@@ -297,7 +297,7 @@ class FrontEndRuntime:
                           "failed checks in a row to take a back end out", data=lambda: self.health.fall))
         t.add(ControlFile("conn", self.conn_text, None, "live connection table", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "back ends and workers",
-                          data=lambda: {"pid": os.getpid(), "workers": sorted(self.links),
+                          data=lambda: {"pid": os.getpid(), "vaddr": self.config.vaddr, "workers": sorted(self.links),
                                         "dtcinterval": self.dtcinterval, "dbglevel": self.dbglevel,
                                         "backends": self.health.snapshot()}))
         t.add(ControlFile("metrics", lambda: self.plane.run(self.metrics_text_async()), None,

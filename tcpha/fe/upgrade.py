@@ -38,6 +38,9 @@ def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, in
             s.close()
             continue
         try:
+            if not _same_front_end(s, config):
+                s.close()
+                return None
             s.sendall(b'{"op": "takeover"}\n')
             data, fds = fdpass.recv_fds(s, 4096, 16)
         finally:
@@ -65,3 +68,30 @@ def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, in
                 reply.get("pid"), " ".join(str(p) for _, p in socks))
         return socks
     return None
+
+
+def _netns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def _same_front_end(s: socket.socket, config: Any) -> bool:
+    """Only a front end for the same VIP in the same network namespace is a predecessor (several labs
+    or test runs may share a file system, hence a rundir, while each has its own namespace)."""
+    s.sendall(b'{"op": "read", "path": "status"}\n')
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        buf += chunk
+    try:
+        data = json.loads(buf).get("data") or {}
+        pid = int(data["pid"])
+        same_ns = _netns(pid) == _netns("self")
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+    if not same_ns or data.get("vaddr", config.vaddr) != config.vaddr:
+        log.warning("rundir %s is served by tcpha-fe pid %d of another network namespace or VIP: no takeover",
+                    config.rundir, pid)
+        return False
+    return True
