@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import time
 
 from .address import Address, AddressError, connect_socket, parse_address
@@ -74,6 +75,7 @@ def next_uid() -> int:
 
 
 _pack_header = FRAME_HEADER.pack
+_TIMEVAL = struct.Struct("ll")
 
 
 def encode_request(uid: int, op: int, payload: bytes) -> bytes:
@@ -187,7 +189,15 @@ class DistcacheClient:
 
     def _connect(self) -> socket.socket:
         try:
-            return connect_socket(self._addr, self.timeout)
+            sock = connect_socket(self._addr, self.timeout)
+            if self.timeout is not None:
+                # Blocking socket with kernel send/receive timeouts: Python's settimeout() would
+                # poll() before every send and recv.
+                tv = _TIMEVAL.pack(int(self.timeout), int((self.timeout % 1) * 1e6))
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            return sock
         except AddressError as exc:
             raise DistcacheError(str(exc)) from None
         except socket.timeout:
@@ -236,9 +246,8 @@ class DistcacheClient:
         timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            sock.settimeout(timeout)
             sock.sendall(request)  # one send per message (the C decoder's split-frame bug)
-        except socket.timeout:
+        except (BlockingIOError, socket.timeout):  # SO_SNDTIMEO expired
             raise DistcacheError(f"{self.address}: send timed out after {timeout} s") from None
         except OSError as exc:
             raise _NetworkError(f"{self.address}: send failed: {exc.strerror or exc}") from None
@@ -246,7 +255,7 @@ class DistcacheClient:
         while True:
             try:
                 data = sock.recv(65536)
-            except socket.timeout:
+            except (BlockingIOError, socket.timeout):  # SO_RCVTIMEO expired
                 raise DistcacheError(f"{self.address}: no reply within {timeout} s") from None
             except OSError as exc:
                 raise _NetworkError(f"{self.address}: receive failed: {exc.strerror or exc}") from None
@@ -266,11 +275,8 @@ class DistcacheClient:
                 if not msg.payload:
                     raise DistcacheError(f"{self.address}: empty reply (the proxy has no cache server)")
                 return msg.payload, False
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DistcacheError(f"{self.address}: no complete reply within {timeout} s")
-                sock.settimeout(left)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DistcacheError(f"{self.address}: no complete reply within {timeout} s")
 
 
 class _NetworkError(Exception):
