@@ -225,8 +225,14 @@ def test_restarted_fe_adopts_table_and_live_flows_keep_working(handoff_lab):
         assert h.recv_exact(be_sock, 19) == b"GET /b HTTP/1.1\r\n\r\n"
         be_sock.sendall(h.http_response(b"still be2"))
         assert h.read_http_response(client)[1] == b"still be2"
+        # The connection ends (both FINs through the adopted table), then the entry goes.
+        client.shutdown(socket.SHUT_WR)
+        assert be_sock.recv(1) == b""
+        be_sock.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
         again.unforward(flow)
         assert flow not in h.steering.forwarded()
+        again.close()
     finally:
         client.close()
         if be_sock is not None:
