@@ -16,7 +16,6 @@ types put each field in its own 4-byte-aligned slot (an inet_service takes 2 byt
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
@@ -277,4 +276,4 @@ class ElementSocket:
 
 
 __all__ = ["ElementBatch", "ElementSocket", "NetlinkError", "flow_key", "mac_bytes", "NFPROTO_NETDEV",
-           "NFPROTO_INET", "errno"]
+           "NFPROTO_INET"]
