@@ -23,7 +23,7 @@ __all__ = [
     "MAX_ADD_TIMEOUT_MS", "MAX_ID_LEN", "MAX_DATA_LEN",
     "Op", "Status", "ProtocolError", "Message", "MessageReader",
     "encode_message", "encode_response", "encode_add_payload", "decode_add_payload",
-    "check_add_payload", "AddRequest",
+    "check_add_payload", "AddRequest", "parse_single_request",
 ]
 
 # Rule: "always sent as 0x00110000; a receiver accepts any 0x0011xxxx".
@@ -128,6 +128,21 @@ def _encode_frames(is_response: int, uid: int, op: int, payload: bytes) -> bytes
         parts.append(_pack_header(PROTO_LEVEL, is_response, uid, 0, op, 1 if last else 0, len(chunk)))
         parts.append(chunk)
     return b"".join(parts)
+
+
+def parse_single_request(data: bytes) -> tuple[int, int, bytes] | None:
+    """Fast path for servers: ``(uid, op, payload)`` when ``data`` is exactly one whole
+    single-frame request that passes every rule MessageReader checks (level 0x0011xxxx,
+    is_response 0, op_class 0, op 0..3, complete 1, data_len <= 2048 and matching); None
+    otherwise -- the caller then feeds ``data`` to its MessageReader, which decides.
+    Only valid while that reader holds no partial data."""
+    if len(data) < HEADER_LEN:
+        return None
+    level, is_resp, uid, op_class, op, complete, dlen = _unpack_header(data, 0)
+    if (len(data) == HEADER_LEN + dlen and complete == 1 and level >> 16 == PROTO_MAJOR
+            and is_resp == 0 and op_class == 0 and op <= 3 and dlen <= MAX_FRAME_DATA):
+        return uid, op, data[HEADER_LEN:]
+    return None
 
 
 class MessageReader:

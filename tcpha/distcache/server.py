@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, TextIO
 
 from .codec import (Message, MessageReader, ProtocolError, Status, check_add_payload,
-                    encode_response)
+                    encode_response, parse_single_request)
 
 __all__ = ["DistcacheServer", "progress_line"]
 
@@ -187,9 +187,10 @@ class DistcacheServer:
     def handle(self, msg: Message) -> bytes:
         """Answer one request with the (sync) store; returns the encoded reply.
         Raises ProtocolError for an ADD payload under 8 bytes (close, no reply)."""
-        op = msg.op
+        return self.answer(msg.uid, msg.op, msg.payload)
+
+    def answer(self, uid: int, op: int, payload: bytes) -> bytes:
         store = self.store
-        payload = msg.payload
         if op == 1:      # GET: the raw data, or [1] when absent
             data = store.get(payload)
             reply = _NOTOK if data is None else data
@@ -201,9 +202,9 @@ class DistcacheServer:
             status, sid, data, timeout = check_add_payload(payload)
             if status == 0:
                 status = store.add(sid, data, timeout)
-            reply = _STATUS_BYTES[int(status)]
+            reply = _STATUS_BYTES[status]
         self.ops += 1
-        return encode_response(msg.uid, op, reply)
+        return encode_response(uid, op, reply)
 
     async def handle_async(self, msg: Message) -> bytes:
         op = msg.op
@@ -227,7 +228,7 @@ class DistcacheServer:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "reader", "last_rx", "backlog", "paused_writing",
-                 "task", "closing", "_time", "is_partial")
+                 "task", "closing", "_time", "is_partial", "fast")
 
     def __init__(self, server: DistcacheServer) -> None:
         self.server = server
@@ -238,6 +239,7 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.closing = False
         self.is_partial = False
+        self.fast = not server.is_async
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -271,6 +273,19 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
+        if (self.fast and not reader._buf and not reader._parts and not self.backlog
+                and not self.paused_writing and not self.closing):
+            # The common case -- one whole single-frame request -- without Message objects.
+            one = parse_single_request(data)
+            if one is not None:
+                try:
+                    self.transport.write(self.server.answer(*one))
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+                if self.server.progress:
+                    self.server.check_progress_counter()
+                return
         error: ProtocolError | None = None
         try:
             msgs = reader.feed(data)

@@ -147,12 +147,16 @@ class SessionStore:
         return Status.OK
 
     def get(self, session_id: bytes) -> bytes | None:
-        self.expire()
+        heap = self._heap
+        if heap and heap[0][0] < (self._clock() << _SEQ_BITS):   # inlined expire() test
+            self.expire()
         entry = self._index.get(session_id)
         return None if entry is None else entry[2]
 
     def remove(self, session_id: bytes) -> bool:
-        self.expire()
+        heap = self._heap
+        if heap and heap[0][0] < (self._clock() << _SEQ_BITS):
+            self.expire()
         entry = self._index.pop(session_id, None)
         if entry is None:
             return False
@@ -162,7 +166,9 @@ class SessionStore:
         return True
 
     def has(self, session_id: bytes) -> bool:
-        self.expire()
+        heap = self._heap
+        if heap and heap[0][0] < (self._clock() << _SEQ_BITS):
+            self.expire()
         return session_id in self._index
 
     def __len__(self) -> int:

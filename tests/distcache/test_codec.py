@@ -207,3 +207,27 @@ def test_random_bytes_never_crash(blob):
     except ProtocolError:
         pass
     assert reader.pending() <= len(blob)
+
+
+def test_parse_single_request_fast_path():
+    from tcpha.distcache.codec import parse_single_request
+    assert parse_single_request(HAVE_ABC) == (1, 3, b"abc")
+    for bad in (HAVE_ABC[:-1], HAVE_ABC + b"x", frame(level=0x00120000, data=b"x"), frame(resp=1, data=b"x"),
+                frame(op_class=1, data=b"x"), frame(op=4, data=b"x"), frame(complete=0, data=b"x" * 2048),
+                frame(dlen=4000) + b"x" * 4000, ADD_ABC + HAVE_ABC):
+        assert parse_single_request(bad) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(header=st.tuples(st.sampled_from([PROTO_LEVEL, 0x0011ABCD, 0x00120000]), st.integers(0, 2),
+                        st.integers(0, 0xFFFFFFFF), st.integers(0, 1), st.integers(0, 5), st.integers(0, 2)),
+       data=st.binary(max_size=2100), dlen_delta=st.integers(-2, 2))
+def test_parse_single_request_agrees_with_reader(header, data, dlen_delta):
+    """Whenever the fast path accepts, MessageReader yields exactly the same single message."""
+    from tcpha.distcache.codec import parse_single_request
+    level, resp, uid, op_class, op, complete = header
+    wire = FRAME_HEADER.pack(level, resp, uid, op_class, op, complete, max(0, len(data) + dlen_delta)) + data
+    fast = parse_single_request(wire)
+    if fast is None:
+        return
+    assert MessageReader(expect_response=False).feed(wire) == [Message(False, fast[0], Op(fast[1]), fast[2])]
