@@ -98,6 +98,8 @@ class _Client(asyncio.Protocol):
             slot = _Slot(msg.uid, msg.op)
             self.slots.append(slot)
             agent._forward(self, slot, msg.payload)
+        # Everything this read produced goes upstream in one write, now (no extra loop turn).
+        agent._flush_upstream()
         self.flush()
         if len(self.slots) >= MAX_IN_FLIGHT_PER_CLIENT and not self.paused_limit and self.transport:
             self.paused_limit = True
@@ -365,9 +367,6 @@ class Agent:
         uid = self._uid = (self._uid + 1) & 0xFFFFFFFF
         self._pending[uid] = (client, slot, time.monotonic())
         self._up_out.append(_encode(0, uid, slot.op, payload))
-        if not self._up_flush_scheduled:
-            self._up_flush_scheduled = True
-            self.loop.call_soon(self._flush_upstream)
 
     def _flush_upstream(self) -> None:
         self._up_flush_scheduled = False
