@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: configuration is valid")
         return 0
     from tcpha.be.server import BackEnd
-    from tcpha.cli.service import PidFile, daemonize, sd_notify, setup_logging
+    from tcpha.cli.service import PidFile, daemonize, raise_nofile_limit, sd_notify, setup_logging
     if args.daemon:
         daemonize()
     dbglevel = args.dbglevel if args.dbglevel is not None else config.dbglevel
+    raise_nofile_limit()
     setup_logging(dbglevel, config.logfile, "tcpha-be")
     log = logging.getLogger("tcpha.be")
     pidfile = PidFile(args.pidfile) if args.pidfile else None

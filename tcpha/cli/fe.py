@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config}: configuration is valid ({len(config.servers)} servers, {len(config.rules)} rules)")
         return 0
-    from tcpha.cli.service import PidFile, daemonize, sd_notify, setup_logging
+    from tcpha.cli.service import PidFile, daemonize, raise_nofile_limit, sd_notify, setup_logging
     from tcpha.fe.arbiter import FrontEnd
     if args.daemon:
         daemonize()
     dbglevel = args.dbglevel if args.dbglevel is not None else config.dbglevel
+    raise_nofile_limit()
     setup_logging(dbglevel, config.logfile, "tcpha-fe")
     log = logging.getLogger("tcpha.fe")
     pidfile = PidFile(args.pidfile) if args.pidfile else None

@@ -8,6 +8,7 @@ and each keeps its own `connperbe` control connections to every back end.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -266,6 +267,11 @@ class Worker:
                 return
             except OSError as e:
                 log.error("accept on port %d failed: %s", lport, e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors/memory: the listener stays readable, so do not spin on
+                    # it; the connections wait in the accept queue for 100 ms.
+                    self._pause_accepting()
+                    self.loop.call_later(0.1, self._resume_after_error)
                 return
             sock.setblocking(False)
             self.inflight += 1
@@ -273,6 +279,10 @@ class Worker:
             Dispatch(self, sock, peer, lport).start()
         # maxclients connections are being dispatched: the rest waits in the kernel's accept queue.
         self._pause_accepting()
+
+    def _resume_after_error(self) -> None:
+        if self.inflight < self.maxclients and not self._stopping_set():
+            self._resume_accepting()
 
     def dispatch_done(self, d: Dispatch) -> None:
         self.inflight -= 1
