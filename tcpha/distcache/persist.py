@@ -19,7 +19,8 @@ Durability policy:
 * every acknowledged ADD/REMOVE (and every eviction, logged as a remove) is
   appended to an in-memory buffer; every ``interval_ms`` (``-persist-interval``,
   default 1000) the buffer is handed to a writer thread that ``write()``s it to
-  the file and then ``fdatasync()``s it.  A session acknowledged more than one
+  the file; a third thread then ``fdatasync()``s it, so that a slow disk never
+  delays the next interval's write.  A session acknowledged more than one
   interval before a ``kill -9`` is therefore in the kernel (the write is done)
   and on disk soon after (the sync); a power loss can lose the last interval
   plus the sync time.
@@ -145,6 +146,8 @@ class PersistentStore:
         self._tail: list[bytes] | None = None   # records appended during a compaction
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dc-persist")
         self._compactor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dc-compact")
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dc-sync")
+        self._sync_pending = False
         self._compacting: concurrent.futures.Future | None = None
         self._switching: concurrent.futures.Future | None = None
         self.compactions = 0
@@ -249,15 +252,28 @@ class PersistentStore:
         self._maybe_compact()
 
     def _write_chunk(self, chunk: bytes) -> None:
+        """Writer thread: append; the fdatasync runs in a third thread so that a slow disk
+        never delays the next interval's write (the kill -9 guarantee needs only the write)."""
         try:
             with self._lock:
                 fd = self._fd
                 _write_all(fd, chunk)
                 self._file_bytes += len(chunk)
-            if self.fsync:
-                os.fdatasync(fd)
+                if self.fsync and not self._sync_pending:
+                    self._sync_pending = True
+                    self._syncer.submit(self._sync, os.dup(fd))
         except OSError as exc:
             log.error("Error, writing persist file '%s' failed: %s", self.path, exc.strerror)
+
+    def _sync(self, dfd: int) -> None:
+        try:
+            with self._lock:
+                self._sync_pending = False   # a write after this point schedules its own sync
+            os.fdatasync(dfd)
+        except OSError as exc:
+            log.error("Error, syncing persist file '%s' failed: %s", self.path, exc.strerror)
+        finally:
+            os.close(dfd)
 
     def _maybe_compact(self) -> None:
         if self._compacting is not None:
@@ -342,6 +358,7 @@ class PersistentStore:
             self._writer.submit(self._write_chunk, chunk)
         self._writer.shutdown(wait=True)
         self._compactor.shutdown(wait=True)
+        self._syncer.shutdown(wait=True)
         if self._fd >= 0:
             try:
                 os.fsync(self._fd)
