@@ -64,7 +64,13 @@ class _Slot:
 
 
 class _Client(asyncio.Protocol):
-    """One local client connection."""
+    """One local client connection.
+
+    Reading from it stops while any of three things holds (memory stays bounded whatever the
+    client does): it has MAX_IN_FLIGHT_PER_CLIENT unanswered requests, its answers are piling up
+    unread (the transport's write buffer is over its high-water mark), or the upstream
+    connection's write buffer is full.
+    """
 
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
@@ -75,13 +81,32 @@ class _Client(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.paused_limit = False
         self.paused_upstream = False
+        self.paused_write = False
+        self.reading = True
+
+    def update_reading(self) -> None:
+        want = not (self.paused_limit or self.paused_upstream or self.paused_write)
+        if want != self.reading and self.transport is not None and not self.closed:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.agent._clients.add(self)
         if self.agent._upstream_paused:
             self.paused_upstream = True
-            transport.pause_reading()
+            self.update_reading()
+
+    def pause_writing(self) -> None:
+        self.paused_write = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_write = False
+        self.update_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -101,9 +126,9 @@ class _Client(asyncio.Protocol):
         # Everything this read produced goes upstream in one write, now (no extra loop turn).
         agent._flush_upstream()
         self.flush()
-        if len(self.slots) >= MAX_IN_FLIGHT_PER_CLIENT and not self.paused_limit and self.transport:
+        if len(self.slots) >= MAX_IN_FLIGHT_PER_CLIENT and not self.paused_limit:
             self.paused_limit = True
-            self.transport.pause_reading()
+            self.update_reading()
 
     def flush(self) -> None:
         """Write the answers that are ready, in request order."""
@@ -117,10 +142,9 @@ class _Client(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(b"".join(out))
             self.last_active = time.monotonic()
-        if self.paused_limit and len(slots) < MAX_IN_FLIGHT_PER_CLIENT // 2 and self.transport:
+        if self.paused_limit and len(slots) < MAX_IN_FLIGHT_PER_CLIENT // 2:
             self.paused_limit = False
-            if not self.paused_upstream:
-                self.transport.resume_reading()
+            self.update_reading()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -346,14 +370,9 @@ class Agent:
 
     def _pause_clients(self, pause: bool) -> None:
         self._upstream_paused = pause
-        for client in self._clients:
-            if client.transport is None:
-                continue
+        for client in list(self._clients):
             client.paused_upstream = pause
-            if pause:
-                client.transport.pause_reading()
-            elif not client.paused_limit:
-                client.transport.resume_reading()
+            client.update_reading()
 
     # -- requests -----------------------------------------------------------------
 

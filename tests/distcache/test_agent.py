@@ -317,3 +317,26 @@ def test_two_thousand_clients_at_once(procs, sockdir):
             s.close()
     c = DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=5)
     assert c.get(b"c0001999") == b"data-data"
+
+
+def test_client_that_never_reads_is_bounded(procs, sockdir):
+    """A client pipelining GETs of a 30 kB session without reading its answers: the agent stops
+    reading from it (its memory stays bounded) and keeps serving everyone else."""
+    procs.server(f"UNIX:{sockdir}/srv")
+    agent = procs.agent(f"UNIX:{sockdir}/agent", f"UNIX:{sockdir}/srv")
+    c = DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=5)
+    assert c.add(b"big-session", b"B" * 30000, 60000)
+    hog = unix_connect(sockdir / "agent")
+    hog.setblocking(False)
+    req = request(1, Op.GET, b"big-session") * 100
+    sent = 0
+    for _ in range(3000):                  # up to 300,000 requests = 9 GB of answers
+        try:
+            sent += hog.send(req)
+        except BlockingIOError:
+            break
+    assert sent < len(req) * 3000           # the agent stopped reading: our sends block
+    rss = psutil.Process(agent.pid).memory_info().rss
+    assert rss < 300 * 1024 * 1024, rss
+    assert c.get(b"big-session") == b"B" * 30000
+    hog.close()
