@@ -45,7 +45,7 @@ import zlib
 from typing import Callable
 
 from .codec import MAX_DATA_LEN, MAX_ID_LEN, Status
-from .store import SessionStore, wall_ms
+from .store import SEQ_BITS, SessionStore, wall_ms
 
 __all__ = ["PersistentStore", "load_file", "LoadReport", "FILE_HEADER"]
 
@@ -292,7 +292,7 @@ class PersistentStore:
                 return          # one compaction at a time, until its file is in place
             self._switching = None
         if self._file_bytes >= max(MIN_COMPACT_BYTES, 2 * self._base_bytes):
-            snapshot = list(self.store.entries())
+            snapshot = self.store.snapshot()      # O(n) list copy only; encoding is in the thread
             self._tail = []
             self._compacting = self._compactor.submit(self._compact, snapshot)
 
@@ -301,8 +301,8 @@ class PersistentStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             parts = [FILE_HEADER]
-            for expiry, sid, data in snapshot:
-                parts.append(encode_record(REC_ADD, sid, data, expiry))
+            for key, sid, data in snapshot:
+                parts.append(encode_record(REC_ADD, sid, data, key >> SEQ_BITS))
                 if len(parts) >= 4096:
                     _write_all(fd, b"".join(parts))
                     parts = []

@@ -40,10 +40,10 @@ from typing import Callable, Iterator
 
 from .codec import Status
 
-__all__ = ["SessionStore", "DEFAULT_SESSIONS", "wall_ms"]
+__all__ = ["SessionStore", "DEFAULT_SESSIONS", "SEQ_BITS", "wall_ms"]
 
 DEFAULT_SESSIONS = 512
-_SEQ_BITS = 40
+_SEQ_BITS = SEQ_BITS = 40
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 
 
@@ -185,6 +185,11 @@ class SessionStore:
         """(expiry_ms, session_id, data) of every stored session, in insertion order."""
         for key, sid, data in list(self._index.values()):
             yield key >> _SEQ_BITS, sid, data
+
+    def snapshot(self) -> list[tuple[int, bytes, bytes]]:
+        """A cheap copy of the entries for another thread: (order_key, id, data) tuples, where
+        ``order_key >> SEQ_BITS`` is the expiry in ms (the tuples are immutable, so sharing is safe)."""
+        return list(self._index.values())
 
     def _compact_heap(self) -> None:
         index = self._index
