@@ -187,6 +187,16 @@ class _ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.pair.feed(self.pair.c2s, data, self.pair.server)
 
+    # Flow control: when the client does not read, stop reading from the server (and below,
+    # the other way round), so that nothing piles up in the snooper.
+    def pause_writing(self) -> None:
+        if self.pair.server is not None:
+            self.pair.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pair.server is not None:
+            self.pair.server.resume_reading()
+
     def connection_lost(self, exc) -> None:
         self.pair.client = None
         self.pair.close()
@@ -198,6 +208,14 @@ class _ServerSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.pair.feed(self.pair.s2c, data, self.pair.client)
+
+    def pause_writing(self) -> None:
+        if self.pair.client is not None:
+            self.pair.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pair.client is not None:
+            self.pair.client.resume_reading()
 
     def connection_lost(self, exc) -> None:
         self.pair.server = None
