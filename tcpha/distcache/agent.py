@@ -214,6 +214,7 @@ class Agent:
         self._stopped: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
         self._idle_task: asyncio.Task | None = None
+        self._last_fail_log = -1e9
         self.loop: asyncio.AbstractEventLoop | None = None
         # Counters, for logs and tests.
         self.requests = 0
@@ -287,11 +288,17 @@ class Agent:
             raise
         except (OSError, AddressError, asyncio.TimeoutError) as exc:
             self._connecting = None
-            log.warning("cannot connect to cache server %s: %s", addr.text,
-                        "timed out" if isinstance(exc, asyncio.TimeoutError) else (getattr(exc, "strerror", None) or exc))
+            # One line per outage and then one a minute, whatever -retry is.
+            now = time.monotonic()
+            if now - self._last_fail_log >= 60.0:
+                self._last_fail_log = now
+                log.warning("cannot connect to cache server %s: %s (retrying every %g ms)", addr.text,
+                            "timed out" if isinstance(exc, asyncio.TimeoutError)
+                            else (getattr(exc, "strerror", None) or exc), self.retry * 1000)
             self._next_server(failed=True)
             return
         self._connecting = None
+        self._last_fail_log = -1e9
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
