@@ -187,3 +187,30 @@ def test_local_node_serves_what_no_back_end_takes(fresh):
     # the local node down: a request only it could take gets 503
     origin.stop()
     assert dep.request("/whoami").status == 503
+
+
+def test_daemon_mode_writes_the_pidfile_and_stops_on_sigterm(fresh):
+    import sys
+    dep = fresh
+    lab = dep.lab
+    conf = dep.dir / "tcphabe-be1.conf"
+    from tcpha.lab.demo import be_config_text
+    conf.write_text(be_config_text(lab, "be1", str(dep.key)))
+    pidfile = dep.dir / "be1.pid"
+    r = lab.run("be1", [sys.executable, "-m", "tcpha.be", "-c", str(conf), "-d", "--pidfile", str(pidfile)],
+                capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr                 # the launcher returns at once
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        lab.wait_tcp("client", lab.ip("be1"), 666, timeout=10)   # the detached daemon serves
+        assert any(a.startswith(dep.vip + "/") for a in lab.addresses("be1"))
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pidfile.exists()
+    assert not any(a.startswith(dep.vip + "/") for a in lab.addresses("be1"))
