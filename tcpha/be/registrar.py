@@ -36,7 +36,7 @@ class _Session(asyncio.Protocol):
         self.send(control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
                                 addr=r.config.raddr, port=int(r.config.port), mac=r.mac() or "",
                                 app_port=r.app_port, vaddr=r.config.vaddr))
-        self.send(r.register_message())
+        # Register goes once the front end's Hello is in (the frame keys need both nonces).
 
     def send(self, msg: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -50,7 +50,9 @@ class _Session(asyncio.Protocol):
             self.transport.abort()  # type: ignore[union-attr]
             return
         for msg in messages:
-            if isinstance(msg, control.Registered) and not self.answer.done():
+            if isinstance(msg, control.Hello):
+                self.send(self.registrar.register_message())
+            elif isinstance(msg, control.Registered) and not self.answer.done():
                 self.answer.set_result(msg)
             elif isinstance(msg, control.Ping):
                 self.send(control.Pong(token=msg.token))

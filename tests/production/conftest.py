@@ -44,10 +44,13 @@ class Prod:
         options.setdefault("rundir", self.be_rundirs[host])
         return self.dep.start_backend(host, **options)
 
-    def start_fe(self, wait: bool = True, **options):
+    def start_fe(self, wait: bool = True, ready: str = "/whoami", **options):
         options.setdefault("rundir", self.fe_rundir)
         options.setdefault("dbglevel", 3)
-        return self.dep.start_fe(wait=wait, **options)
+        proc = self.dep.start_fe(wait=False, **options)
+        if wait:
+            self.dep.wait_fe_ready(path=ready)
+        return proc
 
     # -- control directory through the daemon's mount namespace (ip netns exec gives each its own) --
     def sh(self, pid: int, script: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,134 @@
+"""Metrics (point 10), the local node (point 5) and dynamic registration (point 4), through real daemons."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tcpha.lab.http import start_http
+from tcpha.metrics import parse_exposition
+from tests.production.conftest import wait_until
+
+pytestmark = pytest.mark.netns
+
+METRICS_PORT = 9109
+
+
+def scrape(prod) -> dict:
+    r = prod.lab.run("fe", ["curl", "-sf", f"http://127.0.0.1:{METRICS_PORT}/metrics"], capture_output=True,
+                     text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    return parse_exposition(r.stdout)
+
+
+def value(samples: dict, name: str, **labels) -> float | None:
+    want = tuple(sorted(labels.items()))
+    for (n, ls), v in samples.items():
+        if n == name and tuple(sorted(ls)) == want:
+            return v
+    return None
+
+
+def test_metrics_are_off_by_default_and_scraped_when_on(prod):
+    be1, be2 = f"{prod.lab.ip('be1')}:666", f"{prod.lab.ip('be2')}:666"
+    prod.start(fe={"metrics": f"127.0.0.1:{METRICS_PORT}",
+                   "rules": prod.rules("{be1} jpg$", "{be2} ^/(?!private/)")})
+    for _ in range(5):
+        assert prod.dep.request("/img/logo.jpg").status == 200
+    for _ in range(3):
+        assert prod.dep.request("/index.html").status == 200
+    assert prod.dep.request("/private/x").status == 503
+    m = scrape(prod)
+    assert value(m, "tcpha_fe_handoffs_total", backend=be1, rule="uri:jpg$", outcome="handed_off") >= 5
+    assert value(m, "tcpha_fe_handoffs_total", backend=be2, rule="uri:^/(?!private/)", outcome="handed_off") >= 3
+    assert value(m, "tcpha_fe_responses_total", status="503") == 1
+    count = value(m, "tcpha_fe_handoff_latency_seconds_count")
+    assert count >= 8
+    assert value(m, "tcpha_fe_handoff_latency_seconds_bucket", le="+Inf") == count
+    assert value(m, "tcpha_fe_handoff_latency_seconds_sum") > 0
+    assert value(m, "tcpha_fe_backend_up", backend=be1) == 1
+    assert value(m, "tcpha_fe_workers") == 1
+    assert value(m, "tcpha_fe_active_flows") is not None
+    # the same text is in the control directory
+    assert "tcpha_fe_handoffs_total" in prod.fe_cat("metrics")
+
+
+def test_metrics_off_by_default(prod):
+    prod.start()
+    r = prod.lab.run("fe", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://127.0.0.1:{METRICS_PORT}/metrics"], capture_output=True, text=True, timeout=10)
+    assert r.stdout == "000"                       # nothing listens
+
+
+def test_local_node_serves_unmatched_local_rules_and_all_down(prod):
+    files = {"index.html": 512, "private/x": 100, "local/page.html": 300}
+    start_http(prod.lab, "fe", port=8081, addr="127.0.0.1", files=files, name="localnode")
+    be2 = f"{prod.lab.ip('be2')}:666"
+    prod.start(fe={"redirectaddr": "127.0.0.1", "redirectport": 8081, "dtcinterval": 1,
+                   "rules": prod.rules("{be1} jpg$", "local ^/local/", "{be2} ^/(?!private/)")})
+    r = prod.dep.request("/private/x")                 # no rule matches
+    assert (r.status, r.backend) == (200, "fe")
+    r = prod.dep.request("/local/page.html")            # a rule naming the local node
+    assert (r.status, r.backend) == (200, "fe")
+    assert len(r.body) == 300
+    assert prod.dep.request("/index.html").backend == "be2"
+    prod.dep.be_procs["be2"].send_signal(signal.SIGKILL)   # every back end its rules allow is down
+    assert wait_until(lambda: any(b["name"] == be2 and b["status"] == "down"
+                                  for b in prod.ctl_json("status")["backends"]), 5)
+    r = prod.dep.request("/index.html")
+    assert (r.status, r.backend) == (200, "fe")
+    assert prod.dep.request("/img/logo.jpg").backend == "be1"
+
+
+def _registered(prod, name):
+    return [b for b in prod.ctl_json("status")["backends"] if b["name"] == name]
+
+
+@pytest.mark.parametrize("order", ["fe-first", "be-first"])
+def test_dynamic_registration(prod, order):
+    be2 = f"{prod.lab.ip('be2')}:666"
+    prod.dep.files["dyn/a.html"] = 700
+    fe = {"servers": [f"{prod.lab.ip('be1')} 666"], "rules": prod.rules("{be1} jpg$"), "registerport": 7000,
+          "dtcinterval": 1}
+    be = {"dregister": 1, "feaddr": prod.lab.ip("fe"), "feport": 7000, "rule": "^/dyn/", "registerretry": 0.5}
+    prod.dep.start_origins()
+    prod.start_backend("be1")
+    if order == "fe-first":
+        prod.start_fe(ready="/img/logo.jpg", **fe)
+        assert prod.dep.request("/dyn/a.html").status == 503
+        prod.start_backend("be2", **be)
+    else:
+        prod.start_backend("be2", **be)
+        time.sleep(1.0)                                  # it retries while the front end is not there
+        prod.start_fe(ready="/img/logo.jpg", **fe)
+    assert wait_until(lambda: _registered(prod, be2), 10), (prod.fe_log()[-3000:],
+                                                           prod.lab.log_path("be2", "tcpha-be").read_text()[-3000:])
+    entry = _registered(prod, be2)[0]
+    assert entry["dynamic"] is True
+    r = wait_until(lambda: (lambda x: x if x.status == 200 else None)(prod.dep.request("/dyn/a.html")), 5)
+    assert r and r.backend == "be2" and len(r.body) == 700
+    assert prod.dep.request("/img/logo.jpg").backend == "be1"
+    assert "be2" not in (prod.dep.request("/index.html").backend or "")   # only its own rules reach it
+    # the back end unloads: the front end removes it at once (Unregister)
+    prod.lab.stop(prod.dep.be_procs.pop("be2"), grace=10)
+    assert wait_until(lambda: not _registered(prod, be2), 5)
+    assert prod.dep.request("/dyn/a.html").status == 503
+    assert "registered" in prod.fe_log() and "removed" in prod.fe_log()
+
+
+def test_registration_with_a_wrong_key_is_refused(prod):
+    be2 = f"{prod.lab.ip('be2')}:666"
+    prod.dep.start_origins()
+    prod.start_backend("be1")
+    prod.start_fe(ready="/img/logo.jpg", servers=[f"{prod.lab.ip('be1')} 666"], rules=prod.rules("{be1} jpg$"),
+                  registerport=7000)
+    other = prod.dep.dir / "otherkey"
+    other.write_text("ab" * 32 + "\n")
+    other.chmod(0o600)
+    prod.start_backend("be2", dregister=1, feaddr=prod.lab.ip("fe"), feport=7000, rule="^/dyn/",
+                       registerretry=0.5, authkey=str(other))
+    time.sleep(2)
+    assert not _registered(prod, be2)
+    assert "registration from" in prod.fe_log()
