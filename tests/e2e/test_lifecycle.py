@@ -214,3 +214,35 @@ def test_daemon_mode_writes_the_pidfile_and_stops_on_sigterm(fresh):
         time.sleep(0.05)
     assert not pidfile.exists()
     assert not any(a.startswith(dep.vip + "/") for a in lab.addresses("be1"))
+
+
+def test_sigterm_waits_for_handed_off_flows_before_removing_kernel_state(fresh):
+    dep = fresh
+    lab = dep.lab
+    dep.start(fe={"grace": 30})
+    s, digest, got = start_download(dep, BIG)
+    try:
+        got = read_some(s, digest, got, 1 << 20)
+        dep.fe_proc.send_signal(signal.SIGTERM)
+        # no longer accepting, but the handed-off download keeps its steering entry and the VIP
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                dep.request("/whoami", timeout=1)
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the front end still accepts after SIGTERM")
+        assert dep.fe_proc.poll() is None
+        assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+        got = read_rest(s, digest, got)
+    finally:
+        s.close()
+    assert got == dep.files[BIG] and digest.hexdigest() == dep.origins["be2"].sha256(BIG)
+    # the flow is over: the back end reports it, the front end removes its state and exits well
+    # before the 30 s grace period
+    t0 = time.monotonic()
+    assert dep.fe_proc.wait(15) == 0
+    assert time.monotonic() - t0 < 15
+    assert not fe_has_vip(dep) and "tcpha_fe" not in nft_tables(lab, "fe")
