@@ -205,6 +205,8 @@ class Dispatch:
             link = backend.pick_link()
             if link is None or backend.mac is None:
                 continue
+            if not self._movable():
+                continue
             # Two-phase handoff, step 1: stop the client's packets reaching our socket. Freezes
             # are batched per loop iteration (one nft transaction for all connections ready now).
             if self.flow is None:
@@ -217,6 +219,21 @@ class Dispatch:
         if LOCAL not in self.candidates and serve_locally(w, self):   # all matching back ends out
             return
         self._answer(503, f"no back end available among {', '.join(self.candidates)}")
+
+    def _movable(self) -> bool:
+        """Only an ESTABLISHED connection can be rebuilt elsewhere with TCP_REPAIR; one the client has
+        already half-closed (HTTP/1.0 tools that shut down writing after the request) can still be
+        passed to a same-host back end or served by the local node, else it gets 503."""
+        try:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
+        except OSError:
+            return False
+        if state != 1:                                   # TCP_ESTABLISHED
+            if self.flow is not None or self.next_index <= 1:
+                log.info("%s:%d: cannot move a connection in TCP state %d (client half-closed?)",
+                         self.peer[0], self.peer[1], state)
+            return False
+        return True
 
     def frozen(self, error: Exception | None) -> None:
         """Step 2 (the flow is frozen): dump the socket, send the state, wait for the answer."""
