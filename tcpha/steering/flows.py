@@ -11,7 +11,8 @@ The table, on the FE's LAN interface (for table T, interface eth0, VIP V, ports 
         ip daddr V tcp dport { P } jump flows
       }
       chain flows {
-        tcp flags syn return                                   # a new connection is always the FE's
+        tcp flags syn delete @frozen { KEY } delete @forward { KEY : ether daddr } return
+                      # KEY = ip saddr . tcp sport . ip daddr . tcp dport; a new connection is the FE's
         ip saddr . tcp sport . ip daddr . tcp dport @frozen drop
         ether daddr set ip saddr . tcp sport . ip daddr . tcp dport map @forward
           ether saddr set FE_MAC
@@ -193,7 +194,11 @@ class FlowSteering:
             f"flush chain {t} {INGRESS_CHAIN}",
             f"flush chain {t} {FLOWS_CHAIN}",
             f"add rule {t} {INGRESS_CHAIN} ip daddr {self.vip} tcp dport {{ {ports} }} jump {FLOWS_CHAIN}",
-            f"add rule {t} {FLOWS_CHAIN} tcp flags syn return",
+            # A SYN opens a new connection, always the FE's: any entry left for the same 4-tuple belongs to
+            # an earlier connection (its removal lost or still pending) and would steal the handshake's
+            # ACK and the request, so the SYN removes it. (The data in the map delete is ignored.)
+            f"add rule {t} {FLOWS_CHAIN} tcp flags syn delete @{FROZEN_SET} {{ {key} }} "
+            f"delete @{FORWARD_MAP} {{ {key} : ether daddr }} return",
             f"add rule {t} {FLOWS_CHAIN} {key} @{FROZEN_SET} drop",
             # The map lookup comes first: on a miss the rule stops before touching the packet.
             f"add rule {t} {FLOWS_CHAIN} ether daddr set {key} map @{FORWARD_MAP} "

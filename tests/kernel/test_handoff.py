@@ -286,3 +286,55 @@ def test_many_sequential_handoffs_without_errors_or_resets(handoff_lab, client_c
     assert len(flows) == 300 and not flows & set(h.steering.forwarded())
     client_capture.stop()
     assert client_capture.tcp_resets() == []
+
+
+def test_client_port_reuse_with_stale_entries(handoff_lab, client_capture):
+    """A new connection on the 4-tuple of an old one works although the old entries were never removed."""
+    h = handoff_lab
+    port = 40123
+
+    def connect_from_port() -> socket.socket:
+        c = h.lab.socket("client")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.bind(("0.0.0.0", port))
+        c.settimeout(10)
+        c.connect((h.vip, h.vport))
+        return c
+
+    flow = None
+    for be in ("be1", "be2", "be1"):
+        client = connect_from_port()
+        be_sock = None
+        try:
+            req = b"GET /reuse HTTP/1.0\r\n\r\n"
+            conn = h.accept_request(client, req)
+            be_sock, flow, _ = h.hand_off(conn, be)
+            assert h.recv_exact(be_sock, len(req)) == req
+            be_sock.sendall(h.http_response(be.encode()))
+            be_sock.shutdown(socket.SHUT_WR)
+            assert h.read_http_response(client)[1] == be.encode()
+            assert client.recv(1) == b""
+            client.close()
+            assert be_sock.recv(1) == b""
+            assert flow in h.steering.forwarded()  # never unforwarded: stale for the next round
+        finally:
+            client.close()
+            if be_sock is not None:
+                be_sock.close()
+    # A handoff that died half-way leaves a frozen entry: the next connection on that 4-tuple still works.
+    h.steering.freeze(flow)
+    client = connect_from_port()
+    try:
+        conn = h.accept_request(client, b"GET /fe HTTP/1.0\r\n\r\n")
+        assert h.recv_exact(conn, 20) == b"GET /fe HTTP/1.0\r\n\r\n"
+        conn.sendall(h.http_response(b"fe"))
+        conn.shutdown(socket.SHUT_WR)
+        assert h.read_http_response(client)[1] == b"fe"
+        assert client.recv(1) == b""
+        client.close()
+        assert conn.recv(1) == b""
+        conn.close()
+    finally:
+        client.close()
+    client_capture.stop()
+    assert client_capture.tcp_resets() == []
