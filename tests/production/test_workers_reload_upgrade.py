@@ -1,0 +1,178 @@
+"""Worker processes (point 6), reload and seamless upgrade under load (point 8), service integration (point 9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.production.conftest import Load, wait_until
+
+pytestmark = pytest.mark.netns
+
+
+def workers(prod) -> list[int]:
+    try:
+        return sorted(c.pid for c in psutil.Process(prod.dep.fe_proc.pid).children())
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_killed_worker_is_replaced_and_logged(prod):
+    prod.start(fe={"startservers": 3, "minspareservers": 1, "maxspareservers": 5})
+    before = workers(prod)
+    assert len(before) == 3
+    load = Load(prod, "/index.html", threads=3).start()
+    try:
+        assert wait_until(lambda: load.ok > 30, 10)
+        victim = before[1]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(workers(prod)) == 3 and victim not in workers(prod), 10)
+        n = load.ok
+        assert wait_until(lambda: load.ok > n + 50, 10)
+    finally:
+        load.stop()
+    assert f"(pid {victim}) exited (signal SIGKILL); starting a new one" in prod.fe_log()
+    # every worker is linked to the control plane again
+    assert wait_until(lambda: sorted(prod.ctl_json("status")["workers"]) == workers(prod), 5)
+    print(f"\nworker kill -9 under load: {len(load.failures)} failed of {load.count()} requests")
+
+
+def test_surplus_idle_workers_are_stopped(prod):
+    prod.start(fe={"startservers": 4, "minspareservers": 1, "maxspareservers": 2})
+    assert wait_until(lambda: len(workers(prod)) == 2, 10), workers(prod)
+    assert "surplus idle worker" in prod.fe_log()
+    assert "> maxspareservers 2" in prod.fe_log()
+    assert prod.dep.request("/index.html").status == 200
+
+
+def _reload_under_load(prod, startservers: int):
+    rules_before = prod.rules("{be1} jpg$", "{be2} .*")
+    prod.start(fe={"startservers": startservers, "rules": rules_before})
+    load = Load(prod, "/index.html", threads=4).start()
+    try:
+        assert wait_until(lambda: load.backends.get("be2", 0) > 30, 10)
+        # the new file sends /index.html to be1 (a new first rule) and changes a timeout
+        prod.dep.write_fe_config(rundir=prod.fe_rundir, dbglevel=3, startservers=startservers, peektimeout=3,
+                                 rules=prod.rules("{be1} ^/index", "{be1} jpg$", "{be2} .*"))
+        os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
+        n = load.backends.get("be1", 0)
+        assert wait_until(lambda: load.backends.get("be1", 0) > n + 30, 10), prod.fe_log()[-2000:]
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert wait_until(lambda: "reloaded" in prod.fe_log(), 5), prod.fe_log()
+    assert prod.dep.fe_proc.poll() is None
+    # a broken file is refused and the running configuration stays
+    (prod.dep.dir / "tcphafe.conf").write_text((prod.dep.dir / "tcphafe.conf").read_text() + "bogus = 1\n")
+    os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in prod.fe_log(), 5)
+    assert prod.dep.request("/index.html").backend == "be1"
+    return load
+
+
+@pytest.mark.parametrize("startservers", [1, 3])
+def test_sighup_reload_under_load_drops_nothing(prod, startservers):
+    load = _reload_under_load(prod, startservers)
+    print(f"\nreload (startservers={startservers}): {load.ok} requests, {len(load.failures)} failed")
+
+
+def test_seamless_upgrade_under_load(prod):
+    prod.start(fe={"grace": 5})
+    old = prod.dep.fe_proc
+    expected = prod.dep.origins["be2"].expected("video/clip.mp4")
+    got: dict = {}
+
+    def download() -> None:                      # a flow handed off by the old process
+        try:
+            s = prod.dep.connect(timeout=30)
+            s.sendall(b"GET /video/clip.mp4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.settimeout(30)
+            chunks = []
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+                time.sleep(0.003)
+            got["body"] = b"".join(chunks)
+        except Exception as e:
+            got["error"] = e
+
+    t = threading.Thread(target=download)
+    t.start()
+    load = Load(prod, "/index.html", threads=4).start()
+    try:
+        assert wait_until(lambda: load.ok > 30, 10)
+        conf = prod.dep.dir / "tcphafe.conf"
+        new = prod.lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe-new", timeout=15)
+        assert old.wait(20) == 0
+        n = load.ok
+        assert wait_until(lambda: load.ok > n + 50, 15)
+        assert wait_until(lambda: prod.ctl_json("status")["pid"] == new.pid, 10)
+    finally:
+        load.stop()
+        t.join(60)
+    assert load.failures == [], load.failures[:5]
+    assert "error" not in got, got
+    assert got["body"].split(b"\r\n\r\n", 1)[1] == expected
+    log_new = prod.lab.log_path("fe", "tcpha-fe-new").read_text()
+    assert "took over the listening sockets" in log_new
+    assert "handed over to a new tcpha-fe" in prod.fe_log()
+    vip = prod.lab.topology.vip
+    assert any(a.startswith(vip + "/") for a in prod.lab.addresses("fe"))   # the old one left the VIP in place
+    print(f"\nupgrade under load: {load.ok} requests, {len(load.failures)} failed")
+    prod.lab.stop(new, grace=15)
+
+
+def test_daemon_pidfile_and_check_config(prod):
+    prod.dep.start_origins()
+    for h in prod.dep.backends:
+        prod.start_backend(h)
+    conf = prod.dep.write_fe_config(rundir=prod.fe_rundir)
+    r = prod.lab.run("fe", prod.dep.python("tcpha.fe", "-c", str(conf), "--check-config"), capture_output=True,
+                     text=True)
+    assert r.returncode == 0 and "valid" in r.stdout
+    pidfile = prod.lab.workdir / "fe.pid"
+    r = prod.lab.run("fe", prod.dep.python("tcpha.fe", "-c", str(conf), "-d", "--pidfile", str(pidfile)),
+                     capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10))
+    try:
+        prod.dep.wait_fe_ready()
+        assert prod.ctl_json("status")["pid"] == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 20)
+    assert wait_until(lambda: not pidfile.exists(), 5)
+
+
+def test_sd_notify_ready_reloading_stopping(prod, tmp_path):
+    import socket
+    sock_path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(sock_path)
+    s.settimeout(20)
+    prod.dep.start_origins()
+    for h in prod.dep.backends:
+        prod.start_backend(h)
+    conf = prod.dep.write_fe_config(rundir=prod.fe_rundir)
+    env = dict(os.environ, NOTIFY_SOCKET=sock_path)
+    p = prod.lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe", env=env, timeout=15)
+    prod.dep.fe_proc = p
+    try:
+        states = []
+        while "READY=1" not in states:
+            states.append(s.recv(4096).decode())
+        os.kill(p.pid, signal.SIGHUP)
+        assert s.recv(4096).decode() == "RELOADING=1"
+        assert s.recv(4096).decode() == "READY=1"
+        os.kill(p.pid, signal.SIGTERM)
+        assert s.recv(4096).decode() == "STOPPING=1"
+        assert p.wait(20) == 0
+    finally:
+        s.close()
