@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         _sock_attrs(s, addr.path)
     # Files named relative to where we were started, even after -daemon's chdir("/").
     pidfile = os.path.abspath(s.pidfile) if s.pidfile else None
+    unix_path = os.path.abspath(addr.path) if addr.kind == "unix" else None
     persist_path = os.path.abspath(s.persist) if s.persist else None
     if s.daemon:
         try:
@@ -351,10 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if addr.kind == "unix":
+        if unix_path:
             try:
-                if os.path.exists(addr.path):
-                    os.unlink(addr.path)
+                os.unlink(unix_path)
             except OSError:
                 pass
     return 0
