@@ -1,0 +1,270 @@
+"""Sans-I/O parts of issue 4: health damping, the spare-worker policy, control-file parsing, the control
+socket's answers, metrics exposition; and the two control-directory mechanisms on a scratch path."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import time
+
+import pytest
+from hypothesis import given, strategies as st
+
+from tcpha.fe.health import BackendHealth, HealthTable, http_status_ok
+from tcpha.fe.pool import SparePolicy
+from tcpha.metrics import LATENCY_BUCKETS, WorkerMetrics, exposition, parse_exposition
+from tcpha.runtime.ctlsock import answer
+from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
+from tests.production.conftest import wait_until
+
+
+# -- health -------------------------------------------------------------------------------------
+
+def test_fall_takes_out_after_consecutive_failures_only():
+    be = BackendHealth("b", rise=2, fall=3)
+    assert be.record(False, "x") is None and be.up
+    assert be.record(False, "x") is None and be.up
+    assert be.record(True) is None                      # a success resets the failure run
+    assert be.record(False) is None and be.record(False) is None
+    assert be.record(False, "refused") == "down"
+    assert not be.up and not be.accepts_new and be.last_error == "refused" and be.status == "down"
+
+
+def test_rise_damps_a_flapping_back_end():
+    be = BackendHealth("b", rise=2, fall=1)
+    assert be.record(False) == "down"
+    for _ in range(10):                                 # good, bad, good, bad...: never back
+        assert be.record(True) is None
+        assert be.record(False) is None
+    assert not be.up
+    assert be.record(True) is None
+    assert be.record(True) == "up" and be.accepts_new
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 5), st.integers(1, 5))
+def test_state_follows_the_last_run_of_results(results, rise, fall):
+    be = BackendHealth("b", rise=rise, fall=fall)
+    for r in results:
+        be.record(r)
+    # whatever happened before, `fall` failures in a row mean down and `rise` successes mean up
+    run = 0
+    for r in reversed(results):
+        if r != (results[-1] if results else True):
+            break
+        run += 1
+    if results and not results[-1] and run >= fall:
+        assert not be.up
+    if results and results[-1] and run >= rise:
+        assert be.up
+
+
+def test_weight_and_drain_stop_new_connections_only():
+    t = HealthTable(rise=1, fall=1)
+    a = t.add("a", weight=1)
+    t.add("b", weight=0)
+    assert t.available() == {"a": True, "b": False}
+    a.drain = True
+    assert t.available()["a"] is False and a.status == "drain" and a.up
+    with pytest.raises(ValueError):
+        a.set_weight(257)
+
+
+def test_http_check_status_lines():
+    assert http_status_ok(b"HTTP/1.1 200 OK\r\n")[0]
+    assert http_status_ok(b"HTTP/1.0 302 Found\r\n")[0]
+    ok, why = http_status_ok(b"HTTP/1.1 503 Service Unavailable\r\n", "h", 80, "/hc")
+    assert not ok and "503" in why
+    assert not http_status_ok(b"SSH-2.0-OpenSSH\r\n")[0]
+
+
+# -- worker pool --------------------------------------------------------------------------------
+
+def test_spare_policy():
+    p = SparePolicy(minspare=2, maxspare=4)
+    assert p.decide([1, 1, 0]) == 1                    # 1 idle < 2: start one
+    assert p.decide([0, 0, 1]) == 0
+    assert p.decide([0, 0, 0, 0, 0, 3]) == -1          # 5 idle > 4: stop one
+    assert p.decide([0]) == 1                          # min 2 idle
+    assert SparePolicy(0, 0).decide([0]) == 0          # never below one worker
+    assert SparePolicy(5, 9, max_workers=3).decide([1, 1, 1]) == 0
+
+
+# -- control files ------------------------------------------------------------------------------
+
+def make_tree():
+    state = {"n": 3, "f": 2.0, "b": False}
+    t = ControlTree()
+    t.add(ControlFile("sys/n", lambda: str(state["n"]), int_setter(lambda v: state.__setitem__("n", v), 0, 6, "n"),
+                      data=lambda: state["n"]))
+    t.add(ControlFile("sys/f", lambda: f"{state['f']:g}", float_setter(lambda v: state.__setitem__("f", v), 0, 60, "f")))
+    t.add(ControlFile("sys/b", lambda: str(int(state["b"])), bool_setter(lambda v: state.__setitem__("b", v), "b")))
+    t.add(ControlFile("conn", lambda: "a\nb"))
+    return t, state
+
+
+@pytest.mark.parametrize("path,text,ok", [
+    ("sys/n", "5\n", True), ("sys/n", " 0 ", True), ("sys/n", "7", False), ("sys/n", "-1", False),
+    ("sys/n", "1.5", False), ("sys/n", "", False), ("sys/f", "0.5", True), ("sys/f", "nan", False),
+    ("sys/f", "61", False), ("sys/b", "1", True), ("sys/b", "yes", True), ("sys/b", "2", False),
+])
+def test_setters(path, text, ok):
+    t, _ = make_tree()
+    before = t.read(path)
+    if ok:
+        t.write(path, text)
+    else:
+        with pytest.raises(WriteRefused):
+            t.write(path, text)
+        assert t.read(path) == before
+
+
+def test_tree_layout_and_read_only():
+    t, _ = make_tree()
+    assert t.listdir("") == ["conn", "sys"]
+    assert t.listdir("sys") == ["b", "f", "n"]
+    assert t.is_dir("sys") and not t.is_dir("conn") and t.is_file("conn")
+    with pytest.raises(PermissionError):
+        t.write("conn", "x")
+    with pytest.raises(FileNotFoundError):
+        t.read("nope")
+    t.remove_prefix("sys")
+    assert t.listdir("") == ["conn"]
+
+
+def test_control_socket_answers():
+    t, state = make_tree()
+
+    async def go():
+        assert (await answer(t, {"op": "read", "path": "sys/n"})) == {"ok": True, "text": "3\n", "data": 3}
+        assert (await answer(t, {"op": "write", "path": "sys/n", "value": "4"})) == {"ok": True}
+        bad = await answer(t, {"op": "write", "path": "sys/n", "value": "40"})
+        assert not bad["ok"] and "out of range" in bad["error"]
+        assert not (await answer(t, {"op": "write", "path": "conn", "value": "1"}))["ok"]
+        assert not (await answer(t, {"op": "read", "path": 5}))["ok"]
+        assert not (await answer(t, {"op": "frobnicate"}))["ok"]
+        files = (await answer(t, {"op": "list"}))["files"]
+        assert {f["path"] for f in files} == {"sys/n", "sys/f", "sys/b", "conn"}
+    asyncio.run(go())
+    assert state["n"] == 4
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_merge_and_exposition_round_trip():
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.handoff("10.0.0.1:666", "uri:jpg$", "handed_off", 0.0004)
+    a.handoff("10.0.0.1:666", "uri:jpg$", "handed_off", 0.003)
+    b.handoff("10.0.0.1:666", "uri:jpg$", "handed_off", 5.0)       # beyond the last bucket: +Inf only
+    b.handoff("10.0.0.2:666", 'host:^a"b', "refused")
+    b.control_error("10.0.0.2:666")
+    b.answered[503] = 2
+    m = WorkerMetrics.merge([json.loads(json.dumps(a.to_dict())), b.to_dict()])
+    text = exposition(m, health=[{"name": "10.0.0.1:666", "up": True, "status": "up", "weight": 1, "failures": 0}],
+                      active_flows=7, dispatching=1, workers=2)
+    s = parse_exposition(text)
+    assert s[("tcpha_fe_handoffs_total", (("backend", "10.0.0.1:666"), ("rule", "uri:jpg$"),
+                                          ("outcome", "handed_off")))] == 3
+    assert s[("tcpha_fe_handoffs_total", (("backend", "10.0.0.2:666"), ("rule", 'host:^a\\"b'),
+                                          ("outcome", "refused")))] == 1
+    assert s[("tcpha_fe_handoff_latency_seconds_bucket", (("le", "0.0005"),))] == 1
+    assert s[("tcpha_fe_handoff_latency_seconds_bucket", (("le", f"{LATENCY_BUCKETS[-1]:g}"),))] == 2
+    assert s[("tcpha_fe_handoff_latency_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert s[("tcpha_fe_handoff_latency_seconds_count", ())] == 3
+    assert s[("tcpha_fe_active_flows", ())] == 7
+    assert s[("tcpha_fe_control_errors_total", (("backend", "10.0.0.2:666"),))] == 1
+    assert s[("tcpha_fe_responses_total", (("status", "503"),))] == 2
+    # every family has HELP and TYPE lines
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert {"tcpha_fe_handoffs_total", "tcpha_fe_backend_up", "tcpha_fe_handoff_latency_seconds"} <= names
+
+
+# -- the two mechanisms, for real, on a scratch directory (root) ----------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+
+@needs_root
+def test_fuse_mount_refuses_invalid_writes_with_einval(tmp_path):
+    from tcpha.runtime.fusefs import FuseMount, fuse_available
+    if fuse_available() is not None:
+        pytest.fail(f"FUSE not available: {fuse_available()} (scripts/install-deps installs fuse3 and pyfuse3)")
+    t, state = make_tree()
+    mnt = str(tmp_path / "ctl")
+    m = FuseMount(t, mnt, links={"ctl.sock": "/nonexistent.sock"})
+    m.start()
+    try:
+        assert sorted(os.listdir(mnt)) == ["conn", "ctl.sock", "sys"]
+        assert os.readlink(os.path.join(mnt, "ctl.sock")) == "/nonexistent.sock"
+        with open(os.path.join(mnt, "sys/n")) as f:
+            assert f.read() == "3\n"
+        with open(os.path.join(mnt, "sys/n"), "w") as f:
+            f.write("6\n")
+        assert state["n"] == 6
+        with pytest.raises(OSError) as e:
+            with open(os.path.join(mnt, "sys/n"), "w") as f:
+                f.write("9\n")
+        assert e.value.errno == errno.EINVAL
+        assert state["n"] == 6
+        with pytest.raises(PermissionError):
+            open(os.path.join(mnt, "conn"), "w")
+        state["n"] = 2                                  # a change made by the daemon shows at the next read
+        with open(os.path.join(mnt, "sys/n")) as f:
+            assert f.read() == "2\n"
+    finally:
+        m.stop()
+    assert not os.path.ismount(mnt)
+
+
+@needs_root
+def test_mirror_fallback_reverts_invalid_writes(tmp_path):
+    from tcpha.runtime.mirror import MirrorDirectory
+    t, state = make_tree()
+    d = str(tmp_path / "ctl")
+    m = MirrorDirectory(t, d)
+    m.start()
+    try:
+        path = os.path.join(d, "sys/n")
+        assert open(path).read() == "3\n"
+        with open(path, "w") as f:
+            f.write("5\n")
+        assert wait_until(lambda: state["n"] == 5, 3)
+        with open(path, "w") as f:
+            f.write("77\n")
+        assert wait_until(lambda: open(path).read() == "5\n", 3)   # reverted to the value in force
+        assert state["n"] == 5
+        state["n"] = 1
+        assert wait_until(lambda: open(path).read() == "1\n", 3)   # refreshed every second
+    finally:
+        m.stop()
+
+
+@needs_root
+def test_control_plane_socket_and_tcpha_ctl(tmp_path, capsys):
+    from tcpha.cli.ctl import main as ctl_main
+    from tcpha.runtime.plane import ControlPlane, RundirInUse
+    t, state = make_tree()
+    rundir = str(tmp_path / "fe")
+    plane = ControlPlane(rundir=rundir, tree=t, name="tcpha-test")
+    plane.start()
+    try:
+        assert plane.mode == "fuse"
+        assert ctl_main(["--rundir", rundir, "get", "sys/n"]) == 0
+        assert capsys.readouterr().out == "3\n"
+        assert ctl_main(["--rundir", rundir, "set", "sys/n", "4"]) == 0
+        assert state["n"] == 4
+        assert ctl_main(["--rundir", rundir, "set", "sys/n", "x"]) == 1
+        assert "not a whole number" in capsys.readouterr().err
+        assert ctl_main(["--rundir", rundir, "--json", "get", "sys/n"]) == 0
+        assert json.loads(capsys.readouterr().out) == 4
+        # the mount's ctl.sock symlink leads to the same socket
+        assert ctl_main(["--socket", os.path.join(rundir, "ctl.sock"), "get", "sys/b"]) == 0
+        assert capsys.readouterr().out == "0\n"
+        # a second daemon on the same rundir is refused
+        with pytest.raises(RundirInUse):
+            ControlPlane(rundir=rundir, tree=t, name="tcpha-test2").start()
+    finally:
+        plane.stop()
+    assert not os.path.ismount(rundir)
+    assert ctl_main(["--rundir", rundir, "get", "sys/n"]) == 2
