@@ -101,9 +101,12 @@ class TlsTermination:
 class TlsRelay:
     """TLS server on `client`, plaintext to `app`; the same life cycle as SpliceRelay.
 
-    Level-triggered: every readiness event runs :meth:`_pump`, which makes all the progress it can
-    (handshake, client -> app, app -> client, half-closes) and then watches exactly the fds it
-    needs. Half-close is kept: the client's close_notify / FIN becomes a FIN to the application; the
+    OpenSSL works on memory BIOs (ssl.SSLObject) and this class moves the bytes between them and the
+    sockets, so that the handshake can run while the front end has not yet steered the flow here: the
+    ClientHello is read and the server's first flight computed (the expensive part of a full handshake)
+    during that wait, and only *sent* on release(). Level-triggered: every readiness event runs
+    :meth:`_pump`, which makes all the progress it can and then watches exactly the fds it needs.
+    Half-close is kept: the client's close_notify / FIN becomes a FIN to the application; the
     application's FIN becomes close_notify + FIN to the client.
     """
 
@@ -111,6 +114,7 @@ class TlsRelay:
                  app: socket.socket, on_done: Callable[[Any], None] | None):
         self.term = term
         self.loop = loop
+        self.sock = client
         self.app = app
         self.on_done = on_done
         self.peer = _peer(client)
@@ -119,15 +123,17 @@ class TlsRelay:
         app.setblocking(False)
         self.client_fd = client.fileno()
         self.app_fd = app.fileno()
-        self.tls = term.context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = term.context.wrap_bio(self.inc, self.out, server_side=True)
         self.handshaken = False
         self.held = True
         self.closed = False
         self.error: str | None = None
+        self.tx = bytearray()        # TLS records for the client
         self.up = bytearray()        # client -> app, decrypted
-        self.down = bytearray()      # app -> client, to encrypt
+        self.client_eof = False      # FIN from the client
         self.up_eof = self.up_shut = False
-        self.down_eof = self.down_shut = False
+        self.down_eof = self.notified = self.down_shut = False
         self.bytes_up = self.bytes_down = 0
         self.version: str | None = None
         self.resumed = False
@@ -136,11 +142,11 @@ class TlsRelay:
 
     # -- SpliceRelay's interface ---------------------------------------------------------------------
     def start(self, *, hold_down: bool = False) -> None:
-        """hold_down: nothing may go to the client (our ServerHello) until release(): the front end
-        has not yet steered the flow here."""
+        """hold_down: nothing may go to the client until release() (the front end has not yet steered
+        the flow here: the client's answer would hit its freeze). The handshake starts at once."""
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
-        if not hold_down:
-            self.release()
+        self.held = hold_down
+        self._pump()
 
     def release(self) -> None:
         if self.held and not self.closed:
@@ -158,7 +164,7 @@ class TlsRelay:
             self._timer.cancel()
             self._timer = None
         self._set_watch(cr=False, cw=False, ar=False, aw=False)
-        for s in (self.tls, self.app):
+        for s in (self.sock, self.app):
             try:
                 s.close()
             except OSError:
@@ -175,6 +181,13 @@ class TlsRelay:
     def _fail(self, why: str) -> None:
         if not self.handshaken:
             self.term.stats.failed += 1
+            # Our alert (if OpenSSL made one) is worth a try: the client then knows why.
+            self._take_out()
+            if self.tx and not self.held:
+                try:
+                    self.sock.send(self.tx)
+                except OSError:
+                    pass
         self.error = why
         log.info("TLS %s: %s", self.describe(), why)
         self.close()
@@ -192,42 +205,48 @@ class TlsRelay:
         except OSError as e:
             self._fail(f"{e.strerror or e}")
             return
-        if self.closed:
-            return
-        if self.up_shut and self.down_shut:
+        if not self.closed and self.up_shut and self.down_shut:
             self.close()
 
+    def _take_out(self) -> None:
+        if self.out.pending:
+            self.tx += self.out.read()
+
     def _progress(self) -> None:
-        want = {"cr": False, "cw": False, "ar": False, "aw": False}
-        if self.held:
-            self._set_watch(**want)
-            return
-        if not self.handshaken:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                want["cr"] = True
-                self._set_watch(**want)
-                return
-            except ssl.SSLWantWriteError:
-                want["cw"] = True
-                self._set_watch(**want)
-                return
-            self._handshake_done()
         moved = True
+        want = {"cr": False, "cw": False, "ar": False, "aw": False}
         while moved and not self.closed:
             moved = False
             want = {"cr": False, "cw": False, "ar": False, "aw": False}
-            # client -> app
-            if not self.up_eof and len(self.up) < BUFFER_LIMIT:
+            # client socket -> OpenSSL
+            if not self.client_eof and len(self.up) < BUFFER_LIMIT and self.inc.pending < BUFFER_LIMIT:
                 try:
-                    data = self.tls.recv(RECV_SIZE)
-                except ssl.SSLWantReadError:
+                    data = self.sock.recv(RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
                     want["cr"] = True
-                except ssl.SSLWantWriteError:
-                    want["cw"] = True
+                else:
+                    moved = True
+                    if data:
+                        self.inc.write(data)
+                    else:
+                        self.client_eof = True
+                        self.inc.write_eof()
+            if not self.handshaken:
+                try:
+                    self.obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+                else:
+                    self._handshake_done()
+                    moved = True
+                self._take_out()
+            # OpenSSL -> application
+            if self.handshaken and not self.up_eof and len(self.up) < BUFFER_LIMIT:
+                try:
+                    data = self.obj.read(RECV_SIZE)
+                except ssl.SSLWantReadError:
+                    pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    data = b""
                     self.up_eof = moved = True
                 else:
                     moved = True
@@ -235,10 +254,11 @@ class TlsRelay:
                         self.up += data
                     else:
                         self.up_eof = True
+                self._take_out()              # e.g. a KeyUpdate answer
             if self.up:
                 try:
                     n = self.app.send(self.up)
-                except BlockingIOError:
+                except (BlockingIOError, InterruptedError):
                     want["aw"] = True
                 else:
                     del self.up[:n]
@@ -249,34 +269,41 @@ class TlsRelay:
             elif self.up_eof and not self.up_shut:
                 self.up_shut = moved = True
                 _shutdown_write(self.app)
-            # app -> client
-            if not self.down_eof and len(self.down) < BUFFER_LIMIT:
+            # application -> OpenSSL
+            if self.handshaken and not self.down_eof and len(self.tx) < BUFFER_LIMIT:
                 try:
                     data = self.app.recv(RECV_SIZE)
-                except BlockingIOError:
+                except (BlockingIOError, InterruptedError):
                     want["ar"] = True
                 else:
                     moved = True
                     if data:
-                        self.down += data
+                        self.obj.write(data)
+                        self.bytes_down += len(data)
+                        self._take_out()
                     else:
                         self.down_eof = True
-            if self.down:
+            if self.down_eof and not self.notified:
+                self.notified = moved = True
                 try:
-                    n = self.tls.send(self.down)
-                except ssl.SSLWantWriteError:
+                    self.obj.unwrap()            # close_notify into the outgoing BIO
+                except (ssl.SSLError, ValueError):
+                    pass                         # SSLWantRead: the client's close_notify is not here yet
+                self._take_out()
+            # OpenSSL -> client socket (held until the flow is steered here)
+            if self.tx and not self.held:
+                try:
+                    n = self.sock.send(self.tx)
+                except (BlockingIOError, InterruptedError):
                     want["cw"] = True
-                except ssl.SSLWantReadError:
-                    want["cr"] = True
                 else:
-                    del self.down[:n]
-                    self.bytes_down += n
+                    del self.tx[:n]
                     moved = moved or n > 0
-                    if self.down:
+                    if self.tx:
                         want["cw"] = True
-            elif self.down_eof and not self.down_shut:
+            if self.notified and not self.tx and not self.down_shut and not self.held:
                 self.down_shut = moved = True
-                self._close_notify()
+                _shutdown_write(self.sock)
             if self.up_shut and self.down_shut:
                 break
         self._set_watch(**want)
@@ -286,24 +313,13 @@ class TlsRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.version = self.tls.version()
-        self.resumed = bool(self.tls.session_reused)
+        self.version = self.obj.version()
+        self.resumed = bool(self.obj.session_reused)
         stats = self.term.stats
         stats.handshakes += 1
         stats.resumed += self.resumed
         log.debug("TLS %s: %s handshake done (%s)", self.describe(), self.version,
                   "resumed" if self.resumed else "full")
-
-    def _close_notify(self) -> None:
-        """The application ended its answer: close_notify (best effort), then FIN to the client."""
-        try:
-            self.tls._sslobj.shutdown()          # type: ignore[union-attr]  # sends close_notify
-        except (ssl.SSLError, OSError, AttributeError, ValueError):
-            pass                                  # usually SSLWantRead: the peer's close_notify is not here yet
-        try:
-            socket.socket.shutdown(self.tls, socket.SHUT_WR)   # the TCP half-close, keeping the TLS object
-        except OSError:
-            pass
 
     def _set_watch(self, *, cr: bool, cw: bool, ar: bool, aw: bool) -> None:
         w = self._watch
