@@ -304,3 +304,42 @@ def test_aio_batch_timeout(fake_servers, sockdir):
             await c.get_many([b"abcdef", b"ghijkl"])
         await c.close()
     asyncio.run(main())
+
+
+def _unresponsive_listener():
+    """A TCP listener whose accept queue is full: further connects hang in SYN_SENT."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fill.append(s)
+    return listener, fill, port
+
+
+def test_connect_timeout():
+    listener, fill, port = _unresponsive_listener()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DistcacheError, match="connect timed out"):
+            DistcacheClient(f"IP:127.0.0.1:{port}", PERSISTENT, timeout=0.4)
+        with pytest.raises(DistcacheError, match="connect timed out"):
+            DistcacheClient(f"IP:127.0.0.1:{port}", 0, timeout=0.4).get(b"abcdef")
+
+        async def main():
+            with pytest.raises(DistcacheError, match="connect timed out"):
+                await AsyncDistcacheClient.connect(f"IP:127.0.0.1:{port}", timeout=0.4)
+        asyncio.run(main())
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in fill:
+            s.close()
+        listener.close()
