@@ -96,6 +96,7 @@ class ControlLink(asyncio.Protocol):
         except control.ControlError as e:
             log.error("back end %s: control connection dropped: %s", self.backend.name, e)
             self.worker.stats.control_errors += 1
+            self.worker.ledger.metrics.control_error(self.backend.name)
             if self.transport is not None:
                 self.transport.abort()
             return
