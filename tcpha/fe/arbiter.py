@@ -284,10 +284,11 @@ class FrontEnd:
             log.log(25, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
                     idle, len(busy), policy.maxspare, self.workers[pid], pid)
             self._retiring.add(pid)
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            if not self.runtime.stop_worker(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._pending.append(signum)

@@ -404,6 +404,18 @@ class FrontEndRuntime:
             return out
         return self.plane.run(ask(), timeout=3.0)
 
+    def stop_worker(self, pid: int) -> bool:
+        """Stop a surplus worker: finish what it dispatches, no wait for handed-off flows. False if its
+        link does not answer (the caller then signals it)."""
+        link = self.links.get(pid)
+        if link is None:
+            return False
+        try:
+            self.plane.run(link.ask("stop", wait_flows=False), timeout=3.0)
+            return True
+        except Exception:
+            return False
+
     # -- upgrade ---------------------------------------------------------------------------------
     async def _op_takeover(self, request: dict, writer: Any) -> dict:
         """A new tcpha-fe asks for our listening sockets (seamless upgrade): they travel over the
