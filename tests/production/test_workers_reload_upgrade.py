@@ -81,8 +81,9 @@ def test_sighup_reload_under_load_drops_nothing(prod, startservers):
     print(f"\nreload (startservers={startservers}): {load.ok} requests, {len(load.failures)} failed")
 
 
-def test_seamless_upgrade_under_load(prod):
-    prod.start(fe={"grace": 5})
+@pytest.mark.parametrize("startservers", [1, 3])
+def test_seamless_upgrade_under_load(prod, startservers):
+    prod.start(fe={"grace": 5, "startservers": startservers})
     old = prod.dep.fe_proc
     expected = prod.dep.origins["be2"].expected("video/clip.mp4")
     got: dict = {}
@@ -125,7 +126,7 @@ def test_seamless_upgrade_under_load(prod):
     assert "handed over to a new tcpha-fe" in prod.fe_log()
     vip = prod.lab.topology.vip
     assert any(a.startswith(vip + "/") for a in prod.lab.addresses("fe"))   # the old one left the VIP in place
-    print(f"\nupgrade under load: {load.ok} requests, {len(load.failures)} failed")
+    print(f"\nupgrade under load (startservers={startservers}): {load.ok} requests, {len(load.failures)} failed")
     prod.lab.stop(new, grace=15)
 
 
@@ -176,3 +177,49 @@ def test_sd_notify_ready_reloading_stopping(prod, tmp_path):
         assert p.wait(20) == 0
     finally:
         s.close()
+
+
+def test_maxclients_caps_dispatching_and_the_rest_waits_in_the_accept_queue(prod):
+    prod.start(fe={"maxclients": 2, "peektimeout": 5})
+    socks = [prod.dep.connect(timeout=10) for _ in range(5)]      # all connect: the kernel queues them
+    try:
+        reading = lambda: [r for r in prod.ctl_json("conn") if r["state"] == "reading"]  # noqa: E731
+        assert wait_until(lambda: len(reading()) == 2, 5)
+        time.sleep(0.5)
+        assert len(reading()) == 2                                  # never more than maxclients
+        for s in socks:
+            s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in socks:
+            s.settimeout(10)
+            data = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                data += b
+            assert data.startswith(b"HTTP/1.1 200"), data[:80]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_silent_registered_back_end_is_removed(prod):
+    be2 = f"{prod.lab.ip('be2')}:666"
+    prod.dep.start_origins()
+    prod.start_backend("be1")
+    prod.start_fe(ready="/img/logo.jpg", servers=[f"{prod.lab.ip('be1')} 666"], rules=prod.rules("{be1} jpg$"),
+                  registerport=7000, dtcinterval=1)
+    p = prod.start_backend("be2", dregister=1, feaddr=prod.lab.ip("fe"), feport=7000, rule="^/dyn/",
+                           registerretry=0.5)
+    present = lambda: [b for b in prod.ctl_json("status")["backends"] if b["name"] == be2]  # noqa: E731
+    assert wait_until(present, 10)
+    os.kill(p.pid, signal.SIGSTOP)                  # alive but silent: no Pong, no FIN
+    try:
+        t0 = time.monotonic()
+        assert wait_until(lambda: not present(), 10)
+        assert time.monotonic() - t0 <= 3 * 1 + 2.5
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    assert "silent for" in prod.fe_log()
+    # it notices the loss and registers again
+    assert wait_until(present, 15)
