@@ -3,15 +3,12 @@ effect, invalid writes are refused to the writer; tcpha-ctl does the same over t
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import threading
 import time
 
 import pytest
 
-from tests.production.conftest import Load, wait_until
+from tests.production.conftest import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -3,7 +3,6 @@ fall through to the next back end, no request fails after detection, and it is p
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 

@@ -7,7 +7,6 @@ import asyncio
 import errno
 import json
 import os
-import time
 
 import pytest
 from hypothesis import given, strategies as st
