@@ -56,33 +56,43 @@ def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException]
     return sniff_http.parse_request_head, looks_like_tls, parse_hello, tuple(errors), NeedMore
 
 
-class SteeringBatch:
-    """Steering operations gathered per event-loop iteration and sent as one nft transaction each.
+INLINE_STEERING = bool(os.environ.get("TCPHA_STEERING_INLINE"))   # A/B switch for bench/handoff
 
-    A transaction costs ~100-150 us of kernel time whatever its size (measured: nearly all of a
-    handoff's front-end CPU when each flow had its own), so the connections that became ready in
-    one epoll wake-up are frozen together, the Restored answers that arrived together are
-    forwarded together, and closed flows are removed every UNFORWARD_DELAY.
+
+class SteeringBatch:
+    """Steering operations gathered while the previous one runs and sent as one nft transaction each.
+
+    An nft transaction takes ~0.1-0.7 ms of wall-clock time in the kernel (commit, and waiting for
+    other users of nf_tables), whatever its size. Done in the event loop, it blocked the loop and
+    capped a worker at one transaction at a time; so transactions run in one steering thread (the
+    kernel call releases the GIL), at most one per kind in flight, and everything that arrives
+    meanwhile goes into the next one: the busier the worker, the larger the batches. Results come
+    back to the loop with call_soon_threadsafe. One thread keeps the operations in order (a flow is
+    always frozen before it is forwarded, and unforwarded before a reused port is forwarded again).
     """
 
     UNFORWARD_DELAY = 0.02
 
     def __init__(self, worker: "Worker"):
+        from concurrent.futures import ThreadPoolExecutor
         self.worker = worker
         self.freezing: list[Dispatch] = []
         self.forwarding: list[Dispatch] = []
         self.closing: list[Any] = []
         self._freeze_at = self._forward_at = self._close_at = False
+        self._busy = {"freeze": False, "forward": False}
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steering")
+        self.transactions = 0
 
     def freeze(self, d: Dispatch) -> None:
         self.freezing.append(d)
-        if not self._freeze_at:
+        if not self._freeze_at and not self._busy["freeze"]:
             self._freeze_at = True
             self.worker.loop.call_soon(self._flush_freeze)
 
     def forward(self, d: Dispatch) -> None:
         self.forwarding.append(d)
-        if not self._forward_at:
+        if not self._forward_at and not self._busy["forward"]:
             self._forward_at = True
             self.worker.loop.call_soon(self._flush_forward)
 
@@ -92,45 +102,89 @@ class SteeringBatch:
             self._close_at = True
             self.worker.loop.call_later(self.UNFORWARD_DELAY, self._flush_unforward)
 
-    def _flush_freeze(self) -> None:
-        self._freeze_at = False
-        batch, self.freezing = self.freezing, []
+    # -- in the steering thread ------------------------------------------------------------------
+    def _do_freeze(self, flows: list[Any]) -> Exception | None:
         steering = self.worker.steering
-        error: Exception | None = None
         try:
             many = getattr(steering, "freeze_many", None)
             if many is not None:
-                many([d.flow for d in batch])
+                many(flows)
             else:
-                for d in batch:
-                    steering.freeze(d.flow)
+                for flow in flows:
+                    steering.freeze(flow)
         except Exception as e:
-            error = e
+            return e
+        return None
+
+    def _do_forward(self, flows: list[tuple[Any, str]]) -> Exception | None:
+        try:
+            self.worker.steering.forward_many(flows)
+        except Exception as e:
+            return e
+        return None
+
+    def _do_unforward(self, flows: list[Any]) -> None:
+        try:
+            self.worker.steering.unforward_many(flows)
+        except Exception as e:
+            log.error("removing %d steering entries failed: %s", len(flows), e)
+
+    # -- in the loop -----------------------------------------------------------------------------
+    def _submit(self, kind: str, fn: Any, arg: Any, batch: list[Dispatch], deliver: Any) -> None:
+        self._busy[kind] = True
+        self.transactions += 1
+        loop = self.worker.loop
+        if INLINE_STEERING:
+            self._delivered(kind, batch, deliver, fn(arg))
+            return
+        future = self.thread.submit(fn, arg)
+
+        def done(f: Any) -> None:          # in the steering thread
+            try:
+                loop.call_soon_threadsafe(self._delivered, kind, batch, deliver, f.result())
+            except RuntimeError:            # loop closed at shutdown
+                pass
+        future.add_done_callback(done)
+
+    def _delivered(self, kind: str, batch: list[Dispatch], deliver: Any, error: Exception | None) -> None:
+        self._busy[kind] = False
         for d in batch:
-            d.frozen(error)
+            deliver(d, error)
+        # what arrived while this transaction ran goes in the next one
+        if kind == "freeze" and self.freezing and not self._freeze_at:
+            self._flush_freeze()
+        elif kind == "forward" and self.forwarding and not self._forward_at:
+            self._flush_forward()
+
+    def _flush_freeze(self) -> None:
+        self._freeze_at = False
+        if self._busy["freeze"] or not self.freezing:
+            return
+        batch, self.freezing = self.freezing, []
+        self._submit("freeze", self._do_freeze, [d.flow for d in batch], batch, Dispatch.frozen)
 
     def _flush_forward(self) -> None:
         self._forward_at = False
+        if self._busy["forward"] or not self.forwarding:
+            return
         batch, self.forwarding = self.forwarding, []
-        error: Exception | None = None
-        try:
-            self.worker.steering.forward_many([(d.flow, d.backend.mac) for d in batch])
-        except Exception as e:
-            error = e
-        for d in batch:
-            d.forwarded(error)
+        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac) for d in batch], batch,
+                     Dispatch.forwarded)
 
     def _flush_unforward(self) -> None:
         self._close_at = False
         batch, self.closing = self.closing, []
-        try:
-            self.worker.steering.unforward_many(batch)
-        except Exception as e:
-            log.error("removing %d steering entries failed: %s", len(batch), e)
+        if batch:
+            self.thread.submit(self._do_unforward, batch)
 
     def flush_all(self) -> None:
         if self.closing:
             self._flush_unforward()
+
+    def close(self) -> None:
+        """Send what is pending and wait for the steering thread to finish (at stop)."""
+        self.flush_all()
+        self.thread.shutdown(wait=True)
 
 
 class Worker:
@@ -384,6 +438,7 @@ class Worker:
         for be in set(self.backends.values()):
             be.close()
         await asyncio.sleep(0)
+        self.batch.close()
         log.info("%s: stopped (%d handoffs, %d refused, %d unmatched)", self.name, self.stats.handoffs,
                  self.stats.refused, self.stats.nomatch)
 
