@@ -14,15 +14,16 @@ Scenarios, for TLS 1.2 and 1.3 and each key type:
 Each client process runs connections one after another: connect, handshake, read the server's
 line, close.  Rate = all connections / wall time.
 
-Through the front end: --target HOST:PORT[,HOST:PORT...] --no-start points the clients at
-running servers instead (e.g. the lab's VIP:443 with tcpha-fe and two tcpha-be terminating TLS,
-`tcpha-lab exec client -- python bench/tls/run.py --target 10.77.0.100:443 --no-start`); the
-resumed rows then measure resumption across whichever back ends the front end picks.
+Through the front end: bench/tls/through_fe.py builds the namespace lab (tcpha-fe, two tcpha-be
+terminating TLS, dc_server + dc_clients) and writes bench/results/tls-fe.md.  This script's
+--target HOST:PORT[,...] --no-start --cafile CERT --sni A,B --request PATH runs the same clients
+against any running servers (e.g. from the lab's client namespace against VIP:443).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -65,29 +66,39 @@ def start_server(name: str, cert: str, key: str, cache: str | None) -> tuple[sub
     return p, (m.group(1), int(m.group(2)))
 
 
-def one(addr, ctx, session):
+def one(target, ctx, session, request=b""):
+    """One connection: handshake, then the server's first bytes (resume_server speaks first; an
+    HTTP server behind the front end gets `request` and is read to the end).  Reading past the
+    handshake also makes the client take a TLS 1.3 ticket sent after it."""
+    addr, sni = target
     t0 = time.perf_counter()
     raw = socket.create_connection(addr, timeout=10)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-        line = tls.recv(128)
+    with ctx.wrap_socket(raw, server_hostname=sni, session=session) as tls:
+        if request:
+            tls.sendall(request)
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        else:
+            data = tls.recv(128)
         dt = time.perf_counter() - t0
-        return dt, tls.session_reused, tls.session, line
+        return dt, tls.session_reused, tls.session, data
 
 
 def client(args):
-    targets, cafile, version, mode, seconds, q = args
+    targets, cafile, version, mode, seconds, q, request = args
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion[version]
     session = None
     if mode != "full":
-        _, _, session, _ = one(targets[0], ctx, None)
+        _, _, session, _ = one(targets[0], ctx, None, request)
     lat, reused, n, errors = [], 0, 0, 0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         addr = targets[0] if mode == "same" else targets[n % len(targets)]
         try:
-            dt, r, s, _ = one(addr, ctx, session if mode != "full" else None)
+            dt, r, s, _ = one(addr, ctx, session if mode != "full" else None, request)
         except (OSError, ssl.SSLError):
             errors += 1
             continue
@@ -107,11 +118,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def run(targets, cafile, version, mode, seconds, clients, server_pids=()):
+def run(targets, cafile, version, mode, seconds, clients, server_pids=(), request=b""):
     q = multiprocessing.Queue()
     cpu0 = cpu_seconds(list(server_pids))
     t0 = time.perf_counter()
-    ps = [multiprocessing.Process(target=client, args=((targets, cafile, version, mode, seconds, q),))
+    ps = [multiprocessing.Process(target=client, args=((targets, cafile, version, mode, seconds, q, request),))
           for _ in range(clients)]
     for p in ps:
         p.start()
@@ -192,6 +203,18 @@ def handshake_costs(cert, key, version, cache, dc_pid, count=400):
     return out
 
 
+def median_rows(rows: list) -> list:
+    """One row per (setup, key, version, mode): the one with the median rate."""
+    groups: dict[tuple, list] = {}
+    for setup, key, version, mode, r in rows:
+        groups.setdefault((setup, key, version, mode), []).append(r)
+    out = []
+    for k, rs in groups.items():
+        rs.sort(key=lambda r: r["rate"])
+        out.append((*k, rs[len(rs) // 2]))
+    return out
+
+
 def cache_latency(address: str, count: int = 3000) -> float:
     from tcpha.distcache.client import PERSISTENT, DistcacheClient
     c = DistcacheClient(address, PERSISTENT, timeout=1)
@@ -213,6 +236,11 @@ def main() -> int:
     ap.add_argument("--target", help="HOST:PORT[,HOST:PORT] of running servers (e.g. the front end)")
     ap.add_argument("--cafile", help="with --target: the servers' CA/certificate")
     ap.add_argument("--no-start", action="store_true", help="with --target: start nothing")
+    ap.add_argument("--sni", default="localhost", help="with --target: server names to cycle through")
+    ap.add_argument("--request", help="with --target: send 'GET PATH' and read the answer to its end")
+    ap.add_argument("--label", help="with --target: the setup column")
+    ap.add_argument("--key-label", default="-", help="with --target: the key column")
+    ap.add_argument("--json", help="with --target: write the rows as JSON here instead of the results")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     rows = []
@@ -224,11 +252,22 @@ def main() -> int:
         if a.target:
             if not (a.no_start and a.cafile):
                 raise SystemExit("--target needs --no-start and --cafile")
-            targets = [(h, int(p)) for h, _, p in (t.rpartition(":") for t in a.target.split(","))]
-            for version in a.versions.split(","):
-                for mode in ("full", "alternate"):
-                    r = run(targets, a.cafile, version, mode, a.seconds, a.clients)
-                    rows.append(("target " + a.target, "-", version, mode, r))
+            addrs = [(h, int(p)) for h, _, p in (t.rpartition(":") for t in a.target.split(","))]
+            snis = a.sni.split(",")
+            # Consecutive connections cycle through the addresses and the server names: behind the
+            # front end, SNI rules send them to different back ends.
+            targets = [(addrs[i % len(addrs)], snis[i % len(snis)]) for i in range(max(len(addrs), len(snis)))]
+            request = (f"GET {a.request} HTTP/1.1\r\nHost: {snis[0]}\r\nConnection: close\r\n\r\n".encode()
+                       if a.request else b"")
+            for _ in range(a.rounds):
+                for version in a.versions.split(","):
+                    for mode in ("full", "alternate"):
+                        r = run(targets, a.cafile, version, mode, a.seconds, a.clients, request=request)
+                        rows.append((a.label or "target " + a.target, a.key_label, version, mode, r))
+            rows = median_rows(rows)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows))
+                return 0
         else:
             cache = f"UNIX:{tmp}/scache"
             dc = subprocess.Popen(DC_SERVER + ["-listen", cache, "-sessions", "60000"],
@@ -248,7 +287,7 @@ def main() -> int:
                     procs.extend(p for p, _ in servers)
                     # Server CPU: the two servers, plus the dc_server when it serves them.
                     pids = [p.pid for p, _ in servers] + ([dc.pid] if setup == "shared" else [])
-                    setups[setup] = ([addr for _, addr in servers], pids)
+                    setups[setup] = ([(addr, "localhost") for _, addr in servers], pids)
                 # Rounds interleave the scenarios, so that load from elsewhere on the machine
                 # hits them alike; each row is the round with the median rate.
                 results: dict[tuple, list[dict]] = {}
@@ -262,8 +301,7 @@ def main() -> int:
                                 print(setup, key_type, version, mode, f"{r['rate']:.0f}/s", flush=True,
                                       file=sys.stderr)
                 for k, rs in results.items():
-                    rs.sort(key=lambda r: r["rate"])
-                    rows.append((*k, rs[len(rs) // 2]))
+                    rows.extend(median_rows([(*k, r) for r in rs]))
                 for version in a.versions.split(","):
                     for name, cost in handshake_costs(cert, key, version, cache, dc.pid).items():
                         bio_rows.append((key_type, version, name, cost))
@@ -315,9 +353,9 @@ def write_results(a, rows, extra: str, bio_rows: list) -> None:
             "| setup | key | TLS | connections | rate /s | server CPU µs/conn | capacity /s/CPU | reused | errors | p50 ms | p99 ms |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for setup, key, version, mode, r in rows:
-        cap = 1e6 / r["cpu_us"] if r["cpu_us"] else 0
+        cpu, cap = (f"{r['cpu_us']:.0f}", f"{1e6 / r['cpu_us']:.0f}") if r["cpu_us"] else ("-", "-")
         out.append(f"| {setup} | {key} | {version.replace('_', '.')} | {MODE_TEXT.get(mode, mode)} | "
-                   f"{r['rate']:.0f} | {r['cpu_us']:.0f} | {cap:.0f} | {r['reused']}/{r['n']} | {r['errors']} | "
+                   f"{r['rate']:.0f} | {cpu} | {cap} | {r['reused']}/{r['n']} | {r['errors']} | "
                    f"{r['p50']:.2f} | {r['p99']:.2f} |")
     out += ["", "## Resumed / full (target ≥ 1.5×)", "",
             "| setup | key | TLS | connections | rate ratio | server capacity ratio | resumed |",
@@ -327,9 +365,9 @@ def write_results(a, rows, extra: str, bio_rows: list) -> None:
         if m != "full" and (s, k, v) in full:
             f = full[(s, k, v)]
             ratio = r["rate"] / f["rate"]
-            cap = f["cpu_us"] / r["cpu_us"] if r["cpu_us"] else 0
+            cap = f"{f['cpu_us'] / r['cpu_us']:.2f}×" if r["cpu_us"] and f["cpu_us"] else "-"
             out.append(f"| {s} | {k} | {v.replace('_', '.')} | {MODE_TEXT.get(m, m)} | {ratio:.2f}× | "
-                       f"{cap:.2f}× | {r['reused']}/{r['n']} |")
+                       f"{cap} | {r['reused']}/{r['n']} |")
     if bio_rows:
         out += ["", "## The handshake alone (in process, memory BIOs: no sockets, no threads)", "",
                 "Server CPU per handshake, 400 handshakes: CPU time of the server's `do_handshake` calls "
@@ -341,8 +379,10 @@ def write_results(a, rows, extra: str, bio_rows: list) -> None:
         for k, v, n, (us, reused, count) in bio_rows:
             out.append(f"| {k} | {v.replace('_', '.')} | {n} | {us:.0f} | {fulls[(k, v)] / us:.2f}× | {reused}/{count} |")
     out += ["", NOTES]
-    out += ["", "Through the front end: not measured here yet (needs tcpha-fe/tcpha-be terminating TLS in the "
-            "lab); run with `--target VIP:443 --cafile CERT --no-start` from the lab's client namespace.", ""]
+    out += ["", "Through the front end (tcpha-fe handing off to two tcpha-be that terminate TLS, in the "
+            "namespace lab): `bench/tls/through_fe.py`, results in `bench/results/tls-fe.md`. This script's "
+            "`--target VIP:443 --no-start --cafile CERT --sni A,B --request /` runs the same clients against "
+            "any running servers.", ""]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(out))
     print(f"wrote {a.out}", file=sys.stderr)
