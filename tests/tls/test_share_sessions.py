@@ -111,3 +111,25 @@ def test_cache_that_never_answers_bounds_the_handshake(tls_server, certs):
         assert 2 * timeout * 0.9 <= time.monotonic() - t0 < 2 * timeout + 2
     finally:
         black.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_concurrent_handshakes_resume_across_servers(dc_server, tls_server, certs, version):
+    """Many handshakes at once in each server (threads: the callbacks run concurrently, each
+    taking a cache connection from the pool): every one resumes on the other server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache, _ = dc_server()
+    servers = (tls_server("A", cache), tls_server("B", cache))
+    client = client_context(certs, version)
+    seeds = [visit(servers[i % 2].port, client) for i in range(8)]   # made on A, B, A, ...
+
+    def resume(i: int):
+        return visit(servers[(i + 1) % 2].port, client, seeds[i % 8].session)  # on the other one
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(resume, range(64)))
+    assert all(r.reused and r.server_reused for r in results), [r.line for r in results if not r.reused]
+    for server in servers:
+        stats = json.loads(visit(server.port, client, send=b"stats\n").line)
+        assert stats["hits"] == 32 and stats["errors"] == 0
