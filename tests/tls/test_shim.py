@@ -257,3 +257,25 @@ def test_bad_arguments_raise(certs):
     with pytest.raises(ValueError, match="server context"):
         share_sessions(ssl.create_default_context(), CountingCache())
     assert session_cache_stats(ctx) is None  # nothing was installed
+
+
+def test_slow_cache_object_is_used_once_then_skipped(certs, inproc_server, caplog):
+    class SlowCache(CountingCache):
+        def get(self, session_id):
+            time.sleep(0.3)
+            return super().get(session_id)
+
+    ctx = server_context(certs)
+    cache = SlowCache()
+    with caplog.at_level(logging.INFO, logger="tcpha.tls"):
+        assert share_sessions(ctx, cache, timeout=0.1, retry_interval=60)
+        port = inproc_server(ctx)
+        client = client_context(certs, "TLSv1_2")
+        first = visit(port, client)
+        assert visit(port, client, first.session).reused   # a late answer is still an answer...
+        t0 = time.monotonic()
+        assert not visit(port, client, first.session).reused  # ...but the cache is now skipped
+        assert time.monotonic() - t0 < 0.25
+    assert cache.count("get") == 1
+    [warning] = [r for r in shim_warnings(caplog) if "failed" in r.getMessage()]
+    assert "over the 100 ms timeout" in warning.getMessage()
