@@ -64,6 +64,9 @@ def fe_config_text(lab: NamespaceLab, key_path: str, *, servers: list[str] | Non
     values: dict[str, Any] = {
         "raddr": lab.ip("fe"), "vaddr": lab.topology.vip, "port": VPORT, "startservers": 1,
         "connperbe": 2, "authkey": key_path, "peektimeout": 2, "dbglevel": 3, "grace": 2,
+        # control files and sockets of this lab's daemons stay in its scratch directory: labs run
+        # side by side share the file system, not /run/tcpha
+        "rundir": str(lab.workdir / "tcpha" / "run-fe"),
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"]
@@ -78,7 +81,7 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
     values: dict[str, Any] = {
         "raddr": ip, "uaddr": ip, "vaddr": lab.topology.vip, "port": CONTROL_PORT,
         "redirectaddr": "0.0.0.0", "redirectport": APP_PORT, "authkey": key_path, "dbglevel": 3,
-        "grace": 1,
+        "grace": 1, "rundir": str(lab.workdir / "tcpha" / f"run-be-{host}"),
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"] + [f"{k} = {v}" for k, v in values.items() if v is not None]
@@ -127,9 +130,13 @@ class LabDeployment:
                                                 kind=kw.get("kind", self.origin_kind))
 
     def copy_config(self, template: Path, name: str) -> Path:
-        """A sample config copied next to this deployment's key (its 'authkey = authkey' is relative)."""
+        """A sample config copied next to this deployment's key (its 'authkey = authkey' is relative),
+        with its control files in the lab's scratch directory."""
         conf = self.dir / name
-        conf.write_text(template.read_text())
+        text = template.read_text()
+        if not any(line.strip().startswith("rundir") for line in text.splitlines()):
+            text += f"\n# added by tcpha-lab demo\nrundir = {self.dir / ('run-' + Path(name).stem)}\n"
+        conf.write_text(text)
         return conf
 
     def start_backend(self, host: str, template: Path | None = None, **options: Any) -> Any:
