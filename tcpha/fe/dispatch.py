@@ -76,7 +76,8 @@ class Dispatch:
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
         self.worker.ledger.started(self)
-        self.timer = self.worker.loop.call_later(self.worker.peektimeout, self._peek_timeout)
+        # Most clients send the request with (or right after) the handshake: the first peek usually
+        # finds the whole head, and the peektimeout timer is only armed when we have to wait.
         self._peek(woken=False)
 
     def _readable(self) -> None:
@@ -151,6 +152,10 @@ class Dispatch:
         self._next_candidate()
 
     def _want_read(self) -> None:
+        if self.timer is None:
+            w = self.worker
+            self.timer = w.loop.call_later(max(0.0, w.peektimeout - (time.perf_counter() - self.t0)),
+                                           self._peek_timeout)
         if not self.reading:
             self.worker.loop.add_reader(self.fd, self._readable)
             self.reading = True
