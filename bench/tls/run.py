@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import socket
 import ssl
 import statistics
@@ -310,6 +311,7 @@ def main() -> int:
             if p.poll() is None:
                 p.terminate()
                 p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     write_results(a, rows, extra, bio_rows)
     return 0
 
