@@ -174,6 +174,26 @@ def interleaved(lab, targets: str, cafile: str, version: str, mode: str, sni: st
     return {"ttfb": fe, "errors": r["errors"]}, {"ttfb": direct, "errors": r["errors"]}
 
 
+def cpu_seconds(dep) -> tuple[float, float]:
+    """CPU seconds used so far by tcpha-fe (arbiter + workers) and by both tcpha-be (with children)."""
+    import psutil
+
+    def tree(pid: int) -> float:
+        total = 0.0
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return total
+    return tree(dep.fe_proc.pid), sum(tree(p.pid) for p in dep.be_procs.values())
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -200,10 +220,14 @@ def bench_setup(shared: bool, args: argparse.Namespace) -> dict:
         vip = f"{tls.dep.vip}:{TLS_VPORT}"
         for version in ("TLSv1_2", "TLSv1_3"):
             for mode in ("full", "resumed"):
+                cpu0 = cpu_seconds(tls.dep)
                 r = run_clients(lab, vip, str(tls.cert), version, mode, args.clients, args.seconds,
                                 "a.example,b.example")
+                cpu1 = cpu_seconds(tls.dep)
+                r["fe_us"] = (cpu1[0] - cpu0[0]) / max(r["n"], 1) * 1e6
+                r["be_us"] = (cpu1[1] - cpu0[1]) / max(r["n"], 1) * 1e6
                 rows[(version, mode)] = r
-                print(f"{'shared' if shared else 'unshared'} {version} {mode}: {r['rate']:.0f}/s "
+                print(f"{'shared' if shared else 'unshared'} {version} {mode}: {r['rate']:.0f}/s BE {r['be_us']:.0f} us/conn "
                       f"reused {r['reused']}/{r['n']} errors {r['errors']}", flush=True)
             if shared:
                 fe, direct = interleaved(lab, f"{vip},{be1}:{DIRECT_PORT}", str(tls.cert), version, "full",
@@ -235,21 +259,28 @@ def write_results(results: dict, args: argparse.Namespace, load: tuple) -> str:
              f"{args.clients} processes in the client namespace, one connection at a time "
              "(connect, handshake, GET, read to close). `resumed` alternates a.example / b.example offering the "
              "newest session, so every resumption crosses back ends.", "",
-             "| setup | TLS | connections | rate /s | reused | errors | p50 ms | p99 ms |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "`FE CPU` / `BE CPU`: CPU time of tcpha-fe (all processes) / of both tcpha-be per connection, "
+             "from psutil: the BE column is where full and resumed handshakes differ (the clients here are "
+             "latency-bound, one connection at a time, so `rate` mostly shows the per-connection latency "
+             "of this loaded machine, not the servers' capacity).", "",
+             "| setup | TLS | connections | rate /s | FE CPU µs/conn | BE CPU µs/conn | reused | errors | p50 ms | p99 ms |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for setup in ("shared", "unshared"):
         for (version, mode), r in results.get(setup, {}).items():
             if mode == "ttfb":
                 continue
-            lines.append(f"| {setup} | {version.replace('_', '.')} | {mode} | {r['rate']:.0f} | {r['reused']}/{r['n']} | "
+            lines.append(f"| {setup} | {version.replace('_', '.')} | {mode} | {r['rate']:.0f} | {r['fe_us']:.0f} | "
+                         f"{r['be_us']:.0f} | {r['reused']}/{r['n']} | "
                          f"{r['errors']} | {pct(r['ttfb'], .5):.2f} | {pct(r['ttfb'], .99):.2f} |")
-    lines += ["", "## Resumed / full (target ≥ 1.5×)", "", "| setup | TLS | rate ratio |", "| --- | --- | ---: |"]
+    lines += ["", "## Resumed / full (target ≥ 1.5×)", "", "| setup | TLS | rate ratio | BE capacity ratio (CPU/conn full ÷ resumed) |",
+              "| --- | --- | ---: | ---: |"]
     for setup in ("shared", "unshared"):
         res = results.get(setup, {})
         for version in ("TLSv1_2", "TLSv1_3"):
             if (version, "full") in res and (version, "resumed") in res:
                 ratio = res[(version, "resumed")]["rate"] / max(res[(version, "full")]["rate"], 1e-9)
-                lines.append(f"| {setup} | {version.replace('_', '.')} | {ratio:.2f}× |")
+                cap = res[(version, "full")]["be_us"] / max(res[(version, "resumed")]["be_us"], 1e-9)
+                lines.append(f"| {setup} | {version.replace('_', '.')} | {ratio:.2f}× | {cap:.2f}× |")
     lines += ["", "## Time to first response byte: through the front end vs direct (target: ≤ 2 ms added at p99)", "",
               f"{args.samples} sequential full handshakes each, one client, shared setup, connections alternating "
               "between the two paths (so load spikes of this shared machine hit both alike). Direct = the same "
