@@ -45,7 +45,15 @@ class ConnectionLedger:
         self.dispatching: dict[int, Any] = {}
         self.gate: dict[str, bool] = {}          # back end name -> accepts new connections (absent: yes)
         self.flow_timeout = flow_timeout
+        self._added = 0
         self.set_rules(rules)
+
+    def prune(self) -> None:
+        """Forget handed-off flows older than the steering timeout whose FlowClosed never came (the
+        kernel entry is gone by then too): the table stays bounded even when no one reads `conn`."""
+        cutoff = time.time() - self.flow_timeout
+        for key in [k for k, f in self.flows.items() if f.state != "local" and f.since < cutoff]:
+            del self.flows[key]
 
     def set_rules(self, rules: list[Any]) -> None:
         from tcpha.fe.rules import RuleTable
@@ -83,6 +91,9 @@ class ConnectionLedger:
         rule = self.rule_for(d.facts, target or backend)
         self.metrics.handoff(backend, rule, outcome, seconds)
         if outcome in ("handed_off", "local"):
+            self._added += 1
+            if self._added % 4096 == 0:
+                self.prune()
             self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
                 d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
                 state="local" if outcome == "local" else "handed-off", relay=relay)

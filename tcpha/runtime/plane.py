@@ -29,10 +29,6 @@ log = logging.getLogger("tcpha.runtime")
 NOTICE = 25
 
 
-class RundirInUse(RuntimeError):
-    pass
-
-
 def socket_path(rundir: str) -> str:
     return rundir.rstrip("/") + ".ctl.sock"
 
@@ -77,20 +73,35 @@ class ControlPlane:
         self._shutdown.append(fn)
 
     def start(self, *, wait_free: float = 0.0) -> None:
-        """Start the loop thread, then the control socket and the directory. Raises RundirInUse when a
-        live daemon serves this rundir (after waiting up to `wait_free` seconds for it to leave)."""
+        """Start the loop thread, then the control socket and the directory. When a live daemon serves
+        this rundir (still, after waiting up to `wait_free` seconds for it to leave), only the loop runs
+        (mode 'none'): health checks, metrics and worker links work, the directory and socket do not."""
         from tcpha.runtime.fusefs import detach_stale_mount, fuse_available
         import time
         deadline = time.monotonic() + wait_free
+        in_use = False
         while daemon_alive(self.rundir):
             if time.monotonic() >= deadline:
-                raise RundirInUse(f"control directory {self.rundir} is served by another running daemon")
+                in_use = True
+                break
             time.sleep(0.1)
-        detach_stale_mount(self.rundir)
-        why_not = fuse_available() if self.use_fuse else "usefuse is off"
-        self.mode = "fuse" if why_not is None else "mirror"
-        self.sock_path = socket_path(self.rundir) if self.mode == "fuse" else os.path.join(self.rundir, "ctl.sock")
-        os.makedirs(os.path.dirname(self.sock_path) or "/", exist_ok=True)
+        why_not: str | None = None
+        if in_use:
+            # Health checks, metrics and the workers' links still run (in this thread's loop); only
+            # the directory and the socket are missing. One line says so.
+            log.error("control directory %s is served by another running daemon: running without control "
+                      "files and control socket (set rundir)", self.rundir)
+            self.mode = "none"
+        else:
+            detach_stale_mount(self.rundir)
+            why_not = fuse_available() if self.use_fuse else "usefuse is off"
+            self.mode = "fuse" if why_not is None else "mirror"
+            self.sock_path = socket_path(self.rundir) if self.mode == "fuse" else os.path.join(self.rundir, "ctl.sock")
+            try:
+                os.makedirs(os.path.dirname(self.sock_path) or "/", exist_ok=True)
+            except OSError as e:
+                log.error("control directory %s: %s: running without control files", self.rundir, e)
+                self.mode = "none"
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -109,13 +120,18 @@ class ControlPlane:
                 log.log(NOTICE, "control directory %s: FUSE unavailable (%s); plain files, invalid writes "
                         "are reverted and logged", self.rundir, why_not)
             from tcpha.runtime.mirror import MirrorDirectory
-            self._mirror = MirrorDirectory(self.tree, self.rundir)
-            self._mirror.start()
+            try:
+                self._mirror = MirrorDirectory(self.tree, self.rundir)
+                self._mirror.start()
+            except OSError as e:
+                log.error("control directory %s: %s: running without control files", self.rundir, e)
+                self._mirror = None
             if self.sock_path != os.path.join(self.rundir, "ctl.sock"):
                 old = self.sock_path
                 self.sock_path = os.path.join(self.rundir, "ctl.sock")
                 self.run(self._rebind(old))
-        log.log(NOTICE, "control directory %s (%s), control socket %s", self.rundir, self.mode, self.sock_path)
+        if self.mode != "none":
+            log.log(NOTICE, "control directory %s (%s), control socket %s", self.rundir, self.mode, self.sock_path)
 
     async def _rebind(self, old: str) -> None:
         if self._ctl is not None:
@@ -134,9 +150,14 @@ class ControlPlane:
 
     async def _main(self) -> None:
         self._stopped = asyncio.Event()
-        self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
         try:
-            await self._ctl.start()
+            if self.mode != "none":
+                self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
+                try:
+                    await self._ctl.start()
+                except OSError as e:
+                    log.error("control socket %s: %s", self.sock_path, e.strerror or e)
+                    self._ctl = None
             for fn in self._startup:
                 try:
                     await fn()

@@ -242,7 +242,7 @@ def test_mirror_fallback_reverts_invalid_writes(tmp_path):
 @needs_root
 def test_control_plane_socket_and_tcpha_ctl(tmp_path, capsys):
     from tcpha.cli.ctl import main as ctl_main
-    from tcpha.runtime.plane import ControlPlane, RundirInUse
+    from tcpha.runtime.plane import ControlPlane
     t, state = make_tree()
     rundir = str(tmp_path / "fe")
     plane = ControlPlane(rundir=rundir, tree=t, name="tcpha-test")
@@ -260,9 +260,16 @@ def test_control_plane_socket_and_tcpha_ctl(tmp_path, capsys):
         # the mount's ctl.sock symlink leads to the same socket
         assert ctl_main(["--socket", os.path.join(rundir, "ctl.sock"), "get", "sys/b"]) == 0
         assert capsys.readouterr().out == "0\n"
-        # a second daemon on the same rundir is refused
-        with pytest.raises(RundirInUse):
-            ControlPlane(rundir=rundir, tree=t, name="tcpha-test2").start()
+        # a second daemon on the same rundir runs without a directory and socket; the first keeps them
+        second = ControlPlane(rundir=rundir, tree=t, name="tcpha-test2")
+        second.start()
+        try:
+            assert second.mode == "none"
+            assert second.run(asyncio.sleep(0, result=42)) == 42      # its loop runs (health, metrics)
+        finally:
+            second.stop()
+        assert ctl_main(["--rundir", rundir, "get", "sys/n"]) == 0
+        assert capsys.readouterr().out == "4\n"
     finally:
         plane.stop()
     assert not os.path.ismount(rundir)
