@@ -36,8 +36,11 @@ TCP_REPAIR = 19
 # The client's final ACK (for our FIN) still travels through the front end's steering entry:
 # FlowClosed is sent this long after the relay ended so that the entry outlives it.
 FLOWCLOSED_DELAY = 0.5
-# Longest wait for the front end's Steered before sending to the client anyway.
-STEER_WAIT = 1.0
+# Longest wait for the front end's Steered. Without it the front end took the connection back (its
+# handofftimeout expired before our Restored arrived) or died before steering the flow here: the
+# restored socket is then closed silently, never released (two hosts answering one client would
+# corrupt its stream). A front end that got Restored steers the flow within milliseconds.
+STEER_WAIT = 5.0
 NFT_TABLE = "tcpha_be"
 # Header of a same-host fd-passing message: magic, listening port of the front end (for logs).
 FDPASS_MAGIC = b"TCPHAFD1"
@@ -146,8 +149,8 @@ class ControlSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.backend.sessions.discard(self)
-        for xid in list(self.unsteered):       # the front end is gone; its steering stays in the kernel
-            self.backend._steered(self, xid)
+        for xid in list(self.unsteered):       # lost before Steered: the flow was not steered here
+            self.backend._not_steered(self, xid, "control connection lost before Steered")
         log.debug("control connection from %s closed%s", self.peer, f": {exc}" if exc else "")
 
 
@@ -314,7 +317,8 @@ class BackEnd:
         relay = self._relay(client, app, lambda r: self._flow_closed(session, flow, r), hold_down=True)
         # Nothing goes to the client before the front end says the flow is steered here (Steered):
         # until then the client's ACKs would hit the front end's freeze and we would wait an RTO.
-        timer = self.loop.call_later(STEER_WAIT, self._steered, session, xid)
+        timer = self.loop.call_later(STEER_WAIT, self._not_steered, session, xid, "no Steered within "
+                                     f"{STEER_WAIT:g} s")
         session.unsteered[xid] = (relay, timer)
 
     def _steered(self, session: ControlSession, xid: int) -> None:
@@ -324,6 +328,23 @@ class BackEnd:
         relay, timer = entry
         timer.cancel()
         relay.release()
+
+    def _not_steered(self, session: ControlSession, xid: int, why: str) -> None:
+        entry = session.unsteered.pop(xid, None)
+        if entry is None:
+            return
+        relay, timer = entry
+        timer.cancel()
+        log.warning("handoff %d from %s: %s; the restored connection is dropped silently (the front end "
+                    "kept it)", xid, session.peer, why)
+        relay.discarded = True                       # no FlowClosed: the flow was never steered here
+        client = getattr(relay, "client", None) or getattr(relay, "sock", None)
+        if client is not None:
+            try:
+                client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)   # close without FIN or RST
+            except OSError:
+                pass
+        relay.close()
 
     def _relay(self, client: socket.socket, app: socket.socket,
                on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
@@ -340,6 +361,8 @@ class BackEnd:
     def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay) -> None:
         self.relays.discard(relay)
         self.stats.active = len(self.relays)
+        if getattr(relay, "discarded", False):
+            return
         log.debug("flow %s:%d closed (up %d, down %d bytes)%s", flow[0], flow[1], relay.bytes_up,
                   relay.bytes_down, f": {relay.error}" if relay.error else "")
         self.loop.call_later(FLOWCLOSED_DELAY, self._send_flow_closed, session, flow)
