@@ -268,3 +268,46 @@ def test_dc_server_outage_means_full_handshakes_and_no_failed_connection(tls_dep
     assert len(down) >= 20
     assert not any(reused for _, reused, _ in down)
     assert {be for _, _, be in down} == {"be1", "be2"}
+
+
+def test_hung_dc_server_costs_full_handshakes_not_connections(tls_deployment):
+    """dc_server frozen (SIGSTOP: its connections stay open, nothing answers): cache lookups hit the
+    back ends' bounded timeout, handshakes are full, no connection fails; after SIGCONT sessions
+    resume across back ends again."""
+    import os
+    import signal
+    tls = tls_deployment
+    proc = tls.services["dc_server"].proc
+    assert proc is not None and proc.poll() is None
+    ctx = client_context(tls)
+    errors: list[str] = []
+    results: list[tuple[str, bool, str | None]] = []
+
+    def alternate(phase: str, count: int, session=None):
+        for i in range(count):
+            sni = ("a.example", "b.example")[i % 2]
+            try:
+                a = tls_get(tls, sni, ctx=ctx, session=session, timeout=10)
+            except Exception as e:                       # noqa: BLE001 - every failure is counted
+                errors.append(f"{phase} {sni}: {type(e).__name__}: {e}")
+                continue
+            results.append((phase, a.reused, a.backend))
+            session = a.session
+        return session
+
+    session = alternate("before", 4)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        session = alternate("hung", 12, session)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+    def resumes_again() -> bool:
+        alternate("after", 2, alternate("after", 1))     # a new session on be1, offered to be1 then be2
+        return any(phase == "after" and reused for phase, reused, _ in results)
+    assert wait_until(resumes_again, timeout=30)
+    assert errors == []
+    before = [r for r in results if r[0] == "before"]
+    hung = [r for r in results if r[0] == "hung"]
+    assert sum(reused for _, reused, _ in before) >= 2
+    assert len(hung) == 12 and not any(reused for _, reused, _ in hung)
