@@ -274,3 +274,39 @@ def test_control_plane_socket_and_tcpha_ctl(tmp_path, capsys):
         plane.stop()
     assert not os.path.ismount(rundir)
     assert ctl_main(["--rundir", rundir, "get", "sys/n"]) == 2
+
+
+# -- the worker's ledger ------------------------------------------------------------------------
+
+def test_ledger_rule_states_and_pruning():
+    from tcpha.config import compile_rule
+    from tcpha.fe.ledger import ConnectionLedger
+    from tcpha.fe.rules import RequestFacts
+
+    class D:                                        # what the ledger reads of a Dispatch
+        def __init__(self, port, uri):
+            self.peer, self.lport, self.t0 = ("10.0.0.9", port), 80, 0.0
+            self.facts = RequestFacts(uri=uri, host=b"x", sni=None)
+            self.xid, self.backend, self.peeked = 0, None, 40
+
+    rules = [compile_rule("a:1", "uri", "jpg$"), compile_rule("b:1", "uri", "^/api/"), compile_rule("a:1", "uri", ".*")]
+    ledger = ConnectionLedger(rules, flow_timeout=100)
+    d1, d2 = D(1000, b"/x.jpg"), D(1001, b"/index.html")
+    ledger.started(d1)
+    assert [r["state"] for r in ledger.conn_rows()] == ["reading"]
+    ledger.handed_off(d1, "a:1")
+    ledger.ended(d1)
+    ledger.handed_off(d2, "a:1")                    # the fallback rule '.*' is the one that matched
+    rows = {r["client"]: r for r in ledger.conn_rows()}
+    assert rows["10.0.0.9:1000"]["rule"] == "uri:jpg$" and rows["10.0.0.9:1001"]["rule"] == "uri:.*"
+    assert {r["state"] for r in rows.values()} == {"handed-off"}
+    ledger.gate = {"a:1": False}
+    assert {r["state"] for r in ledger.conn_rows()} == {"draining"}
+    assert not ledger.accepts("a:1") and ledger.accepts("b:1")
+    ledger.flow_closed("10.0.0.9", 1000, 80)
+    assert [r["client"] for r in ledger.conn_rows()] == ["10.0.0.9:1001"]
+    ledger.flows[("10.0.0.9", 1001, 80)].since -= 200   # older than the steering timeout: forgotten
+    ledger.prune()
+    assert ledger.conn_rows() == []
+    m = ledger.metrics.to_dict()
+    assert ["a:1", "uri:jpg$", "handed_off", 1] in m["handoffs"] and m["latency_count"] == 2
