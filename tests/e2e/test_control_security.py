@@ -137,7 +137,22 @@ def test_forged_replayed_and_malformed_control_traffic_is_refused(fresh):
     assert p.closed_by_peer()
     p.close()
 
-    # 5. garbage
+    # 5. an authentic handoff of a connection to another address than the VIP: refused, no socket
+    p = Peer(dep, key)
+    p.hello()
+    client = dep.lab.ip("client")
+    other = control.Handoff(xid=5, client_ip=client, client_port=40005, vip=dep.vip, vport=80, peeked_len=0,
+                            state=repair.TcpState(family=socket.AF_INET, local=(dep.lab.ip("be1"), 80),
+                                                  peer=(client, 40005), snd_seq=1, rcv_seq=2, mss=1448,
+                                                  window=None).to_bytes())
+    p.write(p.conn.send(other))
+    answer = p.read_messages()[0]
+    assert isinstance(answer, control.Refused) and answer.xid == 5
+    assert "is not this back end's VIP" in answer.reason
+    assert restored_sockets(dep, 40005) == 0
+    p.close()
+
+    # 6. garbage
     p = Peer(dep, key)
     p.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 100)
     assert p.closed_by_peer()
