@@ -16,9 +16,10 @@ import pytest
 
 from tcpha.lab.tls_demo import TLS_VPORT
 
-# SNI a.* -> be1, b.* -> be2, no SNI or an unreadable ClientHello (SNI "") -> be1; any other SNI matches
-# no rule (handshake_failure alert). Plain HTTP on port 80: /whoami etc. -> be2.
-TLS_RULES = ["{be1} sni:^a\\.", "{be2} sni:^b\\.", "{be1} sni:^$", "{be1} jpg$", "{be2} .*"]
+# A client offering ALPN "tcpha-test" -> be2 whatever its SNI; then SNI a.* -> be1, b.* -> be2, no SNI or
+# an unreadable ClientHello (SNI "") -> be1; any other SNI matches no rule (handshake_failure alert).
+# Plain HTTP on port 80: /whoami etc. -> be2.
+TLS_RULES = ["{be2} alpn:^tcpha-test$", "{be1} sni:^a\\.", "{be2} sni:^b\\.", "{be1} sni:^$", "{be1} jpg$", "{be2} .*"]
 BACKEND_HEADER = b"x-tcpha-backend"
 
 

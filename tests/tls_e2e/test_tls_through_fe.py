@@ -74,6 +74,10 @@ def test_sni_rules_route_as_written_and_port_80_still_serves_http(tls_deployment
     # No SNI: matched as "" -> the `sni:^$` default rule -> be1.
     nosni = tls_get(tls, None, ctx=client_context(tls, verify=False))
     assert (nosni.backend, nosni.status) == ("be1", 200)
+    # An alpn: rule sees the protocols offered (first match wins: it comes before the sni: rules).
+    alpn_ctx = client_context(tls)
+    alpn_ctx.set_alpn_protocols(["tcpha-test", "http/1.1"])
+    assert tls_get(tls, "a.example", ctx=alpn_ctx).backend == "be2"
     # The same front end still serves plain HTTP on port 80 (`port = 80 443`), by URI rules.
     r = tls.dep.request("/whoami")
     assert (r.status, r.backend) == (200, "be2")
