@@ -25,6 +25,21 @@ PIPE_SIZE = 1 << 20          # 1 MiB pipes: one splice call moves up to this muc
 CHUNK = PIPE_SIZE
 _FLAGS = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+# Drained pipes of finished relays are kept for the next ones (a handoff would otherwise cost two
+# pipe2 + two F_SETPIPE_SZ + four close calls). Bounded; one event loop per process uses them.
+PIPE_POOL = 256
+_PIPES: list[tuple[int, int]] = []
+
+
+def _take_pipe() -> tuple[int, int]:
+    if _PIPES:
+        return _PIPES.pop()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass                                        # smaller pipes still work, only more calls
+    return rfd, wfd
 
 
 class _Direction:
@@ -38,11 +53,7 @@ class _Direction:
         self.src = src
         self.dst = dst
         self.name = name
-        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass                                    # smaller pipes still work, only more calls
+        self.rfd, self.wfd = _take_pipe()
         self.buffered = 0                           # bytes sitting in the pipe
         self.eof = False                            # src sent FIN
         self.done = False                           # FIN passed on to dst (or direction aborted)
@@ -107,6 +118,9 @@ class _Direction:
 
     def close(self) -> None:
         self._want(read=False, write=False)
+        if self.buffered == 0 and len(_PIPES) < PIPE_POOL:
+            _PIPES.append((self.rfd, self.wfd))     # empty: reusable by the next relay
+            return
         for fd in (self.rfd, self.wfd):
             try:
                 os.close(fd)
