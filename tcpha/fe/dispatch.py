@@ -301,7 +301,14 @@ class Dispatch:
         """Step 3 (the flow now goes to the back end): tell it, and let go of our socket silently."""
         w = self.worker
         if error is not None:
-            log.error("forwarding %s:%d to %s failed: %s", self.peer[0], self.peer[1], self.backend.name, error)
+            # The flow cannot be steered there: keep the connection (the back end, which never gets
+            # Steered, drops its restored copy silently) and try the next candidate.
+            log.error("forwarding %s:%d to %s failed: %s; taken back", self.peer[0], self.peer[1],
+                      self.backend.name, error)
+            self._rollback()
+            if not self.finished:
+                self._next_candidate()
+            return
         if self.link.up:
             self.link.send(w.steered_message(self.xid))
         repair.discard(self.sock)
