@@ -223,3 +223,44 @@ def test_silent_registered_back_end_is_removed(prod):
     assert "silent for" in prod.fe_log()
     # it notices the loss and registers again
     assert wait_until(present, 15)
+
+
+def test_spare_workers_are_started_when_workers_get_busy(prod):
+    prod.start(fe={"startservers": 2, "minspareservers": 2, "maxspareservers": 4, "peektimeout": 6})
+    assert len(workers(prod)) == 2
+    # connections that send half a request head keep the worker that accepted them busy (reading)
+    held = []
+    try:
+        for _ in range(6):
+            s = prod.dep.connect(timeout=10)
+            s.sendall(b"GET /index.html HTTP/1.1\r\n")
+            held.append(s)
+        assert wait_until(lambda: len(workers(prod)) >= 3, 8), prod.fe_log()[-1500:]
+        assert "(< minspareservers 2): starting worker" in prod.fe_log()
+    finally:
+        for s in held:
+            s.close()
+    assert prod.dep.request("/index.html").status == 200
+
+
+def test_unload_waits_for_handed_off_flows_within_grace(prod):
+    prod.start(fe={"grace": 20})
+    expected = prod.dep.origins["be2"].expected("video/clip.mp4")
+    s = prod.dep.connect(timeout=30)
+    s.sendall(b"GET /video/clip.mp4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.settimeout(30)
+    data = s.recv(65536)
+    assert prod.fe_echo("sys/unload", "1").returncode == 0
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    assert prod.dep.fe_proc.poll() is None              # still there: a handed-off flow is running
+    while True:                                          # the download goes on to its end
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+        time.sleep(0.002)
+    s.close()
+    assert data.split(b"\r\n\r\n", 1)[1] == expected
+    assert prod.wait_fe_exit(20) == 0
+    assert time.monotonic() - t0 < 20                     # it left once the flow was gone, not at grace
