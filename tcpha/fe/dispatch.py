@@ -176,12 +176,25 @@ class Dispatch:
     def _peek_timeout(self) -> None:
         self.timer = None
         self._stop_reading()
-        if self.peeked and self.worker.is_tls_fd_peek(self.sock):
+        if self.worker.is_tls_fd_peek(self.sock):
             self._set_lowat(1)
-            self._route(_tls_default_facts(),
-                        f"TLS ClientHello not complete within {self.worker.peektimeout:g} s")
+            self._tls_late()
         else:
             self._answer(408, f"request head not complete within {self.worker.peektimeout:g} s")
+
+    def _tls_late(self) -> None:
+        """peektimeout on a TLS connection. Route what is there: the timer may have run before the
+        readable callback of a ClientHello that did arrive (a busy loop); an incomplete one is routed by
+        the TLS default (docs/rules.md). Never an HTTP answer: the client speaks TLS."""
+        w = self.worker
+        try:
+            facts = w.facts_of(self.sock.recv(w.peekmax, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except Exception:                                   # nothing readable now, or unparsable
+            facts = None
+        if facts is not None:
+            self._route(facts, None)
+        else:
+            self._route(_tls_default_facts(), f"TLS ClientHello not complete within {w.peektimeout:g} s")
 
     # -- handing off -----------------------------------------------------------------------------
     def _next_candidate(self) -> None:
@@ -222,6 +235,9 @@ class Dispatch:
             return
         w.stats.unavailable += 1
         if LOCAL not in self.candidates and serve_locally(w, self):   # all matching back ends out
+            return
+        if self.facts is not None and self.facts.uri is None:          # TLS: an alert, not an HTTP 503
+            self._tls_refuse(f"no back end available among {', '.join(self.candidates)}")
             return
         self._answer(503, f"no back end available among {', '.join(self.candidates)}")
 
