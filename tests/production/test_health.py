@@ -3,6 +3,7 @@ fall through to the next back end, no request fails after detection, and it is p
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -83,3 +84,18 @@ def test_dtcinterval_zero_turns_checks_off_and_a_new_interval_applies_within_a_s
     n1 = checks()
     time.sleep(2)
     assert checks() == n1                                    # off
+
+
+def test_http_health_check_uses_healthpath(prod):
+    be1, be2 = f"{prod.lab.ip('be1')}:666", f"{prod.lab.ip('be2')}:666"
+    prod.start(fe={"dtcinterval": 1, "healthcheck": "http", "healthpath": "/api/status.json", "rise": 1})
+    assert wait_until(lambda: all(b["checks"] >= 1 and b["status"] == "up"
+                                  for b in prod.ctl_json("status")["backends"]), 5)
+    # reload with a path the origins do not have: 404 takes both out
+    prod.dep.write_fe_config(rundir=prod.fe_rundir, dbglevel=3, dtcinterval=1, healthcheck="http",
+                             healthpath="/no/such/page", rise=1)
+    os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: backend_status(prod, be1) == "down" and backend_status(prod, be2) == "down", 6)
+    st = {b["name"]: b for b in prod.ctl_json("status")["backends"]}
+    assert "status 404" in st[be1]["last_error"]
+    assert prod.dep.request("/index.html").status == 503

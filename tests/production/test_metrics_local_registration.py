@@ -132,3 +132,15 @@ def test_registration_with_a_wrong_key_is_refused(prod):
     time.sleep(2)
     assert not _registered(prod, be2)
     assert "registration from" in prod.fe_log()
+
+
+def test_control_channel_errors_are_counted(prod):
+    be2 = f"{prod.lab.ip('be2')}:666"
+    other = prod.dep.dir / "otherkey"
+    other.write_text("cd" * 32 + "\n")
+    other.chmod(0o600)
+    prod.dep.start_origins()
+    prod.start_backend("be1")
+    prod.start_backend("be2", authkey=str(other))        # a back end with the wrong key
+    prod.start_fe(ready="/img/logo.jpg", metrics=f"127.0.0.1:{METRICS_PORT}")
+    assert wait_until(lambda: (value(scrape(prod), "tcpha_fe_control_errors_total", backend=be2) or 0) >= 1, 10)
