@@ -9,8 +9,8 @@ daemon's own loop or the arbiter's signal loop.
 
 Layout: with FUSE the directory itself is the mount; the socket cannot live inside a FUSE mount, so
 it is bound next to it (``RUNDIR.ctl.sock``) and the mount shows ``ctl.sock`` as a symlink to it.
-Without FUSE (no /dev/fuse, no pyfuse3, or ``usefuse = False``) the directory is a real one holding the
-socket and files mirrored by tcpha.runtime.mirror (writes reverted and logged when invalid).
+Without FUSE (no /dev/fuse, or pyfuse3 missing, or the mount refused) the directory is a real one holding
+the socket and files mirrored by tcpha.runtime.mirror (invalid writes reverted and logged).
 """
 
 from __future__ import annotations
