@@ -149,3 +149,19 @@ def test_be_control_files(prod):
     r = prod.sh(be1.pid, f"echo 1 > {rundir}/sys/unload")
     assert r.returncode == 0
     assert be1.wait(15) == 0
+
+
+def test_logfile_gets_one_line_per_handoff_at_dbglevel_4(prod):
+    logfile = prod.lab.workdir / "tcphafe.log"
+    prod.start(fe={"logfile": str(logfile), "dbglevel": 4})
+    r = prod.dep.request("/index.html")
+    assert r.status == 200
+    lines = wait_until(lambda: [l for l in logfile.read_text().splitlines() if "handed off in" in l], 5)
+    assert lines and f"-> {prod.lab.ip('be2')}:666 rule uri:.* handed off in " in lines[-1]
+    assert f"{prod.lab.ip('client')}:" in lines[-1]
+    # down to 3 at run time: no more per-connection lines
+    assert prod.ctl("set", "sys/dbglevel", "3").returncode == 0
+    n = len(lines)
+    assert prod.dep.request("/index.html").status == 200
+    time.sleep(0.3)
+    assert len([l for l in logfile.read_text().splitlines() if "handed off in" in l]) == n
