@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tcpha import control
 
@@ -302,13 +302,3 @@ class LocalBackend:
 
     def close(self) -> None:
         self._drop()
-
-
-def backend_key_for_rule(target: str) -> str:
-    """The key a rule's ADDR resolves to (a server's address, or unix:/PATH)."""
-    if target.startswith("unix:"):
-        return "unix:" + target[5:]
-    return target
-
-
-Factory = Callable[..., Any]

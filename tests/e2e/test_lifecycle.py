@@ -4,10 +4,8 @@ refusal and back-end loss falling through to the next back end, the same-host SC
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
