@@ -4,9 +4,12 @@
       -> rules -> candidates in order
          -> same host:  SCM_RIGHTS to the local tcpha-be                         -> done
          -> other host: freeze flow, dump (repair mode), Handoff over a control link
-              -> Restored: forward flow to the back end's MAC, close silently   -> done
+              -> Restored: forward flow to the back end's MAC, Steered, close silently -> done
               -> Refused / timeout / link lost: release repair, thaw, next candidate
+         -> the local node (redirectaddr), for 'local' rules and what no back end takes
       -> no candidate left / no rule matches: 503 written here, then close
+    freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
+    waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
     bad head -> 400/414/431; head not complete within peektimeout -> 408
     TLS (docs/rules.md): a ClientHello that is malformed, longer than peekmax or not complete within
     peektimeout is routed as one without SNI/ALPN; no rule matches -> handshake_failure alert, close
