@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
 log = logging.getLogger("tcpha.metrics")
@@ -39,10 +40,9 @@ class WorkerMetrics:
         if seconds is not None:
             self.latency_sum += seconds
             self.latency_count += 1
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    self.buckets[i] += 1
-                    break
+            i = bisect_left(LATENCY_BUCKETS, seconds)      # first bound >= seconds
+            if i < len(self.buckets):
+                self.buckets[i] += 1
 
     def control_error(self, backend: str) -> None:
         self.control_errors[backend] = self.control_errors.get(backend, 0) + 1

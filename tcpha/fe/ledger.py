@@ -57,23 +57,26 @@ class ConnectionLedger:
 
     def set_rules(self, rules: list[Any]) -> None:
         from tcpha.fe.rules import RuleTable
-        by_target: dict[str, list[tuple[Any, Any]]] = {}
+        by_target: dict[str, list[tuple[Any, Any, str]]] = {}
         for rule in rules:
-            by_target.setdefault(rule.target, []).append((rule, RuleTable([rule])))
+            by_target.setdefault(rule.target, []).append((rule, RuleTable([rule]), rule_text(rule)))
         self._by_target = by_target
 
     # -- questions the dispatcher asks ----------------------------------------------------------
     def accepts(self, name: str) -> bool:
         return self.gate.get(name, True)
 
-    def rule_for(self, facts: Any, target: str) -> str:
+    def rule_for(self, facts: Any, target: str, candidates: list[str] | None = None) -> str:
         """The first rule naming `target` that matches these facts ('-' when none: a fallback)."""
-        if facts is None:
+        entries = self._by_target.get(target)
+        if facts is None or not entries or (candidates is not None and target not in candidates):
             return "-"
-        for rule, single in self._by_target.get(target, ()):
+        if len(entries) == 1 and candidates is not None:
+            return entries[0][2]           # the target is a candidate: its only rule matched
+        for _rule, single, text in entries:
             try:
                 if single.candidates(facts):
-                    return rule_text(rule)
+                    return text
             except Exception:
                 break
         return "-"
@@ -88,7 +91,7 @@ class ConnectionLedger:
     def handed_off(self, d: Any, backend: str, *, target: str | None = None, outcome: str = "handed_off",
                    relay: Any = None) -> None:
         seconds = time.perf_counter() - d.t0
-        rule = self.rule_for(d.facts, target or backend)
+        rule = self.rule_for(d.facts, target or backend, getattr(d, "candidates", None))
         self.metrics.handoff(backend, rule, outcome, seconds)
         if outcome in ("handed_off", "local"):
             self._added += 1
@@ -102,7 +105,7 @@ class ConnectionLedger:
                      "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
 
     def refused(self, d: Any, backend: str, target: str) -> None:
-        self.metrics.handoff(backend, self.rule_for(d.facts, target), "refused")
+        self.metrics.handoff(backend, self.rule_for(d.facts, target, getattr(d, "candidates", None)), "refused")
 
     def answered(self, d: Any, status: int) -> None:
         self.metrics.answered[status] = self.metrics.answered.get(status, 0) + 1
