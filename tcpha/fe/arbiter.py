@@ -29,6 +29,7 @@ log = logging.getLogger("tcpha.fe")
 NFT_TABLE = "tcpha_fe"
 IP_FREEBIND = 15
 RESPAWN_MIN_INTERVAL = 1.0
+DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent nothing yet
 
 
 def interface_holding(addr: str) -> str:
@@ -65,6 +66,9 @@ def listen_sockets(vip: str, ports: list[int], backlog: int) -> list[tuple[socke
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Accept only once the client's first bytes are in (as nginx 'deferred', HAProxy
+        # 'defer-accept'): the first peek then finds the request head, with no wait for readability.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         try:
             s.bind((vip, port))
         except OSError as e:
