@@ -82,6 +82,16 @@ def test_rules_choose_the_back_end(deployment):
     # rules are tried in order: the Host rule sends a non-image URI to be1
     by_host = dep.request("/index.html", headers={"Host": "img.example"})
     assert (by_host.status, by_host.backend) == (200, "be1")
+    # the back ends hold the VIP without answering ARP for it: only the FE's MAC answers a who-has
+    lab = dep.lab
+
+    def who_has() -> set[str]:
+        from scapy.all import ARP, Ether, conf, srp
+        conf.verb = 0
+        answered, _ = srp(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=dep.vip), iface=lab.ifname("client"),
+                          timeout=1, multi=True)
+        return {r.hwsrc.lower() for _, r in answered}
+    assert lab.call("client", who_has) == {lab.mac("fe").lower()}
 
 
 def test_no_rule_matches_gets_503_from_the_front_end(deployment):
