@@ -114,6 +114,14 @@ def test_refusal_and_lost_back_end_fall_through_to_the_next(fresh):
     r = dep.request("/only-be1")
     assert r.status == 503 and r.headers.get("server") == "tcpha-fe"
 
+    # be1 comes back (application and daemon): the front end reconnects by itself and uses it again
+    dep.origins["be1"] = start_http(lab, "be1", port=8080, files=dep.files, name="http8080b")
+    dep.start_backend("be1")
+    deadline = time.monotonic() + 15
+    while dep.request("/img/logo.jpg").backend != "be1":
+        assert time.monotonic() < deadline, "the front end did not reconnect to be1"
+        time.sleep(0.1)
+
 
 def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
     dep = fresh
