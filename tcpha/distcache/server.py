@@ -383,21 +383,46 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     async def _run_async(self) -> None:
+        # The requests waiting on this connection are handed to the store together and their replies
+        # written in request order. The Redis store issues commands in the order they are made and sends
+        # them down one connection per shard, so the store sees them in order as well; a client that
+        # pipelines (dc_client carries every local client on one upstream connection) is then not held to
+        # one Redis round trip per request.
         backlog = self.backlog
+        handle = self.server.handle_async
         try:
             while backlog and not self.closing:
-                item = backlog.popleft()
-                if isinstance(item, ProtocolError):
-                    self._protocol_error(item)
-                    return
-                try:
-                    reply = await self.server.handle_async(item)
-                except ProtocolError as exc:
-                    self._protocol_error(exc)
-                    return
+                batch: list[Message] = []
+                failed: ProtocolError | None = None
+                while backlog and len(batch) < 256:
+                    item = backlog.popleft()
+                    if isinstance(item, ProtocolError):
+                        failed = item
+                        break
+                    batch.append(item)
+                if len(batch) == 1:
+                    results: list = []
+                    try:
+                        results.append(await handle(batch[0]))
+                    except ProtocolError as exc:
+                        results.append(exc)
+                else:
+                    results = await asyncio.gather(*(handle(m) for m in batch), return_exceptions=True)
                 if self.closing:
                     return
-                self.transport.write(reply)
+                out = []
+                for result in results:
+                    if isinstance(result, ProtocolError):
+                        failed = result
+                        break
+                    if isinstance(result, BaseException):
+                        raise result
+                    out.append(result)
+                if out:
+                    self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                if failed is not None:
+                    self._protocol_error(failed)
+                    return
                 if len(backlog) < 64 and not self.paused_writing:
                     self.transport.resume_reading()
         except asyncio.CancelledError:

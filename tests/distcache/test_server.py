@@ -48,8 +48,10 @@ class Server:
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
+        # A blocking connect waits for room in the listen backlog; with a timeout set, Python connects
+        # non-blocking and an AF_UNIX connect to a full backlog fails at once with EAGAIN.
         s.connect(self.path)
+        s.settimeout(timeout)
         return s
 
 
