@@ -100,6 +100,9 @@ class RedisSessionStore:
     """The distcache store on Redis; coroutine methods, as dc_server awaits them when ``is_async``."""
 
     is_async = True
+    # Calls made one after another reach Redis in that order (CommandBatcher queues them synchronously and
+    # sends them down one connection per shard), so dc_server may start a connection's requests together.
+    issues_in_order = True
 
     def __init__(self, client: Any, *, name: str, cluster: bool, timeout: float) -> None:
         self._client = client

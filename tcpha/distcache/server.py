@@ -383,18 +383,19 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     async def _run_async(self) -> None:
-        # The requests waiting on this connection are handed to the store together and their replies
-        # written in request order. The Redis store issues commands in the order they are made and sends
-        # them down one connection per shard, so the store sees them in order as well; a client that
-        # pipelines (dc_client carries every local client on one upstream connection) is then not held to
-        # one Redis round trip per request.
+        # A store that declares ``issues_in_order`` (the Redis store: its commands are queued in the order
+        # the calls are made and go down one connection per shard) gets the requests waiting on this
+        # connection together, so a client that pipelines -- dc_client carries every local client on one
+        # upstream connection -- is not held to one Redis round trip per request. Replies are written in
+        # request order either way; any other async store is awaited one request at a time.
         backlog = self.backlog
         handle = self.server.handle_async
+        limit = 256 if getattr(self.server.store, "issues_in_order", False) else 1
         try:
             while backlog and not self.closing:
                 batch: list[Message] = []
                 failed: ProtocolError | None = None
-                while backlog and len(batch) < 256:
+                while backlog and len(batch) < limit:
                     item = backlog.popleft()
                     if isinstance(item, ProtocolError):
                         failed = item

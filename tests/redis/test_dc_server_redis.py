@@ -134,3 +134,31 @@ def test_redis_stopped_and_restarted_under_load(redis_node, dc_server_factory):
     assert slowest < 1.0, f"one request during the outage took {slowest:.2f} s"
     out = server.output()
     assert out.count("unreachable") == 1 and out.count("reachable again") == 1, out
+
+
+def test_pipelined_requests_keep_their_order_over_redis(redis_cluster, dc_server_factory):
+    """dc_server starts a connection's waiting requests together on the Redis store; their effects and
+    replies must still come in request order (ADD, GET, REMOVE, GET of one id in one write)."""
+    from tcpha.distcache.codec import Message, MessageReader, Op, encode_add_payload, encode_message
+
+    server = dc_server_factory(redis_cluster.url)
+    requests = []
+    expected = []
+    for n in range(50):
+        sid = b"pipe-%d-" % n + os.urandom(6)
+        data = os.urandom(100)
+        requests += [Message(False, 4 * n + 1, Op.ADD, encode_add_payload(sid, data, 60_000)),
+                     Message(False, 4 * n + 2, Op.GET, sid),
+                     Message(False, 4 * n + 3, Op.REMOVE, sid),
+                     Message(False, 4 * n + 4, Op.GET, sid)]
+        expected += [b"\x00", data, b"\x00", b"\x01"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"".join(encode_message(m) for m in requests))
+        reader = MessageReader(expect_response=True)
+        replies = []
+        while len(replies) < len(requests):
+            chunk = s.recv(65536)
+            assert chunk, "dc_server closed the connection"
+            replies += reader.feed(chunk)
+    assert [r.uid for r in replies] == [m.uid for m in requests]
+    assert [r.payload for r in replies] == expected
