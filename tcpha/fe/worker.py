@@ -56,19 +56,22 @@ def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException]
     return sniff_http.parse_request_head, looks_like_tls, parse_hello, tuple(errors), NeedMore
 
 
-INLINE_STEERING = bool(os.environ.get("TCPHA_STEERING_INLINE"))   # A/B switch for bench/handoff
+# The nft transactions run in the loop by default; TCPHA_STEERING_THREAD=1 runs them in the steering
+# thread. Measured in the lab (4 alternating runs each, wrk -c32, 1 KiB): in the loop 900-1,500
+# handoffs/s at 295-363 us of FE CPU each; in the thread 490-1,240/s at 390-430 us: the thread's
+# hand-offs and GIL contention with the Python netlink encoding cost more than the kernel wait saved.
+INLINE_STEERING = not os.environ.get("TCPHA_STEERING_THREAD")
 
 
 class SteeringBatch:
-    """Steering operations gathered while the previous one runs and sent as one nft transaction each.
+    """Steering operations gathered per loop iteration and sent as one nft transaction each.
 
-    An nft transaction takes ~0.1-0.7 ms of wall-clock time in the kernel (commit, and waiting for
-    other users of nf_tables), whatever its size. Done in the event loop, it blocked the loop and
-    capped a worker at one transaction at a time; so transactions run in one steering thread (the
-    kernel call releases the GIL), at most one per kind in flight, and everything that arrives
-    meanwhile goes into the next one: the busier the worker, the larger the batches. Results come
-    back to the loop with call_soon_threadsafe. One thread keeps the operations in order (a flow is
-    always frozen before it is forwarded, and unforwarded before a reused port is forwarded again).
+    A transaction costs ~50 us of CPU and ~200 us of wall-clock time in the kernel whatever its
+    size (measured), so the connections that became ready in one epoll wake-up are frozen together,
+    the Restored answers that arrived together are forwarded together, and closed flows are removed
+    every UNFORWARD_DELAY. With TCPHA_STEERING_THREAD=1 the transactions run in one steering thread
+    instead (at most one per kind in flight, the rest batched into the next, results back through
+    call_soon_threadsafe; one thread keeps the operations in order) — slower here, see above.
     """
 
     UNFORWARD_DELAY = 0.02
@@ -174,7 +177,11 @@ class SteeringBatch:
     def _flush_unforward(self) -> None:
         self._close_at = False
         batch, self.closing = self.closing, []
-        if batch:
+        if not batch:
+            return
+        if INLINE_STEERING:
+            self._do_unforward(batch)
+        else:
             self.thread.submit(self._do_unforward, batch)
 
     def flush_all(self) -> None:
