@@ -106,7 +106,7 @@ class RedisSessionStore:
 
     def __init__(self, client: Any, *, name: str, cluster: bool, timeout: float) -> None:
         self._client = client
-        self._batch = CommandBatcher(client, cluster)
+        self._batch = CommandBatcher(client, cluster, timeout * 2)
         self.name = name
         self.cluster = cluster
         self._timeout = timeout
@@ -176,8 +176,7 @@ class RedisSessionStore:
         if self._outage.should_skip():
             return on_error
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                result = await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)   # bounded by the batcher's per-batch timeout
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._outage.failed(exc)
             return on_error
@@ -198,9 +197,12 @@ class CommandBatcher:
     (redis-py has no automatic pipelining of its own for asyncio clients.)
     """
 
-    def __init__(self, client: Any, cluster: bool) -> None:
+    def __init__(self, client: Any, cluster: bool, timeout: float) -> None:
         self._client = client
         self._cluster = cluster
+        # One deadline per batch (not per call: a timer per request cost a fifth of the CPU); a call
+        # waits at most for the batch in flight and its own.
+        self._timeout = timeout
         self._queue: list[tuple[tuple, asyncio.Future]] = []
         self._flushing = False
         self._conn: Any = None            # standalone: one connection of our own
@@ -226,10 +228,11 @@ class CommandBatcher:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    if self._cluster:
-                        await self._send_cluster(batch)
-                    else:
-                        await self._send_standalone(batch)
+                    async with asyncio.timeout(self._timeout):
+                        if self._cluster:
+                            await self._send_cluster(batch)
+                        else:
+                            await self._send_standalone(batch)
                 except Exception as exc:  # noqa: BLE001 -- delivered to every caller of the batch
                     _fail(batch, exc)
         finally:
@@ -240,8 +243,8 @@ class CommandBatcher:
             self._conn = self._client.connection_pool.make_connection()
         try:
             await self._exchange(self._conn, batch)
-        except (RedisError, OSError, asyncio.TimeoutError):
-            await self._conn.disconnect()
+        except BaseException:         # includes the batch deadline's cancellation: answers may be pending
+            await self._conn.disconnect(nowait=True)
             raise
 
     async def _send_cluster(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
@@ -259,7 +262,10 @@ class CommandBatcher:
         conn = node.acquire_connection()
         try:
             await self._exchange(conn, items)
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except asyncio.CancelledError:   # the batch deadline: answers may be pending on this connection
+            await conn.disconnect(nowait=True)
+            raise
+        except (RedisError, OSError):
             await conn.disconnect()
             # The slow path marks the node as failed and makes the client look for the new primary.
             await asyncio.gather(*(self._slow(cmd, fut) for cmd, fut in items if not fut.done()))
