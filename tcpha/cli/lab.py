@@ -219,7 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("name", nargs="?", metavar="NAME")
     dn.add_argument("--all", action="store_true", help="remove every lab that is up")
     dn.set_defaults(func=cmd_down)
+
+    de = sub.add_parser("demo", help="the main job: a lab with tcpha-fe, two tcpha-be and a cache host, "
+                                     "real HTTP and TLS traffic, a summary table; removed afterwards")
+    de.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    de.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tcpha.lab.demo import run_demo
+    return run_demo(keep=args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:
