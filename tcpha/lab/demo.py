@@ -226,8 +226,27 @@ def sample_configs() -> Path | None:
     return d if (d / "tcphafe.conf").is_file() else None
 
 
-def run_demo(prefix: str | None = None, out=None, keep: bool = False) -> int:
-    """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table."""
+def _start_with_tls(dep: LabDeployment, out) -> Any:
+    """Deploy with TLS on port 443 as well (tcpha.lab.tls_demo: certificate, dc_server on the cache
+    host, TLS-terminating back ends); None, with one line said, when that part cannot run here."""
+    try:
+        from .tls_demo import TlsLab, sample_tls_configs
+        tls = TlsLab(dep)
+        tls.start(templates=sample_tls_configs() is not None)
+        return tls
+    except (ImportError, LabError, OSError) as e:
+        print(f"(TLS part skipped: {e})", file=out)
+        for proc in [dep.fe_proc, *dep.be_procs.values()]:
+            if proc is not None:
+                dep.lab.stop(proc)
+        dep.fe_proc = None
+        dep.be_procs.clear()
+        return None
+
+
+def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: bool = True) -> int:
+    """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table (and the
+    TLS demonstration: a session made on be1 resumed on be2)."""
     from .topology import DEFAULT_TOPOLOGY
     out = out or sys.stdout
     prefix = prefix or ("d" + secrets.token_hex(2) + str(os.getpid() % 10))
@@ -238,17 +257,22 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False) -> int:
         dep = LabDeployment(lab)
         print(f"lab {prefix}: client {lab.ip('client')}, front end {lab.ip('fe')}, back ends "
               f"{', '.join(lab.ip(b) for b in dep.backends)}, VIP {dep.vip}", file=out)
-        dep.start_origins()
-        for host in dep.backends:
-            tpl = confs / f"tcphabe-{host}.conf" if confs else None
-            dep.start_backend(host, template=tpl if tpl and tpl.is_file() else None)
+        tls = _start_with_tls(dep, out) if with_tls else None
+        fe_conf = "tcphafe-tls.conf" if tls is not None else "tcphafe.conf"
+        if tls is None:
+            dep.start_origins()
+            for host in dep.backends:
+                tpl = confs / f"tcphabe-{host}.conf" if confs else None
+                dep.start_backend(host, template=tpl if tpl and tpl.is_file() else None)
+            if confs:
+                dep.start_fe(template=confs / fe_conf)
+            else:
+                dep.start_fe()
         if confs:
-            dep.start_fe(template=confs / "tcphafe.conf")
-            rules = [line.split("=", 1)[1].strip() for line in (confs / "tcphafe.conf").read_text().splitlines()
+            rules = [line.split("=", 1)[1].strip() for line in (confs / fe_conf).read_text().splitlines()
                      if line.strip().startswith("rule")]
-            print(f"configs: {confs}/tcphafe.conf, tcphabe-be*.conf", file=out)
+            print(f"configs: {confs}/{fe_conf}, {fe_conf.replace('fe', 'be-be*', 1)}", file=out)
         else:
-            dep.start_fe()
             rules = ["10.77.0.11 jpg$", "10.77.0.12 .*"]
         names = {lab.ip(h): h for h in dep.backends}
         print("rules (first match wins): " + "; ".join(
@@ -271,9 +295,13 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False) -> int:
         print(f"\nthe client received {total_rx:,} bytes; the front end's LAN interface transmitted "
               f"{total_tx:,} ({100 * total_tx / max(total_rx, 1):.2f}%): responses went from the back "
               f"ends straight to the client", file=out)
+        status = 0
+        if tls is not None:
+            from .tls_demo import run_tls_demo
+            status = run_tls_demo(tls, out, started=True)
         if keep:
             print(f"lab kept: tcpha-lab exec --name ... / remove with: tcpha-lab down (prefix {prefix})", file=out)
-        return 0
+        return status
     except LabError as e:
         print(f"tcpha-lab demo: {e}", file=sys.stderr)
         return 1
