@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tcpha.control import (ControlConnection, ControlError, FlowClosed, Handoff, Hello, Ping, Pong, Refused,
-                           Register, Registered, Restored, Unregister)
+                           Register, Registered, Restored, Steered, Unregister)
 
 KEY = b"k" * 32
 
@@ -19,7 +19,8 @@ text = st.text(max_size=40)
 
 fe_messages = st.one_of(
     st.builds(Handoff, u64, ips, ports, ips, ports, st.integers(0, 2 ** 32 - 1), st.binary(max_size=2000)),
-    st.builds(Ping, u64), st.builds(Pong, u64), st.builds(Registered, st.booleans(), text))
+    st.builds(Ping, u64), st.builds(Pong, u64), st.builds(Registered, st.booleans(), text),
+    st.builds(Steered, u64))
 be_messages = st.one_of(
     st.builds(Restored, u64), st.builds(Refused, u64, text),
     st.builds(FlowClosed, ips, ports, ips, ports, u64, u64), st.builds(Ping, u64), st.builds(Pong, u64),

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from tcpha.control import (HELLO_MAX, ControlConnection, ControlError, FlowClosed, Handoff, Hello,
-                           PayloadError, Ping, Pong, Refused, Register, Registered, Restored, Unregister)
+                           PayloadError, Ping, Pong, Refused, Register, Registered, Restored, Steered,
+                           Unregister)
 from tcpha.control.messages import encode_payload
 from tcpha.control.protocol import MAC_SIZE, VERSION, _mac
 
@@ -16,7 +17,7 @@ OTHER_KEY = b"fedcba9876543210" * 4
 
 HANDOFF = Handoff(xid=7, client_ip="10.77.0.2", client_port=40000, vip="10.77.0.100", vport=80,
                   peeked_len=78, state=b"\x01state" * 100)
-FE_MESSAGES = [HANDOFF, Ping(1), Pong(2), Registered(True), Registered(False, "no rules")]
+FE_MESSAGES = [HANDOFF, Ping(1), Pong(2), Registered(True), Registered(False, "no rules"), Steered(7)]
 BE_MESSAGES = [Restored(7), Refused(8, "address 10.77.0.99 is not my VIP"),
                FlowClosed("10.77.0.2", 40000, "10.77.0.100", 80, bytes_in=10, bytes_out=2 ** 40),
                Ping(3), Pong(2 ** 64 - 1),
@@ -196,7 +197,8 @@ def test_echoed_nonce_is_refused():
 
 
 @pytest.mark.parametrize("msg, receiver", [(HANDOFF, "fe"), (Restored(1), "be"), (Register("10.0.0.1", 1), "be"),
-                                           (Registered(True), "fe"), (FlowClosed("1.2.3.4", 1, "1.2.3.5", 80), "be")])
+                                           (Registered(True), "fe"), (FlowClosed("1.2.3.4", 1, "1.2.3.5", 80), "be"),
+                                           (Steered(1), "fe")])
 def test_message_from_the_wrong_role_is_refused(msg, receiver):
     fe, be = pair()
     sender, target = (be, fe) if receiver == "fe" else (fe, be)
