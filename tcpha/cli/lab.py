@@ -223,13 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job: a lab with tcpha-fe, two tcpha-be and a cache host, "
                                      "real HTTP and TLS traffic, a summary table; removed afterwards")
     de.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    de.add_argument("--cache-backend", choices=("memory", "redis-cluster"), default="memory",
+                    help="dc_server's store on the cache host: embedded (default) or a 3+3 Redis Cluster there")
     de.set_defaults(func=cmd_demo)
     return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tcpha.lab.demo import run_demo
-    return run_demo(keep=args.keep)
+    return run_demo(keep=args.keep, cache_backend=args.cache_backend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,12 +226,12 @@ def sample_configs() -> Path | None:
     return d if (d / "tcphafe.conf").is_file() else None
 
 
-def _start_with_tls(dep: LabDeployment, out) -> Any:
+def _start_with_tls(dep: LabDeployment, out, cache_backend: str = "memory") -> Any:
     """Deploy with TLS on port 443 as well (tcpha.lab.tls_demo: certificate, dc_server on the cache
     host, TLS-terminating back ends); None, with one line said, when that part cannot run here."""
     try:
         from .tls_demo import TlsLab, sample_tls_configs
-        tls = TlsLab(dep)
+        tls = TlsLab(dep, cache_backend=cache_backend)
         tls.start(templates=sample_tls_configs() is not None)
         return tls
     except (ImportError, LabError, OSError) as e:
@@ -244,7 +244,8 @@ def _start_with_tls(dep: LabDeployment, out) -> Any:
         return None
 
 
-def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: bool = True) -> int:
+def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: bool = True,
+             cache_backend: str = "memory") -> int:
     """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table (and the
     TLS demonstration: a session made on be1 resumed on be2)."""
     from .topology import DEFAULT_TOPOLOGY
@@ -257,7 +258,7 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: 
         dep = LabDeployment(lab)
         print(f"lab {prefix}: client {lab.ip('client')}, front end {lab.ip('fe')}, back ends "
               f"{', '.join(lab.ip(b) for b in dep.backends)}, VIP {dep.vip}", file=out)
-        tls = _start_with_tls(dep, out) if with_tls else None
+        tls = _start_with_tls(dep, out, cache_backend) if with_tls else None
         fe_conf = "tcphafe-tls.conf" if tls is not None else "tcphafe.conf"
         if tls is None:
             dep.start_origins()

@@ -72,6 +72,7 @@ class SClientResult:
 class TlsLab:
     dep: Any                                       # tcpha.lab.demo.LabDeployment
     cache: bool = True                             # run dc_server + dc_clients and set sessioncache
+    cache_backend: str = "memory"                  # dc_server's store: "memory" or "redis-cluster" (3+3 on cache)
     services: dict[str, Any] = field(default_factory=dict)
     cert: Path | None = None
     key: Path | None = None
@@ -81,15 +82,20 @@ class TlsLab:
         return self.dep.lab
 
     def start_cache(self) -> None:
-        from .services import start_dc_server, start_dc_client
-        self.services["dc_server"] = start_dc_server(self.lab)
+        from .services import start_dc_client, start_dc_server, start_redis_cluster
+        args: list[str] = []
+        if self.cache_backend == "redis-cluster":
+            self.services["redis"] = start_redis_cluster(self.lab, "cache")
+            args = ["-backend", self.services["redis"].address]
+        self.services["dc_server"] = start_dc_server(self.lab, args=args)
         for host in self.dep.backends:
             self.services[host] = start_dc_client(self.lab, host, self.services["dc_server"].address,
                                                   listen=f"IP:127.0.0.1:{CACHE_PORT}")
 
     def restart_dc_server(self) -> None:
         from .services import start_dc_server
-        self.services["dc_server"] = start_dc_server(self.lab)
+        redis = self.services.get("redis")
+        self.services["dc_server"] = start_dc_server(self.lab, args=["-backend", redis.address] if redis else None)
 
     def be_options(self, host: str, **extra: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {"tlscert": str(self.cert), "tlskey": str(self.key), "tlsports": TLS_VPORT}
@@ -156,9 +162,11 @@ def run_tls_demo(dep: Any, out=None, *, started: bool = False) -> int:
     if not started:
         tls.start(templates=sample_tls_configs() is not None)
     lab = tls.lab
+    store = ("a 3+3 Redis Cluster on the cache host" if tls.cache_backend == "redis-cluster"
+             else "its embedded store")
     print(f"\nTLS: tcpha-fe routes by SNI on {tls.dep.vip}:{TLS_VPORT} (a.* -> be1, b.* -> be2); tcpha-be "
-          f"terminates TLS; sessions shared by dc_server on cache ({lab.ip('cache')}) through a dc_client "
-          f"on each back end", file=out)
+          f"terminates TLS; sessions shared by dc_server on cache ({lab.ip('cache')}, {store}) through a "
+          f"dc_client on each back end", file=out)
     print(f"{'TLS':<8}{'step':<36}{'SNI':<11}{'back end':<10}{'status':<8}session", file=out)
     ok = True
     for version in ("1.2", "1.3"):

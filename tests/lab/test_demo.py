@@ -1,0 +1,51 @@
+"""The README's main command: `tcpha-lab demo` runs the whole product in a namespace lab and says so."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.netns
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["tcpha-lab", "demo", *args], capture_output=True, text=True, timeout=600)
+
+
+def _lab_prefix(out: str) -> str:
+    m = re.search(r"^lab (\w+):", out, re.M)
+    assert m, out
+    return m.group(1)
+
+
+def _leftovers(prefix: str) -> list[str]:
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return [n for n in names if n.startswith(prefix + "-")]
+
+
+def test_demo_routes_hands_off_and_resumes_tls_across_back_ends():
+    r = _demo()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    rows = re.findall(r"^(/\S+)\s+(\d{3})\s+(be\d)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", r.stdout, re.M)
+    assert rows, out
+    assert all(status == "200" for _, status, *_ in rows), out
+    by_uri = {uri: be for uri, _, be, *_ in rows}
+    assert by_uri["/img/photo.jpg"] == "be1" and by_uri["/video/clip.mp4"] == "be2", out
+    received = sum(int(r[4].replace(",", "")) for r in rows)
+    transmitted = sum(int(r[5].replace(",", "")) for r in rows)
+    assert received > 20_000_000 and transmitted < 0.05 * received, out
+    assert re.search(r"^TLSv1\.2 .*b\.example\s+be2\s+200\s+Reused$", r.stdout, re.M), out
+    assert re.search(r"^TLSv1\.3 .*b\.example\s+be2\s+200\s+Reused$", r.stdout, re.M), out
+    assert _leftovers(_lab_prefix(r.stdout)) == []
+
+
+def test_demo_with_the_redis_cluster_behind_dc_server():
+    r = _demo("--cache-backend", "redis-cluster")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "Redis Cluster on the cache host" in r.stdout, out
+    assert "a session made on be1 was resumed on be2" in r.stdout, out
+    assert _leftovers(_lab_prefix(r.stdout)) == []
