@@ -153,6 +153,7 @@ class SteeringBatch:
         self._busy[kind] = False
         for d in batch:
             deliver(d, error)
+        self.worker.flush_links()      # the batch's Handoffs / Steereds: one write per control link
         # what arrived while this transaction ran goes in the next one
         if kind == "freeze" and self.freezing and not self._freeze_at:
             self._flush_freeze()
@@ -223,6 +224,8 @@ class Worker:
         self.ledger = ConnectionLedger(list(config.rules), float(getattr(config, "flowtimeout", 3600) or 3600))
         self.runtime_sock: socket.socket | None = None
         self.pending: dict[int, Dispatch] = {}
+        self._unflushed: list[Any] = []          # control links with queued frames (ControlLink.send)
+        self._flush_at = False
         self.lingering: dict[int, Dispatch] = {}
         self.inflight = 0
         self.accepting = False
@@ -293,6 +296,19 @@ class Worker:
 
     def steered_message(self, xid: int) -> Any:
         return control.Steered(xid=xid)
+
+    def queue_flush(self, link: Any) -> None:
+        self._unflushed.append(link)
+        if not self._flush_at:
+            self._flush_at = True
+            self.loop.call_soon(self.flush_links)
+
+    def flush_links(self) -> None:
+        """Write what the control links queued (one write each), in the order they queued it."""
+        self._flush_at = False
+        links, self._unflushed = self._unflushed, []
+        for link in links:
+            link.flush()
 
     def fail_handoff(self, xid: int, reason: str) -> None:
         d = self.pending.pop(xid, None)
