@@ -86,6 +86,9 @@ def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
+_LIST_PREFIX: dict[tuple[int, str, str], bytes] = {}     # (family, table, set) -> fixed message start
+
+
 class ElementBatch:
     """Element operations collected for one transaction."""
 
@@ -95,28 +98,85 @@ class ElementBatch:
         self.messages: list[tuple[int, int, bytes]] = []  # (type, flags, payload)
 
     def _list(self, family: int, table: str, setname: str, elems: list[bytes]) -> bytes:
-        return (_NFGENMSG.pack(family, 0, 0)
-                + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, setname.encode() + b"\0")
-                + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems))
+        prefix = _LIST_PREFIX.get((family, table, setname))
+        if prefix is None:
+            prefix = (_NFGENMSG.pack(family, 0, 0)
+                      + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                      + _attr(NFTA_SET_ELEM_LIST_SET, setname.encode() + b"\0"))
+            if len(_LIST_PREFIX) < 64:
+                _LIST_PREFIX[(family, table, setname)] = prefix
+        return prefix + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems)
 
     def add(self, family: int, table: str, setname: str,
             elements: list[tuple[bytes, bytes | None, int | None]]) -> None:
         """Add (key, data or None, timeout ms or None) elements; an identical existing element is fine."""
         elems = []
         for key, data, timeout_ms in elements:
-            parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
-            if data is not None:
-                parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data)))
-            if timeout_ms is not None:
-                parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, _BE64.pack(timeout_ms)))
-            elems.append(_nest(NFTA_LIST_ELEM, *parts))
+            head, data_head, tail = _element_heads(len(key), None if data is None else len(data),
+                                                   timeout_ms is not None)
+            if data is None:
+                elems.append(head + key + tail if timeout_ms is None
+                             else head + key + tail + _BE64.pack(timeout_ms))
+            elif timeout_ms is None:
+                elems.append(head + key + data_head + data + tail)
+            else:
+                elems.append(head + key + data_head + data + tail + _BE64.pack(timeout_ms))
         self.messages.append((NFT_MSG_NEWSETELEM, NLM_F_CREATE, self._list(family, table, setname, elems)))
 
     def destroy(self, family: int, table: str, setname: str, keys: list[bytes]) -> None:
         """Remove elements by key; absent ones are ignored."""
-        elems = [_nest(NFTA_LIST_ELEM, _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, k))) for k in keys]
+        elems = []
+        for k in keys:
+            head, _, tail = _element_heads(len(k), None, False)
+            elems.append(head + k + tail)
         self.messages.append((NFT_MSG_DESTROYSETELEM, 0, self._list(family, table, setname, elems)))
+
+
+def element_reference(key: bytes, data: bytes | None, timeout_ms: int | None) -> bytes:
+    """One NFTA_LIST_ELEM built attribute by attribute (what _element_heads precomputes; for tests)."""
+    parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
+    if data is not None:
+        parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data)))
+    if timeout_ms is not None:
+        parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, _BE64.pack(timeout_ms)))
+    return _nest(NFTA_LIST_ELEM, *parts)
+
+
+_HEADS: dict[tuple[int, int | None, bool], tuple[bytes, bytes, bytes]] = {}
+
+
+def _element_heads(klen: int, dlen: int | None, timeout: bool) -> tuple[bytes, bytes, bytes]:
+    """The fixed bytes around an element's key, data and timeout, per shape (hot path: one flow's
+    element is ~24 attribute headers; built once per shape instead of per element).
+
+    element = head + key + data_head + data + tail [+ 8-byte big-endian timeout]; data_head is
+    b"" without data, the padding after key and data is folded into data_head and tail.
+    """
+    shape = (klen, dlen, timeout)
+    heads = _HEADS.get(shape)
+    if heads is not None:
+        return heads
+    kpad = b"\0" * (-klen & 3)
+    key_nest = _NLATTR.size * 2 + klen + len(kpad)
+    size = _NLATTR.size + key_nest
+    if dlen is not None:
+        dpad = b"\0" * (-dlen & 3)
+        data_nest = _NLATTR.size * 2 + dlen + len(dpad)
+        size += data_nest
+        data_head = (kpad + _NLATTR.pack(data_nest, NFTA_SET_ELEM_DATA | NLA_F_NESTED)
+                     + _NLATTR.pack(_NLATTR.size + dlen, NFTA_DATA_VALUE))
+        after = dpad
+    else:
+        data_head = b""
+        after = kpad
+    if timeout:
+        size += _NLATTR.size + _BE64.size
+        after += _NLATTR.pack(_NLATTR.size + _BE64.size, NFTA_SET_ELEM_TIMEOUT)
+    head = (_NLATTR.pack(size, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + _NLATTR.pack(key_nest, NFTA_SET_ELEM_KEY | NLA_F_NESTED)
+            + _NLATTR.pack(_NLATTR.size + klen, NFTA_DATA_VALUE))
+    heads = _HEADS[shape] = (head, data_head, after)
+    return heads
 
 
 def _nested_value(data: bytes, pos: int, end: int) -> bytes | None:
