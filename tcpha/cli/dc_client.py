@@ -7,16 +7,15 @@ Single-dash options, as the original.  Extensions: ``-server``/``-connect`` may 
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
 import os
-import pwd
-import resource
 import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
+                               set_socket_attributes)
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.agent import Agent
 
@@ -156,50 +155,6 @@ def _usage() -> None:
     sys.stderr.write("\n".join(USAGE) + "\n")
 
 
-def _daemonise() -> None:
-    """Detach: fork, new session, cwd /, standard descriptors on /dev/null."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
-def _drop_privileges(user: str) -> None:
-    pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    os.setgroups([])
-    os.initgroups(pw.pw_name, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-
-
-def _sock_attrs(s: Settings, path: str) -> None:
-    """-sockowner/-sockgroup/-sockperms on the UNIX socket file; failures only warn (as the original)."""
-    if s.sockowner is not None or s.sockgroup is not None:
-        try:
-            uid = -1
-            gid = -1
-            if s.sockowner is not None:
-                uid = int(s.sockowner) if s.sockowner.isdigit() else pwd.getpwnam(s.sockowner).pw_uid
-            if s.sockgroup is not None:
-                gid = int(s.sockgroup) if s.sockgroup.isdigit() else grp.getgrnam(s.sockgroup).gr_gid
-            os.chown(path, uid, gid)
-        except (KeyError, OSError) as exc:
-            sys.stderr.write(f"Warning, couldn't set ownership of '{path}': "
-                             f"{getattr(exc, 'strerror', None) or 'no such user or group'}\n")
-    if s.sockperms is not None:
-        try:
-            os.chmod(path, s.sockperms)
-        except OSError as exc:
-            sys.stderr.write(f"Warning, couldn't set permissions of '{path}': {exc.strerror}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -238,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     unix_path = laddr.path if laddr.kind == "unix" else None
     if unix_path:
-        _sock_attrs(s, unix_path)
+        set_socket_attributes(unix_path, s.sockowner, s.sockgroup, s.sockperms)
     if s.daemon:
         try:
-            _daemonise()
+            daemonize()
         except OSError:
             sys.stderr.write("Error, couldn't detach!\n")
             return 1
@@ -256,19 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         # Rule: the user switch comes after the listening socket is made (so it can be a
         # privileged port or a root-only directory) and before any server connection.
         try:
-            _drop_privileges(s.user)
+            drop_privileges(s.user)
         except (KeyError, OSError) as exc:
             sys.stderr.write(f"Error, couldn't become user '{s.user}'"
                              f"{': ' + exc.strerror if isinstance(exc, OSError) and exc.strerror else ''}\n")
             return 1
 
-    # Many local clients: allow as many descriptors as the hard limit permits.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+    raise_nofile_limit()     # many local clients: as many descriptors as the hard limit permits
     agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout)
 
     async def serve() -> None:
@@ -281,12 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         await agent.run()
 
     try:
-        try:
-            import uvloop  # optional: a faster event loop when installed
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            loop_factory = None
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve())
     finally:
         if unix_path:

@@ -8,19 +8,26 @@ Single-dash options, as the original.  Extensions: ``-sessions`` above 60000,
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
 import os
-import pwd
-import resource
 import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
+                               set_socket_attributes)
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
 from tcpha.distcache.store import DEFAULT_SESSIONS, SessionStore
+
+# Imported at start, not when -backend is read: after -user the interpreter's files may be unreadable.
+try:
+    from tcpha.distcache.redis_store import open_store as open_redis_store
+except ImportError as exc:  # redis-py missing: only -backend redis... needs it
+    open_redis_store = None
+    _REDIS_IMPORT_ERROR = str(exc)
 
 MIN_SESSIONS = 64
 ORIG_MAX_SESSIONS = 60000          # the original's limit; above it is our extension
@@ -205,75 +212,16 @@ def _err(line: str) -> int:
     return 1
 
 
-def _daemonise() -> None:
-    """daemon(0, 0): fork, new session, cwd /, standard descriptors on /dev/null."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
-def _drop_privileges(user: str) -> None:
-    pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    os.setgroups([])
-    os.initgroups(pw.pw_name, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-
-
-def _sock_attrs(s: Settings, path: str) -> None:
-    """-sockowner/-sockgroup/-sockperms on the UNIX socket file; failures only warn."""
-    if s.sockowner is not None or s.sockgroup is not None:
-        try:
-            uid = gid = -1
-            if s.sockowner is not None:
-                uid = int(s.sockowner) if s.sockowner.isdigit() else pwd.getpwnam(s.sockowner).pw_uid
-            if s.sockgroup is not None:
-                gid = int(s.sockgroup) if s.sockgroup.isdigit() else grp.getgrnam(s.sockgroup).gr_gid
-            os.chown(path, uid, gid)
-        except (KeyError, OSError) as exc:
-            sys.stderr.write(f"Warning, couldn't set ownership of '{path}': "
-                             f"{getattr(exc, 'strerror', None) or 'no such user or group'}\n")
-    if s.sockperms is not None:
-        try:
-            os.chmod(path, s.sockperms)
-        except OSError as exc:
-            sys.stderr.write(f"Warning, couldn't set permissions of '{path}': {exc.strerror}\n")
-
-
-def raise_fd_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (thousands of clients need descriptors)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 def _open_backend(s: Settings):
     """The store for -backend; raises UsageError-like one-line errors as ValueError."""
     url = s.backend
     if url == "memory":
         return SessionStore(s.sessions)
     if url.split("://", 1)[0] in ("redis", "rediss", "redis-cluster", "rediss-cluster") and "://" in url:
+        if open_redis_store is None:
+            raise ValueError(f"Error, -backend {url}: Redis support is not available ({_REDIS_IMPORT_ERROR})")
         try:
-            from tcpha.distcache.redis_store import open_store
-        except ImportError as exc:
-            raise ValueError(f"Error, -backend {url}: Redis support is not available ({exc})") from None
-        try:
-            return open_store(url, s.sessions)
+            return open_redis_store(url, s.sessions)
         except ValueError as exc:
             raise ValueError(f"Error, -backend: {exc}") from None
     raise ValueError(f"Error, -backend given an invalid argument ('{url}': expected memory, "
@@ -309,16 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         if detail.startswith(prefix):
             detail = detail[len(prefix):]
         return _err(f"Error, can't listen on '{s.listen}' ({detail})")
-    raise_fd_limit()
+    raise_nofile_limit()
     if addr.kind == "unix":
-        _sock_attrs(s, addr.path)
+        set_socket_attributes(addr.path, s.sockowner, s.sockgroup, s.sockperms)
     # Files named relative to where we were started, even after -daemon's chdir("/").
     pidfile = os.path.abspath(s.pidfile) if s.pidfile else None
     unix_path = os.path.abspath(addr.path) if addr.kind == "unix" else None
     persist_path = os.path.abspath(s.persist) if s.persist else None
     if s.daemon:
         try:
-            _daemonise()
+            daemonize()
         except OSError:
             return _err("Error, couldn't detach!")
     if pidfile:
@@ -329,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             return _err(f"Error, couldn't open 'pidfile' at '{s.pidfile}'.")
     if s.user:
         try:
-            _drop_privileges(s.user)
+            drop_privileges(s.user)
         except (KeyError, OSError) as exc:
             return _err(f"Error, couldn't become user '{s.user}' "
                         f"({getattr(exc, 'strerror', None) or 'no such user'})")
@@ -339,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(exc))
     persist = None
     if persist_path:
-        from tcpha.distcache.persist import PersistentStore
         try:
             persist = PersistentStore(store, persist_path, interval_ms=s.persist_interval)
         except OSError as exc:
@@ -365,12 +312,7 @@ def _early_stop(signum, frame) -> None:
 
 
 def _run(server: DistcacheServer, sock, s: Settings) -> None:
-    try:
-        import uvloop  # optional: about twice the requests per second
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(_serve(server, sock, s))
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from tcpha.cli.service import event_loop_factory
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.snoop import Snooper
 
@@ -81,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         await snooper.run()
 
     try:
-        try:
-            import uvloop  # optional: a faster event loop when installed
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            loop_factory = None
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve())
     finally:
         if laddr.kind == "unix":

@@ -11,7 +11,6 @@ import pytest
 
 from tcpha.distcache.client import PERSISTENT, DistcacheClient
 
-from .conftest import free_port_block
 
 
 def _free_port() -> int:
@@ -21,12 +20,12 @@ def _free_port() -> int:
 
 
 class DcServer:
-    def __init__(self, backend: str, tmp_path, name: str = "dc") -> None:
+    def __init__(self, backend: str, tmp_path, name: str = "dc", extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.address = f"IP:127.0.0.1:{self.port}"
         self.log = tmp_path / f"{name}.log"
         self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(["dc_server", "-listen", self.address, "-backend", backend],
+        self.proc = subprocess.Popen(["dc_server", "-listen", self.address, "-backend", backend, *extra],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
@@ -57,8 +56,8 @@ class DcServer:
 def dc_server_factory(tmp_path):
     started: list[DcServer] = []
 
-    def start(backend: str, name: str = "dc") -> DcServer:
-        server = DcServer(backend, tmp_path, name)
+    def start(backend: str, name: str = "dc", extra: tuple[str, ...] = ()) -> DcServer:
+        server = DcServer(backend, tmp_path, name, extra)
         started.append(server)
         return server
     yield start
@@ -162,3 +161,11 @@ def test_pipelined_requests_keep_their_order_over_redis(redis_cluster, dc_server
             replies += reader.feed(chunk)
     assert [r.uid for r in replies] == [m.uid for m in requests]
     assert [r.payload for r in replies] == expected
+
+
+def test_redis_backend_after_dropping_privileges(redis_node, dc_server_factory):
+    """-user switches after listening; the Redis code must not need files the new user cannot read
+    (here the interpreter lives under /root: a lazy import after the switch would fail)."""
+    server = dc_server_factory(f"redis://{redis_node.address}", extra=("-user", "nobody"))
+    result = _dc_test(server.address)
+    assert result.returncode == 0, result.stdout + result.stderr + server.output()
