@@ -149,20 +149,51 @@ class SteeringBatch:
                 pass
         future.add_done_callback(done)
 
-    def _delivered(self, kind: str, batch: list[Dispatch], deliver: Any, error: Exception | None) -> None:
+    def _delivered(self, kind: str, batch: list[Dispatch], deliver: Any, error: Exception | None,
+                   flush: bool = True) -> None:
         self._busy[kind] = False
         for d in batch:
             deliver(d, error)
-        self.worker.flush_links()      # the batch's Handoffs / Steereds: one write per control link
+        if flush:
+            self.worker.flush_links()      # the batch's Handoffs / Steereds: one write per control link
         # what arrived while this transaction ran goes in the next one
         if kind == "freeze" and self.freezing and not self._freeze_at:
             self._flush_freeze()
         elif kind == "forward" and self.forwarding and not self._forward_at:
             self._flush_forward()
 
+    def _both_ready(self) -> bool:
+        return (INLINE_STEERING and bool(self.freezing) and bool(self.forwarding) and not self._busy["freeze"]
+                and not self._busy["forward"] and hasattr(self.worker.steering, "freeze_forward"))
+
+    def _flush_both(self) -> None:
+        """Freezes and forwards pending in the same loop iteration: one nft transaction for both.
+
+        Should it fail, nothing of it was applied: the two run apart, so that each connection gets
+        the outcome of its own operation, as when they are flushed separately.
+        """
+        freezing, self.freezing = self.freezing, []
+        forwarding, self.forwarding = self.forwarding, []
+        self._busy["freeze"] = self._busy["forward"] = True
+        self.transactions += 1
+        freezes = [d.flow for d in freezing]
+        forwards = [(d.flow, d.backend.mac) for d in forwarding]
+        try:
+            self.worker.steering.freeze_forward(freezes, forwards)
+            fwd_error = freeze_error = None
+        except Exception:
+            self.transactions += 2
+            fwd_error = self._do_forward(forwards)
+            freeze_error = self._do_freeze(freezes)
+        self._delivered("forward", forwarding, Dispatch.forwarded, fwd_error, flush=False)
+        self._delivered("freeze", freezing, Dispatch.frozen, freeze_error)
+
     def _flush_freeze(self) -> None:
         self._freeze_at = False
         if self._busy["freeze"] or not self.freezing:
+            return
+        if self._both_ready():
+            self._flush_both()
             return
         batch, self.freezing = self.freezing, []
         self._submit("freeze", self._do_freeze, [d.flow for d in batch], batch, Dispatch.frozen)
@@ -170,6 +201,9 @@ class SteeringBatch:
     def _flush_forward(self) -> None:
         self._forward_at = False
         if self._busy["forward"] or not self.forwarding:
+            return
+        if self._both_ready():
+            self._flush_both()
             return
         batch, self.forwarding = self.forwarding, []
         self._submit("forward", self._do_forward, [(d.flow, d.backend.mac) for d in batch], batch,

@@ -330,6 +330,30 @@ class FlowSteering:
             batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, chunk)
             self._send(batch, "forwarding flows")
 
+    def freeze_forward(self, freezes: list[FlowKey], forwards: list[tuple[FlowKey, str]]) -> None:
+        """freeze_many(freezes) and forward_many(forwards) in one transaction (all or none).
+
+        The front end's loop often has new connections to freeze and Restored answers to forward in
+        the same wake-up: one transaction instead of two (each costs a netlink round trip and a
+        commit in the kernel). Too many flows for one message: the two calls, one after the other.
+        """
+        if not freezes or not forwards or len(freezes) + len(forwards) > _BATCH_ELEMENTS:
+            self.forward_many(forwards)
+            self.freeze_many(freezes)
+            return
+        adds, keys = [], []
+        for flow, mac in forwards:
+            key = flow.key()
+            adds.append((key, _mac_bytes(mac), self._flow_ms))
+            keys.append(key)
+        batch = ElementBatch()
+        batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, keys)     # as in forward_many
+        batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds)
+        batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, keys)
+        ms = self._freeze_ms
+        batch.add(NFPROTO_NETDEV, self.table, FROZEN_SET, [(f.key(), None, ms) for f in freezes])
+        self._send(batch, "freezing and forwarding flows")
+
     def unforward(self, flow: FlowKey) -> None:
         """Forget the flow (its connection ended). Idempotent: a flow already gone is fine."""
         batch = ElementBatch()

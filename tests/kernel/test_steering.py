@@ -278,3 +278,18 @@ def test_vip_announce_updates_a_stale_arp_entry(lab_module):
     finally:
         fe_vip.remove()
         lab.run("client", ["ip", "neigh", "del", vip, "dev", client_if])
+
+
+def test_freeze_forward_in_one_transaction(lab_module, steering_factory):
+    fs = steering_factory()
+    fs.install()
+    frozen_before = _flows(3, base=30000)
+    fs.freeze_many(frozen_before)
+    new = _flows(2, base=31000)
+    fs.freeze_forward(new, [(f, "02:00:00:00:00:0b") for f in frozen_before])
+    assert fs.forwarded() == {f: "02:00:00:00:00:0b" for f in frozen_before}
+    assert fs.frozen_entries() == 2
+    fs.freeze_forward([], [(f, "02:00:00:00:00:0c") for f in new])      # one side empty: plain calls
+    assert fs.frozen_entries() == 0 and fs.entries() == 5
+    with pytest.raises(SteeringError, match="is the table installed"):
+        steering_factory(table="x" + fs.table).freeze_forward(new, [(frozen_before[0], "02:00:00:00:00:0b")])
