@@ -167,3 +167,62 @@ def event_loop_factory():
     """uvloop's loop when installed (about twice the requests per second of the distcache servers),
     else None: asyncio's default."""
     return uvloop.new_event_loop if uvloop is not None else None
+
+
+class DaemonStart:
+    """The start-up that tcpha-fe and tcpha-be share: their common options, the config file (one line
+    `PATH:LINE: message` and exit 2 on an error), --check-config, -d, logging at dbglevel and the pidfile.
+
+        start = DaemonStart("tcpha-fe", "...", "/etc/tcpha/tcphafe.conf", "fe")
+        args = start.parser.parse_args(argv)
+        code = start.load(args, load_fe_config, summary)   # None: go on; else the exit status
+        ... run start.config ...; finally start.release()
+    """
+
+    def __init__(self, prog: str, description: str, default_config: str, component: str) -> None:
+        import argparse
+
+        from tcpha.config import add_help
+        self.prog = prog
+        self.config = None
+        self.pidfile: PidFile | None = None
+        p = argparse.ArgumentParser(prog=prog, description=description)
+        p.add_argument("-c", "--config", default=default_config, metavar="PATH",
+                       help=f"configuration file (default {default_config})")
+        p.add_argument("--check-config", action="store_true",
+                       help="check the configuration file and exit (0: good, 2: an error, printed)")
+        p.add_argument("-d", "--daemon", action="store_true", help="detach and run in the background")
+        p.add_argument("--pidfile", metavar="PATH", help="write the process id to PATH")
+        p.add_argument("--dbglevel", type=int, choices=range(0, 7), metavar="0-6",
+                       help="override the config file's dbglevel")
+        add_help(p, component)
+        self.parser = p
+
+    def load(self, args, loader, summary=lambda config: "") -> int | None:
+        from tcpha.config import ConfigError
+        try:
+            self.config = loader(args.config)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+        if args.check_config:
+            print(f"{args.config}: configuration is valid{summary(self.config)}")
+            return 0
+        if args.daemon:
+            daemonize()
+        raise_nofile_limit()
+        setup_logging(args.dbglevel if args.dbglevel is not None else self.config.dbglevel,
+                      self.config.logfile, self.prog)
+        if args.pidfile:
+            try:
+                self.pidfile = PidFile(args.pidfile)
+                self.pidfile.acquire()
+            except RuntimeError as e:
+                self.pidfile = None
+                print(f"{self.prog}: {e}", file=sys.stderr)
+                return 1
+        return None
+
+    def release(self) -> None:
+        if self.pidfile is not None:
+            self.pidfile.release()
