@@ -106,8 +106,6 @@ class ControlSession(asyncio.Protocol):
         self.peer = "?"
         self.closed = False
         self.unsteered: dict[int, tuple[SpliceRelay, asyncio.TimerHandle]] = {}
-        self._out: list[bytes] = []         # frames not written yet (see send)
-        self._feeding = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -130,36 +128,17 @@ class ControlSession(asyncio.Protocol):
             log.warning("control connection from %s dropped: %s", self.peer, e)
             self.abort()
             return
-        self._feeding = True
-        try:
-            for msg in messages:
-                try:
-                    self.backend.on_message(self, msg)
-                except Exception:                                     # never crash the daemon
-                    log.exception("control message %s from %s failed", type(msg).__name__, self.peer)
-        finally:
-            self._feeding = False
-            self.flush()
+        for msg in messages:
+            try:
+                self.backend.on_message(self, msg)
+            except Exception:                                     # never crash the daemon
+                log.exception("control message %s from %s failed", type(msg).__name__, self.peer)
 
     def send(self, msg: Any) -> bool:
-        """Queue msg's frame: the answers to the Handoffs of one read (and the FlowClosed of one loop
-        iteration) leave in one write; each write is a trip through the TCP stack (~40 us here)."""
         if self.closed or self.transport is None:
             return False
-        out = self._out
-        out.append(self.conn.send(msg))
-        if len(out) == 1 and not self._feeding:
-            self.backend.loop.call_soon(self.flush)
+        self.transport.write(self.conn.send(msg))
         return True
-
-    def flush(self) -> None:
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
 
     def abort(self) -> None:
         if not self.closed:
@@ -169,7 +148,6 @@ class ControlSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._out.clear()
         self.backend.sessions.discard(self)
         for xid in list(self.unsteered):       # lost before Steered: the flow was not steered here
             self.backend._not_steered(self, xid, "control connection lost before Steered")
@@ -333,9 +311,8 @@ class BackEnd:
         app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session.send(control.Restored(xid=xid))
         self.stats.handoffs += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
-                     (time.perf_counter() - t0) * 1e6)
+        log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
+                 (time.perf_counter() - t0) * 1e6)
         flow = (peer[0], peer[1], self.vip, client.getsockname()[1])
         relay = self._relay(client, app, lambda r: self._flow_closed(session, flow, r), hold_down=True)
         # Nothing goes to the client before the front end says the flow is steered here (Steered):
@@ -386,9 +363,8 @@ class BackEnd:
         self.stats.active = len(self.relays)
         if getattr(relay, "discarded", False):
             return
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("flow %s:%d closed (up %d, down %d bytes)%s", flow[0], flow[1], relay.bytes_up,
-                      relay.bytes_down, f": {relay.error}" if relay.error else "")
+        log.debug("flow %s:%d closed (up %d, down %d bytes)%s", flow[0], flow[1], relay.bytes_up,
+                  relay.bytes_down, f": {relay.error}" if relay.error else "")
         self.loop.call_later(FLOWCLOSED_DELAY, self._send_flow_closed, session, flow)
 
     def _send_flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int]) -> None:
