@@ -22,7 +22,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from .codec import (Message, MessageReader, ProtocolError, Status, check_add_payload,
                     encode_response, parse_single_request)
@@ -321,7 +321,8 @@ class _Connection(asyncio.Protocol):
                     self._protocol_error(exc)
                     return
             else:
-                self._run(msgs)
+                self.backlog.extend(msgs)
+                self._run_backlog()
         if error is not None:
             if self.backlog:
                 self.backlog.append(error)  # type: ignore[arg-type]
@@ -329,30 +330,6 @@ class _Connection(asyncio.Protocol):
                 self._protocol_error(error)
         elif server.progress:
             server.check_progress_counter()
-
-    def _run(self, msgs: list[Message]) -> None:
-        handle = self.server.handle
-        out: list[bytes] = []
-        size = 0
-        for i, msg in enumerate(msgs):
-            try:
-                reply = handle(msg)
-            except ProtocolError as exc:
-                if out:
-                    self.transport.write(b"".join(out))
-                self._protocol_error(exc)
-                return
-            out.append(reply)
-            size += len(reply)
-            if size > self.server.write_limit and i + 1 < len(msgs):
-                self.transport.write(b"".join(out))
-                out = []
-                size = 0
-                if self.paused_writing:
-                    self.backlog.extend(msgs[i + 1:])
-                    return
-        if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _run_backlog(self) -> None:
         handle = self.server.handle
