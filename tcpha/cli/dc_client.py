@@ -16,6 +16,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
+from tcpha.cli.dcoptions import UsageError, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.agent import Agent
 
@@ -55,10 +56,6 @@ USAGE = [
 ]
 
 
-class UsageError(Exception):
-    """An option error: the message line, then the usage text, exit 1."""
-
-
 @dataclass
 class Settings:
     daemon: bool = False
@@ -73,23 +70,6 @@ class Settings:
     pidfile: str | None = None
     killable: bool = False
     upstream_timeout: int = 10000
-
-
-def _strtoul(text: str, opt: str, lo: int, hi: int) -> int:
-    # The original: strtoul() must consume the whole argument, and the value be in range.
-    if not text or not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
-        raise UsageError(f"Error, {opt} given an invalid argument")
-    return int(text)
-
-
-def _octal(text: str, opt: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise UsageError(f"Error, {opt} given an invalid argument") from None
-    if not 0 <= value <= 0o7777:
-        raise UsageError(f"Error, {opt} given an invalid argument")
-    return value
 
 
 @dataclass(frozen=True)
@@ -113,17 +93,17 @@ OPTIONS: list[Option] = [
     Option(("-listen",), True, _set("listen"), "local address to accept clients on"),
     Option(("-sockowner",), True, _set("sockowner"), "owner of the UNIX socket file"),
     Option(("-sockgroup",), True, _set("sockgroup"), "group of the UNIX socket file"),
-    Option(("-sockperms",), True, _set("sockperms", _octal), "permissions (octal) of the UNIX socket file"),
+    Option(("-sockperms",), True, _set("sockperms", octal), "permissions (octal) of the UNIX socket file"),
     Option(("-server", "-connect"), True, lambda s, o, v: s.servers.append(v),
            "cache server address (repeat for failover, an extension)"),
-    Option(("-retry",), True, _set("retry", lambda v, o: _strtoul(v, o, MIN_RETRY, MAX_RETRY)),
+    Option(("-retry",), True, _set("retry", lambda v, o: strtoul(v, o, MIN_RETRY, MAX_RETRY)),
            "reconnect period in ms while the server is unreachable (1..3600000)"),
-    Option(("-idle",), True, _set("idle", lambda v, o: _strtoul(v, o, 0, MAX_IDLE)),
+    Option(("-idle",), True, _set("idle", lambda v, o: strtoul(v, o, 0, MAX_IDLE)),
            "close client connections idle this many ms (0 = never)"),
     Option(("-pidfile",), True, _set("pidfile"), "write the process id to this file"),
     Option(("-killable",), False, lambda s, o, v: setattr(s, "killable", True),
            "exit cleanly on SIGUSR1/SIGUSR2"),
-    Option(("-upstream-timeout",), True, _set("upstream_timeout", lambda v, o: _strtoul(v, o, 0, MAX_IDLE)),
+    Option(("-upstream-timeout",), True, _set("upstream_timeout", lambda v, o: strtoul(v, o, 0, MAX_IDLE)),
            "extension: drop a server that leaves a request unanswered this many ms (0 = never)"),
 ]
 _BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}

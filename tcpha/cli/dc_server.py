@@ -17,6 +17,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
+from tcpha.cli.dcoptions import UsageError, invalid, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
@@ -67,10 +68,6 @@ USAGE = [
 ]
 
 
-class UsageError(Exception):
-    """An option error: the message line, then the usage text, exit 1."""
-
-
 @dataclass
 class Settings:
     listen: str | None = None
@@ -109,7 +106,7 @@ def _sessions(text: str, opt: str) -> int:
     # Original: atoi(), then range-checked; the upper limit 60000 is lifted (extension).
     value = _atoi(text)
     if not MIN_SESSIONS <= value <= MAX_SESSIONS:
-        raise UsageError(f"Error, {opt} given an invalid argument")
+        raise invalid(opt)
     return value
 
 
@@ -117,26 +114,12 @@ def _progress(text: str, opt: str) -> int:
     # Original: (unsigned long)atoi(), > 1000000 is an error (a negative wraps to huge).
     value = _atoi(text)
     if not 0 <= value <= MAX_PROGRESS:
-        raise UsageError(f"Error, {opt} given an invalid argument")
+        raise invalid(opt)
     return value
 
 
 def _strtoul(lo: int, hi: int) -> Callable[[str, str], int]:
-    def conv(text: str, opt: str) -> int:
-        if not text or not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
-            raise UsageError(f"Error, {opt} given an invalid argument")
-        return int(text)
-    return conv
-
-
-def _octal(text: str, opt: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise UsageError(f"Error, {opt} given an invalid argument") from None
-    if not 0 <= value <= 0o7777:
-        raise UsageError(f"Error, {opt} given an invalid argument")
-    return value
+    return lambda text, opt: strtoul(text, opt, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -161,7 +144,7 @@ OPTIONS: list[Option] = [
     Option("-user", "user", True, None, None, "switch to this user after listening, detaching and the pidfile"),
     Option("-sockowner", "sockowner", True, None, None, "owner of the UNIX socket file (failure only warns)"),
     Option("-sockgroup", "sockgroup", True, None, None, "group of the UNIX socket file (failure only warns)"),
-    Option("-sockperms", "sockperms", True, _octal, None, "permissions (octal) of the UNIX socket file"),
+    Option("-sockperms", "sockperms", True, octal, None, "permissions (octal) of the UNIX socket file"),
     Option("-pidfile", "pidfile", True, None, None, "write the process id (no newline) to this file"),
     Option("-killable", "killable", False, None, False, "exit cleanly on SIGUSR1/SIGUSR2"),
     Option("-backend", "backend", True, None, "memory",

@@ -1,0 +1,30 @@
+"""What the distcache commands (dc_server, dc_client) share in parsing their single-dash options:
+the error type and the value conversions, with the original's messages."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """An option error: the message line, then the usage text, exit 1."""
+
+
+def invalid(opt: str) -> UsageError:
+    return UsageError(f"Error, {opt} given an invalid argument")
+
+
+def strtoul(text: str, opt: str, lo: int, hi: int) -> int:
+    """The original's strtoul(): it must consume the whole argument, and the value be in [lo, hi]."""
+    if not text or not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
+        raise invalid(opt)
+    return int(text)
+
+
+def octal(text: str, opt: str) -> int:
+    """-sockperms: octal permission bits, 0..07777."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise invalid(opt) from None
+    if not 0 <= value <= 0o7777:
+        raise invalid(opt)
+    return value
