@@ -76,6 +76,7 @@ class RuleSpec:
     pattern: str
     regex: re.Pattern[bytes]
     lineno: int
+    pool: tuple[str, ...] = ()   # ``rule = ADDR,ADDR,... REGEX``: every target of that one rule (split by weight)
 
 
 def _config_class(name: str, table: list[Setting], doc: str, methods: dict[str, Any]) -> type:
@@ -409,8 +410,18 @@ def load_fe_config(path: str) -> Any:
     for line in repeated.get("rule", []):
         addr, text = _split_rule(path, line)
         rule = _parse_pattern(path, line.lineno, text, "")  # the regex first: its errors come first
-        target = _fe_rule_target(path, line.lineno, addr, servers, values)
-        rules.append(dataclasses.replace(rule, target=target))
+        targets: list[str] = []
+        for one in addr.split(","):
+            if not one:
+                raise ConfigError(path, line.lineno, f"rule: empty address in {addr!r} (write ADDR,ADDR,...)")
+            target = _fe_rule_target(path, line.lineno, one, servers, values)
+            if target in targets:
+                raise ConfigError(path, line.lineno, f"rule: {one!r} named twice in {addr!r}")
+            targets.append(target)
+        # A rule naming several back ends is a pool: one RuleSpec per target, in order, sharing ``pool``;
+        # the front end splits the pool's connections by weight (tcpha.fe.balance).
+        pool = tuple(targets) if len(targets) > 1 else ()
+        rules.extend(dataclasses.replace(rule, target=target, pool=pool) for target in targets)
     values["servers"] = servers
     values["rules"] = rules
     if values["vaddr"] == values["raddr"]:

@@ -58,10 +58,12 @@ RULES_TEXT = (
     "ADDR is a server's address as in its 'server' line (ADDR, or ADDR:PORT when two servers share an "
     "address, or unix:/PATH), or the front end's own raddr or redirectaddr or the word 'local' for the "
     "local node (needs redirectaddr). A request no rule takes goes to the local node if there is one, "
-    "else gets 503.\n"
+    "else gets 503. 'rule = ADDR,ADDR,... REGEX' names a pool: each connection the rule takes goes to "
+    "one of its back ends chosen by smooth weighted round robin over the weights of those in service, "
+    "the others being its fallbacks (separate rules stay an ordered fallback list, as in TCPHA).\n"
     "'server = ADDR PORT' names a back end's raddr and port; 'server = unix:/PATH' a tcpha-be on this "
     "host (its unixpath) that receives the connection itself over SCM_RIGHTS. Either may end in "
-    "'weight=N' (0-256, default 1; 0 = drain)."
+    "'weight=N' (0-256, default 1; 0 = drain; splits a pool rule's connections)."
 )
 
 BE_RULES_TEXT = (

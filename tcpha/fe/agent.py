@@ -2,7 +2,8 @@
 
 Newline-delimited JSON, one request at a time from the control plane, one reply each:
 
-    {"id": N, "op": "gate", "gate": {backend: accepts_new}}   health / weight / drain, as decided
+    {"id": N, "op": "gate", "gate": {backend: accepts_new}, "weights": {backend: weight}}
+                                                                 health / weight / drain, as decided
     {"id": N, "op": "dbglevel", "level": 0-6}                   log level of this process
     {"id": N, "op": "conn"}      -> {"id": N, "rows": [...]}     the worker's connection table
     {"id": N, "op": "metrics"}   -> {"id": N, "metrics": {...}, "dispatching": n, "flows": n}
@@ -74,6 +75,8 @@ class WorkerAgent:
         op = req.get("op")
         if op == "gate":
             ledger.gate = {str(k): bool(v) for k, v in req.get("gate", {}).items()}
+            if "weights" in req:
+                ledger.weights = {str(k): int(v) for k, v in req["weights"].items()}
             return {"ok": True}
         if op == "dbglevel":
             from tcpha.config import dbglevel_to_logging

@@ -53,7 +53,7 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
                  "next_index", "xid", "link", "backend", "flow", "facts", "reading", "finished",
-                 "lowat", "rule")
+                 "lowat", "rule", "pools")
 
     def __init__(self, worker: "Worker", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
@@ -75,6 +75,7 @@ class Dispatch:
         self.finished = False
         self.lowat = 1
         self.rule: str | None = None
+        self.pools: list[tuple[int, int, tuple[str, ...]]] = []    # rule pools: (start, end, pool) spans
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,7 +143,10 @@ class Dispatch:
         if why is not None:
             log.info("%s:%d: %s: routed as a ClientHello without SNI", self.peer[0], self.peer[1], why)
         self.facts = facts
-        self.candidates = w.rules.candidates(facts)
+        if w.rules.pools:
+            self.candidates, self.pools = w.rules.candidates_with_pools(facts)
+        else:
+            self.candidates = w.rules.candidates(facts)
         if not self.candidates:
             w.stats.nomatch += 1
             if serve_locally(w, self):                # the local node takes what no rule matches
@@ -203,6 +207,10 @@ class Dispatch:
     def _next_candidate(self) -> None:
         w = self.worker
         while self.next_index < len(self.candidates):
+            if self.pools and self.pools[0][0] == self.next_index:
+                # A rule naming several back ends: the smooth-WRR pick first, the others as its fallbacks.
+                start, end, _pool = self.pools.pop(0)
+                self.candidates[start:end] = w.ledger.order_pool(self.candidates[start:end])
             target = self.candidates[self.next_index]
             self.next_index += 1
             if target == LOCAL:                       # a rule naming the front end itself

@@ -141,6 +141,10 @@ class HealthTable:
         """name -> accepts new connections (what the workers are told)."""
         return {name: be.accepts_new for name, be in self.backends.items()}
 
+    def weights(self) -> dict[str, int]:
+        """name -> weight (what the workers split rule pools by)."""
+        return {name: be.weight for name, be in self.backends.items()}
+
     def snapshot(self) -> list[dict[str, Any]]:
         return [be.snapshot() for be in self.backends.values()]
 

@@ -44,6 +44,9 @@ class ConnectionLedger:
         self.flows: dict[tuple[str, int, int], FlowRecord] = {}
         self.dispatching: dict[int, Any] = {}
         self.gate: dict[str, bool] = {}          # back end name -> accepts new connections (absent: yes)
+        self.weights: dict[str, int] = {}        # back end name -> weight (absent: 1), for rule pools
+        from tcpha.fe.balance import SmoothWRR
+        self.balancer = SmoothWRR()              # this worker's smooth WRR state, per pool
         self.flow_timeout = flow_timeout
         self._added = 0
         self.set_rules(rules)
@@ -65,6 +68,16 @@ class ConnectionLedger:
     # -- questions the dispatcher asks ----------------------------------------------------------
     def accepts(self, name: str) -> bool:
         return self.gate.get(name, True)
+
+    def weight_of(self, name: str) -> int:
+        """The weight a pool pick uses: 0 when the back end takes no new connections now."""
+        if not self.gate.get(name, True):
+            return 0
+        return self.weights.get(name, 1)
+
+    def order_pool(self, members: list[str]) -> list[str]:
+        """A pool's members (a rule naming several back ends), the smooth-WRR pick first."""
+        return self.balancer.order(members, self.weight_of)
 
     def rule_for(self, facts: Any, target: str, candidates: list[str] | None = None) -> str:
         """The first rule naming `target` that matches these facts ('-' when none: a fallback)."""

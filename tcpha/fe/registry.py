@@ -149,7 +149,7 @@ class RegistrationListener:
 
         async def tell() -> None:
             await rt.ask_all("add_backend", **info)
-            await rt.ask_all("gate", gate=rt.health.available())
+            await rt.ask_all("gate", gate=rt.health.available(), weights=rt.health.weights())
         asyncio.ensure_future(tell())
         log.log(NOTICE, "back end %s registered (%d rules: %s)", name, len(msg.rules),
                 ", ".join(f"{f}:{p}" for f, p in msg.rules))

@@ -114,12 +114,22 @@ class RuleTable:
         # Which fields can match at all, so candidates() skips work when, e.g., every rule is a uri rule.
         self._fields = frozenset(code for code, _, _ in compiled)
         self._singles: list[RuleTable] | None = None
+        # Pools (``rule = ADDR,ADDR REGEX``): the first target of each pool rule -> the pool, in order.
+        # Its targets are consecutive entries (one RuleSpec each), so candidates() keeps them together.
+        self.pools: dict[int, tuple[str, ...]] = {}
+        for index, rule in enumerate(self.rules):
+            pool = tuple(getattr(rule, "pool", ()) or ())
+            if len(pool) > 1 and tuple(r.target for r in self.rules[index:index + len(pool)]) == pool \
+                    and all(getattr(r, "pool", ()) == pool for r in self.rules[index:index + len(pool)]):
+                self.pools[index] = pool
 
     def __len__(self) -> int:
         return len(self.rules)
 
     def candidates(self, facts: RequestFacts) -> list[str]:
         """Targets of the matching rules in file order, each once; ``[]`` when no rule matches."""
+        if self.pools:
+            return self.candidates_with_pools(facts)[0]
         out: list[str] = []
         if facts.uri is not None:
             # Plain HTTP: uri and host rules.
@@ -162,6 +172,35 @@ class RuleTable:
                 continue
             out.append(target)
         return out
+
+    def candidates_with_pools(self, facts: RequestFacts) -> tuple[list[str], list[tuple[int, int, tuple[str, ...]]]]:
+        """candidates(), plus where the matching pool rules sit in it: (start, end, pool) for each pool rule
+        that contributed two or more candidates (members an earlier rule already named are not repeated,
+        so a span may be shorter than its pool). Without pools in the table: (candidates(facts), [])."""
+        if not self.pools:
+            return self.candidates(facts), []
+        if self._singles is None:
+            self._singles = [RuleTable([rule]) for rule in self.rules]
+        out: list[str] = []
+        spans: list[tuple[int, int, tuple[str, ...]]] = []
+        index = 0
+        rules = self.rules
+        while index < len(rules):
+            pool = self.pools.get(index)
+            if pool is None:
+                target = rules[index].target
+                if target not in out and self._singles[index].candidates(facts):
+                    out.append(target)
+                index += 1
+                continue
+            # one pool rule: its members are entries index .. index+len(pool)-1, same field and regex
+            if self._singles[index].candidates(facts):
+                start = len(out)
+                out.extend(t for t in pool if t not in out)
+                if len(out) - start > 1:
+                    spans.append((start, len(out), pool))
+            index += len(pool)
+        return out, spans
 
     def matching_rules(self, facts: RequestFacts) -> list[RuleLike]:
         """Every rule that matches, in file order, duplicates included (for logs and ``--check`` tools)."""

@@ -164,7 +164,7 @@ class FrontEndRuntime:
         await link.open()
         self.links[pid] = link
         try:
-            await link.ask("gate", gate=self.health.available())
+            await link.ask("gate", gate=self.health.available(), weights=self.health.weights())
             await link.ask("dbglevel", level=self.dbglevel)
             for name, info in (self.registry.backends.items() if self.registry else []):
                 await link.ask("add_backend", **info)
@@ -197,7 +197,7 @@ class FrontEndRuntime:
     def push_gate(self) -> None:
         """Tell every worker which back ends may take new connections (from any thread)."""
         async def push() -> None:
-            await self.ask_all("gate", gate=self.health.available())
+            await self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
         self.plane.call_soon(lambda: asyncio.ensure_future(push()))
 
     # -- knobs -----------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ class FrontEndRuntime:
             self.config = new
             self.fe.config = new
             await self.ask_all("reload", path=new.path, keep=list(keep))
-            await self.ask_all("gate", gate=self.health.available())
+            await self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
             if "dbglevel" in changed:
                 from tcpha.config import dbglevel_to_logging
                 self.dbglevel = int(new.dbglevel)

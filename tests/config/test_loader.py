@@ -129,6 +129,20 @@ def test_rule_address_forms_and_local_node(write_conf, keyfile):
     assert cfg.local_node == ("127.0.0.1", 8081)
 
 
+def test_rule_naming_several_servers_is_a_pool(write_conf, fe_minimal):
+    cfg = load_fe_config(write_conf(
+        fe_minimal + "server = 10.0.0.1 666\nserver = 10.0.0.2 666 weight=3\n"
+        "rule = 10.0.0.1,10.0.0.2:666 host:^a\\.\nrule = 10.0.0.2 .*\n"))
+    pool = ("10.0.0.1:666", "10.0.0.2:666")
+    assert [(r.target, r.pool, r.lineno) for r in cfg.rules] == [
+        (pool[0], pool, cfg.rules[0].lineno), (pool[1], pool, cfg.rules[0].lineno), ("10.0.0.2:666", (), cfg.rules[2].lineno)]
+    assert cfg.servers[1].weight == 3
+    for bad, why in (("10.0.0.1,,10.0.0.2", "empty address"), ("10.0.0.1,10.0.0.1", "named twice"),
+                     ("10.0.0.1,10.0.0.9", "no 'server' line")):
+        err = _error(load_fe_config, write_conf(fe_minimal + f"server = 10.0.0.1 666\nrule = {bad} x\n"))
+        assert why in str(err), err
+
+
 @pytest.mark.parametrize("text, ports", [("80", [80]), ("80 443", [80, 443]), ("80,443", [80, 443]),
                                          ("443, 80 8443", [443, 80, 8443])])
 def test_port_lists(write_conf, fe_minimal, text, ports):

@@ -189,3 +189,52 @@ def test_str_pattern_recompiled_as_bytes():
 def test_unknown_field_refused():
     with pytest.raises(ValueError, match="line 7"):
         RuleTable([Rule("a", "cookie", "x", re.compile(b"x"), 7)])
+
+
+# -- pools: a rule naming several back ends (tcpha.fe.balance splits them by weight) -------------------
+
+@dataclass(frozen=True)
+class PoolRule(Rule):
+    pool: tuple = ()
+
+
+def pool_rules(targets: tuple, text: str, lineno: int) -> list:
+    r = rule(targets[0], text, lineno)
+    return [PoolRule(t, r.field, r.pattern, r.regex, lineno, targets) for t in targets]
+
+
+def test_pool_candidates_and_spans():
+    t = RuleTable(pool_rules(("a", "b"), "jpg$", 1) + [rule("c", ".*", 2)] + pool_rules(("c", "d", "e"), ".*", 3))
+    assert t.candidates_with_pools(http(b"/x.jpg")) == (["a", "b", "c", "d", "e"],
+                                                         [(0, 2, ("a", "b")), (3, 5, ("c", "d", "e"))])
+    assert t.candidates(http(b"/x.jpg")) == ["a", "b", "c", "d", "e"]
+    # separate rules stay an ordered fallback list, never a pool
+    assert t.candidates_with_pools(http(b"/x.html")) == (["c", "d", "e"], [(1, 3, ("c", "d", "e"))])
+    plain = table(("a", "jpg$"), ("b", "jpg$"))
+    assert plain.pools == {} and plain.candidates_with_pools(http(b"/x.jpg")) == (["a", "b"], [])
+
+
+def test_smooth_wrr_is_smooth_follows_weights_and_skips_weight_zero():
+    from tcpha.fe.balance import SmoothWRR
+    wrr = SmoothWRR()
+    weights = {"a": 3, "b": 1}
+    assert "".join(wrr.pick(("a", "b"), weights.get) for _ in range(8)) == "aabaaaba"
+    weights.update(a=1, b=3)
+    picks = "".join(wrr.pick(("a", "b"), weights.get) for _ in range(400))
+    assert abs(picks.count("b") - 300) <= 2
+    weights["b"] = 0
+    assert {wrr.pick(("a", "b"), weights.get) for _ in range(10)} == {"a"}
+    assert wrr.order(["a", "b"], {"a": 0, "b": 0}.get) == ["a", "b"]         # nobody in service: as written
+    assert wrr.order(["a", "b", "c"], {"a": 0, "b": 0, "c": 5}.get) == ["c", "a", "b"]
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (3, 1), (5, 2, 1), (256, 1, 7)])
+def test_smooth_wrr_prefix_stays_within_one_pick_of_the_share(weights):
+    from tcpha.fe.balance import SmoothWRR
+    names = tuple("abcdefgh"[: len(weights)])
+    weight_of = dict(zip(names, weights)).get
+    wrr, counts, total = SmoothWRR(), dict.fromkeys(names, 0), sum(weights)
+    for n in range(1, 3 * total + 1):
+        counts[wrr.pick(names, weight_of)] += 1
+        for name, w in zip(names, weights):
+            assert abs(counts[name] - n * w / total) < 1 + 1e-9 * n, (n, counts)
