@@ -34,6 +34,7 @@ log = logging.getLogger("tcpha.be")
 
 TCP_REPAIR = 19
 # The client's final ACK (for our FIN) still travels through the front end's steering entry:
+UNSENT_CLOSED_MAX = 65536   # FlowClosed kept while no front end is connected (beyond: the FE's timeout)
 # FlowClosed is sent this long after the relay ended so that the entry outlives it.
 FLOWCLOSED_DELAY = 0.5
 # Longest wait for the front end's Steered. Without it the front end took the connection back (its
@@ -209,6 +210,7 @@ class BackEnd:
         self.kernel = kernel
         self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
         self.sessions: set[ControlSession] = set()
+        self.unsent_closed: list[Any] = []        # FlowClosed that found no control connection
         self.relays: set[SpliceRelay] = set()
         self.stats = BackEndStats()
         self._server: asyncio.AbstractServer | None = None
@@ -237,6 +239,9 @@ class BackEnd:
                 session.abort()
                 return
             log.log(NOTICE, "front end %s (%s) connected", session.peer, msg.node_id)
+            pending, self.unsent_closed = self.unsent_closed, []
+            for closed in pending:
+                session.send(closed)
         elif isinstance(msg, control.Ping):
             session.send(control.Pong(token=msg.token))
         else:
@@ -376,8 +381,12 @@ class BackEnd:
         for other in list(self.sessions):
             if other.send(msg):
                 return
-        log.debug("FlowClosed for %s:%d not sent: no control connection (the front end's timeout "
-                  "removes the entry)", flow[0], flow[1])
+        # No front end connected at all (its only worker died and the new one is not connected yet):
+        # kept for the next front end that says Hello, so that its steering entry and `conn` row go now
+        # rather than at the front end's flowtimeout.
+        if len(self.unsent_closed) < UNSENT_CLOSED_MAX:
+            self.unsent_closed.append(msg)
+        log.debug("FlowClosed for %s:%d queued: no control connection", flow[0], flow[1])
 
     # -- same-host sockets ----------------------------------------------------------------------
     def adopt_client(self, fd: int) -> None:

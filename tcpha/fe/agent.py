@@ -5,7 +5,7 @@ Newline-delimited JSON, one request at a time from the control plane, one reply 
     {"id": N, "op": "gate", "gate": {backend: accepts_new}, "weights": {backend: weight}}
                                                                  health / weight / drain, as decided
     {"id": N, "op": "dbglevel", "level": 0-6}                   log level of this process
-    {"id": N, "op": "conn"}      -> {"id": N, "rows": [...]}     the worker's connection table
+    {"id": N, "op": "conn"}      -> {"id": N, "rows": [...], "macs": {mac: backend}}  its connections
     {"id": N, "op": "metrics"}   -> {"id": N, "metrics": {...}, "dispatching": n, "flows": n}
     {"id": N, "op": "stop"}                                      stop accepting, finish, exit
     {"id": N, "op": "add_backend", "name", "host", "port", "rules": [[field, pattern], ...]}
@@ -84,7 +84,8 @@ class WorkerAgent:
             w.log_connections = logging.getLogger("tcpha.fe.handoff").isEnabledFor(logging.INFO)
             return {"ok": True}
         if op == "conn":
-            return {"rows": ledger.conn_rows()}
+            macs = {be.mac: be.name for be in set(w.backends.values()) if getattr(be, "mac", None)}
+            return {"rows": ledger.conn_rows(), "macs": macs}
         if op == "metrics":
             return {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
                     "flows": len(ledger.flows), "inflight": w.inflight}

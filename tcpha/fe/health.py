@@ -165,8 +165,9 @@ class CheckTarget:
 class _ControlProbe(asyncio.Protocol):
     """A persistent control connection used only for Ping/Pong."""
 
-    def __init__(self, key: bytes, raddr: str, vip: str):
+    def __init__(self, key: bytes, raddr: str, vip: str, on_flow_closed: Callable[[Any], None] | None = None):
         from tcpha import control
+        self.on_flow_closed = on_flow_closed
         self.control = control
         self.conn = control.ControlConnection(key, role="fe")
         self.raddr = raddr
@@ -202,6 +203,9 @@ class _ControlProbe(asyncio.Protocol):
                     fut.set_result(time.monotonic())
             elif isinstance(msg, self.control.Ping):
                 self.send(self.control.Pong(token=msg.token))
+            elif isinstance(msg, self.control.FlowClosed) and self.on_flow_closed is not None:
+                # a back end whose flow's worker is gone reports the end here (tcpha.fe.orphans)
+                self.on_flow_closed(msg)
 
     def send(self, msg: Any) -> None:
         if self.transport is not None and not self.lost:
@@ -232,7 +236,8 @@ class HealthProber:
 
     def __init__(self, table: HealthTable, *, key: bytes, raddr: str, vip: str, interval: float,
                  timeout: float, kind: str = "tcp", path: str = "/", app_port: int = 0,
-                 on_change: Callable[[str, str, str], None] | None = None):
+                 on_change: Callable[[str, str, str], None] | None = None,
+                 on_flow_closed: Callable[[Any], None] | None = None):
         self.table = table
         self.key = key
         self.raddr = raddr if raddr and raddr != "0.0.0.0" else None
@@ -243,6 +248,7 @@ class HealthProber:
         self.path = path
         self.app_port = int(app_port)
         self.on_change = on_change
+        self.on_flow_closed = on_flow_closed
         self.targets: dict[str, CheckTarget] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._probes: dict[str, _ControlProbe] = {}
@@ -343,7 +349,7 @@ class HealthProber:
         local = (self.raddr, 0) if self.raddr else None
         try:
             _, probe = await loop.create_connection(
-                lambda: _ControlProbe(self.key, self.raddr or "0.0.0.0", self.vip),
+                lambda: _ControlProbe(self.key, self.raddr or "0.0.0.0", self.vip, self.on_flow_closed),
                 target.host, target.port, local_addr=local)
         except OSError as e:
             raise ConnectionError(f"control port {target.host}:{target.port}: {e.strerror or e}") from None

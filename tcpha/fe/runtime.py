@@ -100,6 +100,10 @@ class FrontEndRuntime:
         self.registry: Any = None
         self.metrics_server: Any = None
         self.started = time.time()
+        from tcpha.fe.orphans import KernelFlows, OrphanTable
+        self.orphans = OrphanTable()
+        self.kernel_flows = KernelFlows(
+            lambda: fe.make_steering() if getattr(fe, "steering", None) is not None else None)
         self.tree = ControlTree()
         self._build_tree()
         self.plane = ControlPlane(rundir=str(config.rundir), tree=self.tree, name="tcpha-fe",
@@ -120,7 +124,8 @@ class FrontEndRuntime:
         self.prober = HealthProber(self.health, key=c.authkey, raddr=c.raddr, vip=c.vaddr,
                                    interval=self.dtcinterval, timeout=float(c.healthtimeout),
                                    kind=c.healthcheck, path=c.healthpath, app_port=int(c.healthport),
-                                   on_change=lambda name, change, why: self.push_gate())
+                                   on_change=lambda name, change, why: self.push_gate(),
+                                   on_flow_closed=self.flow_closed)
         for spec in c.servers:
             self.prober.add(CheckTarget(spec.name, spec.kind, spec.host, spec.port, spec.path))
         if c.metrics is not None:
@@ -150,6 +155,7 @@ class FrontEndRuntime:
             await self.registry.close()
         for link in self.links.values():
             link.close()
+        self.kernel_flows.close()
 
     # -- workers ---------------------------------------------------------------------------------
     @staticmethod
@@ -242,10 +248,25 @@ class FrontEndRuntime:
 
     # -- reads -----------------------------------------------------------------------------------
     async def conn_rows_async(self) -> list[dict]:
+        # The kernel's map first, then the workers: a flow forwarded in between is claimed by its worker
+        # (tcpha.fe.orphans). Flows no live worker claims (its worker died, a predecessor's) are listed too.
+        kernel = await asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.forwarded)
         rows: list[dict] = []
+        macs: dict[str, str] = {}
         for r in await self.ask_all("conn"):
             rows.extend(r.get("rows", []))
+            macs.update(r.get("macs", {}))
+        self.orphans.learn(rows, macs)
+        if kernel is not None:
+            rows.extend(self.orphans.rows(rows, kernel, vip=self.config.vaddr))
         return rows
+
+    def flow_closed(self, msg: Any) -> None:
+        """FlowClosed on the health prober's control connection (a back end whose flow's worker is gone
+        sends it on any connection it has to us): remove the steering entry, as a worker would."""
+        from tcpha.steering import FlowKey
+        flow = FlowKey(msg.client_ip, msg.client_port, msg.vip, msg.vport)
+        asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.unforward, flow)
 
     def conn_rows(self) -> list[dict]:
         return self.plane.run(self.conn_rows_async())
@@ -254,9 +275,10 @@ class FrontEndRuntime:
         rows = self.conn_rows()
         head = f"{'client':<22} {'port':>5} {'backend':<22} {'state':<12} {'age':>9} {'bytes_in':>10} {'bytes_out':>10} rule"
         lines = [head]
-        for r in sorted(rows, key=lambda r: -r["age"]):
+        for r in sorted(rows, key=lambda r: -(r["age"] if r["age"] is not None else -1)):
+            age = "-" if r["age"] is None else f"{r['age']:.3f}"
             lines.append(f"{r['client']:<22} {r['vport']:>5} {r['backend']:<22} {r['state']:<12} "
-                         f"{r['age']:>9.3f} {_num(r['bytes_in']):>10} {_num(r['bytes_out']):>10} {r['rule']}")
+                         f"{age:>9} {_num(r['bytes_in']):>10} {_num(r['bytes_out']):>10} {r['rule']}")
         return "\n".join(lines)
 
     async def metrics_text_async(self) -> str:
