@@ -81,14 +81,27 @@ class Registrar:
         return control.Register(addr=self.config.raddr, port=int(self.config.port), mac=self.mac() or "",
                                 rules=tuple(self.rules), weight=1, app_port=self.app_port)
 
+    def update(self, config: Any, *, app_port: int) -> bool:
+        """A reloaded config: new rules / application port, sent again on the live registration (the front
+        end replaces what it had); True if sent now, else the next registration carries them."""
+        from tcpha.config import register_rules
+        self.config = config
+        self.rules = register_rules(config)
+        self.app_port = app_port
+        s = self.session
+        if self.registered and s is not None and s.transport is not None and not s.transport.is_closing():
+            s.send(self.register_message())
+            return True
+        return False
+
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        retry = float(self.config.registerretry)
         complained = False
         while True:
+            retry = float(self.config.registerretry)      # read each time: a reload may change it
             try:
                 _, session = await asyncio.wait_for(loop.create_connection(
                     lambda: _Session(self), self.config.feaddr, int(self.config.feport),

@@ -108,9 +108,10 @@ class BackEndRuntime:
 
 def start_be_runtime(be: Any) -> BackEndRuntime | None:
     """Control directory + registrar; control-directory problems are logged, never fatal."""
-    try:   # SIGHUP must not kill a back end (its default action); the back end has nothing to reload live
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: log.warning("SIGHUP: tcpha-be applies configuration changes at restart"))
+    try:   # SIGHUP: re-read the file and apply what can change live (tcpha.be.reload)
+        from tcpha.be.reload import BackEndReloader
+        be.reloader = BackEndReloader(be)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, be.reloader.on_sighup)
     except (RuntimeError, ValueError):
         pass
     rt = BackEndRuntime(be)

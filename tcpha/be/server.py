@@ -107,6 +107,7 @@ class ControlSession(asyncio.Protocol):
         self.peer = "?"
         self.closed = False
         self.unsteered: dict[int, tuple[SpliceRelay, asyncio.TimerHandle]] = {}
+        self.node_id = ""                 # from the front end's Hello ("tcpha-fe health ..." for its checker)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -146,6 +147,13 @@ class ControlSession(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.abort()
+
+    def close(self) -> None:
+        """Close after what is queued is written (a reload closes the front end's health connections)."""
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -238,6 +246,7 @@ class BackEnd:
                             session.peer, msg.vaddr, self.vip)
                 session.abort()
                 return
+            session.node_id = msg.node_id
             log.log(NOTICE, "front end %s (%s) connected", session.peer, msg.node_id)
             pending, self.unsent_closed = self.unsent_closed, []
             for closed in pending:

@@ -69,7 +69,12 @@ RULES_TEXT = (
 BE_RULES_TEXT = (
     "Rules (tcphabe.conf): with dregister = 1 the back end sends its rules to the front end when it "
     "registers: 'rule = REGEX' (the URI), 'rule = host:REGEX', 'sni:REGEX', 'alpn:REGEX'. An address "
-    "before the regex is accepted for compatibility and must be this back end's own."
+    "before the regex is accepted for compatibility and must be this back end's own.\n"
+    "SIGHUP re-reads tcphabe.conf: dbglevel, logfile, redirectaddr/redirectport, the TLS settings "
+    "(certificate and key read again), sessioncache, sessiontimeout, maxclients and grace apply to new "
+    "connections at once, and rules (or dregister, feaddr, feport) are sent to the front end again; raddr, "
+    "uaddr, vaddr, port, interface, unixpath, rundir, metrics and authkey need a restart (logged, kept). "
+    "A file with an error is refused and nothing changes."
 )
 
 FORMAT_TEXT = (

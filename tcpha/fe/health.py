@@ -360,7 +360,7 @@ class HealthProber:
             self._probes.pop(target.name, None)
             probe.close()
             raise
-        if hello.app_port and not target.app_port:
+        if hello.app_port:   # on every (re)connect: a reloaded back end may announce a new one
             target.app_port = int(hello.app_port)
         return probe
 
