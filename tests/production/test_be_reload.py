@@ -126,3 +126,26 @@ def test_be_sighup_sends_changed_rules_on_its_registration(prod):
     assert prod.dep.request("/dyn/a.html").status == 503
     assert "registration with" in prod.lab.log_path("be2", "tcpha-be").read_text()
     assert f"back end {be2} removed" not in prod.fe_log()
+
+
+def test_be_sighup_reloads_the_tls_certificate_for_new_connections(prod, tmp_path):
+    """A renewed certificate (another file, or the same path rewritten) is served to new TLS connections."""
+    from tcpha.lab.tls_demo import SNI_BE1, TlsLab, make_cert
+    tls = TlsLab(prod.dep, cache=False)
+    tls.start()
+    first = tls.s_client(SNI_BE1)
+    assert first.status == 200 and first.backend == "be1", first.output[-1500:]
+    assert "renewed.example" not in first.output
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    cert, key = make_cert(renewed, names=["renewed.example", SNI_BE1])
+    conf = prod.dep.dir / "tcphabe-be1.conf"
+    conf.write_text(be_config_text(prod.lab, "be1", str(prod.dep.key),
+                                   **tls.be_options("be1", tlscert=str(cert), tlskey=str(key))))
+    log_path = prod.lab.log_path("be1", "tcpha-be")
+    os.kill(prod.dep.be_procs["be1"].pid, signal.SIGHUP)
+    assert wait_until(lambda: "reloaded " in log_path.read_text(errors="replace"), 10)
+    tls.cert = cert                                   # the client now trusts the new one
+    second = tls.s_client(SNI_BE1)
+    assert second.status == 200 and second.backend == "be1", second.output[-1500:]
+    assert "renewed.example" in second.output
