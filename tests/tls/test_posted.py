@@ -1,0 +1,75 @@
+"""PostedOperations: ADD/REMOVE written without waiting for the answer, answers read later."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tcpha.distcache.client import PERSISTENT, DistcacheClient, DistcacheError
+from tcpha.tls.sharing import MAX_UNANSWERED, PostedOperations
+
+from .conftest import wait_for
+
+
+def _answers(posted: PostedOperations, results: list, count: int) -> list:
+    def done():
+        posted.poll()
+        return len(results) >= count
+    wait_for(done, 10, f"{count} answers")
+    return results
+
+
+def test_posted_adds_and_removes_are_answered_in_order(dc_server):
+    address, _ = dc_server()
+    posted = PostedOperations(address, timeout=1.0)
+    results: list = []
+    try:
+        posted.add(b"id-1", b"session one", 60000, results.append)
+        posted.add(b"id-1", b"again", 60000, results.append)       # [101] already stored: refused
+        posted.add(b"id-2", b"session two", 60000, results.append)
+        posted.remove(b"id-2", results.append)
+        posted.remove(b"id-absent", results.append)
+        assert _answers(posted, results, 5) == [True, False, True, True, False]
+        assert posted.unanswered() == 0
+        with DistcacheClient(address, PERSISTENT, 1.0) as check:
+            assert check.get(b"id-1") == b"session one" and check.get(b"id-2") is None
+    finally:
+        posted.close()
+
+
+def test_a_restarted_cache_is_reconnected_to_before_the_next_post(dc_server, procs):
+    address, proc = dc_server()
+    posted = PostedOperations(address, timeout=1.0)
+    results: list = []
+    try:
+        posted.add(b"before", b"x" * 100, 60000, results.append)
+        _answers(posted, results, 1)
+        procs.stop(proc)
+        address, _ = dc_server(address)
+        # The closed connection is noticed (EOF) before sending: this ADD reaches the new server.
+        posted.add(b"after", b"y" * 100, 60000, results.append)
+        assert _answers(posted, results, 2) == [True, True]
+        with DistcacheClient(address, PERSISTENT, 1.0) as check:
+            assert check.get(b"after") == b"y" * 100
+    finally:
+        posted.close()
+
+
+def test_a_cache_that_never_answers_fails_after_max_unanswered_posts():
+    black = socket.create_server(("127.0.0.1", 0), backlog=4)   # accepts (backlog), never reads
+    posted = PostedOperations("IP:127.0.0.1:%d" % black.getsockname()[1], timeout=1.0)
+    try:
+        for i in range(MAX_UNANSWERED):
+            posted.add(b"id-%d" % i, b"z" * 100, 60000)
+        with pytest.raises(DistcacheError, match="without an answer"):
+            posted.add(b"one too many", b"z" * 100, 60000)
+    finally:
+        posted.close()
+        black.close()
+
+
+def test_nothing_listening_raises_at_once(tmp_path):
+    posted = PostedOperations(f"UNIX:{tmp_path}/nothing", timeout=1.0)
+    with pytest.raises(DistcacheError, match="cannot connect"):
+        posted.add(b"id", b"data", 60000)
