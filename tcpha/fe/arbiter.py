@@ -235,6 +235,11 @@ class FrontEnd:
                 else:
                     log.warning("SIGHUP: no runtime (control directory unavailable); configuration unchanged")
             for pid, number, status in self._reap():
+                if self.handed_over:
+                    # A seamless upgrade asked the workers to stop: their exits are expected, and a
+                    # replacement would accept on the listening sockets the successor now owns.
+                    log.info("worker %d (pid %d) stopped (%s): handed over", number, pid, status)
+                    continue
                 if pid in self._retiring:
                     self._retiring.discard(pid)
                     log.log(25, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
@@ -245,12 +250,17 @@ class FrontEnd:
                     time.sleep(wait)
                 last_spawn[number] = time.monotonic()
                 self._spawn(number)
+            if self.handed_over:
+                break
             if self.runtime is not None and not self._pending:
                 self._adjust_pool()
+        # After a handover, workers the takeover request did not reach (one being started at that
+        # moment) must not wait for the handed-off flows either: SIGUSR2 (see Worker.serve).
+        stop_signal = signal.SIGUSR2 if self.handed_over else signal.SIGTERM
         log.info("arbiter: stopping %d workers", len(self.workers))
         for pid in list(self.workers):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, stop_signal)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + float(getattr(self.config, "grace", 30) or 0) + 5

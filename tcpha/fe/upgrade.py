@@ -8,8 +8,9 @@
 2. The old process stops accepting, finishes the connections it is dispatching, and exits *without*
    removing the kernel state (it is ``handed_over``).
 3. The new process adopts the kernel state (FlowSteering.install and VipAddress.add adopt what is
-   there: the flows handed off by the old one keep their entries), waits for the old control
-   directory to be released, and serves it.
+   there: the flows handed off by the old one keep their entries) and starts accepting at once; the
+   control directory, socket, metrics and registration port follow once the old one has released
+   them (tcpha.runtime.plane.ControlPlane.start with wait_free).
 """
 
 from __future__ import annotations

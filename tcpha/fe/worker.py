@@ -443,6 +443,9 @@ class Worker:
             WorkerAgent(self, self.runtime_sock).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stopping.set)
+        # SIGUSR2: the arbiter handed everything over to a successor (seamless upgrade): finish what
+        # is being dispatched, but do not wait for handed-off flows (the successor owns them).
+        self.loop.add_signal_handler(signal.SIGUSR2, self._stop_handed_over)
         for be in set(self.backends.values()):
             be.start()
         await self._wait_backends(max(1.0, self.handofftimeout))
@@ -453,6 +456,10 @@ class Worker:
             self.on_ready()
         await self._stopping.wait()
         await self._drain()
+
+    def _stop_handed_over(self) -> None:
+        self.wait_flows = False
+        self._stopping.set()
 
     def _entries(self) -> int:
         try:

@@ -20,9 +20,12 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from typing import Any, Awaitable, Callable
 
 from tcpha.runtime.ctlsock import ControlSocketServer, request
+from tcpha.runtime.fusefs import FuseMount, detach_stale_mount, fuse_available
+from tcpha.runtime.mirror import MirrorDirectory
 from tcpha.runtime.tree import ControlTree
 
 log = logging.getLogger("tcpha.runtime")
@@ -63,6 +66,9 @@ class ControlPlane:
         self._ctl: ControlSocketServer | None = None
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self._deferred: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._serve_lock = threading.Lock()
 
     # -- life cycle -----------------------------------------------------------------------------
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -73,21 +79,45 @@ class ControlPlane:
         self._shutdown.append(fn)
 
     def start(self, *, wait_free: float = 0.0) -> None:
-        """Start the loop thread, then the control socket and the directory. When a live daemon serves
-        this rundir (still, after waiting up to `wait_free` seconds for it to leave), only the loop runs
-        (mode 'none'): health checks, metrics and worker links work, the directory and socket do not."""
-        from tcpha.runtime.fusefs import detach_stale_mount, fuse_available
-        import time
+        """Start the loop thread (worker links work from here on), then the control socket, the
+        directory and the on_start steps.
+
+        When a live daemon still serves this rundir and `wait_free` > 0 (a seamless upgrade: the
+        predecessor is stopping), that second part happens in the background once it has left, so
+        the caller can start serving clients at once instead of leaving them in the accept queue for
+        as long as the predecessor takes to stop. When it does not leave in time (or at once when
+        `wait_free` is 0), only the loop runs (mode 'none'): health checks, metrics and worker links
+        work, the directory and socket do not."""
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("control plane did not start")
+        if wait_free > 0 and daemon_alive(self.rundir):
+            log.log(NOTICE, "control directory %s: still served by the daemon being replaced; taken over "
+                    "once it has stopped", self.rundir)
+            self._deferred = threading.Thread(target=self._serve_when_free, args=(wait_free,),
+                                              name=f"{self.name}-control-wait", daemon=True)
+            self._deferred.start()
+            return
+        self._serve(in_use=daemon_alive(self.rundir))
+
+    def _serve_when_free(self, wait_free: float) -> None:
         deadline = time.monotonic() + wait_free
-        in_use = False
-        while daemon_alive(self.rundir):
-            if time.monotonic() >= deadline:
-                in_use = True
-                break
-            time.sleep(0.1)
+        while daemon_alive(self.rundir) and time.monotonic() < deadline:
+            if self._closing.wait(0.1):
+                return
+        with self._serve_lock:
+            if self._closing.is_set():
+                return
+            try:
+                self._serve(in_use=daemon_alive(self.rundir))
+            except Exception as e:       # never take the daemon down: it serves clients without this
+                log.error("control directory %s: %s: running without control files", self.rundir, e)
+
+    def _serve(self, *, in_use: bool) -> None:
         why_not: str | None = None
         if in_use:
-            # Health checks, metrics and the workers' links still run (in this thread's loop); only
+            # Health checks, metrics and the workers' links still run (in the plane's loop); only
             # the directory and the socket are missing. One line says so.
             log.error("control directory %s is served by another running daemon: running without control "
                       "files and control socket (set rundir)", self.rundir)
@@ -102,12 +132,8 @@ class ControlPlane:
             except OSError as e:
                 log.error("control directory %s: %s: running without control files", self.rundir, e)
                 self.mode = "none"
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("control plane did not start")
+        self.run(self._bring_up(), timeout=15.0)
         if self.mode == "fuse":
-            from tcpha.runtime.fusefs import FuseMount
             self._fuse = FuseMount(self.tree, self.rundir, links={"ctl.sock": self.sock_path}, fsname=self.name)
             try:
                 self._fuse.start()
@@ -119,7 +145,6 @@ class ControlPlane:
             if why_not is not None:
                 log.log(NOTICE, "control directory %s: FUSE unavailable (%s); plain files, invalid writes "
                         "are reverted and logged", self.rundir, why_not)
-            from tcpha.runtime.mirror import MirrorDirectory
             try:
                 self._mirror = MirrorDirectory(self.tree, self.rundir)
                 self._mirror.start()
@@ -150,21 +175,7 @@ class ControlPlane:
 
     async def _main(self) -> None:
         self._stopped = asyncio.Event()
-        try:
-            if self.mode != "none":
-                self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
-                try:
-                    await self._ctl.start()
-                except OSError as e:
-                    log.error("control socket %s: %s", self.sock_path, e.strerror or e)
-                    self._ctl = None
-            for fn in self._startup:
-                try:
-                    await fn()
-                except Exception as e:
-                    log.error("%s: control plane start-up step failed: %s", self.name, e)
-        finally:
-            self._ready.set()
+        self._ready.set()
         await self._stopped.wait()
         for fn in self._shutdown:
             try:
@@ -173,6 +184,21 @@ class ControlPlane:
                 log.error("%s: control plane stop step failed: %s", self.name, e)
         if self._ctl is not None:
             await self._ctl.close()
+
+    async def _bring_up(self) -> None:
+        """The control socket (unless mode 'none') and the on_start steps, in the plane's loop."""
+        if self.mode != "none":
+            self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
+            try:
+                await self._ctl.start()
+            except OSError as e:
+                log.error("control socket %s: %s", self.sock_path, e.strerror or e)
+                self._ctl = None
+        for fn in self._startup:
+            try:
+                await fn()
+            except Exception as e:
+                log.error("%s: control plane start-up step failed: %s", self.name, e)
 
     def run(self, coro: Awaitable[Any], timeout: float = 5.0) -> Any:
         """Run a coroutine in the plane's loop and wait for its result (from another thread)."""
@@ -189,6 +215,9 @@ class ControlPlane:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def stop(self) -> None:
+        self._closing.set()
+        with self._serve_lock:           # not while a deferred start (see start) is mounting
+            pass
         if self._fuse is not None:
             try:
                 self._fuse.stop()

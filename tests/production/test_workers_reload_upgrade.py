@@ -126,9 +126,47 @@ def test_seamless_upgrade_under_load(prod, startservers):
     log_new = prod.lab.log_path("fe", "tcpha-fe-new").read_text()
     assert "took over the listening sockets" in log_new
     assert "handed over to a new tcpha-fe" in prod.fe_log()
+    # after the handover the old arbiter never replaces a worker: one would accept on the sockets the
+    # successor owns now, and wait for the successor's flows before exiting
+    assert "starting a new one" not in prod.fe_log().split("handed to a new tcpha-fe", 1)[1]
     vip = prod.lab.topology.vip
     assert any(a.startswith(vip + "/") for a in prod.lab.addresses("fe"))   # the old one left the VIP in place
     print(f"\nupgrade under load (startservers={startservers}): {load.ok} requests, {len(load.failures)} failed")
+    prod.lab.stop(new, grace=15)
+
+
+@pytest.mark.parametrize("startservers", [1, 3])
+def test_upgrade_serves_at_once_while_the_predecessor_finishes(prod, startservers):
+    """The successor accepts as soon as it holds the listening sockets, not once the predecessor has
+    left: here the predecessor keeps dispatching a connection whose request has not come yet."""
+    prod.start(fe={"grace": 20, "peektimeout": 20, "startservers": startservers})
+    old = prod.dep.fe_proc
+    slow = prod.dep.connect(timeout=30)           # the old front end reads it, waiting for a request
+    try:
+        assert wait_until(lambda: any(r["state"] == "reading" for r in prod.ctl_json("conn")), 5)
+        conf = prod.dep.dir / "tcphafe.conf"
+        new = prod.lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe-new", timeout=15)
+        log_new = prod.lab.log_path("fe", "tcpha-fe-new")
+        assert wait_until(lambda: "took over the listening sockets" in log_new.read_text(), 15)
+        t0 = time.monotonic()
+        r = prod.dep.request("/index.html", timeout=10)
+        served_in = time.monotonic() - t0
+        assert r.status == 200
+        assert old.poll() is None, "the predecessor left early: this test proves nothing"
+        assert served_in < 5, f"first request after the takeover took {served_in:.1f} s"
+        # the predecessor's last connection is still served, then it leaves and the successor takes
+        # over the control directory
+        slow.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        slow.settimeout(10)
+        data = b""
+        while chunk := slow.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert old.wait(30) == 0
+        assert wait_until(lambda: prod.ctl_json("status")["pid"] == new.pid, 15)
+        assert "control directory" in log_new.read_text()
+    finally:
+        slow.close()
     prod.lab.stop(new, grace=15)
 
 
