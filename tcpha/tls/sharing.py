@@ -64,8 +64,8 @@ class SessionCache(Protocol):
 
 
 # Posted operations whose answers have not been read yet, past which the cache counts as not
-# answering (a live dc_server answers an ADD in tens of microseconds).
-MAX_UNANSWERED = 256
+# answering whatever the time (a bound on memory; the time bound below normally comes first).
+MAX_UNANSWERED = 4096
 
 
 class PostedOperations:
@@ -79,8 +79,9 @@ class PostedOperations:
     Answers are read, never waited for, at the start of every later operation (a non-blocking
     ``recv``) and given to each request's ``done(result)`` callback in order: True stored / removed,
     False refused / absent.  What is lost: an ADD whose answer never comes has no callback.
-    Failures (connection refused or closed, a full send buffer, more than MAX_UNANSWERED answers
-    missing, a corrupt answer) raise DistcacheError; the next operation opens a new connection.
+    Failures (connection refused or closed, a full send buffer, an answer missing for longer than
+    ``timeout`` or more than MAX_UNANSWERED answers missing, a corrupt answer) raise DistcacheError;
+    the next operation opens a new connection.
     A session posted on this connection may in theory be asked for (GET, on another connection or
     by another server) before the cache has read the ADD; that is a miss, a full handshake, never a
     failure; in practice the client needs a new TCP connection and handshake before it can offer
@@ -94,7 +95,8 @@ class PostedOperations:
         self._sock: socket.socket | None = None
         self._pid = 0
         self._reader: Any = None
-        self._waiting: dict[int, tuple[int, Callable[[bool], None] | None]] = {}
+        # uid -> (operation, done, time posted), oldest first
+        self._waiting: dict[int, tuple[int, Callable[[bool], None] | None, float]] = {}
         self._lock = threading.Lock()
 
     def add(self, session_id: bytes, data: bytes, timeout_ms: int,
@@ -127,9 +129,15 @@ class PostedOperations:
                 self._read_answers()     # also notices a connection the cache closed
             if self._sock is None:
                 self._connect()
-            if len(self._waiting) >= MAX_UNANSWERED:
-                self._drop()
-                raise DistcacheError(f"{self.address}: {MAX_UNANSWERED} requests without an answer")
+            now = time.monotonic()
+            if self._waiting:
+                oldest = next(iter(self._waiting.values()))[2]
+                if now - oldest > self.timeout:
+                    self._drop()
+                    raise DistcacheError(f"{self.address}: no answer within {self.timeout} s")
+                if len(self._waiting) >= MAX_UNANSWERED:
+                    self._drop()
+                    raise DistcacheError(f"{self.address}: {MAX_UNANSWERED} requests without an answer")
             uid = next_uid()
             request = encode_request(uid, op, payload)
             try:
@@ -143,7 +151,7 @@ class PostedOperations:
                 # The cache does not read what we send: a part-sent request garbles the stream.
                 self._drop()
                 raise DistcacheError(f"{self.address}: the cache does not read its requests")
-            self._waiting[uid] = (op, done)
+            self._waiting[uid] = (op, done, now)
 
     def _connect(self) -> None:
         try:
@@ -175,7 +183,7 @@ class PostedOperations:
                 self._drop()
                 raise DistcacheError(f"{self.address}: corrupt answer: {exc}") from None
             for msg in messages:
-                op, done = self._waiting.pop(msg.uid, (None, None))
+                op, done, _ = self._waiting.pop(msg.uid, (None, None, 0.0))
                 if op != msg.op:
                     self._drop()
                     raise DistcacheError(f"{self.address}: an answer to no request (uid {msg.uid})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -56,14 +57,31 @@ def test_a_restarted_cache_is_reconnected_to_before_the_next_post(dc_server, pro
         posted.close()
 
 
-def test_a_cache_that_never_answers_fails_after_max_unanswered_posts():
+def test_a_cache_that_never_answers_fails_once_an_answer_is_overdue():
     black = socket.create_server(("127.0.0.1", 0), backlog=4)   # accepts (backlog), never reads
-    posted = PostedOperations("IP:127.0.0.1:%d" % black.getsockname()[1], timeout=1.0)
+    timeout = 0.2
+    posted = PostedOperations("IP:127.0.0.1:%d" % black.getsockname()[1], timeout=timeout)
     try:
-        for i in range(MAX_UNANSWERED):
-            posted.add(b"id-%d" % i, b"z" * 100, 60000)
-        with pytest.raises(DistcacheError, match="without an answer"):
-            posted.add(b"one too many", b"z" * 100, 60000)
+        posted.add(b"first", b"z" * 100, 60000)
+        t0 = time.monotonic()
+        posted.add(b"second", b"z" * 100, 60000)      # the first answer is not overdue yet
+        assert time.monotonic() - t0 < timeout
+        time.sleep(timeout * 1.5)                     # the time without an answer is what is tested
+        with pytest.raises(DistcacheError, match="no answer within"):
+            posted.add(b"third", b"z" * 100, 60000)
+        assert posted.unanswered() == 0               # the connection was dropped
+    finally:
+        posted.close()
+        black.close()
+
+
+def test_a_cache_that_never_reads_fails_by_the_cap_or_the_full_buffer():
+    black = socket.create_server(("127.0.0.1", 0), backlog=4)
+    posted = PostedOperations("IP:127.0.0.1:%d" % black.getsockname()[1], timeout=60.0)
+    try:
+        with pytest.raises(DistcacheError, match="without an answer|does not read"):
+            for i in range(MAX_UNANSWERED + 1):
+                posted.add(b"id-%d" % i, b"z" * 1000, 60000)
     finally:
         posted.close()
         black.close()
