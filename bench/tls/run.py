@@ -216,15 +216,34 @@ def median_rows(rows: list) -> list:
     return out
 
 
-def cache_latency(address: str, count: int = 3000) -> float:
+def cache_costs(address: str, dc_pid: int, count: int = 3000) -> dict[str, tuple[float, float, float]]:
+    """Per operation on dc_server (UNIX socket, 135-byte session): (latency µs, client CPU µs,
+    dc_server CPU µs) of a GET and an ADD each waited for (DistcacheClient, what the get callback
+    does) and of an ADD posted without waiting (tcpha.tls.sharing.PostedOperations, what the
+    new-session callback does)."""
     from tcpha.distcache.client import PERSISTENT, DistcacheClient
+    from tcpha.tls.sharing import PostedOperations
     c = DistcacheClient(address, PERSISTENT, timeout=1)
+    posted = PostedOperations(address, timeout=1)
     c.add(b"x" * 32, b"y" * 135, 60000)
-    t0 = time.perf_counter()
-    for _ in range(count):
-        c.get(b"x" * 32)
+    ids = [os.urandom(32) for _ in range(2 * count)]
+    out = {}
+    answered = []
+    for name, op in (("GET, waited", lambda i: c.get(b"x" * 32)),
+                     ("ADD, waited", lambda i: c.add(ids[i], b"y" * 135, 60000)),
+                     ("ADD, posted", lambda i: posted.add(ids[count + i], b"y" * 135, 60000, answered.append))):
+        dc0, t0, w0 = cpu_seconds([dc_pid]), time.thread_time(), time.perf_counter()
+        for i in range(count):
+            op(i)
+        wall, cpu = time.perf_counter() - w0, time.thread_time() - t0
+        if name == "ADD, posted":            # every answer read: the whole cost counted
+            while len(answered) < count:
+                posted.poll()
+            cpu = time.thread_time() - t0
+        out[name] = (wall / count * 1e6, cpu / count * 1e6, (cpu_seconds([dc_pid]) - dc0) / count * 1e6)
     c.close()
-    return (time.perf_counter() - t0) / count * 1e6
+    posted.close()
+    return out
 
 
 def main() -> int:
@@ -279,7 +298,11 @@ def main() -> int:
                 if time.monotonic() > deadline or dc.poll() is not None:
                     raise SystemExit("dc_server did not start")
                 time.sleep(0.05)
-            extra = f"dc_server GET round trip (UNIX socket, 135-byte session): {cache_latency(cache):.0f} µs\n"
+            costs = cache_costs(cache, dc.pid)
+            extra = "\n".join(["One cache operation on dc_server (UNIX socket, 135-byte session; 3000 in a row):", "",
+                               "| operation | latency µs | client CPU µs | dc_server CPU µs |",
+                               "| --- | ---: | ---: | ---: |"] +
+                              [f"| {k} | {v[0]:.0f} | {v[1]:.0f} | {v[2]:.0f} |" for k, v in costs.items()]) + "\n"
             for key_type in a.keys.split(","):
                 cert, key = make_cert(tmp, key_type)
                 setups = {}
@@ -318,16 +341,20 @@ def main() -> int:
 
 NOTES = """## Reading these numbers
 
-- The machine is 2 CPUs shared with other work (load average 4-7 during the runs): the end-to-end
+- The machine is 2 CPUs shared with other work (see the load average above): the end-to-end
   rates move by ±20 % between runs; the CPU-time columns are steadier.
+- Cache operations per handshake (tests/tls/test_share_sessions.py counts them on the wire): full
+  handshake one ADD; TLS 1.2 resumption one GET; TLS 1.3 resumption one GET and one ADD (the one
+  new ticket, num_tickets = 1); no REMOVE (OpenSSL removes a used TLS 1.3 ticket only when early
+  data is on). The GET is waited for (it is in the handshake); ADDs are posted, not waited for.
+- A waited-for round trip costs far more CPU than the request itself (the context switches): see
+  the table above; posting the ADDs took them off the handshake's path and most of their CPU away.
 - TLS 1.2: a resumption skips the key exchange and the certificate signature; through the shared
   cache the server spends 2-5x less CPU than on a full handshake (more with RSA keys).
 - TLS 1.3: the resumption mode clients offer (psk_dhe_ke, all that browsers and, by default,
-  Python's and OpenSSL's clients offer) still does an ECDHE key exchange, and the server issues a new ticket (one more cache
-  write) after every resumption.  It saves only the certificate signature: about 2x with
-  RSA-2048, nothing with P-256, whose signature costs less than the two cache round trips.
-- Each cache operation costs ~100 µs of CPU (the Python client's side and dc_server's) and ~35 µs
-  of latency on a local UNIX socket: the gap between "shared cache" and "internal cache" rows.
+  Python's and OpenSSL's clients offer) still does an ECDHE key exchange and a new ticket is issued:
+  it saves only the certificate and its signature: about 2x with RSA-2048, little or nothing with
+  P-256, whose signature costs less than the GET's round trip.
 - "unshared, alternating A/B" is what a non-sticky balancer gets without a shared cache: every
   offered session is unknown to the other server, so every handshake is full (2 resumed = each
   client's very first offer, made to the server that issued it).
@@ -342,7 +369,8 @@ def write_results(a, rows, extra: str, bio_rows: list) -> None:
     out = ["# TLS handshake rates: full vs resumed, shared session cache vs none", "",
            f"`python bench/tls/run.py --seconds {a.seconds} --clients {a.clients} --rounds {a.rounds}` on "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-           f"{os.cpu_count()} CPUs (shared with other work), Python {platform.python_version()}, "
+           f"{os.cpu_count()} CPUs (shared with other work; load average {os.getloadavg()[0]:.1f} at the end), "
+           f"Python {platform.python_version()}, "
            f"{ssl.OPENSSL_VERSION}.", "",
            "Servers: `tcpha.tls.resume_server` processes (threaded, one CPython process each); clients: "
            f"{a.clients} processes, each one connection at a time (connect, handshake, read a line, close). "

@@ -31,13 +31,21 @@ SNI_BE2 = "b.example"
 CERT_NAMES = ["a.example", "b.example", "*.example", "tcpha.lab"]
 
 
-def make_cert(directory: Path, names: list[str] = CERT_NAMES, vip: str | None = None) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for `names` (and the VIP) with the openssl CLI: (cert, key)."""
+KEY_TYPES = {"p256": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+             "rsa2048": ["-newkey", "rsa:2048"]}
+
+
+def make_cert(directory: Path, names: list[str] = CERT_NAMES, vip: str | None = None,
+              key_type: str = "p256") -> tuple[Path, Path]:
+    """A self-signed certificate for `names` (and the VIP) with the openssl CLI: (cert, key).
+    key_type: "p256" (ECDSA P-256, the default) or "rsa2048"."""
+    if key_type not in KEY_TYPES:
+        raise ValueError(f"key_type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
     if shutil.which("openssl") is None:
         raise LabError("the openssl command is not installed (scripts/install-deps installs it)")
     cert, key = directory / "lab-cert.pem", directory / "lab-key.pem"
     san = ",".join([f"DNS:{n}" for n in names] + ([f"IP:{vip}"] if vip else []))
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+    r = subprocess.run(["openssl", "req", "-x509", *KEY_TYPES[key_type],
                         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "7", "-subj",
                         f"/CN={names[0]}", "-addext", f"subjectAltName={san}"],
                        capture_output=True, text=True, timeout=30)
@@ -73,6 +81,7 @@ class TlsLab:
     dep: Any                                       # tcpha.lab.demo.LabDeployment
     cache: bool = True                             # run dc_server + dc_clients and set sessioncache
     cache_backend: str = "memory"                  # dc_server's store: "memory" or "redis-cluster" (3+3 on cache)
+    key_type: str = "p256"                         # the certificate's key: "p256" or "rsa2048" (make_cert)
     services: dict[str, Any] = field(default_factory=dict)
     cert: Path | None = None
     key: Path | None = None
@@ -111,7 +120,7 @@ class TlsLab:
         templates=True uses the sample configs of conf/lab (the demo); otherwise configs are written
         from options (tests)."""
         dep = self.dep
-        self.cert, self.key = make_cert(dep.dir, vip=dep.vip)
+        self.cert, self.key = make_cert(dep.dir, vip=dep.vip, key_type=self.key_type)
         if self.cache:
             self.start_cache()
         dep.start_origins()
