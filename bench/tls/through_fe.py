@@ -284,9 +284,11 @@ def handshake_alone(key_type: str, versions: list[str]) -> dict:
             time.sleep(0.05)
         cert, key = inproc.make_cert(tmp, key_type)
         for version in versions:
-            costs = inproc.handshake_costs(cert, key, version, f"UNIX:{tmp}/scache", dc.pid)
-            out[(version, "full")] = costs["full"][0]
-            out[(version, "resumed")] = costs["resumed, shared cache, alternating A/B"][0]
+            rounds = [inproc.handshake_costs(cert, key, version, f"UNIX:{tmp}/scache", dc.pid) for _ in range(3)]
+            # The median of 3 rounds: other work on the machine only ever adds.
+            out[(version, "full")] = statistics.median(r["full"][0] for r in rounds)
+            out[(version, "resumed")] = statistics.median(r["resumed, shared cache, alternating A/B"][0]
+                                                          for r in rounds)
     finally:
         dc.terminate()
         dc.wait()
@@ -361,12 +363,15 @@ def write_results(results: dict, alone: dict, args: argparse.Namespace, load: tu
                   "measurement: memory BIOs, two contexts sharing a local dc_server, the cache client's and "
                   "dc_server's CPU included). `rest`: the server side's CPU per full connection (concurrent "
                   "run) minus the full handshake: restore, relay, FE, cache, kernel networking — paid alike by full "
-                  "and resumed connections. `best possible`: the server capacity ratio if a resumed handshake "
-                  "cost exactly what it costs in process, and `free resumption`: if it cost nothing at all "
-                  "(server µs ÷ rest); below 1.5× the target cannot be met by any change to the resumption path.", "",
-                  "| key | TLS | handshake alone, full µs | handshake alone, resumed µs | server µs per full connection | "
-                  "rest µs | best possible | free resumption |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "and resumed connections. `best possible`: the server capacity ratio if a resumed connection "
+                  "cost the rest plus the resumed handshake alone, and `free resumption`: if the resumed handshake "
+                  "cost nothing at all (server µs ÷ rest). `rest allowed for 1.5×`: (full − 1.5 × resumed) ÷ 0.5, "
+                  "the most every connection may cost besides its handshake for resumed ÷ full to reach 1.5×; "
+                  "`none` when the handshakes alone are less than 1.5× apart (then no system that adds any cost "
+                  "per connection can reach it).", "",
+                  "| key | TLS | handshake alone, full µs | handshake alone, resumed µs | handshake alone ratio | "
+                  "server µs per full connection | rest µs | rest allowed for 1.5× | best possible | free resumption |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key in args.keys.split(","):
             res = results.get((key, "shared"), {})
             for version in args.versions.split(","):
@@ -376,8 +381,10 @@ def write_results(results: dict, alone: dict, args: argparse.Namespace, load: tu
                     continue
                 srv = full["server_us"]
                 rest = srv - hf
-                lines.append(f"| {key} | {_v(version)} | {hf:.0f} | {hr:.0f} | {srv:.0f} | {rest:.0f} | "
-                             f"{srv / (rest + hr):.2f}× | {srv / rest:.2f}× |")
+                allowed = (hf - 1.5 * hr) / 0.5
+                lines.append(f"| {key} | {_v(version)} | {hf:.0f} | {hr:.0f} | {hf / hr:.2f}× | {srv:.0f} | {rest:.0f} | "
+                             f"{f'{allowed:.0f} µs' if allowed > 0 else 'none'} | {srv / (rest + hr):.2f}× | "
+                             f"{srv / rest:.2f}× |")
     lines += ["", "## Time to first response byte: through the front end vs direct (target: ≤ 2 ms added at p99)", "",
               f"{args.samples} sequential full handshakes each, one client, shared setup, connections alternating "
               "between the two paths (so load spikes of this shared machine hit both alike). Direct = the same "
