@@ -30,6 +30,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -79,7 +80,7 @@ class PostedOperations:
     Answers are read, never waited for, at the start of every later operation (a non-blocking
     ``recv``) and given to each request's ``done(result)`` callback in order: True stored / removed,
     False refused / absent.  What is lost: an ADD whose answer never comes has no callback.
-    Failures (connection refused or closed, a full send buffer, an answer missing for longer than
+    Failures (connection refused or closed, a send buffer full for ``timeout``, an answer missing for longer than
     ``timeout`` or more than MAX_UNANSWERED answers missing, a corrupt answer) raise DistcacheError;
     the next operation opens a new connection.
     A session posted on this connection may in theory be asked for (GET, on another connection or
@@ -140,18 +141,29 @@ class PostedOperations:
                     raise DistcacheError(f"{self.address}: {MAX_UNANSWERED} requests without an answer")
             uid = next_uid()
             request = encode_request(uid, op, payload)
+            self._send(request, now)
+            self._waiting[uid] = (op, done, now)
+
+    def _send(self, request: bytes, now: float) -> None:
+        """Send the whole request; only when the socket buffer is full (the cache is behind by
+        hundreds of requests) wait for room, at most ``timeout``."""
+        view = memoryview(request)
+        deadline = now + self.timeout
+        while view:
             try:
-                sent = self._sock.send(request)
-            except BlockingIOError:
-                sent = 0
+                view = view[self._sock.send(view):]
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
             except OSError as exc:
                 self._drop()
                 raise DistcacheError(f"{self.address}: send failed: {exc.strerror or exc}") from None
-            if sent != len(request):
-                # The cache does not read what we send: a part-sent request garbles the stream.
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self._sock], [], left)[1]:
+                # A part-sent request would garble the stream: this connection is done.
                 self._drop()
-                raise DistcacheError(f"{self.address}: the cache does not read its requests")
-            self._waiting[uid] = (op, done, now)
+                raise DistcacheError(f"{self.address}: the cache does not read its requests "
+                                     f"(send blocked {self.timeout} s)")
 
     def _connect(self) -> None:
         try:
