@@ -217,7 +217,7 @@ def median_rows(rows: list) -> list:
 
 
 def cache_costs(address: str, dc_pid: int, count: int = 3000) -> dict[str, tuple[float, float, float]]:
-    """Per operation on dc_server (UNIX socket, 135-byte session): (latency µs, client CPU µs,
+    """Per operation on dc_server (UNIX socket, 135-byte session): (wall µs, client CPU µs,
     dc_server CPU µs) of a GET and an ADD each waited for (DistcacheClient, what the get callback
     does) and of an ADD posted without waiting (tcpha.tls.sharing.PostedOperations, what the
     new-session callback does)."""
@@ -300,7 +300,7 @@ def main() -> int:
                 time.sleep(0.05)
             costs = cache_costs(cache, dc.pid)
             extra = "\n".join(["One cache operation on dc_server (UNIX socket, 135-byte session; 3000 in a row):", "",
-                               "| operation | latency µs | client CPU µs | dc_server CPU µs |",
+                               "| operation | wall µs | client CPU µs | dc_server CPU µs |",
                                "| --- | ---: | ---: | ---: |"] +
                               [f"| {k} | {v[0]:.0f} | {v[1]:.0f} | {v[2]:.0f} |" for k, v in costs.items()]) + "\n"
             for key_type in a.keys.split(","):
@@ -347,8 +347,11 @@ NOTES = """## Reading these numbers
   handshake one ADD; TLS 1.2 resumption one GET; TLS 1.3 resumption one GET and one ADD (the one
   new ticket, num_tickets = 1); no REMOVE (OpenSSL removes a used TLS 1.3 ticket only when early
   data is on). The GET is waited for (it is in the handshake); ADDs are posted, not waited for.
-- A waited-for round trip costs far more CPU than the request itself (the context switches): see
-  the table above; posting the ADDs took them off the handshake's path and most of their CPU away.
+- A waited-for operation is a round trip on the handshake's path (the server does nothing else
+  meanwhile) and wakes both processes; how much CPU the wake-ups cost depends on the machine's load
+  (2026-11-30: GET 21/20 µs client/dc_server with the other CPU idle, 69/63 µs with both busy). A
+  posted ADD costs 10-20 µs each side either way (answers read in batches) and no wait.
+  `wall µs` of a posted ADD is the throughput of 3000 in a row, not a latency.
 - TLS 1.2: a resumption skips the key exchange and the certificate signature; through the shared
   cache the server spends 2-5x less CPU than on a full handshake (more with RSA keys).
 - TLS 1.3: the resumption mode clients offer (psk_dhe_ke, all that browsers and, by default,

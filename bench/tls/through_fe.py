@@ -296,6 +296,29 @@ def handshake_alone(key_type: str, versions: list[str]) -> dict:
     return out
 
 
+NOTES = """## Reading these numbers
+
+- The machine is 2 CPUs shared with two other engineers' work: rates and latencies move by ±20 % and
+  more between runs (the load average above is partly this bench's own 8 clients); the CPU-per-connection
+  columns are steadier, and the ratios between them steadier still.
+- Why the server capacity ratio and not a rate: see above. The back ends alone (`BE capacity ratio`)
+  would be the figure of a deployment whose back ends, not its front end, limit the rate. Over four
+  runs on 2026-11-30 it was 1.4-1.7x (TLS 1.2) and 1.3-1.5x (TLS 1.3) with RSA-2048, 1.2-1.5x and
+  0.85-1.0x with P-256: about 1.5x only with RSA keys, and never for P-256 with TLS 1.3.
+- Cache operations per connection: full one ADD (posted, not waited for); TLS 1.2 resumption one
+  GET; TLS 1.3 resumption one GET and one posted ADD. Each goes tcpha-be -> dc_client (the back
+  end's loopback) -> dc_server: every hop wakes a process, ~100 µs of CPU each on this VM, which is
+  the `cache` column (dc_server and dc_clients) and part of the BE column.
+- TLS 1.3 with P-256: a resumption (psk_dhe_ke) still does the ECDHE exchange and issues a ticket; it
+  saves only the certificate and an ECDSA signature (tens of µs), less than the GET's round trip:
+  resumed costs as much as full or more, with or without the front end.
+- Time to first byte: the added time is the front end's (peek, handoff, steering); the TLS session
+  cache changes only the back end's side, identical on both paths. An A/B on 2026-11-30 of the code
+  before and after posting the cache's ADDs gave the same added p50 (1.3-2.0 ms, load 3-4); p99 of
+  300 samples on this loaded machine is scheduling noise (1-6 ms from run to run).
+"""
+
+
 def _v(version: str) -> str:
     return version.replace("_", ".")
 
@@ -402,6 +425,7 @@ def write_results(results: dict, alone: dict, args: argparse.Namespace, load: tu
             lines.append(f"| {key} | {_v(version)} | **added** | {pct(fe['ttfb'], .5) - pct(direct['ttfb'], .5):+.2f} | "
                          f"{pct(fe['ttfb'], .9) - pct(direct['ttfb'], .9):+.2f} | "
                          f"{pct(fe['ttfb'], .99) - pct(direct['ttfb'], .99):+.2f} | |")
+    lines += ["", NOTES]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
