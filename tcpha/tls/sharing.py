@@ -123,7 +123,9 @@ class PostedOperations:
     def _post(self, op: int, payload: bytes, done: Callable[[bool], None] | None) -> None:
         with self._lock:
             if self._sock is not None and self._pid != os.getpid():
-                self._sock.detach()      # after fork(): the parent's connection, not ours to use or close
+                # After fork(): the parent's connection. Closing our copy of the descriptor does not
+                # disturb the parent (the connection lives while any process holds it open).
+                self._sock.close()
                 self._sock = None
                 self._waiting.clear()
             if self._sock is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
@@ -91,3 +92,33 @@ def test_nothing_listening_raises_at_once(tmp_path):
     posted = PostedOperations(f"UNIX:{tmp_path}/nothing", timeout=1.0)
     with pytest.raises(DistcacheError, match="cannot connect"):
         posted.add(b"id", b"data", 60000)
+
+
+def test_after_fork_the_child_posts_on_its_own_connection(dc_server):
+    import os
+
+    address, _ = dc_server()
+    posted = PostedOperations(address, timeout=1.0)
+    results: list = []
+    try:
+        posted.add(b"parent-1", b"p" * 50, 60000, results.append)
+        pid = os.fork()
+        if pid == 0:                                    # child: post, wait for its own answer
+            code = 1
+            try:
+                mine: list = []
+                posted.add(b"child", b"c" * 50, 60000, mine.append)
+                while not mine and select.select([posted._sock], [], [], 5)[0]:   # the answer arriving
+                    posted.poll()
+                code = 0 if mine == [True] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's connection was not disturbed by the child closing its copy.
+        posted.add(b"parent-2", b"p" * 50, 60000, results.append)
+        assert _answers(posted, results, 2) == [True, True]
+        with DistcacheClient(address, PERSISTENT, 1.0) as check:
+            assert check.get(b"child") == b"c" * 50
+    finally:
+        posted.close()
