@@ -155,6 +155,18 @@ class ControlSession(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def eof_received(self) -> bool:
+        """The front end half-closed after its last frame (tcpha.fe.backends.ControlLink.close): all
+        it sent has been handled; nothing more goes to it (FlowClosed reports take another control
+        connection) and we close our side, which it waits for."""
+        self.backend.sessions.discard(self)
+        self.closed = True
+        for xid in list(self.unsteered):       # no Steered can come any more
+            self.backend._not_steered(self, xid, "control connection closed before Steered")
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.backend.sessions.discard(self)

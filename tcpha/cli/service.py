@@ -31,8 +31,10 @@ def setup_logging(dbglevel: int, logfile: str | None, name: str) -> None:
         fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
-        # journald adds the time and the unit; keep the line short and greppable.
-        fmt = f"{name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+        # journald adds the time and the unit (systemd sets $JOURNAL_STREAM when stderr goes to it):
+        # keep the line short there; anywhere else (a terminal, a redirect) the time is needed.
+        stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+        fmt = f"{stamp}{name}[%(process)d] %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)

@@ -329,6 +329,9 @@ class FrontEnd:
         return out
 
     def _spawn(self, number: int) -> None:
+        if self.handed_over:        # set by the control plane's thread, possibly while we decided
+            log.info("worker %d not started: handed over to a new tcpha-fe", number)
+            return
         pair = self.runtime.worker_socketpair() if self.runtime is not None else None
         pid = os.fork()
         if pid:

@@ -48,6 +48,7 @@ class ControlLink(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._connecting = False
         self._out: list[bytes] = []             # frames queued this loop iteration (see send)
+        self.gone: asyncio.Future[None] | None = None   # set by close(): done at connection_lost
 
     # -- connection management -------------------------------------------------------------------
     def connect(self) -> None:
@@ -126,7 +127,8 @@ class ControlLink(asyncio.Protocol):
         Steereds of one forward batch share one (Worker.flush_links). The frame is built (MAC'd,
         sequence-numbered) here, so encoding errors still raise to the caller.
         """
-        assert self.transport is not None
+        if self.transport is None or self.closing:
+            raise ConnectionError(f"control connection {self.index} to {self.backend.name} is closed")
         frame = self.conn.send(msg)
         out = self._out
         out.append(frame)
@@ -143,6 +145,8 @@ class ControlLink(asyncio.Protocol):
             self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
         was_up = self.up
         self.up = False
         self.transport = None
@@ -156,13 +160,32 @@ class ControlLink(asyncio.Protocol):
         self.pending.clear()
         self._retry()
 
-    def close(self) -> None:
+    def close(self) -> "asyncio.Future[None] | None":
+        """Close gracefully: write what is queued, then half-close (FIN) and go on reading until the
+        back end closes its side (it does once it has read our FIN: tcpha.be.server.ControlSession.
+        eof_received). Closing outright while the back end's FlowClosed reports sit unread in our
+        receive queue would make the kernel answer with RST (RFC 1122 4.2.2.13: close with unread
+        data), and an RST may destroy our last frames, a Steered among them, before the back end has
+        read them. Returns a future done when the connection is gone (None if it is already)."""
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
         self.flush()
-        if self.transport is not None:
+        if self.up:
+            self.up = False
+            self.backend.link_down(self)
+        if self.transport is None:
+            return None
+        self.gone = self.worker.loop.create_future()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
             self.transport.close()
+        return self.gone
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class RemoteBackend:
@@ -185,9 +208,9 @@ class RemoteBackend:
         for link in self.links:
             link.connect()
 
-    def close(self) -> None:
-        for link in self.links:
-            link.close()
+    def close(self) -> list["asyncio.Future[None]"]:
+        """Close every control connection gracefully (ControlLink.close); the futures say when they are gone."""
+        return [f for f in (link.close() for link in self.links) if f is not None]
 
     def link_up(self, link: ControlLink, hello: Any) -> None:
         self.hello_mac = getattr(hello, "mac", "") or None

@@ -258,7 +258,14 @@ class FrontEndRuntime:
             macs.update(r.get("macs", {}))
         self.orphans.learn(rows, macs)
         if kernel is not None:
-            rows.extend(self.orphans.rows(rows, kernel, vip=self.config.vaddr))
+            orphaned = self.orphans.rows(rows, kernel, vip=self.config.vaddr)
+            if orphaned:
+                # A flow that ended while the workers were asked is in the first read but in no
+                # worker's answer: only entries still in the map after the answers are orphans.
+                again = await asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.forwarded)
+                still = {(f"{k.client_ip}:{k.client_port}", k.vport) for k in (again or {})}
+                orphaned = [r for r in orphaned if (r["client"], r["vport"]) in still]
+            rows.extend(orphaned)
         return rows
 
     def flow_closed(self, msg: Any) -> None:

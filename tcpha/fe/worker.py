@@ -61,6 +61,7 @@ def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException]
 # handoffs/s at 295-363 us of FE CPU each; in the thread 490-1,240/s at 390-430 us: the thread's
 # hand-offs and GIL contention with the Python netlink encoding cost more than the kernel wait saved.
 INLINE_STEERING = not os.environ.get("TCPHA_STEERING_THREAD")
+LINK_CLOSE_WAIT = 2.0   # seconds a back end gets to close its side of a control connection at stop
 
 
 class SteeringBatch:
@@ -364,7 +365,8 @@ class Worker:
             self.batch.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
                                                 vip=msg.vip, vport=msg.vport))
         elif isinstance(msg, control.Ping):
-            link.send(control.Pong(token=msg.token))
+            if link.up:
+                link.send(control.Pong(token=msg.token))
         else:
             log.debug("back end %s: %s ignored", link.backend.name, type(msg).__name__)
 
@@ -499,8 +501,18 @@ class Worker:
             flows = self._entries()
         for d in list(self.lingering.values()):
             d._linger_end()
-        for be in set(self.backends.values()):
-            be.close()
+        # Half-close the control connections and read on until each back end closes its side: the
+        # FlowClosed reports still coming are applied (their steering entries go now, not at the
+        # flow timeout) and no RST cuts our last frames short (ControlLink.close).
+        gone = [f for be in set(self.backends.values()) for f in (be.close() or [])]
+        if gone:
+            _, late = await asyncio.wait(gone, timeout=LINK_CLOSE_WAIT)
+            if late:
+                log.warning("%s: %d control connections not closed by their back end within %g s; aborted",
+                            self.name, len(late), LINK_CLOSE_WAIT)
+                for be in set(self.backends.values()):
+                    for link in getattr(be, "links", []):
+                        link.abort()
         await asyncio.sleep(0)
         self.batch.close()
         log.info("%s: stopped (%d handoffs, %d refused, %d unmatched)", self.name, self.stats.handoffs,

@@ -22,6 +22,14 @@ def workers(prod) -> list[int]:
         return []
 
 
+def _abort_on_data(prod, host: str) -> int:
+    """TcpExtTCPAbortOnData of a host's namespace: sockets closed with unread data (the kernel sent RST)."""
+    lines = prod.lab.run(host, ["cat", "/proc/net/netstat"], capture_output=True, text=True).stdout.splitlines()
+    head, values = next((a.split(), b.split()) for a, b in zip(lines, lines[1:]) if a.startswith("TcpExt:")
+                        and b.startswith("TcpExt:"))
+    return int(values[head.index("TCPAbortOnData")])
+
+
 def test_killed_worker_is_replaced_and_logged(prod):
     prod.start(fe={"startservers": 3, "minspareservers": 1, "maxspareservers": 5})
     before = workers(prod)
@@ -87,6 +95,7 @@ def test_sighup_reload_under_load_drops_nothing(prod, startservers):
 def test_seamless_upgrade_under_load(prod, startservers):
     prod.start(fe={"grace": 5, "startservers": startservers})
     old = prod.dep.fe_proc
+    resets = _abort_on_data(prod, "fe")
     expected = prod.dep.origins["be2"].expected("video/clip.mp4")
     got: dict = {}
 
@@ -123,6 +132,12 @@ def test_seamless_upgrade_under_load(prod, startservers):
     assert load.failures == [], load.failures[:5]
     assert "error" not in got, got
     assert got["body"].split(b"\r\n\r\n", 1)[1] == expected
+    # The old workers stop at once while FlowClosed reports still stream in: each half-closes its control
+    # connections and reads on until the back end closes too (ControlLink.close). Closing with reports
+    # unread would make the kernel reset the connection, and the reset can destroy a last Steered.
+    assert _abort_on_data(prod, "fe") == resets
+    be_logs = "".join(prod.lab.log_path(h, "tcpha-be").read_text() for h in prod.dep.backends)
+    assert "before Steered" not in be_logs
     log_new = prod.lab.log_path("fe", "tcpha-fe-new").read_text()
     assert "took over the listening sockets" in log_new
     assert "handed over to a new tcpha-fe" in prod.fe_log()
@@ -304,3 +319,4 @@ def test_unload_waits_for_handed_off_flows_within_grace(prod):
     assert data.split(b"\r\n\r\n", 1)[1] == expected
     assert prod.wait_fe_exit(20) == 0
     assert time.monotonic() - t0 < 20                     # it left once the flow was gone, not at grace
+
