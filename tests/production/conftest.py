@@ -13,6 +13,15 @@ import pytest
 from tcpha.lab.demo import LabDeployment
 
 
+def fe_workers(prod) -> list[int]:
+    """The pids of the front end's worker processes (the arbiter's children), sorted."""
+    import psutil
+    try:
+        return sorted(c.pid for c in psutil.Process(prod.dep.fe_proc.pid).children())
+    except psutil.NoSuchProcess:
+        return []
+
+
 def wait_until(cond, timeout: float, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

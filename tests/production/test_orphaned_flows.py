@@ -9,21 +9,13 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from tcpha.fe.orphans import ORPHANED, OrphanTable
 from tcpha.steering import FlowKey
-from tests.production.conftest import wait_until
+from tests.production.conftest import fe_workers, wait_until
 
 pytestmark = pytest.mark.netns
-
-
-def _workers(prod) -> list[int]:
-    try:
-        return sorted(c.pid for c in psutil.Process(prod.dep.fe_proc.pid).children())
-    except psutil.NoSuchProcess:
-        return []
 
 
 def test_orphan_table_rows_hints_and_macs():
@@ -84,12 +76,12 @@ def test_killed_workers_flows_stay_in_conn_until_they_end(prod):
 
         before = wait_until(lambda: (r := row()) and r["state"] == "handed-off" and r, 10)
         assert before and before["backend"] == be2, before
-        victims = _workers(prod)
+        victims = fe_workers(prod)
         assert len(victims) >= 2
         for pid in victims:                   # the flow's worker is one of them, whichever it is
             os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: not set(victims) & set(_workers(prod)) and len(_workers(prod)) >= 1, 10)
-        assert wait_until(lambda: sorted(prod.ctl_json("status")["workers"]) == _workers(prod), 10)
+        assert wait_until(lambda: not set(victims) & set(fe_workers(prod)) and len(fe_workers(prod)) >= 1, 10)
+        assert wait_until(lambda: sorted(prod.ctl_json("status")["workers"]) == fe_workers(prod), 10)
         # the download still runs (the kernel steers it) and the table still shows it
         after = wait_until(lambda: (r := row()) and r["state"] == ORPHANED and r, 10)
         assert after, prod.ctl_json("conn")

@@ -10,16 +10,9 @@ import time
 import psutil
 import pytest
 
-from tests.production.conftest import Load, wait_until
+from tests.production.conftest import Load, fe_workers, wait_until
 
 pytestmark = pytest.mark.netns
-
-
-def workers(prod) -> list[int]:
-    try:
-        return sorted(c.pid for c in psutil.Process(prod.dep.fe_proc.pid).children())
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _abort_on_data(prod, host: str) -> int:
@@ -32,7 +25,7 @@ def _abort_on_data(prod, host: str) -> int:
 
 def test_killed_worker_is_replaced_and_logged(prod):
     prod.start(fe={"startservers": 3, "minspareservers": 1, "maxspareservers": 5})
-    before = workers(prod)
+    before = fe_workers(prod)
     assert len(before) == 3
     load = Load(prod, "/index.html", threads=3).start()
     try:
@@ -40,21 +33,21 @@ def test_killed_worker_is_replaced_and_logged(prod):
         victim = before[1]
         os.kill(victim, signal.SIGKILL)
         # replaced (the spare-worker policy may also have started one more under this load)
-        assert wait_until(lambda: victim not in workers(prod) and len(workers(prod)) >= 3
-                          and set(workers(prod)) - set(before), 10)
+        assert wait_until(lambda: victim not in fe_workers(prod) and len(fe_workers(prod)) >= 3
+                          and set(fe_workers(prod)) - set(before), 10)
         n = load.ok
         assert wait_until(lambda: load.ok > n + 50, 10)
     finally:
         load.stop()
     assert f"(pid {victim}) exited (signal SIGKILL); starting a new one" in prod.fe_log()
     # every worker is linked to the control plane again
-    assert wait_until(lambda: sorted(prod.ctl_json("status")["workers"]) == workers(prod), 5)
+    assert wait_until(lambda: sorted(prod.ctl_json("status")["workers"]) == fe_workers(prod), 5)
     print(f"\nworker kill -9 under load: {len(load.failures)} failed of {load.count()} requests")
 
 
 def test_surplus_idle_workers_are_stopped(prod):
     prod.start(fe={"startservers": 4, "minspareservers": 1, "maxspareservers": 2})
-    assert wait_until(lambda: len(workers(prod)) == 2, 10), workers(prod)
+    assert wait_until(lambda: len(fe_workers(prod)) == 2, 10), fe_workers(prod)
     assert "surplus idle worker" in prod.fe_log()
     assert "> maxspareservers 2" in prod.fe_log()
     assert prod.dep.request("/index.html").status == 200
@@ -282,7 +275,7 @@ def test_silent_registered_back_end_is_removed(prod):
 
 def test_spare_workers_are_started_when_workers_get_busy(prod):
     prod.start(fe={"startservers": 2, "minspareservers": 2, "maxspareservers": 4, "peektimeout": 6})
-    assert len(workers(prod)) == 2
+    assert len(fe_workers(prod)) == 2
     # connections that send half a request head keep the worker that accepted them busy (reading)
     held = []
     try:
@@ -290,7 +283,7 @@ def test_spare_workers_are_started_when_workers_get_busy(prod):
             s = prod.dep.connect(timeout=10)
             s.sendall(b"GET /index.html HTTP/1.1\r\n")
             held.append(s)
-        assert wait_until(lambda: len(workers(prod)) >= 3, 8), prod.fe_log()[-1500:]
+        assert wait_until(lambda: len(fe_workers(prod)) >= 3, 8), prod.fe_log()[-1500:]
         assert "(< minspareservers 2): starting worker" in prod.fe_log()
     finally:
         for s in held:
