@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tcpha import control, repair
+from tcpha import control, repair, sockdiag
 from tcpha.be.relay import SpliceRelay
 from tcpha.be.tls import TlsTermination
 
@@ -95,6 +95,36 @@ class BackEndStats:
     fdpassed: int = 0
     control_errors: int = 0
     active: int = 0
+
+
+def restore_handed_off(state: repair.TcpState,
+                       release_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None) -> socket.socket:
+    """repair.restore; when an earlier connection's socket on the same 4-tuple is in the way
+    (EADDRNOTAVAIL: the client reuses its port while that socket lingers here), it goes first and the
+    restore is tried again. `release_own(local, peer)` releases it when it is one of ours (a relay still
+    holding it); any other socket is destroyed through the kernel (tcpha.sockdiag)."""
+    try:
+        return repair.restore(state)
+    except OSError as e:
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise
+        local, peer = (state.local[0], state.local[1]), (state.peer[0], state.peer[1])
+        if release_own is not None and release_own(local, peer):
+            how = "released (its relay ended, no FlowClosed: the 4-tuple is the new connection's now)"
+        else:
+            try:
+                if not sockdiag.destroy(local, peer):
+                    raise
+            except OSError as de:
+                if de is e:
+                    raise
+                log.warning("restore %s:%d: a socket is in the way and cannot be destroyed: %s", peer[0],
+                            peer[1], de.strerror or de)
+                raise e from None
+            how = "destroyed"
+    log.log(NOTICE, "restore %s:%d: the socket of an earlier connection on this 4-tuple %s: the client "
+            "reuses its port", state.peer[0], state.peer[1], how)
+    return repair.restore(state)
 
 
 class ControlSession(asyncio.Protocol):
@@ -289,7 +319,7 @@ class BackEnd:
         if (state.peer[0], state.peer[1], state.local[1]) != (msg.client_ip, msg.client_port, msg.vport):
             return refuse("the TCP state does not match the handoff's flow")
         try:
-            client = repair.restore(state)
+            client = restore_handed_off(state, self._release_stale_relay)
         except OSError as e:
             return refuse(f"restore failed: {e.strerror or e}")
         except Exception as e:
@@ -346,6 +376,27 @@ class BackEnd:
         timer = self.loop.call_later(STEER_WAIT, self._not_steered, session, xid, "no Steered within "
                                      f"{STEER_WAIT:g} s")
         session.unsteered[xid] = (relay, timer)
+
+    def _release_stale_relay(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
+        """A relay of ours still holds a client socket on this 4-tuple (its client's last packets never
+        came: they went to the front end after the flow's entry was gone). The client has started a new
+        connection from the same port, so that one is dead: close it silently, without FlowClosed (which
+        would now remove the *new* flow's steering entry)."""
+        for relay in list(self.relays):
+            sock = getattr(relay, "client", None) or getattr(relay, "sock", None)
+            try:
+                if sock is None or sock.getpeername()[:2] != peer or sock.getsockname()[:2] != local:
+                    continue
+            except OSError:
+                continue
+            relay.discarded = True
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)   # close without FIN or RST
+            except OSError:
+                pass
+            relay.close()
+            return True
+        return False
 
     def _steered(self, session: ControlSession, xid: int) -> None:
         entry = session.unsteered.pop(xid, None)

@@ -5,6 +5,7 @@ The client never notices: it sees the right bytes, no RST, and keeps talking to 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -338,3 +339,71 @@ def test_client_port_reuse_with_stale_entries(handoff_lab, client_capture):
         client.close()
     client_capture.stop()
     assert client_capture.tcp_resets() == []
+
+
+def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab):
+    """The back end closed an earlier connection first and the client's FIN never reached it (its steering
+    entry was already gone): the back end still holds that socket in FIN-WAIT-2, and repair-mode connect()
+    on the same 4-tuple fails with EADDRNOTAVAIL when the client reuses its port. The back end's restore
+    destroys the dead socket and goes on (tcpha.be.server.restore_handed_off, tcpha.sockdiag)."""
+    from tcpha.be.server import restore_handed_off
+    h = handoff_lab
+    port = 40321
+
+    def connect_from_port() -> socket.socket:
+        c = h.lab.socket("client")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.bind(("0.0.0.0", port))
+        c.settimeout(10)
+        c.connect((h.vip, h.vport))
+        return c
+
+    def socket_states() -> str:
+        return h.lab.run("be1", ["ss", "-Htan", f"dport = :{port}"], capture_output=True, text=True).stdout
+
+    def until(cond, timeout: float = 5.0) -> bool:       # a kernel state change: no event to wait on
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    client = connect_from_port()
+    conn = h.accept_request(client, b"GET /old HTTP/1.0\r\n\r\n")
+    be_sock_old, flow, _ = h.hand_off(conn, "be1")
+    be_sock_old.recv(65536)
+    be_sock_old.shutdown(socket.SHUT_WR)              # the back end closes first ...
+    assert client.recv(1) == b""
+    assert until(lambda: "FIN-WAIT-2" in socket_states()), socket_states()   # ... and has the client's ACK
+    h.steering.unforward(flow)                         # the flow's entry goes before the client's FIN
+    client.close()                                     # that FIN reaches the front end, not the back end
+    # be_sock stays open, as a relay waiting for the client's end would keep it (an orphaned FIN-WAIT-2
+    # socket is a timewait mini-socket, which does not block a repair-mode connect)
+    assert "FIN-WAIT-2" in socket_states()
+
+    client = connect_from_port()
+    try:
+        req = b"GET /new HTTP/1.0\r\n\r\n"
+        conn = h.accept_request(client, req)
+        cip, cport = conn.getpeername()
+        flow = FlowKey(cip, cport, h.vip, h.vport)
+        h.steering.freeze(flow)
+        state = repair.TcpState.from_bytes(repair.dump(conn).to_bytes())
+        with pytest.raises(OSError) as raised:             # the condition, as a plain restore meets it
+            call_in_netns(h.lab.netns("be1"), repair.restore, state)
+        assert raised.value.errno == errno.EADDRNOTAVAIL
+        be_sock = call_in_netns(h.lab.netns("be1"), restore_handed_off, state)
+        h.steering.forward(flow, h.lab.mac("be1"))
+        repair.discard(conn)
+        be_sock.settimeout(10)
+        assert h.recv_exact(be_sock, len(req)) == req
+        be_sock.sendall(h.http_response(b"new"))
+        be_sock.shutdown(socket.SHUT_WR)
+        assert h.read_http_response(client)[1] == b"new"
+        assert "FIN-WAIT-2" not in socket_states()
+        with pytest.raises(OSError):                        # the old socket is gone
+            be_sock_old.send(b"x")
+    finally:
+        client.close()
+        be_sock_old.close()

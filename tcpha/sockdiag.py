@@ -1,0 +1,61 @@
+"""Destroying a stale TCP socket by its 4-tuple (NETLINK_SOCK_DIAG SOCK_DESTROY, what `ss -K` does).
+
+A back end restores a handed-off connection with TCP_REPAIR, and connect() in repair mode fails with
+EADDRNOTAVAIL when a socket of an *earlier* connection on the same 4-tuple still exists there: typically
+one in FIN-WAIT-2 whose client's FIN never reached the back end (its steering entry was already gone,
+so the client's last packets went to the front end), kept by the kernel for tcp_fin_timeout (60 s). The
+client itself has long forgotten that connection and reuses the port, so the old socket is dead by
+definition: the new connection's SYN was answered by the front end. (A TIME-WAIT socket does not block
+a repair-mode connect.)
+
+pyroute2 encodes the request (its inet_diag_req); it has no call for SOCK_DESTROY, hence this module.
+Needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+
+from pyroute2 import DiagSocket
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
+from pyroute2.netlink.exceptions import NetlinkError
+
+__all__ = ["destroy"]
+
+_ALL_STATES = 0xFFFFFFFF
+_NO_COOKIE = 0xFFFFFFFFFFFFFFFF     # INET_DIAG_NOCOOKIE: find the socket by its addresses alone
+
+
+def _words(addr: str) -> tuple[int, int, int, int]:
+    """An address in inet_diag's four 32-bit big-endian words (IPv4 in the first)."""
+    packed = ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+    return struct.unpack(">4I", packed)  # type: ignore[return-value]
+
+
+def destroy(local: tuple[str, int], peer: tuple[str, int]) -> bool:
+    """Destroy the TCP socket local <-> peer in this network namespace. True if one was destroyed,
+    False if there is none; OSError if the kernel refuses (no CAP_NET_ADMIN, no INET_DIAG_DESTROY)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(local[0]).version == 6 else socket.AF_INET
+    req = inet_diag_req()
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_states"] = _ALL_STATES
+    req["idiag_sport"] = int(local[1])
+    req["idiag_dport"] = int(peer[1])
+    req["idiag_src"] = _words(local[0])
+    req["idiag_dst"] = _words(peer[0])
+    req["idiag_if"] = 0
+    req["idiag_cookie"] = _NO_COOKIE
+    try:
+        with DiagSocket() as ds:
+            ds.bind()
+            list(ds.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))
+    except NetlinkError as e:
+        if e.code == errno.ENOENT:
+            return False
+        raise OSError(e.code, f"SOCK_DESTROY {local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}: {e}") from None
+    return True
