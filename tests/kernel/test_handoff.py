@@ -289,22 +289,24 @@ def test_many_sequential_handoffs_without_errors_or_resets(handoff_lab, client_c
     assert client_capture.tcp_resets() == []
 
 
+def _connect_from_port(h, port: int) -> socket.socket:
+    """A client connection to the VIP from a fixed source port (a client reusing its port)."""
+    c = h.lab.socket("client")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("0.0.0.0", port))
+    c.settimeout(10)
+    c.connect((h.vip, h.vport))
+    return c
+
+
 def test_client_port_reuse_with_stale_entries(handoff_lab, client_capture):
     """A new connection on the 4-tuple of an old one works although the old entries were never removed."""
     h = handoff_lab
     port = 40123
 
-    def connect_from_port() -> socket.socket:
-        c = h.lab.socket("client")
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        c.bind(("0.0.0.0", port))
-        c.settimeout(10)
-        c.connect((h.vip, h.vport))
-        return c
-
     flow = None
     for be in ("be1", "be2", "be1"):
-        client = connect_from_port()
+        client = _connect_from_port(h, port)
         be_sock = None
         try:
             req = b"GET /reuse HTTP/1.0\r\n\r\n"
@@ -324,7 +326,7 @@ def test_client_port_reuse_with_stale_entries(handoff_lab, client_capture):
                 be_sock.close()
     # A handoff that died half-way leaves a frozen entry: the next connection on that 4-tuple still works.
     h.steering.freeze(flow)
-    client = connect_from_port()
+    client = _connect_from_port(h, port)
     try:
         conn = h.accept_request(client, b"GET /fe HTTP/1.0\r\n\r\n")
         assert h.recv_exact(conn, 20) == b"GET /fe HTTP/1.0\r\n\r\n"
@@ -350,14 +352,6 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     h = handoff_lab
     port = 40321
 
-    def connect_from_port() -> socket.socket:
-        c = h.lab.socket("client")
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        c.bind(("0.0.0.0", port))
-        c.settimeout(10)
-        c.connect((h.vip, h.vport))
-        return c
-
     def socket_states() -> str:
         return h.lab.run("be1", ["ss", "-Htan", f"dport = :{port}"], capture_output=True, text=True).stdout
 
@@ -369,7 +363,7 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
             time.sleep(0.02)
         return True
 
-    client = connect_from_port()
+    client = _connect_from_port(h, port)
     conn = h.accept_request(client, b"GET /old HTTP/1.0\r\n\r\n")
     be_sock_old, flow, _ = h.hand_off(conn, "be1")
     be_sock_old.recv(65536)
@@ -382,7 +376,7 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     # socket is a timewait mini-socket, which does not block a repair-mode connect)
     assert "FIN-WAIT-2" in socket_states()
 
-    client = connect_from_port()
+    client = _connect_from_port(h, port)
     try:
         req = b"GET /new HTTP/1.0\r\n\r\n"
         conn = h.accept_request(client, req)
