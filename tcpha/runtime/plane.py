@@ -66,7 +66,6 @@ class ControlPlane:
         self._ctl: ControlSocketServer | None = None
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
-        self._deferred: threading.Thread | None = None
         self._closing = threading.Event()
         self._serve_lock = threading.Lock()
 
@@ -95,9 +94,8 @@ class ControlPlane:
         if wait_free > 0 and daemon_alive(self.rundir):
             log.log(NOTICE, "control directory %s: still served by the daemon being replaced; taken over "
                     "once it has stopped", self.rundir)
-            self._deferred = threading.Thread(target=self._serve_when_free, args=(wait_free,),
-                                              name=f"{self.name}-control-wait", daemon=True)
-            self._deferred.start()
+            threading.Thread(target=self._serve_when_free, args=(wait_free,), name=f"{self.name}-control-wait",
+                             daemon=True).start()
             return
         self._serve(in_use=daemon_alive(self.rundir))
 
