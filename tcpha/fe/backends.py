@@ -49,6 +49,7 @@ class ControlLink(asyncio.Protocol):
         self._connecting = False
         self._out: list[bytes] = []             # frames queued this loop iteration (see send)
         self.gone: asyncio.Future[None] | None = None   # set by close(): done at connection_lost
+        self._eof_sent = False                  # half-closed: nothing more can be written
 
     # -- connection management -------------------------------------------------------------------
     def connect(self) -> None:
@@ -127,7 +128,7 @@ class ControlLink(asyncio.Protocol):
         Steereds of one forward batch share one (Worker.flush_links). The frame is built (MAC'd,
         sequence-numbered) here, so encoding errors still raise to the caller.
         """
-        if self.transport is None or self.closing:
+        if not self.can_send:
             raise ConnectionError(f"control connection {self.index} to {self.backend.name} is closed")
         frame = self.conn.send(msg)
         out = self._out
@@ -160,13 +161,37 @@ class ControlLink(asyncio.Protocol):
         self.pending.clear()
         self._retry()
 
+    @property
+    def can_send(self) -> bool:
+        """Frames can still be written (a closing link takes no new handoff but finishes its own)."""
+        return self.transport is not None and not self._eof_sent
+
+    def handoff_done(self, xid: int) -> None:
+        """A handoff sent on this link is over (Steered sent, refused or failed): a close waiting for
+        the link's handoffs to finish goes on when it was the last."""
+        self.pending.discard(xid)
+        if self.gone is not None and not self.pending and not self._eof_sent:
+            self._half_close()
+
+    def _half_close(self) -> None:
+        self.flush()
+        self._eof_sent = True
+        if self.transport is None:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
     def close(self) -> "asyncio.Future[None] | None":
         """Close gracefully: write what is queued, then half-close (FIN) and go on reading until the
         back end closes its side (it does once it has read our FIN: tcpha.be.server.ControlSession.
         eof_received). Closing outright while the back end's FlowClosed reports sit unread in our
         receive queue would make the kernel answer with RST (RFC 1122 4.2.2.13: close with unread
         data), and an RST may destroy our last frames, a Steered among them, before the back end has
-        read them. Returns a future done when the connection is gone (None if it is already)."""
+        read them. Handoffs already sent on the link finish first (their Restored is read, their Steered
+        written: handoff_done); no new one starts on it. Returns a future done when the connection is
+        gone (None if it is already)."""
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
@@ -176,11 +201,10 @@ class ControlLink(asyncio.Protocol):
             self.backend.link_down(self)
         if self.transport is None:
             return None
-        self.gone = self.worker.loop.create_future()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            self.transport.close()
+        if self.gone is None:
+            self.gone = self.worker.loop.create_future()
+            if not self.pending:
+                self._half_close()
         return self.gone
 
     def abort(self) -> None:

@@ -321,7 +321,6 @@ class Dispatch:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.link.pending.discard(self.xid)
         w.batch.forward(self)          # batched per loop iteration, like the freezes
 
     def forwarded(self, error: Exception | None) -> None:
@@ -332,12 +331,14 @@ class Dispatch:
             # Steered, drops its restored copy silently) and try the next candidate.
             log.error("forwarding %s:%d to %s failed: %s; taken back", self.peer[0], self.peer[1],
                       self.backend.name, error)
+            self.link.handoff_done(self.xid)
             self._rollback()
             if not self.finished:
                 self._next_candidate()
             return
-        if self.link.up:
+        if self.link.can_send:
             self.link.send(w.steered_message(self.xid))
+        self.link.handoff_done(self.xid)
         repair.discard(self.sock)
         self.finished = True
         self.backend.handoffs += 1
@@ -351,7 +352,7 @@ class Dispatch:
             self.timer.cancel()
             self.timer = None
         if self.link is not None:
-            self.link.pending.discard(self.xid)
+            self.link.handoff_done(self.xid)
         self.backend.refused += 1
         self.worker.stats.refused += 1
         self.worker.ledger.refused(self, self.backend.name, self.backend.name)

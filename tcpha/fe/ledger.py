@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tcpha.fe.balance import SmoothWRR
 from tcpha.metrics import WorkerMetrics
 
 log = logging.getLogger("tcpha.fe.handoff")
@@ -45,7 +46,6 @@ class ConnectionLedger:
         self.dispatching: dict[int, Any] = {}
         self.gate: dict[str, bool] = {}          # back end name -> accepts new connections (absent: yes)
         self.weights: dict[str, int] = {}        # back end name -> weight (absent: 1), for rule pools
-        from tcpha.fe.balance import SmoothWRR
         self.balancer = SmoothWRR()              # this worker's smooth WRR state, per pool
         self.flow_timeout = flow_timeout
         self._added = 0
