@@ -22,21 +22,9 @@ import pytest
 
 from tcpha.distcache.address import connect_socket, parse_address
 from tcpha.distcache.codec import Message, MessageReader, Op, ProtocolError, encode_message
+from tests.support import wait_until
 
 PY = sys.executable
-
-
-def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.005):
-    """Poll ``cond`` until it is true (returns its value) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -20,20 +20,11 @@ import pytest
 from tcpha.distcache.codec import (FRAME_HEADER, PROTO_LEVEL, Message, MessageReader, Op,
                                    encode_add_payload, encode_message, encode_response)
 from tcpha.distcache.server import progress_line
+from tests.support import wait_until as wait_for
 
 ADD_ABC = bytes.fromhex("00110000 00 00000007 00 00 01 000f 000493e0 00000003 616263 44415441".replace(" ", ""))
 ADD_OK = bytes.fromhex("00110000 01 00000007 00 00 01 0001 00".replace(" ", ""))
 HAVE_ABC = bytes.fromhex("00110000 00 00000001 00 03 01 0003 616263".replace(" ", ""))
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Server:

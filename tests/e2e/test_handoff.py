@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tcpha.lab.demo import VPORT
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -58,15 +59,6 @@ def steering_entries(dep) -> int:
         s = FlowSteering(table="tcpha_fe", ifname=lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
         return int(s.entries())
     return lab.call("fe", count)
-
-
-def wait_until(cond, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # -- routing ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tcpha.lab.demo import LabDeployment
+from tests.support import wait_until
 
 
 def fe_workers(prod) -> list[int]:
@@ -20,15 +21,6 @@ def fe_workers(prod) -> list[int]:
         return sorted(c.pid for c in psutil.Process(prod.dep.fe_proc.pid).children())
     except psutil.NoSuchProcess:
         return []
-
-
-def wait_until(cond, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 class Prod:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.support import wait_until as wait_for
 
 DC_SERVER = [sys.executable, "-c", "import sys; from tcpha.cli.dc_server import main; sys.exit(main())"]
 RESUME_SERVER = [sys.executable, "-m", "tcpha.tls.resume_server"]
@@ -65,18 +66,6 @@ def _certs_with_cryptography(cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def _connectable(address: str) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tcpha.lab.tls_demo import TLS_VPORT
+from tests.support import wait_until
 
 # A client offering ALPN "tcpha-test" -> be2 whatever its SNI; then SNI a.* -> be1, b.* -> be2, no SNI or
 # an unreadable ClientHello (SNI "") -> be1; any other SNI matches no rule (handshake_failure alert).
@@ -25,15 +26,6 @@ BACKEND_HEADER = b"x-tcpha-backend"
 
 def lab_rules(lab, rules=TLS_RULES):
     return [r.format(be1=lab.ip("be1"), be2=lab.ip("be2")) for r in rules]
-
-
-def wait_until(cond, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @dataclass

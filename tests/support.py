@@ -1,0 +1,39 @@
+"""Helpers shared by every test area: one way to wait for an event.
+
+Tests poll for state that another process changes (a control file, a log line, a counter). A poll that
+runs before that state exists must be told apart from a failure: `wait_until` treats a condition that
+returns something false *or raises* as "not yet", and only at the deadline fails, naming what it waited
+for and the last exception seen, so a timeout reads as what it is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str | None = None,
+               interval: float = 0.02) -> T:
+    """Poll `cond` until it returns something truthy and return that value.
+
+    A condition that raises counts as "not yet" (a control socket not bound yet, a file not written
+    yet). After `timeout` seconds an AssertionError names `what` (or the condition) and the last value
+    or exception, so `assert wait_until(...)` and a bare `wait_until(...)` both fail with a reason.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+        except Exception as exc:  # noqa: BLE001 - "not yet"; reported at the deadline
+            value, last_error = None, exc  # type: ignore[assignment]
+        else:
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            label = what or getattr(cond, "__name__", "condition")
+            detail = f"; last error: {last_error!r}" if last_error is not None else f"; last value: {value!r}"
+            raise AssertionError(f"timed out after {timeout} s waiting for {label}{detail}")
+        time.sleep(interval)
