@@ -37,3 +37,19 @@ def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str | None = 
             detail = f"; last error: {last_error!r}" if last_error is not None else f"; last value: {value!r}"
             raise AssertionError(f"timed out after {timeout} s waiting for {label}{detail}")
         time.sleep(interval)
+
+
+def require_tool(name: str) -> str:
+    """The path of a program the tests need; a missing one is a set-up failure, never a silent skip.
+
+    scripts/install-deps installs every program the suite uses, so on a machine set up as CI is, a
+    missing tool means a broken install step, which a skip would hide.
+    """
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run scripts/install-deps (the tests need it)", pytrace=False)
+    return path

@@ -4,8 +4,9 @@
     web.url("1k.bin")  -> "http://10.77.0.11:8080/1k.bin"   (when listening on 0.0.0.0)
     web.expected("1k.bin") -> the exact bytes a client must receive
 
-nginx (Debian's nginx-light) is used when installed: a real server, as the product is meant to sit in
-front of. kind="python" (tcpha.lab.httpapp) is the fallback, and the one to use for uploads, since it
+nginx (Debian's nginx-light) is the default ("auto"): a real server, as the product is meant to sit in
+front of; a missing nginx is an error, never a silent swap. kind="python" (tcpha.lab.httpapp), asked for
+by name, is the one to use for uploads, since it
 answers POST/PUT with the body's sha256. Both add `X-Tcpha-Backend: HOST` to every response and answer
 GET /whoami with the host name. File contents are a deterministic function of the file name (SHAKE-256
 stream), the same on every back end, so a test can check a download byte for byte without keeping a copy.
@@ -109,8 +110,8 @@ def start_http(lab: NamespaceLab, host: str, *, port: int = 8080, addr: str = "0
                timeout: float = 10.0) -> LabHttpServer:
     """Start an origin server in `host`'s namespace, serving `files` (path -> size), and wait until it
     accepts connections. kind: "nginx", "python" or "auto" (nginx if installed)."""
-    if kind == "auto":
-        kind = "nginx" if nginx_available() else "python"
+    if kind == "auto":      # a real server, always: a missing nginx is an install fault, not a reason to swap
+        kind = "nginx"
     if kind not in ("nginx", "python"):
         raise ValueError(f"kind must be nginx, python or auto, not {kind!r}")
     if kind == "nginx" and not nginx_available():

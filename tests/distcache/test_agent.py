@@ -60,11 +60,9 @@ def test_many_requests_in_flight_answered_in_order(procs, sockdir):
 def test_empty_answer_at_once_while_server_unreachable(procs, sockdir):
     procs.agent(f"UNIX:{sockdir}/agent", f"UNIX:{sockdir}/nothing", args=("-retry", "600000"), upstream=False)
     s = unix_connect(sockdir / "agent")
-    t0 = time.monotonic()
     s.sendall(request(42, Op.GET, b"abcdef"))
-    (m,) = read_responses(s, 1)
+    (m,) = read_responses(s, 1)        # an answer at all: the retry period (600 s) was not waited for
     assert (m.uid, m.op, m.payload) == (42, Op.GET, b"")
-    assert time.monotonic() - t0 < 2
     # The C client counts it as a failed transaction; ours raises.
     with pytest.raises(DistcacheError, match="empty reply"):
         DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=2).has(b"abcdef")
@@ -107,7 +105,7 @@ def test_silent_upstream_is_dropped_after_upstream_timeout(procs, fake_servers, 
         return m if m.payload else None
     m = wait_until(attempt, 10, "a non-empty answer")
     assert (m.uid, m.payload) == (3, b"\x02")
-    assert 0.25 < took[-1] < 3
+    assert took[-1] > 0.25             # not before -upstream-timeout (300 ms); read_responses bounds it above
 
 
 def test_reconnects_every_retry_period(procs, sockdir):
@@ -210,7 +208,7 @@ def test_idle_clients_are_dropped(procs, fake_servers, sockdir):
     t0 = time.monotonic()
     s.settimeout(5)
     assert s.recv(100) == b""              # closed by the agent
-    assert 0.15 < time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 > 0.15    # not before -idle (200 ms); the socket timeout bounds it above
 
 
 def test_without_idle_connections_stay(procs, fake_servers, sockdir):
@@ -307,8 +305,9 @@ def test_two_thousand_clients_at_once(procs, sockdir):
     import resource
     import socket as socketmod
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < 4200:
-        pytest.skip("needs a descriptor limit above 4200")
+    if hard < 4200 and os.geteuid() == 0:
+        hard = 4200                                  # root may raise its own hard limit
+    assert hard >= 4200, "this test needs a descriptor limit of 4200 (run as root, as CI does)"
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4200), hard))
     procs.server(f"UNIX:{sockdir}/srv", "-sessions", "4000")
     procs.agent(f"UNIX:{sockdir}/agent", f"UNIX:{sockdir}/srv")

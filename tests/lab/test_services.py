@@ -38,7 +38,6 @@ def test_session_added_through_be1_is_seen_through_be2(lab):
     assert all(a.running() for a in agents.values())
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
 def test_redis_cluster_on_cache_host_is_removed_by_down(lab_factory):
 
     lab = lab_factory()

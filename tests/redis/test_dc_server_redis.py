@@ -130,7 +130,8 @@ def test_redis_stopped_and_restarted_under_load(redis_node, dc_server_factory):
         time.sleep(0.05)
     client.close()
     assert answered_during_outage == 200
-    assert slowest < 1.0, f"one request during the outage took {slowest:.2f} s"
+    # Bounded by the backend's socket timeout rather than hanging (not a speed limit: 5 s is generous).
+    assert slowest < 5.0, f"one request during the outage took {slowest:.2f} s"
     out = server.output()
     assert out.count("unreachable") == 1 and out.count("reachable again") == 1, out
 

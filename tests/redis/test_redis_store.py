@@ -37,7 +37,11 @@ async def _semantics(url: str) -> None:
         while await store.has(short):
             assert asyncio.get_running_loop().time() < deadline, "session outlived its timeout"
             await asyncio.sleep(0.01)
-        assert await store.refresh_count() >= 0
+        before = await store.refresh_count()
+        extra = [os.urandom(16) for _ in range(3)]
+        for key in extra:
+            assert await store.add(key, b"y", 60_000) == Status.OK
+        assert await store.refresh_count() == before + 3      # DBSIZE counts what was stored
         line = await store.describe()
         assert line.startswith("Info, backend ")
     finally:
@@ -99,7 +103,9 @@ def test_unreachable_redis_answers_fast_and_logs_once(redis_node, caplog):
     with caplog.at_level(logging.INFO, logger="tcpha.distcache.redis"):
         results, worst = run(go())
     assert results == [None] * 50
-    assert worst < 1.0, f"a request during the outage took {worst:.2f} s"
+    # Not a speed limit (bench/ has those): a request bounded by socket_timeout (0.2 s) rather than
+    # hanging until Redis returns; 5 s leaves a busy machine 25x the timeout.
+    assert worst < 5.0, f"a request during the outage took {worst:.2f} s (socket_timeout 0.2 s)"
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     recovered = [r for r in caplog.records if "reachable again" in r.getMessage()]
     assert len(unreachable) == 1 and len(recovered) == 1, [r.getMessage() for r in caplog.records]
@@ -147,22 +153,28 @@ def test_primary_killed_loses_at_most_the_last_second(redis_cluster):
             while await store.get(probe) != probe:
                 assert loop.time() < deadline, "replica did not take over"
                 await asyncio.sleep(0.1)
-            lost_old, lost_recent, served = [], 0, 0
+            # Redis replicates asynchronously: only what the victim acknowledged in the last second before
+            # it died may be lost. Everything older, and everything acknowledged after the kill (by a live
+            # node), must be served.
+            lost_old, lost_after, lost_recent = [], [], 0
             for sid, t in acked:
                 if await store.get(sid) == sid:
-                    served += 1
-                elif t < killed_at - 1.0:
+                    continue
+                if t < killed_at - 1.0:
                     lost_old.append(sid)
+                elif t > killed_at:
+                    lost_after.append(sid)
                 else:
                     lost_recent += 1
-            return acked, served, lost_old, lost_recent, victim
+            return acked, lost_old, lost_after, lost_recent, victim, killed_at
         finally:
             await store.close()
-    acked, served, lost_old, lost_recent, victim = run(go())
+    acked, lost_old, lost_after, lost_recent, victim, killed_at = run(go())
     try:
-        assert len(acked) > 100
+        assert len(acked) > 100 and any(t < killed_at - 1.0 for _, t in acked)
+        assert any(t > killed_at for _, t in acked), "no write was acknowledged after the kill"
         assert lost_old == [], f"{len(lost_old)} sessions acknowledged > 1 s before the kill were lost"
-        assert served >= len(acked) - lost_recent
+        assert lost_after == [], f"{len(lost_after)} sessions acknowledged after the kill were lost"
     finally:
         # Put the node back (it rejoins as a replica) so later tests see a whole cluster.
         victim.start()

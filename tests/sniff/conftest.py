@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 import pytest
+from tests.support import require_tool
 
 CAPTURE_TIMEOUT = 10.0
 
@@ -79,8 +80,7 @@ def capture_first_bytes(argv_for_port, complete, reply: bytes = b"") -> bytes:
 
 
 def openssl_hello(*args: str) -> bytes:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tool("openssl")
     return capture_first_bytes(lambda port: ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
                                _hello_complete)
 
@@ -91,8 +91,7 @@ def _head_complete(data: bytes) -> bool:
 
 def http_head(tool: str, *args: str) -> bytes:
     """The first request head (and any body bytes that came with it) curl or wrk sends."""
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} not installed")
+    require_tool(tool)
     if tool == "curl":
         argv = lambda port: ["curl", "-s", "-o", "/dev/null", "--max-time", "5", *args,  # noqa: E731
                              f"http://127.0.0.1:{port}/"]
@@ -211,7 +210,7 @@ def real_hellos() -> dict[str, bytes]:
         "py-tls12": python_hello("shop.example.org", ["http/1.1"], ssl.TLSVersion.TLSv1_2),
         "py-idn": python_hello("bücher.example"),
     }
-    if shutil.which("openssl"):
+    if require_tool("openssl"):
         hellos["openssl-sni-alpn"] = openssl_hello("-servername", "Api.Example.NET", "-alpn", "h2,http/1.1")
         hellos["openssl-tls12"] = openssl_hello("-servername", "legacy.example.com", "-tls1_2")
         hellos["openssl-noservername"] = openssl_hello("-noservername")
@@ -273,8 +272,7 @@ def resumption_hello(tmp_dir, version: ssl.TLSVersion, sni: str = "resume.exampl
 
 @pytest.fixture(scope="session")
 def resumption_hellos(tmp_path_factory) -> dict[str, bytes]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_tool("openssl")
     tmp_dir = tmp_path_factory.mktemp("resume")
     return {"tls13": resumption_hello(tmp_dir, ssl.TLSVersion.TLSv1_3),
             "tls12": resumption_hello(tmp_dir, ssl.TLSVersion.TLSv1_2)}

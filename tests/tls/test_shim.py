@@ -273,9 +273,7 @@ def test_slow_cache_object_is_used_once_then_skipped(certs, inproc_server, caplo
         client = client_context(certs, "TLSv1_2")
         first = visit(port, client)
         assert visit(port, client, first.session).reused   # a late answer is still an answer...
-        t0 = time.monotonic()
-        assert not visit(port, client, first.session).reused  # ...but the cache is now skipped
-        assert time.monotonic() - t0 < 0.25
-    assert cache.count("get") == 1
+        assert not visit(port, client, first.session).reused  # ...but the cache is now skipped:
+    assert cache.count("get") == 1                            # the second lookup never reached it
     [warning] = [r for r in shim_warnings(caplog) if "failed" in r.getMessage()]
     assert "over the 100 ms timeout" in warning.getMessage()

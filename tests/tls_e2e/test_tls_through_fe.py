@@ -343,7 +343,13 @@ def test_200_tls_connections_20_at_a_time_all_answered(tls_deployment):
     size = len(tls.dep.origins["be1"].expected("100k.bin"))
     bad = [r for r in results if r[1] != 200 or r[4] != size or r[2] != ("be1", "be2")[r[0] % 2]]
     assert bad == [], diagnostics(tls)
-    # Never a resumption without an offered session. An offered one resumes unless a cache lookup
-    # exceeded its bounded timeout on this loaded machine (then: a full handshake, by design).
+    # Never a resumption without an offered session. Every offered one resumes, unless a cache lookup
+    # exceeded its bounded timeout on this loaded machine (then a full handshake, by design, and the back
+    # end says so in a WARNING): no miss goes unexplained.
     assert not any(r[3] for r in results if r[0] % 4 >= 2)
-    assert sum(r[3] for r in results if r[0] % 4 < 2) >= 50, diagnostics(tls)
+    missed = [r[0] for r in results if r[0] % 4 < 2 and not r[3]]
+    if missed:
+        cache_failures = [line for line in diagnostics(tls).splitlines()
+                          if "TLS session cache" in line and " failed (" in line]
+        assert cache_failures, f"offered sessions not resumed with no cache failure logged: {missed}"
+
