@@ -72,10 +72,14 @@ class Prod:
                               capture_output=True, text=True, timeout=20)
 
     def ctl_json(self, path: str, rundir: str | None = None):
-        import json
-        r = self.ctl("--json", "get", path, rundir=rundir)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        """A control file's data, read over the control socket in this process (what `tcpha-ctl --json
+        get` prints; tests of the command itself use ctl()). No interpreter start per poll, so a poll
+        measures the daemon, not `python -m`."""
+        from tcpha.cli.ctl import socket_for
+        from tcpha.runtime.ctlsock import request
+        reply = request(socket_for(rundir or self.fe_rundir), {"op": "read", "path": path})
+        assert reply.get("ok"), reply.get("error")
+        return reply["data"]
 
     def fe_log(self) -> str:
         return self.lab.log_path("fe", "tcpha-fe").read_text(errors="replace")
