@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -10,7 +11,7 @@ import pytest
 
 from tcpha.lab.http import start_http
 from tcpha.metrics import parse_exposition
-from tests.production.conftest import wait_until
+from tests.production.conftest import fe_workers, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -217,3 +218,28 @@ def test_registration_refusals(prod):
     # ...and removed again when that connection closed (the exchange above closes it).
     wait_until(lambda: f"back end {be2}:666 removed: " in prod.fe_log(), 10, "the closed registration removed")
     assert not _registered(prod, f"{be2}:666")
+
+
+def _handed_off(samples: dict) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == "tcpha_fe_handoffs_total" and ("outcome", "handed_off") in ls)
+
+
+def test_counters_keep_a_dead_workers_counts(prod):
+    """docs/operations.md, metrics: the control plane keeps the last counts of a worker that died, so a
+    counter never goes backwards when a worker is killed and replaced; the replacement adds its own."""
+    prod.start(fe={"metrics": f"127.0.0.1:{METRICS_PORT}", "startservers": 3, "minspareservers": 1,
+                   "maxspareservers": 5})
+    assert wait_until(lambda: len(fe_workers(prod)) == 3, 10)
+    base = _handed_off(scrape(prod))
+    for _ in range(30):
+        assert prod.dep.request("/index.html").status == 200
+    counted = _handed_off(scrape(prod))
+    assert counted == base + 30
+    for victim in fe_workers(prod)[:2]:                    # two of three: at least one of them served some
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in fe_workers(prod), 10, f"worker {victim} gone")
+    assert _handed_off(scrape(prod)) == counted            # nothing lost with them
+    for _ in range(10):
+        assert prod.dep.request("/index.html").status == 200
+    assert _handed_off(scrape(prod)) == counted + 10
