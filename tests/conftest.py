@@ -28,6 +28,8 @@ def pytest_runtest_setup(item):
     # reported as a failure with one clear line rather than skipped or turned into an expected failure.
     if os.geteuid() != 0 and item.get_closest_marker("netns"):
         pytest.fail("needs root and network namespaces: run the suite as root (CI does)", pytrace=False)
+    if os.geteuid() != 0 and item.get_closest_marker("root"):
+        pytest.fail("needs root: run the suite as root (CI does)", pytrace=False)
 
 
 # --- the namespace lab (owner: lab) -----------------------------------------------------------------

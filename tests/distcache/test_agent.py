@@ -240,7 +240,7 @@ def test_bad_sockowner_only_warns(procs, fake_servers, sockdir):
     assert DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=2).has(b"abcdef") is False
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+@pytest.mark.root
 def test_user_switch_after_listening(procs, fake_servers, sockdir):
     up = fake_servers(sockdir / "up")
     os.chmod(sockdir, 0o755)

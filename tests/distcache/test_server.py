@@ -352,7 +352,7 @@ def test_sockperms_and_bad_sockowner_only_warns(dc_server):
         assert rpc(s, Message(False, 1, Op.HAVE, b"x"))[0].payload == b"\x01"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="-user needs root")
+@pytest.mark.root
 def test_user_drops_privileges(dc_server, tmp_path):
     os.chmod(tmp_path, 0o755)
     srv = dc_server("-user", "nobody")

@@ -182,7 +182,7 @@ def test_metrics_merge_and_exposition_round_trip():
 
 # -- the two mechanisms, for real, on a scratch directory (root) ----------------------------------
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+needs_root = pytest.mark.root
 
 
 @needs_root
@@ -311,3 +311,57 @@ def test_ledger_rule_states_and_pruning():
     assert ledger.conn_rows() == []
     m = ledger.metrics.to_dict()
     assert ["a:1", "uri:jpg$", "handed_off", 1] in m["handoffs"] and m["latency_count"] == 2
+
+
+_PLANE_SCRIPT = """
+import sys, time
+from tcpha.runtime.plane import ControlPlane
+from tcpha.runtime.tree import ControlFile, ControlTree
+t = ControlTree()
+t.add(ControlFile("sys/n", lambda: "7"))
+plane = ControlPlane(rundir=sys.argv[1], tree=t, name="tcpha-test")
+plane.start()
+print(plane.mode, flush=True)
+time.sleep(600)
+"""
+
+
+@needs_root
+def test_stale_mount_of_a_killed_daemon_is_detached_at_the_next_start(tmp_path, caplog):
+    """docs/operations.md: a FUSE mount left by a daemon killed with kill -9 (ENOTCONN) is detached at
+    the next start, which then serves its own control files there."""
+    import logging
+    import subprocess
+    import sys
+
+    from tcpha.runtime.fusefs import detach_stale_mount, unmount
+    from tcpha.runtime.plane import ControlPlane
+    rundir = str(tmp_path / "fe")
+    dead = subprocess.Popen([sys.executable, "-c", _PLANE_SCRIPT, rundir], stdout=subprocess.PIPE, text=True)
+    plane = None
+    try:
+        assert dead.stdout.readline().strip() == "fuse"
+        assert os.path.ismount(rundir)
+        dead.kill()
+        dead.wait(10)
+        with pytest.raises(OSError) as e:                  # the mount outlived its daemon: stale
+            os.stat(rundir)
+        assert e.value.errno == errno.ENOTCONN
+        t, state = make_tree()
+        plane = ControlPlane(rundir=rundir, tree=t, name="tcpha-test")
+        with caplog.at_level(logging.WARNING, logger="tcpha"):
+            plane.start()
+        assert plane.mode == "fuse"
+        assert "removed the stale mount of a daemon that died" in caplog.text
+        with open(os.path.join(rundir, "sys/n")) as f:
+            assert f.read() == "3\n"                       # the new daemon's tree, not the dead one's
+    finally:
+        if dead.poll() is None:
+            dead.kill()
+        if plane is not None:
+            plane.stop()
+        detach_stale_mount(rundir)                         # whatever is left mounted, stale or not
+        for _ in range(3):
+            if not os.path.ismount(rundir):
+                break
+            unmount(rundir)
