@@ -80,8 +80,11 @@ def _find_libssl_path() -> str:
     """
     import _ssl  # noqa: F401  (make sure it is loaded, so its libssl is mapped)
 
-    candidates = sorted({path for _, _, _, path in _mapped_files()
-                         if os.path.basename(path).startswith("libssl.so") and os.path.exists(path)})
+    # A library replaced on disk while mapped (a libssl3 upgrade under a running daemon) shows as
+    # "PATH (deleted)": it is still the loaded one, and dlopen(PATH, RTLD_NOLOAD) finds it by name.
+    candidates = sorted({path.removesuffix(" (deleted)") for _, _, _, path in _mapped_files()
+                         if os.path.basename(path).startswith("libssl.so")
+                         and (path.endswith(" (deleted)") or os.path.exists(path))})
     if not candidates:
         raise ShimError("no shared libssl is mapped: the ssl module is linked statically")
     if len(candidates) == 1:

@@ -277,3 +277,29 @@ def test_slow_cache_object_is_used_once_then_skipped(certs, inproc_server, caplo
     assert cache.count("get") == 1                            # the second lookup never reached it
     [warning] = [r for r in shim_warnings(caplog) if "failed" in r.getMessage()]
     assert "over the 100 ms timeout" in warning.getMessage()
+
+
+def test_libssl_replaced_on_disk_while_loaded_is_still_found(tmp_path):
+    """A libssl upgrade under a running daemon leaves its mapping as "PATH (deleted)": the shim still
+    finds the loaded library (seen when apt upgraded libssl3 while a test run was going on)."""
+    import subprocess
+    import sys
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    real = openssl.libssl().path
+    for name in ("libssl.so.3", "libcrypto.so.3"):
+        src = os.path.join(os.path.dirname(os.path.realpath(real)), name)
+        (libdir / name).write_bytes(open(src, "rb").read())
+    script = f"""
+import os, ssl, _ssl
+os.unlink({str(libdir / "libssl.so.3")!r})           # the file goes; the mapping stays
+assert " (deleted)" in open("/proc/self/maps").read()
+from tcpha.tls import openssl
+lib = openssl.libssl()
+assert lib.OpenSSL_version_num() == ssl.OPENSSL_VERSION_NUMBER
+print(lib.path)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LD_LIBRARY_PATH": str(libdir)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(libdir / "libssl.so.3")
