@@ -2,7 +2,7 @@
 
 Hand-written on the raw socket options because no maintained Python library wraps TCP_REPAIR (CRIU's
 libsoccr is C and GPL; we do not copy it). The sequence and its pitfalls are the ones recorded in
-docs/kernel.md (and shared/notes/tcp-repair.md), all verified on this kernel.
+docs/kernel.md, all verified on this kernel.
 
     state = dump(sock)           # FE, after the flow's packets are frozen; sock stays in repair mode
     blob = state.to_bytes()      # travels over the control channel

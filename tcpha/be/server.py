@@ -611,7 +611,7 @@ class BackEnd:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stop.set)
-            # Control directory (sys/unload, sys/dbglevel, conn) and dregister (issue 4).
+            # Control directory (sys/unload, sys/dbglevel, conn) and dregister (docs/operations.md).
             from tcpha.be.runtime import start_be_runtime, start_registrar
             self.runtime = start_be_runtime(self)
             self.registrar = start_registrar(self)

@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "ServerSpec", "RuleSpec", "FEConfig", "BEConfig", "LOC
            "load_fe_config", "load_be_config", "read_authkey", "changed_options",
            "MIN_KEY_BYTES", "RULE_FIELDS", "compile_rule", "register_rules"]
 
-# A rule whose target is the front end's own local node (issue 4 point 5).
+# A rule whose target is the front end's own local node (docs/operations.md, "The local node").
 LOCAL_TARGET = "local"
 # The shortest key accepted: 32 bytes of file content (tcpha-keygen writes 64 hex digits = 256 bits;
 # `openssl rand -hex 16` is the shortest common form that passes).

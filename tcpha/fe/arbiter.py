@@ -10,7 +10,8 @@ The arbiter
 5. on SIGTERM/SIGINT stops the workers (they stop accepting and finish what they are dispatching),
    waits until the handed-off flows are gone or `grace` has passed, and removes the kernel state.
 
-The dynamic pool between minspareservers and maxspareservers is issue 4's; here the pool is fixed.
+The pool is dynamic: `startservers` at start, then kept between `minspareservers` and `maxspareservers`
+idle workers, 1 to 32 in all (tcpha.fe.pool.SparePolicy decides; docs/operations.md, "Workers and limits").
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class FrontEnd:
         self._stop = False
         self._wakeup_r = -1
         self.notify: Callable[[str], None] = lambda state: None
-        self.runtime: Any = None        # tcpha.fe.runtime: control files, health checks, metrics (issue 4)
+        self.runtime: Any = None        # tcpha.fe.runtime: control files, health checks, metrics
         self.handed_over = False        # seamless upgrade: a successor owns the kernel state now
         self._retiring: set[int] = set()
 

@@ -255,7 +255,7 @@ class Worker:
         self.stats = WorkerStats()
         from tcpha.fe.ledger import ConnectionLedger
         # Connections, flows, counters and the health gate, read and written by the control plane
-        # through `runtime_sock` (tcpha.fe.agent; issue 4).
+        # through `runtime_sock` (tcpha.fe.agent).
         self.ledger = ConnectionLedger(list(config.rules), float(getattr(config, "flowtimeout", 3600) or 3600))
         self.runtime_sock: socket.socket | None = None
         self.pending: dict[int, Dispatch] = {}
