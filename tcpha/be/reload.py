@@ -12,7 +12,8 @@ rule, dregister, feaddr, feport,       rules sent again on the live registration
 registerretry                          them); a changed front end address or dregister on/off: Unregister
                                        from the old one, register with the new one
 tlscert, tlskey, tlsports,             a new TLS context (certificate and key read again, e.g. renewed) and
-sessioncache, sessiontimeout           session cache connection for new TLS connections
+sessioncache, sessiontimeout,          session cache connection for new TLS connections; sessionkeys read again
+sessionkeys                            (a rotation under the same path applies)
 maxclients, grace                      the new limits
 =====================================  ========================================================================
 
@@ -32,7 +33,7 @@ log = logging.getLogger("tcpha.be")
 NOTICE = 25
 
 NEEDS_RESTART = ("raddr", "uaddr", "vaddr", "port", "interface", "unixpath", "rundir", "metrics", "authkey")
-_TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout")
+_TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys")
 _REGISTRATION = ("dregister", "feaddr", "feport")
 
 

@@ -78,12 +78,16 @@ class TlsTermination:
             from tcpha.tls import share_sessions
             timeout = int(getattr(config, "sessiontimeout", 300) or 300)
             # False after one log line when the shim's self-checks fail: TLS still works, unshared.
-            shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout)
+            keys = getattr(config, "sessionkeys", None)
+            shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout,
+                                    sealer=keys.sealer() if keys is not None else None)
         if not shared:
             # Without the shared cache: OpenSSL's own cache (this process only) and TLS 1.3 tickets.
             ctx.num_tickets = 1
         log.log(25, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
-                cert, f"shared through {cache}" if shared else "not shared (no sessioncache)" if not cache
+                cert, (f"shared through {cache}" + (f", sealed with {getattr(config, 'sessionkeys', None)}"
+                                                    if getattr(config, "sessionkeys", None) else ", not sealed"))
+                if shared else "not shared (no sessioncache)" if not cache
                 else f"NOT shared (the shim refused; see above), cache {cache}")
         return cls(context=ctx, ports=ports, shared=shared, cache=cache)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpha.config import types as t
+from tcpha.tls.sealing import session_key_file
 
 __all__ = ["Setting", "FE_SETTINGS", "BE_SETTINGS", "SETTINGS", "GROUPS", "settings_for"]
 
@@ -229,6 +230,9 @@ BE_SETTINGS: list[Setting] = [
             section="be", group="tls", metavar="ADDRESS|none"),
     Setting("sessiontimeout", t.seconds, "300", t.in_range(1, 86400),
             "lifetime of a TLS session in the cache", section="be", group="tls", metavar="SECONDS"),
+    Setting("sessionkeys", session_key_file, "none", _any,
+            "key file sealing cached TLS sessions (AES-256-GCM); first key seals, all open (docs/tls.md)",
+            section="be", group="tls", metavar="PATH|none"),
     *_operations("be", "/run/tcpha/be", "tcphabe.log"),
 ]
 

@@ -8,6 +8,8 @@
 See docs/tls.md.
 """
 
+from .sealing import SessionKeyError, SessionSealer
 from .sharing import DistcacheSessions, SessionCacheStats, session_cache_stats, share_sessions
 
-__all__ = ["share_sessions", "session_cache_stats", "DistcacheSessions", "SessionCacheStats"]
+__all__ = ["share_sessions", "session_cache_stats", "DistcacheSessions", "SessionCacheStats", "SessionSealer",
+           "SessionKeyError"]

@@ -20,6 +20,7 @@ import ssl
 import sys
 import threading
 
+from .sealing import SessionKeyError, SessionSealer
 from .sharing import session_cache_stats, share_sessions
 
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-interval", type=float, default=1.0)
     p.add_argument("--session-timeout", type=int, default=300)
     p.add_argument("--max-version", choices=["TLSv1_2", "TLSv1_3"])
+    p.add_argument("--session-keys", help="seal sessions with the keys of this file (AES-256-GCM)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"{args.name}: %(levelname)s %(name)s: %(message)s")
@@ -64,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = build_context(args)
         if args.cache:
+            sealer = SessionSealer.from_file(args.session_keys) if args.session_keys else None
             share_sessions(ctx, args.cache, timeout=args.timeout, retry_interval=args.retry_interval,
-                           session_timeout=args.session_timeout)
+                           session_timeout=args.session_timeout, sealer=sealer)
         lsock = socket.create_server((host or "127.0.0.1", int(port)), backlog=512)
-    except (OSError, ValueError, ssl.SSLError) as exc:
+    except (OSError, ValueError, ssl.SSLError, SessionKeyError) as exc:
         print(f"resume_server: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -45,6 +45,7 @@ from tcpha.distcache.codec import MessageReader, Op, ProtocolError, encode_add_p
 
 from . import openssl
 from .openssl import LibSSL, ShimError
+from .sealing import SEAL_OVERHEAD, SessionSealer
 
 __all__ = ["share_sessions", "session_cache_stats", "SessionCache", "DistcacheSessions",
            "PostedOperations", "SessionCacheStats"]
@@ -300,6 +301,7 @@ class SessionCacheStats:
     lookups: int = 0       # get callbacks (a client offered a session)
     hits: int = 0          # lookups answered with a usable session
     misses: int = 0        # lookups the cache answered "absent" (or with a corrupt entry)
+    unsealed: int = 0      # of the misses: entries that failed to open (wrong key, tampered, plaintext)
     removed: int = 0       # REMOVEs sent (fatal alerts; removal requests if honoured)
     errors: int = 0        # operations that failed or took longer than the timeout
     skipped: int = 0       # operations not tried because the cache was marked down
@@ -360,9 +362,12 @@ class SharedSessions:
     """The session callbacks of one SSL_CTX."""
 
     def __init__(self, lib: LibSSL, ctx: int, cache: SessionCache, timeout: float,
-                 retry_interval: float, honour_removals: bool) -> None:
+                 retry_interval: float, honour_removals: bool, sealer: SessionSealer | None = None) -> None:
         self.lib = lib
         self.ctx = ctx
+        self.sealer = sealer
+        # A sealed record is SEAL_OVERHEAD bytes longer than the session; distcache's limit is on the record.
+        self.max_session = MAX_SESSION_DATA - (SEAL_OVERHEAD if sealer is not None else 0)
         self.stats = SessionCacheStats()
         self.breaker = CacheBreaker(cache, timeout, retry_interval, self.stats)
         self.honour_removals = honour_removals
@@ -378,9 +383,11 @@ class SharedSessions:
     def on_new(self, ssl_ptr: int, sess: int) -> int:
         sid = self.lib.session_id(sess)
         data = self.lib.session_to_der(sess)
-        if not sid or not data or len(data) > MAX_SESSION_DATA:
+        if not sid or not data or len(data) > self.max_session:
             self.stats.not_stored += 1
             return 0
+        if self.sealer is not None:
+            data = self.sealer.seal(sid, data)
         timeout_ms = min(max(self.lib.SSL_SESSION_get_timeout(sess), 1) * 1000, MAX_TIMEOUT_MS)
         if self.posts:
             self.breaker.call("post_add", sid, data, timeout_ms, self._add_answered)
@@ -400,6 +407,16 @@ class SharedSessions:
         if not data:
             self.stats.misses += 1
             return None
+        if self.sealer is not None:
+            data = self.sealer.open(sid, bytes(data))
+            if data is None:
+                # Another key (a back end not yet given the new one, or a wrong file), a record moved
+                # to another id, tampered or never sealed: a miss, never a resumption.
+                log.debug("TLS session cache %s: entry for id %s does not open with %s",
+                          self.breaker.cache, sid.hex(), self.sealer)
+                self.stats.misses += 1
+                self.stats.unsealed += 1
+                return None
         sess = self.lib.session_from_der(bytes(data))
         if sess is None or self.lib.session_id(sess) != sid:
             # Corrupt, or an entry that is not the session asked for: a miss, never a wrong resume.
@@ -507,7 +524,8 @@ def _forget(ptr: int, shared: SharedSessions) -> None:
 
 def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeout: float = 0.2,
                    id_context: bytes = b"tcpha", session_timeout: int = 300,
-                   retry_interval: float = 1.0, honour_removals: bool = False) -> bool:
+                   retry_interval: float = 1.0, honour_removals: bool = False,
+                   sealer: SessionSealer | None = None) -> bool:
     """Keep the server sessions of ``context`` in ``cache``, so that any server sharing that cache
     (and the same ``id_context``) resumes them.  Call before the context serves connections.
 
@@ -523,8 +541,11 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
     fail (unknown layout, another libssl, ...): the context then works as before, unshared.
     Raises ValueError/TypeError for bad arguments.
 
-    The cached sessions hold the master secrets: the cache must be reachable only by the servers
-    (a UNIX socket with tight permissions, a private network).
+    The cached sessions hold the master secrets. With ``sealer`` (a :class:`SessionSealer`, the same
+    keys on every server) each session is sealed with AES-256-GCM before it leaves the process and
+    opened after the GET, so the cache, its files and its replicas never hold a usable one; an entry
+    that does not open is a miss. Without it the cache must be reachable only by the servers (a UNIX
+    socket with tight permissions, a private network).
     """
     if not isinstance(id_context, bytes) or not 1 <= len(id_context) <= openssl.MAX_SID_CTX_LENGTH:
         raise ValueError(f"id_context must be 1 to {openssl.MAX_SID_CTX_LENGTH} bytes")
@@ -567,7 +588,7 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
     mode = openssl.SESS_CACHE_SERVER | openssl.SESS_CACHE_NO_INTERNAL
     lib.SSL_CTX_ctrl(ctx, openssl.CTRL_SET_SESS_CACHE_MODE, mode, None)
 
-    shared = SharedSessions(lib, ctx, store, timeout, retry_interval, honour_removals)
+    shared = SharedSessions(lib, ctx, store, timeout, retry_interval, honour_removals, sealer)
     _SHARED[ctx] = shared
     weakref.finalize(context, _forget, ctx, shared)
     lib.SSL_CTX_sess_set_new_cb(ctx, _new_cb)
@@ -580,7 +601,8 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
         log.info("TLS session cache: the context has its own info callback; fatal alerts will not "
                  "remove sessions from the cache")
     log.info("TLS sessions of this context shared through %s (lookup timeout %.0f ms, "
-             "session lifetime %d s)", store, timeout * 1000, session_timeout)
+             "session lifetime %d s, %s)", store, timeout * 1000, session_timeout,
+             f"sealed: {sealer!r}" if sealer is not None else "not sealed")
     return True
 
 

@@ -1,0 +1,49 @@
+"""`sessionkeys` on the back ends: a TLS session made on be1 resumes on be2 through the front end and the
+cache while every cached session is sealed (AES-256-GCM); a bad key file is a config error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import client_context, lab_rules, tls_get
+
+@pytest.mark.netns
+def test_sealed_sessions_resume_across_back_ends(lab):
+    from tcpha.lab.demo import LabDeployment
+    from tcpha.lab.tls_demo import TlsLab
+
+    dep = LabDeployment(lab)
+    keys = dep.dir / "sessionkeys"
+    dep.dir.mkdir(parents=True, exist_ok=True)
+    keys.write_text("ab" * 32 + "\n")
+    keys.chmod(0o600)
+    tls = TlsLab(dep)
+    tls.start(be={"sessionkeys": str(keys)}, fe={"rules": lab_rules(lab)})
+    for version in ("1.2", "1.3"):
+        ctx = client_context(tls, version)
+        first = tls_get(tls, "a.example", ctx=ctx)
+        assert first.status == 200 and first.backend == "be1" and not first.reused
+        second = tls_get(tls, "b.example", ctx=ctx, session=first.session)
+        assert second.status == 200 and second.backend == "be2" and second.reused, version
+    for host in ("be1", "be2"):
+        log = lab.log_path(host, "tcpha-be").read_text(errors="replace")
+        assert f"sealed with {keys}" in log, log[-2000:]
+
+
+def test_a_bad_session_key_file_is_a_config_error(tmp_path):
+    keys = tmp_path / "sessionkeys"
+    keys.write_text("not a key\n")
+    keys.chmod(0o600)
+    conf = tmp_path / "tcphabe.conf"
+    conf.write_text(f"raddr = 10.0.0.2\nvaddr = 10.0.0.100\nauthkey = {tmp_path}/authkey\n"
+                    f"tlscert = {tmp_path}/cert.pem\nsessionkeys = {keys}\n")
+    (tmp_path / "authkey").write_text("cd" * 32 + "\n")
+    (tmp_path / "authkey").chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "tcpha.be", "-c", str(conf), "--check-config"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"{conf}:5: sessionkeys: {keys}:1: a session key is 64 hex digits "
+                                             f"(tcpha-keygen writes one)"], r.stderr
