@@ -31,6 +31,35 @@ class RedisLaunchError(RuntimeError):
     """A node did not start or the cluster did not form; str() is one line."""
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS on every link of the local Redis: clients (client certificates required), replication and the
+    cluster bus, all under one CA. The same files serve the nodes, redis-cli and dc_server's URL."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def client_kwargs(self) -> dict:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_certfile": str(self.cert),
+                "ssl_keyfile": str(self.key), "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.cert), "--key", str(self.key)]
+
+    def url_query(self) -> str:
+        """dc_server's -backend words for these files (redis-cli's names; see redis_store)."""
+        return f"cacert={self.ca}&cert={self.cert}&key={self.key}"
+
+    def server_config(self, cluster: bool) -> list[str]:
+        lines = [f"tls-cert-file {self.cert}", f"tls-key-file {self.key}", f"tls-ca-cert-file {self.ca}",
+                 "tls-auth-clients yes", "tls-replication yes"]
+        return lines + (["tls-cluster yes"] if cluster else [])
+
+    def as_dict(self) -> dict:
+        return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key)}
+
+
 @dataclass
 class RedisNode:
     host: str
@@ -38,16 +67,22 @@ class RedisNode:
     workdir: Path
     cluster: bool
     node_timeout_ms: int = 1000
+    tls: RedisTls | None = None
     process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def client(self, **kwargs) -> redis.Redis:
+        """A redis-py client of this node (over TLS when the node has it)."""
+        return redis.Redis(self.host, self.port, **kwargs, **(self.tls.client_kwargs() if self.tls else {}))
+
     def config(self) -> str:
         lines = [
             f"bind {self.host}",
-            f"port {self.port}",
+            *([f"port {self.port}"] if self.tls is None else ["port 0", f"tls-port {self.port}",
+                                                             *self.tls.server_config(self.cluster)]),
             f"dir {self.workdir}",
             "protected-mode no",
             "daemonize no",
@@ -79,7 +114,7 @@ class RedisNode:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        client = redis.Redis(self.host, self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             while True:
                 if self.process is not None and self.process.poll() is not None:
@@ -129,22 +164,28 @@ class LocalRedisCluster:
     primaries: int = 3
     replicas_per_primary: int = 1
     node_timeout_ms: int = 1000
+    tls: RedisTls | None = None
     nodes: list[RedisNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         count = self.primaries * (1 + self.replicas_per_primary)
         self.nodes = [RedisNode(self.host, self.base_port + i, self.workdir / str(self.base_port + i),
-                                cluster=True, node_timeout_ms=self.node_timeout_ms) for i in range(count)]
+                                cluster=True, node_timeout_ms=self.node_timeout_ms, tls=self.tls)
+                      for i in range(count)]
 
     @property
     def url(self) -> str:
-        return "redis-cluster://" + ",".join(n.address for n in self.nodes[: self.primaries])
+        hosts = ",".join(n.address for n in self.nodes[: self.primaries])
+        if self.tls is None:
+            return "redis-cluster://" + hosts
+        return f"rediss-cluster://{hosts}?{self.tls.url_query()}"
 
     def start(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
         result = subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes),
+            [REDIS_CLI, *(self.tls.cli_args() if self.tls else []), "--cluster", "create",
+             *(n.address for n in self.nodes),
              "--cluster-replicas", str(self.replicas_per_primary), "--cluster-yes"],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
@@ -166,7 +207,7 @@ class LocalRedisCluster:
         for node in self.nodes:
             if node.pid() is None:
                 continue
-            client = redis.Redis(node.host, node.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            client = node.client(socket_timeout=0.5, socket_connect_timeout=0.5)
             try:
                 if client.cluster("info").get("cluster_state") != "ok":
                     return False
@@ -186,7 +227,7 @@ class LocalRedisCluster:
         for node in self.nodes:
             if node.pid() is None:
                 continue
-            client = redis.Redis(node.host, node.port, socket_timeout=0.5)
+            client = node.client(socket_timeout=0.5)
             try:
                 slot = client.cluster("keyslot", key)
                 for entry in client.cluster("slots"):
@@ -206,12 +247,14 @@ class LocalRedisCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "cluster.json").write_text(json.dumps({
             "host": self.host, "base_port": self.base_port, "primaries": self.primaries,
-            "replicas_per_primary": self.replicas_per_primary}))
+            "replicas_per_primary": self.replicas_per_primary,
+            "tls": self.tls.as_dict() if self.tls else None}))
 
     @classmethod
     def load_state(cls, workdir: Path) -> "LocalRedisCluster":
         data = json.loads((workdir / "cluster.json").read_text())
-        return cls(workdir=workdir, **data)
+        tls = data.pop("tls", None)
+        return cls(workdir=workdir, tls=RedisTls(**{k: Path(v) for k, v in tls.items()}) if tls else None, **data)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

@@ -2,8 +2,15 @@
 
 dc_server picks this store with ``-backend redis://HOST:PORT`` (standalone, or a primary with replicas) or
 ``-backend redis-cluster://HOST:PORT[,HOST:PORT...]`` (hash-slot partitioned cluster). ``rediss://`` and
-``rediss-cluster://`` use TLS; password, database and TLS options ride in the URL as redis-py reads them
-(``redis://:secret@10.0.0.5:6379/2?ssl_cert_reqs=none``).
+``rediss-cluster://`` use TLS; password, database and TLS options ride in the URL.
+
+TLS (``rediss://``) checks the server's certificate chain *and* its name (or IP address) by default. The
+options take redis-cli's words: ``cacert=FILE`` (the CA to trust; default: the system's), ``cacertdir=DIR``,
+``cert=FILE`` and ``key=FILE`` (a client certificate, for ``tls-auth-clients yes``), ``insecure`` (no
+certificate check: only for tests). The name checked is the host of the URL (an IP address needs an IP
+subjectAltName in the server's certificate). redis-py's own
+``ssl_*`` words are accepted too. Example:
+``rediss://:secret@10.0.0.5:6380?cacert=/etc/tcpha/redis-ca.pem&cert=/etc/tcpha/dc.pem&key=/etc/tcpha/dc.key``.
 
 How the distcache operations map onto Redis (semantics of the embedded store, see store.py):
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
@@ -331,6 +339,42 @@ def _split_url(url: str) -> tuple[str, list[tuple[str, int]], str]:
     return parts.scheme, nodes, urlunsplit((plain_scheme, netloc, parts.path, parts.query, ""))
 
 
+# redis-cli's TLS words (--cacert, --cacertdir, --cert, --key, --insecure) -> redis-py's.
+_TLS_WORDS = {"cacert": "ssl_ca_certs", "cacertdir": "ssl_ca_path", "cert": "ssl_certfile",
+              "key": "ssl_keyfile"}
+
+
+def _tls_options(url: str) -> tuple[str, dict[str, Any]]:
+    """The URL without redis-cli's TLS words, and the redis-py keyword arguments they stand for.
+
+    A TLS URL checks the certificate and the host name unless ``insecure`` says otherwise; a TLS word
+    on a plain redis:// URL is an error (it would silently not be used).
+    """
+    parts = urlsplit(url)
+    tls = parts.scheme.startswith("rediss")
+    kept, options = [], {}
+    for item in filter(None, parts.query.split("&")):
+        word, _, value = item.partition("=")
+        if word in _TLS_WORDS or word == "insecure":
+            if not tls:
+                raise BackendURLError(f"{word} is a TLS option: use rediss:// in backend {url_without_password(url)!r}")
+            if word == "insecure":
+                options["ssl_cert_reqs"] = "none"
+                options["ssl_check_hostname"] = False
+            else:
+                if not value:
+                    raise BackendURLError(f"{word} needs a file name in backend {url_without_password(url)!r}")
+                if not os.path.exists(value):
+                    raise BackendURLError(f"{word} {value}: no such file (backend {url_without_password(url)!r})")
+                options[_TLS_WORDS[word]] = value
+        else:
+            kept.append(item)
+    if tls:
+        options.setdefault("ssl_cert_reqs", "required")
+        options.setdefault("ssl_check_hostname", True)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "&".join(kept), parts.fragment)), options
+
+
 def _timeouts_from(url: str) -> float:
     query = urlsplit(url).query
     for item in query.split("&"):
@@ -349,9 +393,10 @@ def open_store(url: str, sessions: int) -> RedisSessionStore:
     ``sessions`` (dc_server's -sessions) is not enforced here: Redis's maxmemory is the limit (see above).
     """
     del sessions
+    url, tls = _tls_options(url)
     scheme, nodes, node_url = _split_url(url)
     timeout = _timeouts_from(url)
-    defaults = {}
+    defaults: dict[str, Any] = dict(tls)
     query = urlsplit(url).query
     if "socket_timeout" not in query:
         defaults["socket_timeout"] = timeout
