@@ -137,28 +137,31 @@ def test_facts_from_parsed_head_and_hello(real_hellos):
     assert MIXED.candidates(RequestFacts.from_client_hello(nosni)) == ["nosni"]
 
 
-def test_with_tcpha_config_loader(tmp_path):
-    config = pytest.importorskip("tcpha.config")
+def load_rules(tmp_path, body: str) -> list:
+    """The rules of a tcphafe.conf made of `body` (servers and rules), loaded by tcpha.config."""
+    from tcpha.config import ConfigError, load_fe_config
     key = tmp_path / "authkey"
     key.write_text("0123456789abcdef" * 4 + "\n")
     key.chmod(0o600)
     path = tmp_path / "tcphafe.conf"
-    path.write_text(textwrap.dedent(f"""\
-        vaddr = 10.77.0.100
-        authkey = {key}
+    path.write_text(f"vaddr = 10.77.0.100\nauthkey = {key}\n" + textwrap.dedent(body))
+    try:
+        return load_fe_config(str(path)).rules
+    except ConfigError as e:  # pragma: no cover - a config-side change; say what it was
+        pytest.fail(f"sample config refused: {e}")
+
+
+def test_with_tcpha_config_loader(tmp_path):
+    rules = load_rules(tmp_path, """\
         server = 10.77.0.11 666
         server = 10.77.0.12 666
         rule = 10.77.0.11 jpg$
         rule = 10.77.0.12 host:^API\\.
         rule = 10.77.0.12 sni:^$
         rule = 10.77.0.11 .*
-        """))
-    try:
-        cfg = config.load_fe_config(str(path))
-    except config.ConfigError as e:  # pragma: no cover - a config-side change; say what it was
-        pytest.fail(f"sample config refused: {e}")
-    t = RuleTable(cfg.rules)
-    be1, be2 = cfg.rules[0].target, cfg.rules[1].target
+        """)
+    t = RuleTable(rules)
+    be1, be2 = rules[0].target, rules[1].target
     assert be1 != be2
     assert t.candidates(http(b"/x.jpg?v=1", b"api.example.com")) == [be1, be2]
     assert t.candidates(http(b"/x", b"api.example.com")) == [be2, be1]
@@ -257,21 +260,13 @@ def test_smooth_wrr_prefix_stays_within_one_pick_of_the_share(weights):
 
 
 def test_pool_line_from_a_config_file(tmp_path):
-    from tcpha.config import load_fe_config
-    key = tmp_path / "authkey"
-    key.write_text("0123456789abcdef" * 4 + "\n")
-    key.chmod(0o600)
-    path = tmp_path / "tcphafe.conf"
-    path.write_text(textwrap.dedent(f"""\
-        vaddr = 10.77.0.100
-        authkey = {key}
+    t = RuleTable(load_rules(tmp_path, """\
         server = 10.77.0.11 666 weight=3
         server = 10.77.0.12 666
         server = 10.77.0.13 666
         rule = 10.77.0.11,10.77.0.12 \\.jpg$
         rule = 10.77.0.13 .*
         """))
-    t = RuleTable(load_fe_config(str(path)).rules)
     a, b, c = "10.77.0.11:666", "10.77.0.12:666", "10.77.0.13:666"
     facts = RequestFacts.from_request_head(parse_request_head(b"GET /x/../a%2Ejpg HTTP/1.0\r\n\r\n", 99))
     assert t.candidates_with_pools(facts) == ([a, b, c], [(0, 2, (a, b))])
