@@ -11,6 +11,8 @@
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
     waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
     bad head -> 400/414/431; head not complete within peektimeout -> 408
+    empty lines before the request-line (RFC 9112 2.2) are read off before routing: the back end gets
+    the request from its request-line on; nothing else of the request is ever consumed
     TLS (docs/rules.md): a ClientHello that is malformed, longer than peekmax or not complete within
     peektimeout is routed as one without SNI/ALPN; no rule matches -> handshake_failure alert, close
 

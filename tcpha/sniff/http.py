@@ -5,7 +5,9 @@ framing, to choose a back end and to refuse what a back end must never see. So t
 
 * tolerant of what real clients send: bare LF line ends (RFC 9112 §2.2 "a recipient MAY recognize a single LF as a
   line terminator and ignore any preceding CR") and empty lines before the request-line (§2.2 "SHOULD ignore at
-  least one empty line (CRLF) received prior to the request-line"; like nginx we skip any number);
+  least one empty line (CRLF) received prior to the request-line"; like nginx we skip any number, bounded by
+  ``max_size`` as the rest of the head; :attr:`RequestHead.leading` says how many bytes they take, and the front
+  end reads them off before the handoff so that a back-end server that does not skip them gets a plain request);
 * strict about everything that lets two parsers disagree about where a message ends (request smuggling), where
   RFC 9112 says a server MUST (or may) reject with 400: obs-fold, whitespace before the colon, bare CR, invalid
   tokens, missing or repeated Host, Content-Length with Transfer-Encoding, conflicting Content-Lengths, a
