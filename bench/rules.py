@@ -81,6 +81,9 @@ HEAD = (b"GET /static/app.js?v=3 HTTP/1.1\r\nHost: www.example.com\r\nConnection
         b"Accept: */*\r\nReferer: https://www.example.com/\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"
         b"Accept-Language: en-GB,en-US;q=0.9,en;q=0.8\r\nCookie: sid=4f2a; theme=dark\r\n\r\n")
 
+# the same head with a path that needs every normalisation step (%XX, //, ., ..)
+ENCODED = HEAD.replace(b"/static/app.js", b"/static//old/./../app%2Ejs", 1)
+
 
 def main() -> int:
     tcpha4 = table([("be1", "jpg$"), ("be1", "gif$"), ("be2", r"\.php"), ("be3", ".*")])
@@ -97,6 +100,8 @@ def main() -> int:
         ("candidates, 20 mixed rules, TLS (SNI + ALPN)", per_call_us(mixed20.candidates, tls_facts)),
         ("candidates, 100 uri rules, HTTP (last rule matches)", per_call_us(big100.candidates, http_facts)),
         (f"parse_request_head, browser head ({len(HEAD)} B)", per_call_us(lambda b: parse_request_head(b, 16384), HEAD)),
+        (f"parse_request_head, browser head, path to normalise ({len(ENCODED)} B)",
+         per_call_us(lambda b: parse_request_head(b, 16384), ENCODED)),
         (f"parse_request_head, incomplete head ({len(HEAD) - 3} B → NeedMore)",
          per_call_us(lambda b: parse_request_head(b, 16384), HEAD[:-3])),
         (f"parse_client_hello, OpenSSL 3 hello ({len(hello)} B)",

@@ -11,6 +11,8 @@
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
     waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
     bad head -> 400/414/431; head not complete within peektimeout -> 408
+    empty lines before the request-line (RFC 9112 2.2) are read off before routing: the back end gets
+    the request from its request-line on; nothing else of the request is ever consumed
     TLS (docs/rules.md): a ClientHello that is malformed, longer than peekmax or not complete within
     peektimeout is routed as one without SNI/ALPN; no rule matches -> handshake_failure alert, close
 
@@ -131,7 +133,26 @@ class Dispatch:
             self._set_lowat(len(buf) + 1)
             self._want_read()
             return
+        if facts.leading and not self._drop_leading_empty_lines(facts.leading):
+            return
         self._route(facts, None)
+
+    def _drop_leading_empty_lines(self, n: int) -> bool:
+        """Read (consume) the `n` bytes of empty lines before the request-line, so that the back end's
+        server gets a request that starts with its request-line: RFC 9112 2.2 only says a server SHOULD
+        ignore them, and some do not (Python's http.server closes without an answer). They were peeked,
+        so they are in the socket now; False (connection closed) if reading them fails."""
+        try:
+            while n > 0:
+                got = len(self.sock.recv(n, socket.MSG_DONTWAIT))
+                if got == 0:
+                    raise ConnectionError("closed")
+                n -= got
+                self.peeked -= got
+        except OSError as e:
+            self._close(f"receive failed: {e.strerror or e}")
+            return False
+        return True
 
     def _route(self, facts: Any, why: str | None) -> None:
         """Match the rules and hand off to the first candidate; `why`: the facts are the TLS default."""

@@ -22,8 +22,9 @@ alpn       never                                           each offered protocol
 
 Why a uri rule is tried on both the full target and its path: TCPHA matched the request URI, so patterns like
 ``\\?id=`` keep working, while ``jpg$`` — the pattern every TCPHA sample uses — also catches ``/a.jpg?v=2``, as an
-operator used to nginx ``location`` or HAProxy ``path_end`` expects. Every request a TCPHA file matched still
-matches the same rule. Neither form is percent-decoded.
+operator used to nginx ``location`` or HAProxy ``path_end`` expects. Both forms carry the *normalised* path
+(percent-decoded, ``//`` merged, dot-segments removed: what nginx serves, tcpha.sniff.http.normalise_path), so
+``/a%2Ejpg`` and ``/x/../a.jpg`` match ``jpg$``; the query is matched as sent.
 
 Why host rules see the SNI on TLS connections: the SNI *is* the host name the client asked for, and the Host
 header is encrypted; so a ``host:^shop\\.`` rule routes both http:// and https:// traffic to the same pool.
@@ -66,6 +67,7 @@ class RequestFacts:
     sni: str | None
     alpn: list[str] = field(default_factory=list)
     path: bytes | None = None   # uri without the query; derived from uri when not given
+    leading: int = 0            # HTTP: bytes of empty lines before the request-line, dropped before a handoff
 
     @property
     def tls(self) -> bool:
@@ -73,7 +75,10 @@ class RequestFacts:
 
     @classmethod
     def from_request_head(cls, head: RequestHead) -> RequestFacts:
-        return cls(uri=head.uri, host=head.host, sni=None, alpn=[], path=head.path)
+        """Facts of a plain HTTP request: uri rules see the normalised path (and query as sent), see
+        tcpha.sniff.http.normalise_path; the request itself is handed on unchanged."""
+        return cls(uri=head.target or head.uri, host=head.host, sni=None, alpn=[], path=head.path,
+                   leading=head.leading)
 
     @classmethod
     def from_client_hello(cls, hello: ClientHello | None) -> RequestFacts:

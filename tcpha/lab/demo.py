@@ -100,6 +100,7 @@ class LabDeployment:
     lab: NamespaceLab
     files: dict[str, int] = field(default_factory=lambda: dict(DEMO_FILES))
     origin_kind: str = "auto"
+    origin_access_log: bool = False     # nginx origins log each request (LabHttpServer.access_entries)
     origins: dict[str, LabHttpServer] = field(default_factory=dict)
     fe_proc: Any = None
     be_procs: dict[str, Any] = field(default_factory=dict)
@@ -127,7 +128,8 @@ class LabDeployment:
         for name in self.backends:
             if name not in self.origins:
                 self.origins[name] = start_http(self.lab, name, port=APP_PORT, files=self.files,
-                                                kind=kw.get("kind", self.origin_kind))
+                                                kind=kw.get("kind", self.origin_kind),
+                                                access_log=self.origin_access_log)
 
     def copy_config(self, template: Path, name: str) -> Path:
         """A sample config copied next to this deployment's key (its 'authkey = authkey' is relative),

@@ -5,7 +5,9 @@ framing, to choose a back end and to refuse what a back end must never see. So t
 
 * tolerant of what real clients send: bare LF line ends (RFC 9112 §2.2 "a recipient MAY recognize a single LF as a
   line terminator and ignore any preceding CR") and empty lines before the request-line (§2.2 "SHOULD ignore at
-  least one empty line (CRLF) received prior to the request-line"; like nginx we skip any number);
+  least one empty line (CRLF) received prior to the request-line"; like nginx we skip any number, bounded by
+  ``max_size`` as the rest of the head; :attr:`RequestHead.leading` says how many bytes they take, and the front
+  end reads them off before the handoff so that a back-end server that does not skip them gets a plain request);
 * strict about everything that lets two parsers disagree about where a message ends (request smuggling), where
   RFC 9112 says a server MUST (or may) reject with 400: obs-fold, whitespace before the colon, bare CR, invalid
   tokens, missing or repeated Host, Content-Length with Transfer-Encoding, conflicting Content-Lengths, a
@@ -22,9 +24,13 @@ Refusals raise :class:`HeadError` carrying the status the front end writes back 
 408    never raised here: the parser has no clock; the front end answers 408 when its head timer expires
 ====== ==========================================================================================================
 
-Rules match on :attr:`RequestHead.uri` (the request-target exactly as sent, query included) and
-:attr:`RequestHead.path` (the same without the query, and without scheme://authority for an absolute-form target);
-see docs/rules.md. Neither is percent-decoded or otherwise normalised (like HAProxy's ``url``/``path`` fetches).
+Rules match on the *normalised* target (issue 17, item 6), never on the bytes as sent: a rule written for
+``jpg$`` must see what the back end's server (nginx) will serve, or ``/a%2Ejpg`` and ``/x/../a.jpg`` walk around
+it. :attr:`RequestHead.path` is the path as nginx's ``$uri`` has it (:func:`normalise_path`: every ``%XX``
+decoded once, ``//`` merged, ``.`` and ``..`` segments removed); :attr:`RequestHead.target` is that path followed by
+the query exactly as sent. A path that cannot be normalised safely (an encoded ``/``, NUL or other control byte, a
+malformed ``%``, a ``..`` above the root, a raw ``#``) is refused with 400. :attr:`RequestHead.uri` keeps the
+request-target as sent (for logs); the request handed to the back end is never rewritten. See docs/rules.md.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from dataclasses import dataclass, field
 
 from .incomplete import NeedMore
 
-__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "error_response",
-           "REASONS"]
+__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "normalise_path",
+           "error_response", "REASONS"]
 
 
 class HeadError(Exception):
@@ -60,7 +66,9 @@ class RequestHead:
     head_len: int                       # bytes from the start of the buffer through the empty line ending the head
     content_length: int | None
     chunked: bool
-    path: bytes = field(default=b"")    # uri without "?query" (and without scheme://authority in absolute-form)
+    path: bytes = field(default=b"")    # normalise_path(uri without "?query" and scheme://authority)
+    target: bytes = field(default=b"")  # path + "?query" as sent: what uri rules match (docs/rules.md)
+    leading: int = 0                    # bytes of empty lines before the request-line (RFC 9112 §2.2)
 
 
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" /
@@ -117,9 +125,14 @@ def parse_request_head(buf: bytes, max_size: int) -> RequestHead | type[NeedMore
         raise HeadError(400, "control character or bare CR in header fields")
     headers = _parse_field_lines(fields.replace(b"\r\n", b"\n").split(b"\n")[:-1])
     host, path = _target_host_and_path(method, uri, headers, minor)
+    target = uri
+    if path[:1] == b"/":
+        path = normalise_path(path)
+        query = uri.find(b"?")
+        target = path if query == -1 else path + uri[query:]
     content_length, chunked = _body_framing(headers, minor)
     return RequestHead(method=method, uri=uri, version=version, headers=headers, host=host, head_len=end.end(),
-                       content_length=content_length, chunked=chunked, path=path)
+                       content_length=content_length, chunked=chunked, path=path, target=target, leading=start)
 
 
 def _check_incomplete(buf: bytes, start: int, max_size: int) -> None:
@@ -240,6 +253,57 @@ def target_path(uri: bytes) -> bytes:
     if m is None:
         return b""
     return m.group(3) or b"/"
+
+
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+# Decoded bytes a path must not hold: "/" (an encoded slash would be a segment separator for the server but not
+# for us, or the reverse), NUL and the other controls (nginx refuses NUL; none has a place in a file name a rule
+# could name, and a decoded LF would let "$" match before it).
+_REFUSED_DECODED = frozenset(range(0x20)) | {0x2F, 0x7F}
+_SLASHES = re.compile(rb"//+")
+
+
+def normalise_path(path: bytes) -> bytes:
+    """The path a server such as nginx resolves, for rules to match (``$uri`` in nginx's terms).
+
+    ``path`` is an absolute path without its query. In order: every ``%XX`` is decoded, once (``%2E`` is ``.``,
+    ``%2561`` is ``%61``; RFC 3986 §2.1, §6.2.2.2 for the unreserved ones; nginx decodes them all); runs of ``/``
+    are merged (nginx ``merge_slashes``, on by default); ``.`` and ``..`` segments are removed (RFC 3986 §5.2.4).
+    :class:`HeadError` 400 for what cannot be normalised safely: a ``%`` not followed by two hex digits, an
+    encoded ``/`` (%2F), NUL or other control byte, a raw ``#`` (not allowed in a request-target, RFC 9112 §3.2;
+    nginx would cut the path there) and a ``..`` that climbs above the root (nginx answers 400 too).
+    """
+    if b"#" in path:
+        raise HeadError(400, "'#' in request-target")
+    if b"%" in path:
+        if path.count(b"%") != len(_PERCENT.findall(path)):
+            raise HeadError(400, "malformed percent-encoding in path")
+        path = _PERCENT.sub(_decode_one, path)
+    if b"//" in path:
+        path = _SLASHES.sub(b"/", path)
+    if b"/." not in path:
+        return path
+    out: list[bytes] = []
+    segments = path[1:].split(b"/")
+    for segment in segments:
+        if segment == b".":
+            continue
+        if segment == b"..":
+            if not out:
+                raise HeadError(400, "path climbs above the root with '..'")
+            out.pop()
+            continue
+        out.append(segment)
+    if segments[-1] in (b".", b".."):
+        out.append(b"")          # "/a/." and "/a/b/.." name the directory: "/a/"
+    return b"/" + b"/".join(out)
+
+
+def _decode_one(m: re.Match[bytes]) -> bytes:
+    value = int(m.group(1), 16)
+    if value in _REFUSED_DECODED:
+        raise HeadError(400, f"encoded byte %{value:02X} in path")
+    return bytes((value,))
 
 
 def _comma_list(values: list[bytes]) -> list[bytes]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ssl
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tcpha.fe.rules import RequestFacts, RuleTable
-from tcpha.sniff.http import HeadError, NeedMore, RequestHead, parse_request_head
+from tcpha.sniff.http import HeadError, NeedMore, RequestHead, normalise_path, parse_request_head
 from tcpha.sniff.tls import ClientHello, TlsHelloError, parse_client_hello
 
 MAX = 16384
@@ -74,6 +74,10 @@ PATH = st.binary(max_size=40).map(lambda v: b"/" + bytes(c for c in v if 0x21 <=
 @given(TOKEN, PATH, st.lists(st.tuples(TOKEN, VALUE), max_size=8), st.sampled_from([b"\r\n", b"\n"]),
        st.integers(min_value=0, max_value=3))
 def test_valid_heads_parse_and_no_prefix_is_refused(method, path, fields, eol, empty_lines):
+    try:
+        normalise_path(path.split(b"?", 1)[0])
+    except HeadError:
+        assume(False)          # a path refused with 400 (tested below): not a valid head
     fields = [(n, v) for n, v in fields if n.lower() not in (b"host", b"content-length", b"transfer-encoding")]
     raw = eol * empty_lines + method + b" " + path + b" HTTP/1.1" + eol + b"Host: a.example" + eol
     raw += b"".join(n + b": " + v + eol for n, v in fields) + eol
@@ -83,6 +87,30 @@ def test_valid_heads_parse_and_no_prefix_is_refused(method, path, fields, eol, e
     assert head.headers[1:] == [(n.lower(), v) for n, v in fields]
     for cut in range(len(raw)):
         assert parse_request_head(raw[:cut], MAX) is NeedMore   # early refusal never hits a valid prefix
+
+
+SEGMENTS = st.lists(st.sampled_from([b"", b".", b"..", b"a", b"b.jpg", b"%2E", b"%2e%2E", b"%2F", b"%00", b"%",
+                                      b"%41", b"%2561", b"#", b"...", b".a", b"%C3%BC", b"\xff", b";x"]),
+                    max_size=10).map(lambda parts: b"/" + b"/".join(parts))
+
+
+@FUZZ
+@given(SEGMENTS)
+@example(b"/x/%2e%2e/a.jpg")
+def test_normalised_path_has_no_dot_segments_or_empty_ones(path):
+    try:
+        out = normalise_path(path)
+    except HeadError as e:
+        assert e.status == 400
+        assert any(bad in path for bad in (b"..", b"%2E", b"%2e", b"%2F", b"%00", b"#")) or \
+            path.count(b"%") != path.count(b"%2") + path.count(b"%4") + path.count(b"%C")
+        return
+    assert out.startswith(b"/") and b"//" not in out
+    segments = out.split(b"/")[1:]
+    assert b"." not in segments and b".." not in segments
+    assert b"\x00" not in out and b"#" not in out
+    if b"%" not in path:
+        assert normalise_path(out) == out                       # without percent-encoding: idempotent
 
 
 # -- TLS ----------------------------------------------------------------------------------------------------------

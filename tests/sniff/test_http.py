@@ -116,7 +116,47 @@ def test_bare_lf_and_mixed_line_ends():
 
 def test_leading_empty_lines_count_in_head_len():
     raw = b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
-    assert parse(raw).head_len == len(raw)
+    head = parse(raw)
+    assert head.head_len == len(raw)
+    assert head.leading == 5                 # the bytes the front end reads off before the handoff
+    assert parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").leading == 0
+
+
+# -- the path rules see: normalised as nginx resolves it (issue 17, item 6; docs/rules.md) -------------------------
+
+@pytest.mark.parametrize("target,path,rule_target", [
+    (b"/a%2Ejpg", b"/a.jpg", b"/a.jpg"),
+    (b"/a%2ejpg?v=%2E", b"/a.jpg", b"/a.jpg?v=%2E"),             # the query is matched as sent
+    (b"/x/../a.jpg", b"/a.jpg", b"/a.jpg"),
+    (b"/x/%2E%2E/a.jpg?q=/../", b"/a.jpg", b"/a.jpg?q=/../"),
+    (b"//x///y", b"/x/y", b"/x/y"),                              # nginx merge_slashes
+    (b"/x//../a", b"/a", b"/a"),                                 # merged first, as nginx does
+    (b"/x/.", b"/x/", b"/x/"),
+    (b"/x/y/..", b"/x/", b"/x/"),
+    (b"/x/..", b"/", b"/"),
+    (b"/%2561", b"/%61", b"/%61"),                               # decoded once
+    (b"/a%20b%3F", b"/a b?", b"/a b?"),                          # every %XX, as nginx's $uri
+    (b"/b%C3%BCcher", "/bücher".encode(), "/bücher".encode()),
+    (b"/x/.../a", b"/x/.../a", b"/x/.../a"),
+    (b"/a;p=1", b"/a;p=1", b"/a;p=1"),
+    (b"http://h.example/x/../a%2Ejpg?z", b"/a.jpg", b"/a.jpg?z"),
+])
+def test_path_is_normalised_and_uri_kept(target, path, rule_target):
+    head = parse(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (head.uri, head.path, head.target) == (target, path, rule_target)
+
+
+@pytest.mark.parametrize("target", [
+    b"/a%2Fb", b"/a%2fb", b"/a%00", b"/a%0D%0A", b"/a%7F", b"/a%zz", b"/a%4", b"/a%", b"/..", b"/../a",
+    b"/x/../../a", b"/%2E%2E/a", b"/.%2e", b"/a#b", b"http://h/../a",
+])
+def test_paths_that_cannot_be_normalised_safely_are_400(target):
+    assert refused(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n").status == 400
+
+
+def test_non_path_targets_are_not_normalised():
+    assert parse(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").target == b"*"
+    assert parse(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n").target == b"h:443"
 
 
 def test_http10_without_host():

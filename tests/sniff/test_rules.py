@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
+from tcpha.config.loader import RuleSpec, compile_rule
 from tcpha.fe.rules import RequestFacts, RuleTable
 from tcpha.sniff.http import parse_request_head
 from tcpha.sniff.tls import parse_client_hello
 
 
-@dataclass(frozen=True)
-class Rule:
-    """Stand-in with RuleSpec's shape, compiled as tcpha.config compiles (host/sni case-insensitive)."""
-    target: str
-    field: str
-    pattern: str
-    regex: re.Pattern
-    lineno: int
-
-
-def rule(target: str, text: str, lineno: int = 1) -> Rule:
-    field, pattern = "uri", text
+def rule(target: str, text: str, lineno: int = 1) -> RuleSpec:
+    """A rule as a config line's ``[FIELD:]REGEX`` is compiled: tcpha.config's own compile_rule."""
     prefix, sep, rest = text.partition(":")
     if sep and prefix in ("uri", "host", "sni", "alpn"):
-        field, pattern = prefix, rest
-    flags = re.IGNORECASE if field in ("host", "sni") else 0
-    return Rule(target, field, pattern, re.compile(pattern.encode(), flags), lineno)
+        return compile_rule(target, prefix, rest, lineno)
+    return compile_rule(target, "uri", text, lineno)
 
 
 def table(*lines: tuple[str, str]) -> RuleTable:
@@ -146,28 +137,31 @@ def test_facts_from_parsed_head_and_hello(real_hellos):
     assert MIXED.candidates(RequestFacts.from_client_hello(nosni)) == ["nosni"]
 
 
-def test_with_tcpha_config_loader(tmp_path):
-    config = pytest.importorskip("tcpha.config")
+def load_rules(tmp_path, body: str) -> list:
+    """The rules of a tcphafe.conf made of `body` (servers and rules), loaded by tcpha.config."""
+    from tcpha.config import ConfigError, load_fe_config
     key = tmp_path / "authkey"
     key.write_text("0123456789abcdef" * 4 + "\n")
     key.chmod(0o600)
     path = tmp_path / "tcphafe.conf"
-    path.write_text(textwrap.dedent(f"""\
-        vaddr = 10.77.0.100
-        authkey = {key}
+    path.write_text(f"vaddr = 10.77.0.100\nauthkey = {key}\n" + textwrap.dedent(body))
+    try:
+        return load_fe_config(str(path)).rules
+    except ConfigError as e:  # pragma: no cover - a config-side change; say what it was
+        pytest.fail(f"sample config refused: {e}")
+
+
+def test_with_tcpha_config_loader(tmp_path):
+    rules = load_rules(tmp_path, """\
         server = 10.77.0.11 666
         server = 10.77.0.12 666
         rule = 10.77.0.11 jpg$
         rule = 10.77.0.12 host:^API\\.
         rule = 10.77.0.12 sni:^$
         rule = 10.77.0.11 .*
-        """))
-    try:
-        cfg = config.load_fe_config(str(path))
-    except config.ConfigError as e:  # pragma: no cover - a config-side change; say what it was
-        pytest.fail(f"sample config refused: {e}")
-    t = RuleTable(cfg.rules)
-    be1, be2 = cfg.rules[0].target, cfg.rules[1].target
+        """)
+    t = RuleTable(rules)
+    be1, be2 = rules[0].target, rules[1].target
     assert be1 != be2
     assert t.candidates(http(b"/x.jpg?v=1", b"api.example.com")) == [be1, be2]
     assert t.candidates(http(b"/x", b"api.example.com")) == [be2, be1]
@@ -182,25 +176,50 @@ def test_matching_rules_for_logs():
 
 
 def test_str_pattern_recompiled_as_bytes():
-    r = Rule("a", "uri", "jpg$", re.compile("jpg$"), 1)
+    r = SimpleNamespace(target="a", field="uri", pattern="jpg$", regex=re.compile("jpg$"), lineno=1)
     assert RuleTable([r]).candidates(http(b"/a.jpg")) == ["a"]
 
 
 def test_unknown_field_refused():
     with pytest.raises(ValueError, match="line 7"):
-        RuleTable([Rule("a", "cookie", "x", re.compile(b"x"), 7)])
+        RuleTable([RuleSpec("a", "cookie", "x", re.compile(b"x"), 7)])
+
+
+# -- what uri rules see of a parsed request: the normalised path (issue 17, item 6) -------------------------------
+
+ISSUE = table(("BE2", r"\.jpg$"), ("BE1", ".*"))
+
+
+def route(target: bytes, host: bytes = b"www.example.com") -> list[str]:
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 16384)
+    return ISSUE.candidates(RequestFacts.from_request_head(head))
+
+
+@pytest.mark.parametrize("target", [b"/a.jpg", b"/a%2Ejpg", b"/a%2ejpg", b"/a.jp%67", b"/x/../a.jpg",
+                                    b"/x/%2E%2E/a.jpg", b"/./a.jpg", b"//a.jpg", b"/a.jpg?v=2",
+                                    b"http://www.example.com/x/../a%2Ejpg?v=2"])
+def test_encoded_and_dotted_paths_match_as_the_server_resolves_them(target):
+    assert route(target) == ["BE2", "BE1"]
+
+
+@pytest.mark.parametrize("target", [b"/a.jpg%3F", b"/a.jpg/", b"/a.jpg/..", b"/a.jpg/x/..", b"/a%252Ejpg",
+                                    b"/a.jpg;v=1"])
+def test_paths_the_server_does_not_resolve_to_a_jpg_do_not_match(target):
+    # /a.jpg/.. is "/", /a%252Ejpg is the file "a%2Ejpg": decoded once, as nginx does
+    assert route(target) == ["BE1"]
+
+
+def test_query_is_matched_as_sent():
+    assert table(("q", r"\?id=%41"), ("p", "^/p$")).candidates(
+        RequestFacts.from_request_head(parse_request_head(b"GET /p?id=%41 HTTP/1.1\r\nHost: h\r\n\r\n", 99)))\
+        == ["q", "p"]
 
 
 # -- pools: a rule naming several back ends (tcpha.fe.balance splits them by weight) -------------------
 
-@dataclass(frozen=True)
-class PoolRule(Rule):
-    pool: tuple = ()
-
-
 def pool_rules(targets: tuple, text: str, lineno: int) -> list:
-    r = rule(targets[0], text, lineno)
-    return [PoolRule(t, r.field, r.pattern, r.regex, lineno, targets) for t in targets]
+    """The RuleSpecs of one ``rule = A,B,... REGEX`` line: one per member, each naming the whole pool."""
+    return [dataclasses.replace(rule(t, text, lineno), pool=targets) for t in targets]
 
 
 def test_pool_candidates_and_spans():
@@ -238,3 +257,17 @@ def test_smooth_wrr_prefix_stays_within_one_pick_of_the_share(weights):
         counts[wrr.pick(names, weight_of)] += 1
         for name, w in zip(names, weights):
             assert abs(counts[name] - n * w / total) < 1 + 1e-9 * n, (n, counts)
+
+
+def test_pool_line_from_a_config_file(tmp_path):
+    t = RuleTable(load_rules(tmp_path, """\
+        server = 10.77.0.11 666 weight=3
+        server = 10.77.0.12 666
+        server = 10.77.0.13 666
+        rule = 10.77.0.11,10.77.0.12 \\.jpg$
+        rule = 10.77.0.13 .*
+        """))
+    a, b, c = "10.77.0.11:666", "10.77.0.12:666", "10.77.0.13:666"
+    facts = RequestFacts.from_request_head(parse_request_head(b"GET /x/../a%2Ejpg HTTP/1.0\r\n\r\n", 99))
+    assert t.candidates_with_pools(facts) == ([a, b, c], [(0, 2, (a, b))])
+    assert t.candidates_with_pools(http(b"/a.png")) == ([c], [])
