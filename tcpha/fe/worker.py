@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha import control
-from tcpha.fe.backends import LocalBackend, RemoteBackend
+from tcpha.fe.backends import NOTICE, LocalBackend, RemoteBackend
 from tcpha.fe.dispatch import Dispatch
 
 log = logging.getLogger("tcpha.fe.worker")
@@ -32,6 +32,7 @@ class WorkerStats:
     nomatch: int = 0
     unavailable: int = 0
     flows_closed: int = 0
+    flows_closed_stale: int = 0      # FlowClosed of an earlier connection on a reused 4-tuple: entry kept
     control_errors: int = 0
     answered: dict[int, int] = field(default_factory=dict)
 
@@ -100,8 +101,9 @@ class SteeringBatch:
             self._forward_at = True
             self.worker.loop.call_soon(self._flush_forward)
 
-    def unforward(self, flow: Any) -> None:
-        self.closing.append(flow)
+    def unforward(self, flow: Any, xid: int = 0) -> None:
+        """Remove a closed flow's entry, unless it now holds another handoff than `xid` (0: any)."""
+        self.closing.append((flow, xid))
         if not self._close_at:
             self._close_at = True
             self.worker.loop.call_later(self.UNFORWARD_DELAY, self._flush_unforward)
@@ -127,11 +129,16 @@ class SteeringBatch:
             return e
         return None
 
-    def _do_unforward(self, flows: list[Any]) -> None:
+    def _do_unforward(self, flows: list[tuple[Any, int]]) -> None:
         try:
-            self.worker.steering.unforward_many(flows)
+            stale = self.worker.steering.unforward_closed(flows)
         except Exception as e:
             log.error("removing %d steering entries failed: %s", len(flows), e)
+            return
+        for flow in stale:
+            self.worker.stats.flows_closed_stale += 1
+            log.log(NOTICE, "FlowClosed for %s:%d ignored: its entry belongs to a newer connection from the "
+                    "same port", flow.client_ip, flow.client_port)
 
     # -- in the loop -----------------------------------------------------------------------------
     def _submit(self, kind: str, fn: Any, arg: Any, batch: list[Dispatch], deliver: Any) -> None:
@@ -178,7 +185,7 @@ class SteeringBatch:
         self._busy["freeze"] = self._busy["forward"] = True
         self.transactions += 1
         freezes = [d.flow for d in freezing]
-        forwards = [(d.flow, d.backend.mac) for d in forwarding]
+        forwards = [(d.flow, d.backend.mac, d.xid) for d in forwarding]
         try:
             self.worker.steering.freeze_forward(freezes, forwards)
             fwd_error = freeze_error = None
@@ -207,7 +214,7 @@ class SteeringBatch:
             self._flush_both()
             return
         batch, self.forwarding = self.forwarding, []
-        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac) for d in batch], batch,
+        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.xid) for d in batch], batch,
                      Dispatch.forwarded)
 
     def _flush_unforward(self) -> None:
@@ -361,9 +368,10 @@ class Worker:
             self.fail_handoff(msg.xid, msg.reason)
         elif isinstance(msg, control.FlowClosed):
             self.stats.flows_closed += 1
-            self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out)
+            self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out,
+                                    msg.xid)
             self.batch.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
-                                                vip=msg.vip, vport=msg.vport))
+                                                vip=msg.vip, vport=msg.vport), msg.xid)
         elif isinstance(msg, control.Ping):
             if link.up:
                 link.send(control.Pong(token=msg.token))
