@@ -62,7 +62,21 @@ def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException]
 # handoffs/s at 295-363 us of FE CPU each; in the thread 490-1,240/s at 390-430 us: the thread's
 # hand-offs and GIL contention with the Python netlink encoding cost more than the kernel wait saved.
 INLINE_STEERING = not os.environ.get("TCPHA_STEERING_THREAD")
+# Connections accepted per wake-up of a listener (HAProxy's tune.maxaccept): a wave of thousands (idle
+# clients released by TCP_DEFER_ACCEPT together) does not keep the loop from the events of the others.
+ACCEPT_BATCH = 64
 LINK_CLOSE_WAIT = 2.0   # seconds a back end gets to close its side of a control connection at stop
+
+
+def heads_budget(maxclients: int) -> int:
+    """How many connections waiting for their request head (or lingering after an error answer) one
+    worker may hold: its descriptor limit less those of maxclients dispatches (a local-node relay takes
+    two) and a reserve for control links, the log and the netlink sockets."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft - 2 * maxclients - 256)
 
 
 class SteeringBatch:
@@ -269,7 +283,13 @@ class Worker:
         self._unflushed: list[Any] = []          # control links with queued frames (ControlLink.send)
         self._flush_at = False
         self.lingering: dict[int, Dispatch] = {}
-        self.inflight = 0
+        self.inflight = 0                # connections being dispatched (heads_waiting included)
+        # Connections waiting for their request head (idle or slow clients, up to peektimeout) are not
+        # counted against maxclients: thousands of them would keep every new connection in the accept
+        # queue, and its overflow drops SYNs (a second's retransmission, then three, then seven). They
+        # only cost a descriptor, a reader and a timer each; bounded by the descriptors this process has.
+        self.heads_waiting = 0
+        self.heads_max = heads_budget(self.maxclients)
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._xid = (os.getpid() & 0xFFFF) << 32
@@ -379,9 +399,25 @@ class Worker:
             log.debug("back end %s: %s ignored", link.backend.name, type(msg).__name__)
 
     # -- accepting -------------------------------------------------------------------------------
+    def _may_accept(self) -> bool:
+        return (self.inflight - self.heads_waiting < self.maxclients
+                and self.heads_waiting + len(self.lingering) < self.heads_max)
+
+    def head_wait(self, d: Dispatch) -> None:
+        """`d` waits for more of its request head: it stops counting against maxclients."""
+        self.heads_waiting += 1
+        if not self.accepting and self._may_accept() and not self._stopping_set():
+            self._resume_accepting()
+
+    def head_done(self, d: Dispatch) -> None:
+        """`d`'s head is complete (or its wait is over): it counts against maxclients again."""
+        self.heads_waiting -= 1
+
     def _accept(self, lsock: socket.socket, lport: int) -> None:
         loop_accept = lsock.accept
-        while self.inflight < self.maxclients:
+        for _ in range(ACCEPT_BATCH):
+            if not self._may_accept():
+                break
             try:
                 sock, peer = loop_accept()
             except (BlockingIOError, InterruptedError):
@@ -398,17 +434,23 @@ class Worker:
             self.inflight += 1
             self.stats.accepted += 1
             Dispatch(self, sock, peer, lport).start()
-        # maxclients connections are being dispatched: the rest waits in the kernel's accept queue.
+        else:
+            return      # more may wait: the listener stays readable, the loop serves other events first
+        # maxclients connections are being dispatched (or the descriptors for waiting heads are used up):
+        # the rest waits in the kernel's accept queue.
         self._pause_accepting()
 
     def _resume_after_error(self) -> None:
-        if self.inflight < self.maxclients and not self._stopping_set():
+        if self._may_accept() and not self._stopping_set():
             self._resume_accepting()
 
     def dispatch_done(self, d: Dispatch) -> None:
+        if d.waiting:
+            d.waiting = False
+            self.heads_waiting -= 1
         self.inflight -= 1
         self.ledger.ended(d)
-        if not self.accepting and self.inflight < self.maxclients and not self._stopping_set():
+        if not self.accepting and self._may_accept() and not self._stopping_set():
             self._resume_accepting()
 
     def _stopping_set(self) -> bool:

@@ -241,6 +241,17 @@ def _decode_element(data: bytes, pos: int, end: int, udata: list | None = None) 
     return key or b"", value
 
 
+def _messages(data: bytes):
+    """(offset, length, type, seq) of each netlink message in one datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size:
+            return
+        yield offset, length, kind, seq
+        offset += (length + 3) & ~3
+
+
 class ElementSocket:
     """An nfnetlink socket (in one namespace) that runs element batches. Thread-safe."""
 
@@ -323,11 +334,7 @@ class ElementSocket:
                                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
             while True:
                 data = self._sock.recv(1 << 20)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, kind, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                    if length < _NLMSGHDR.size:
-                        break
+                for offset, length, kind, mseq in _messages(data):
                     end = offset + length
                     if mseq == seq:
                         if kind == NLMSG_DONE:
@@ -340,7 +347,6 @@ class ElementSocket:
                             n = self._parse_elements(data, offset + _NLMSGHDR.size + _NFGENMSG.size, end,
                                                      out if keys else None)
                             count += n
-                    offset += (length + 3) & ~3
 
     def get_userdata(self, family: int, table: str, setname: str, keys: list[bytes]) -> list[bytes | None | bool]:
         """Per key, the user data of its element (None: it has none), or False when there is no element.
@@ -367,11 +373,7 @@ class ElementSocket:
             error = 0
             while pending:
                 data = self._sock.recv(1 << 16)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, mkind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                    if length < _NLMSGHDR.size:
-                        break
+                for offset, length, mkind, seq in _messages(data):
                     if seq in pending:
                         if mkind == NLMSG_ERROR:
                             code = -_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0]
@@ -385,7 +387,6 @@ class ElementSocket:
                             self._parse_elements(data, offset + _NLMSGHDR.size + _NFGENMSG.size,
                                                  offset + length, [], udata)
                             results[seq] = udata[0] if udata else None
-                    offset += (length + 3) & ~3
         if error:
             raise NetlinkError(error, f"nftables: {os.strerror(error)}")
         return [results.get(first + i, False) for i in range(len(keys))]
