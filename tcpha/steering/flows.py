@@ -68,6 +68,8 @@ FLOWS_CHAIN = "flows"
 MAP_SIZE = 1 << 20
 _BATCH_ELEMENTS = 500  # flows per transaction: keeps each netlink message well below 64 KiB
 FROZEN_SIZE = 1 << 16
+_GET_ELEMENTS = 16     # element reads per netlink send: each answer is an skb of ~4-8 KiB truesize, and
+#                       the socket's receive buffer (~208 KiB) must hold them all (else ENOBUFS)
 
 
 class SteeringError(RuntimeError):
@@ -374,9 +376,13 @@ class FlowSteering:
     def handoffs(self, flows: list[FlowKey]) -> list[int | None]:
         """Per flow, the handoff id stored with its entry: 0 for an entry without one, None for no entry."""
         sock = self._element_socket()
+        keys = [f.key() for f in flows]
+        found: list = []
         try:
-            found = sock.get_userdata(NFPROTO_NETDEV, self.table, FORWARD_MAP, [f.key() for f in flows])
-        except NetlinkError as exc:
+            # chunks: each key is answered with two messages, which must fit the socket's receive buffer
+            for i in range(0, len(keys), _GET_ELEMENTS):
+                found += sock.get_userdata(NFPROTO_NETDEV, self.table, FORWARD_MAP, keys[i:i + _GET_ELEMENTS])
+        except OSError as exc:                 # NetlinkError, or the socket's own (ENOBUFS)
             raise SteeringError(f"reading entries of nft table netdev {self.table}: {exc}") from None
         return [None if u is False else parse_handoff_comment(userdata_comment(u) if u else None) for u in found]
 
@@ -391,7 +397,13 @@ class FlowSteering:
         steered between them (a whole handshake and handoff within microseconds) would still lose its
         entry; the window of the old scheme was FLOWCLOSED_DELAY, half a second."""
         with_id = [(f, xid) for f, xid in closed if xid]
-        current = self.handoffs([f for f, _ in with_id]) if with_id else []
+        try:
+            current = self.handoffs([f for f, _ in with_id]) if with_id else []
+        except (SteeringError, OSError) as exc:
+            # Entries left behind would steer the client's next connection on that 4-tuple astray
+            # until flowtimeout: remove them unchecked, as before ids existed.
+            log.warning("reading the handoff ids of %d closed flows failed (%s): removed unchecked", len(with_id), exc)
+            current = []
         stale = [f for (f, xid), now in zip(with_id, current) if now and now != xid]
         kept = set(stale)
         self.unforward_many([f for f, _ in closed if f not in kept])

@@ -321,3 +321,14 @@ def test_a_late_close_report_of_an_earlier_connection_leaves_the_newer_entry(lab
     assert fs.forwarded() == {}
     fs.forward_many([(reused, "02:00:00:00:00:0b", 3)])
     assert fs.unforward_closed([(reused, 0)]) == [] and fs.forwarded() == {}
+
+
+def test_close_reports_for_many_flows_at_once(steering_factory):
+    """A batch of close reports larger than one netlink read of the entries (chunked): the stale half kept."""
+    fs = steering_factory()
+    fs.install()
+    flows = _flows(1500, base=2000)
+    fs.forward_many([(f, "02:00:00:00:00:0b", 10 + i) for i, f in enumerate(flows)])
+    reports = [(f, 10 + i if i % 2 else 99_999) for i, f in enumerate(flows)]
+    assert set(fs.unforward_closed(reports)) == set(flows[0::2])
+    assert set(fs.forwarded()) == set(flows[0::2])
