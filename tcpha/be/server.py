@@ -395,7 +395,7 @@ class BackEnd:
             log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
                      (time.perf_counter() - t0) * 1e6)
         flow = (peer[0], peer[1], self.vip, client.getsockname()[1])
-        relay = self._relay(client, app, lambda r: self._flow_closed(session, flow, r), hold_down=True)
+        relay = self._relay(client, app, lambda r: self._flow_closed(session, flow, r, xid), hold_down=True)
         # Nothing goes to the client before the front end says the flow is steered here (Steered):
         # until then the client's ACKs would hit the front end's freeze and we would wait an RTO.
         timer = self.loop.call_later(STEER_WAIT, self._not_steered, session, xid, "no Steered within "
@@ -460,7 +460,8 @@ class BackEnd:
         relay.start(hold_down=hold_down)
         return relay
 
-    def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay) -> None:
+    def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay,
+                     xid: int = 0) -> None:
         self.relays.discard(relay)
         self.stats.active = len(self.relays)
         if getattr(relay, "discarded", False):
@@ -468,10 +469,12 @@ class BackEnd:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("flow %s:%d closed (up %d, down %d bytes)%s", flow[0], flow[1], relay.bytes_up,
                       relay.bytes_down, f": {relay.error}" if relay.error else "")
-        self.loop.call_later(FLOWCLOSED_DELAY, self._send_flow_closed, session, flow)
+        self.loop.call_later(FLOWCLOSED_DELAY, self._send_flow_closed, session, flow, xid)
 
-    def _send_flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int]) -> None:
-        msg = control.FlowClosed(client_ip=flow[0], client_port=flow[1], vip=flow[2], vport=flow[3])
+    def _send_flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], xid: int = 0) -> None:
+        # xid: the front end keeps the flow's entry if it now belongs to another handoff (a client
+        # reusing its port within FLOWCLOSED_DELAY).
+        msg = control.FlowClosed(client_ip=flow[0], client_port=flow[1], vip=flow[2], vport=flow[3], xid=xid)
         if session.send(msg):
             return
         # The session that delivered the flow is gone: any control connection reaches a front end

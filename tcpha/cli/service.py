@@ -13,6 +13,8 @@ import resource
 import socket
 import sys
 
+from tcpha.logrepeat import install as install_repeat_filter
+
 try:
     import uvloop
 except ImportError:  # optional
@@ -36,6 +38,9 @@ def setup_logging(dbglevel: int, logfile: str | None, name: str) -> None:
         stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
         fmt = f"{stamp}{name}[%(process)d] %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
+    # A flood of one kind of warning (thousands of slow clients' 408s) is collapsed: a burst per
+    # interval, then "(N similar suppressed ...)" on the next line of its kind (tcpha/logrepeat.py).
+    install_repeat_filter(handler)
     root.addHandler(handler)
     root.setLevel(level)
     # Library chatter (pyroute2 dumps whole netlink messages at DEBUG) stays out of our debug levels.

@@ -3,7 +3,9 @@
 Each message is a frozen dataclass; its wire payload is its fields in declaration order, each in the
 fixed encoding of its kind (``_KINDS``): big-endian integers, IPv4 addresses as 4 bytes, strings as
 u16 length + UTF-8, byte strings as u32 length + bytes, rule lists as u16 count + (field, pattern).
-A payload must be consumed exactly: trailing bytes are malformed.
+A payload must be consumed exactly: trailing bytes are malformed. The one exception is a message's
+``OPTIONAL_TAIL``: fields added at its end after version 1 of the protocol, which an older peer does
+not send; a payload that ends where they begin decodes with their defaults.
 
 Who may send what (checked on receipt by ``ControlConnection``):
 
@@ -16,7 +18,8 @@ Handoff        fe    a connection to restore: flow, peeked length, TcpState byte
                      with the frame as an SCM_RIGHTS descriptor)
 Restored       be    xid restored: the FE may steer the flow and drop its socket
 Refused        be    xid not restored (reason): the FE takes the connection back
-FlowClosed     be    a handed-off flow ended: remove its steering entry
+FlowClosed     be    a handed-off flow ended (xid: the handoff that brought it): remove
+                     its steering entry, unless the entry now holds another handoff
 Ping / Pong    both  liveness and round-trip time (token echoed)
 Register       be    dynamic registration (dregister = 1) with the BE's rules
 Registered     fe    answer to Register
@@ -84,12 +87,15 @@ class Refused:
 @dataclass(frozen=True, slots=True)
 class FlowClosed:
     TYPE: ClassVar[int] = 5
+    # xid came later: a back end of an earlier version sends none (decoded as 0: "any handoff").
+    OPTIONAL_TAIL: ClassVar[tuple[str, ...]] = ("xid",)
     client_ip: str
     client_port: int
     vip: str
     vport: int
     bytes_in: int = 0         # bytes received from the client on the BE, where known
     bytes_out: int = 0        # bytes sent to the client by the BE, where known
+    xid: int = 0              # the Handoff's xid; 0: unknown (the front end removes the entry anyway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,21 +184,31 @@ class _Segment:
     names: tuple[str, ...]
     kinds: tuple[str, ...]
     fixed: struct.Struct | None   # None: one variable-length field (str, bytes, pairs)
+    optional: bool = False        # part of the message's OPTIONAL_TAIL: may be absent at the payload's end
 
 
 def _segments(cls: type) -> tuple[_Segment, ...]:
     segments: list[_Segment] = []
     run: list[tuple[str, str]] = []
+    optional_tail = getattr(cls, "OPTIONAL_TAIL", ())
+    names = [f.name for f in dataclasses.fields(cls)]
+    if optional_tail and tuple(names[-len(optional_tail):]) != tuple(optional_tail):
+        raise TypeError(f"{cls.__name__}.OPTIONAL_TAIL must be its last fields")
 
     def flush() -> None:
         if run:
             fmt = ">" + "".join(_FIXED[kind] for _, kind in run)
-            segments.append(_Segment(tuple(n for n, _ in run), tuple(k for _, k in run), struct.Struct(fmt)))
+            segments.append(_Segment(tuple(n for n, _ in run), tuple(k for _, k in run), struct.Struct(fmt),
+                                     run[0][0] in optional_tail))
             run.clear()
 
     for f in dataclasses.fields(cls):
         kind = _kind(f.name, str(f.type))
-        if kind in _FIXED:
+        if f.name in optional_tail:
+            flush()       # each optional field its own segment: it is there or not as a whole
+            segments.append(_Segment((f.name,), (kind,), struct.Struct(">" + _FIXED[kind]) if kind in _FIXED
+                                     else None, True))
+        elif kind in _FIXED:
             run.append((f.name, kind))
         else:
             flush()
@@ -274,6 +290,8 @@ def decode_payload(type_code: int, payload: memoryview | bytes) -> Any:
     pos = 0
     values: dict[str, Any] = {}
     for seg in _SCHEMAS[cls]:
+        if seg.optional and pos == len(data):
+            break         # an older peer's message: the optional tail keeps its defaults
         if seg.fixed is not None:
             if pos + seg.fixed.size > len(data):
                 raise PayloadError("payload ends early")

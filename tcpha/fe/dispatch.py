@@ -55,7 +55,7 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
                  "next_index", "xid", "link", "backend", "flow", "facts", "reading", "finished",
-                 "lowat", "rule", "pools")
+                 "lowat", "rule", "pools", "waiting")
 
     def __init__(self, worker: "Worker", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
@@ -78,6 +78,7 @@ class Dispatch:
         self.lowat = 1
         self.rule: str | None = None
         self.pools: list[tuple[int, int, tuple[str, ...]]] = []    # rule pools: (start, end, pool) spans
+        self.waiting = False     # waiting for more of the request head: not counted against maxclients
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,6 +162,9 @@ class Dispatch:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.waiting:
+            self.waiting = False
+            w.head_done(self)
         if why is not None:
             log.info("%s:%d: %s: routed as a ClientHello without SNI", self.peer[0], self.peer[1], why)
         self.facts = facts
@@ -180,6 +184,9 @@ class Dispatch:
         self._next_candidate()
 
     def _want_read(self) -> None:
+        if not self.waiting:
+            self.waiting = True
+            self.worker.head_wait(self)
         if self.timer is None:
             w = self.worker
             self.timer = w.loop.call_later(max(0.0, w.peektimeout - (time.perf_counter() - self.t0)),
@@ -409,7 +416,7 @@ class Dispatch:
         w = self.worker
         w.stats.answered[status] = w.stats.answered.get(status, 0) + 1
         w.ledger.answered(self, status)
-        log.warning("%s:%d: %d: %s", self.peer[0], self.peer[1], status, why)
+        log.warning("%s:%d: %d: %s", self.peer[0], self.peer[1], status, why, extra={"ratekey": ("answer", status)})
         self._stop_reading()
         if self.timer is not None:
             self.timer.cancel()

@@ -33,6 +33,7 @@ class FlowRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     relay: Any = None            # local node: the SpliceRelay (bytes known live)
+    xid: int = 0                 # the handoff's id (echoed in the back end's FlowClosed)
 
 
 def rule_text(rule: Any) -> str:
@@ -112,7 +113,7 @@ class ConnectionLedger:
                 self.prune()
             self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
                 d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
-                state="local" if outcome == "local" else "handed-off", relay=relay)
+                state="local" if outcome == "local" else "handed-off", relay=relay, xid=getattr(d, "xid", 0) or 0)
         if log.isEnabledFor(logging.INFO):
             log.info("%s:%d -> %s rule %s %s in %.0f us", d.peer[0], d.peer[1], backend, rule,
                      "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
@@ -126,8 +127,13 @@ class ConnectionLedger:
             self.metrics.handoff("none", "-", "unavailable" if getattr(d, "candidates", None) else "no_match")
 
     def flow_closed(self, client_ip: str, client_port: int, vport: int, bytes_in: int = 0,
-                    bytes_out: int = 0) -> None:
-        self.flows.pop((client_ip, client_port, vport), None)
+                    bytes_out: int = 0, xid: int = 0) -> None:
+        """The back end reports the flow ended; a report for another handoff than the one recorded for
+        this 4-tuple (the client reused its port) is stale and leaves the newer record alone."""
+        key = (client_ip, client_port, vport)
+        record = self.flows.get(key)
+        if record is not None and (not xid or not record.xid or record.xid == xid):
+            del self.flows[key]
 
     def local_closed(self, key: tuple[str, int, int]) -> None:
         self.flows.pop(key, None)

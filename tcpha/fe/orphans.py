@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 log = logging.getLogger("tcpha.fe.runtime")
+NOTICE = 25
 
 ORPHANED = "forwarded (orphaned)"
 _CLAIMING = ("handed-off", "draining")
@@ -101,13 +102,16 @@ class KernelFlows:
                 log.debug("reading the steering table: %s", e)
                 return None
 
-    def unforward(self, flow: Any) -> bool:
+    def unforward(self, flow: Any, xid: int = 0) -> bool:
+        """Remove a closed flow's entry, unless it holds another handoff than `xid` (0: any)."""
         with self._lock:
             try:
                 handle = self._handle()
                 if handle is None:
                     return False
-                handle.unforward(flow)
+                if handle.unforward_closed([(flow, xid)]):
+                    log.log(NOTICE, "FlowClosed for %s:%d ignored: its entry belongs to a newer connection from the "
+                             "same port", flow.client_ip, flow.client_port)
                 return True
             except Exception as e:
                 log.warning("removing the steering entry of %s:%d: %s", flow.client_ip, flow.client_port, e)

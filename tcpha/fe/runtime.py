@@ -273,7 +273,7 @@ class FrontEndRuntime:
         sends it on any connection it has to us): remove the steering entry, as a worker would."""
         from tcpha.steering import FlowKey
         flow = FlowKey(msg.client_ip, msg.client_port, msg.vip, msg.vport)
-        asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.unforward, flow)
+        asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.unforward, flow, msg.xid)
 
     def conn_rows(self) -> list[dict]:
         return self.plane.run(self.conn_rows_async())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha import control
-from tcpha.fe.backends import LocalBackend, RemoteBackend
+from tcpha.fe.backends import NOTICE, LocalBackend, RemoteBackend
 from tcpha.fe.dispatch import Dispatch
 
 log = logging.getLogger("tcpha.fe.worker")
@@ -32,6 +32,7 @@ class WorkerStats:
     nomatch: int = 0
     unavailable: int = 0
     flows_closed: int = 0
+    flows_closed_stale: int = 0      # FlowClosed of an earlier connection on a reused 4-tuple: entry kept
     control_errors: int = 0
     answered: dict[int, int] = field(default_factory=dict)
 
@@ -61,7 +62,21 @@ def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException]
 # handoffs/s at 295-363 us of FE CPU each; in the thread 490-1,240/s at 390-430 us: the thread's
 # hand-offs and GIL contention with the Python netlink encoding cost more than the kernel wait saved.
 INLINE_STEERING = not os.environ.get("TCPHA_STEERING_THREAD")
+# Connections accepted per wake-up of a listener (HAProxy's tune.maxaccept): a wave of thousands (idle
+# clients released by TCP_DEFER_ACCEPT together) does not keep the loop from the events of the others.
+ACCEPT_BATCH = 64
 LINK_CLOSE_WAIT = 2.0   # seconds a back end gets to close its side of a control connection at stop
+
+
+def heads_budget(maxclients: int) -> int:
+    """How many connections waiting for their request head (or lingering after an error answer) one
+    worker may hold: its descriptor limit less those of maxclients dispatches (a local-node relay takes
+    two) and a reserve for control links, the log and the netlink sockets."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft - 2 * maxclients - 256)
 
 
 class SteeringBatch:
@@ -100,8 +115,9 @@ class SteeringBatch:
             self._forward_at = True
             self.worker.loop.call_soon(self._flush_forward)
 
-    def unforward(self, flow: Any) -> None:
-        self.closing.append(flow)
+    def unforward(self, flow: Any, xid: int = 0) -> None:
+        """Remove a closed flow's entry, unless it now holds another handoff than `xid` (0: any)."""
+        self.closing.append((flow, xid))
         if not self._close_at:
             self._close_at = True
             self.worker.loop.call_later(self.UNFORWARD_DELAY, self._flush_unforward)
@@ -127,11 +143,16 @@ class SteeringBatch:
             return e
         return None
 
-    def _do_unforward(self, flows: list[Any]) -> None:
+    def _do_unforward(self, flows: list[tuple[Any, int]]) -> None:
         try:
-            self.worker.steering.unforward_many(flows)
+            stale = self.worker.steering.unforward_closed(flows)
         except Exception as e:
             log.error("removing %d steering entries failed: %s", len(flows), e)
+            return
+        for flow in stale:
+            self.worker.stats.flows_closed_stale += 1
+            log.log(NOTICE, "FlowClosed for %s:%d ignored: its entry belongs to a newer connection from the "
+                    "same port", flow.client_ip, flow.client_port)
 
     # -- in the loop -----------------------------------------------------------------------------
     def _submit(self, kind: str, fn: Any, arg: Any, batch: list[Dispatch], deliver: Any) -> None:
@@ -178,7 +199,7 @@ class SteeringBatch:
         self._busy["freeze"] = self._busy["forward"] = True
         self.transactions += 1
         freezes = [d.flow for d in freezing]
-        forwards = [(d.flow, d.backend.mac) for d in forwarding]
+        forwards = [(d.flow, d.backend.mac, d.xid) for d in forwarding]
         try:
             self.worker.steering.freeze_forward(freezes, forwards)
             fwd_error = freeze_error = None
@@ -207,7 +228,7 @@ class SteeringBatch:
             self._flush_both()
             return
         batch, self.forwarding = self.forwarding, []
-        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac) for d in batch], batch,
+        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.xid) for d in batch], batch,
                      Dispatch.forwarded)
 
     def _flush_unforward(self) -> None:
@@ -262,7 +283,13 @@ class Worker:
         self._unflushed: list[Any] = []          # control links with queued frames (ControlLink.send)
         self._flush_at = False
         self.lingering: dict[int, Dispatch] = {}
-        self.inflight = 0
+        self.inflight = 0                # connections being dispatched (heads_waiting included)
+        # Connections waiting for their request head (idle or slow clients, up to peektimeout) are not
+        # counted against maxclients: thousands of them would keep every new connection in the accept
+        # queue, and its overflow drops SYNs (a second's retransmission, then three, then seven). They
+        # only cost a descriptor, a reader and a timer each; bounded by the descriptors this process has.
+        self.heads_waiting = 0
+        self.heads_max = heads_budget(self.maxclients)
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._xid = (os.getpid() & 0xFFFF) << 32
@@ -361,9 +388,10 @@ class Worker:
             self.fail_handoff(msg.xid, msg.reason)
         elif isinstance(msg, control.FlowClosed):
             self.stats.flows_closed += 1
-            self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out)
+            self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out,
+                                    msg.xid)
             self.batch.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
-                                                vip=msg.vip, vport=msg.vport))
+                                                vip=msg.vip, vport=msg.vport), msg.xid)
         elif isinstance(msg, control.Ping):
             if link.up:
                 link.send(control.Pong(token=msg.token))
@@ -371,9 +399,25 @@ class Worker:
             log.debug("back end %s: %s ignored", link.backend.name, type(msg).__name__)
 
     # -- accepting -------------------------------------------------------------------------------
+    def _may_accept(self) -> bool:
+        return (self.inflight - self.heads_waiting < self.maxclients
+                and self.heads_waiting + len(self.lingering) < self.heads_max)
+
+    def head_wait(self, d: Dispatch) -> None:
+        """`d` waits for more of its request head: it stops counting against maxclients."""
+        self.heads_waiting += 1
+        if not self.accepting and self._may_accept() and not self._stopping_set():
+            self._resume_accepting()
+
+    def head_done(self, d: Dispatch) -> None:
+        """`d`'s head is complete (or its wait is over): it counts against maxclients again."""
+        self.heads_waiting -= 1
+
     def _accept(self, lsock: socket.socket, lport: int) -> None:
         loop_accept = lsock.accept
-        while self.inflight < self.maxclients:
+        for _ in range(ACCEPT_BATCH):
+            if not self._may_accept():
+                break
             try:
                 sock, peer = loop_accept()
             except (BlockingIOError, InterruptedError):
@@ -390,17 +434,23 @@ class Worker:
             self.inflight += 1
             self.stats.accepted += 1
             Dispatch(self, sock, peer, lport).start()
-        # maxclients connections are being dispatched: the rest waits in the kernel's accept queue.
+        else:
+            return      # more may wait: the listener stays readable, the loop serves other events first
+        # maxclients connections are being dispatched (or the descriptors for waiting heads are used up):
+        # the rest waits in the kernel's accept queue.
         self._pause_accepting()
 
     def _resume_after_error(self) -> None:
-        if self.inflight < self.maxclients and not self._stopping_set():
+        if self._may_accept() and not self._stopping_set():
             self._resume_accepting()
 
     def dispatch_done(self, d: Dispatch) -> None:
+        if d.waiting:
+            d.waiting = False
+            self.heads_waiting -= 1
         self.inflight -= 1
         self.ledger.ended(d)
-        if not self.accepting and self.inflight < self.maxclients and not self._stopping_set():
+        if not self.accepting and self._may_accept() and not self._stopping_set():
             self._resume_accepting()
 
     def _stopping_set(self) -> bool:

@@ -49,7 +49,7 @@ from typing import Iterable
 
 from pyroute2 import IPRoute
 
-from .nfnl import NFPROTO_NETDEV, ElementBatch, ElementSocket, NetlinkError
+from .nfnl import NFPROTO_NETDEV, ElementBatch, ElementSocket, NetlinkError, comment_userdata, userdata_comment
 from .nft import Nft, NftError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ FLOWS_CHAIN = "flows"
 MAP_SIZE = 1 << 20
 _BATCH_ELEMENTS = 500  # flows per transaction: keeps each netlink message well below 64 KiB
 FROZEN_SIZE = 1 << 16
+_GET_ELEMENTS = 16     # element reads per netlink send: each answer is an skb of ~4-8 KiB truesize, and
+#                       the socket's receive buffer (~208 KiB) must hold them all (else ENOBUFS)
 
 
 class SteeringError(RuntimeError):
@@ -122,6 +124,21 @@ def _mac_bytes(mac: str) -> bytes:
 
 
 _MAC_CACHE: dict[str, bytes] = {}
+
+
+def handoff_comment(xid: int) -> str:
+    """The comment of a forward-map entry: the id of the handoff that made it (fixed width)."""
+    return f"handoff {xid:016x}"
+
+
+def parse_handoff_comment(comment: str | None) -> int:
+    """The handoff id in an entry's comment; 0 when it has none (made by a version without ids)."""
+    if comment and comment.startswith("handoff "):
+        try:
+            return int(comment[8:], 16)
+        except ValueError:
+            return 0
+    return 0
 
 
 def _ms(seconds: float) -> str:
@@ -276,11 +293,7 @@ class FlowSteering:
     # Element changes go over raw nfnetlink (tcpha.steering.nfnl): libnftables re-reads its cache from
     # the kernel on every call and costs 10-50x more. Each call is one atomic transaction.
     def _send(self, batch: ElementBatch, what: str) -> None:
-        sock = self._elements_sock
-        if sock is None or self._elements_pid != os.getpid():
-            # (Re)open after a fork too: two processes sharing one netlink socket would read each other's acks.
-            sock = self._elements_sock = ElementSocket(self.netns)
-            self._elements_pid = os.getpid()
+        sock = self._element_socket()
         try:
             sock.run(batch)
         except NetlinkError as exc:
@@ -311,13 +324,13 @@ class FlowSteering:
         """Send the flow's later packets to the back end with MAC `be_mac`; also thaws it. Atomic."""
         self.forward_many([(flow, be_mac)])
 
-    def forward_many(self, flows: Iterable[tuple[FlowKey, str]]) -> None:
-        """forward() for many flows, one transaction (all or none) per _BATCH_ELEMENTS flows."""
-        adds, keys = [], []
-        for flow, mac in flows:
-            key = flow.key()
-            adds.append((key, _mac_bytes(mac), self._flow_ms))
-            keys.append(key)
+    def forward_many(self, flows: Iterable[tuple[FlowKey, str] | tuple[FlowKey, str, int]]) -> None:
+        """forward() for many flows, one transaction (all or none) per _BATCH_ELEMENTS flows.
+
+        A flow given as (flow, MAC, handoff id) has the id stored with its entry (element comment
+        ``handoff <id>``, see handoff_comment), so that a late close report of an earlier connection on
+        the same 4-tuple can be told apart (unforward_closed)."""
+        adds, keys, udata = self._forward_elements(flows)
         if not adds:
             return
         for i in range(0, len(adds), _BATCH_ELEMENTS):
@@ -326,11 +339,21 @@ class FlowSteering:
             # An entry already there for the same 4-tuple belongs to an earlier connection that ended (the
             # FE has just accepted this one), its removal still pending: replace it, in the same transaction.
             batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, chunk)
-            batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds[i:i + _BATCH_ELEMENTS])
+            batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds[i:i + _BATCH_ELEMENTS],
+                      None if udata is None else udata[i:i + _BATCH_ELEMENTS])
             batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, chunk)
             self._send(batch, "forwarding flows")
 
-    def freeze_forward(self, freezes: list[FlowKey], forwards: list[tuple[FlowKey, str]]) -> None:
+    def _forward_elements(self, flows: Iterable[tuple]) -> tuple[list, list[bytes], list[bytes] | None]:
+        adds, keys, udata = [], [], []
+        for item in flows:
+            key = item[0].key()
+            adds.append((key, _mac_bytes(item[1]), self._flow_ms))
+            keys.append(key)
+            udata.append(comment_userdata(handoff_comment(item[2])) if len(item) > 2 and item[2] else b"")
+        return adds, keys, (udata if any(udata) else None)
+
+    def freeze_forward(self, freezes: list[FlowKey], forwards: list[tuple]) -> None:
         """freeze_many(freezes) and forward_many(forwards) in one transaction (all or none).
 
         The front end's loop often has new connections to freeze and Restored answers to forward in
@@ -341,18 +364,50 @@ class FlowSteering:
             self.forward_many(forwards)
             self.freeze_many(freezes)
             return
-        adds, keys = [], []
-        for flow, mac in forwards:
-            key = flow.key()
-            adds.append((key, _mac_bytes(mac), self._flow_ms))
-            keys.append(key)
+        adds, keys, udata = self._forward_elements(forwards)
         batch = ElementBatch()
         batch.destroy(NFPROTO_NETDEV, self.table, FORWARD_MAP, keys)     # as in forward_many
-        batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds)
+        batch.add(NFPROTO_NETDEV, self.table, FORWARD_MAP, adds, udata)
         batch.destroy(NFPROTO_NETDEV, self.table, FROZEN_SET, keys)
         ms = self._freeze_ms
         batch.add(NFPROTO_NETDEV, self.table, FROZEN_SET, [(f.key(), None, ms) for f in freezes])
         self._send(batch, "freezing and forwarding flows")
+
+    def handoffs(self, flows: list[FlowKey]) -> list[int | None]:
+        """Per flow, the handoff id stored with its entry: 0 for an entry without one, None for no entry."""
+        sock = self._element_socket()
+        keys = [f.key() for f in flows]
+        found: list = []
+        try:
+            # chunks: each key is answered with two messages, which must fit the socket's receive buffer
+            for i in range(0, len(keys), _GET_ELEMENTS):
+                found += sock.get_userdata(NFPROTO_NETDEV, self.table, FORWARD_MAP, keys[i:i + _GET_ELEMENTS])
+        except OSError as exc:                 # NetlinkError, or the socket's own (ENOBUFS)
+            raise SteeringError(f"reading entries of nft table netdev {self.table}: {exc}") from None
+        return [None if u is False else parse_handoff_comment(userdata_comment(u) if u else None) for u in found]
+
+    def unforward_closed(self, closed: list[tuple[FlowKey, int]]) -> list[FlowKey]:
+        """Remove the entries of flows whose connection ended, as reported by their back end with the
+        handoff id; an entry holding another handoff's id belongs to a newer connection of the client on
+        the same 4-tuple (it reused its port before the report came) and stays. Id 0 (a back end that
+        sends none) and entries without an id are removed unconditionally, as before ids existed.
+        Returns the flows whose report was stale (entry kept).
+
+        The check and the removal are two netlink round trips, not one transaction: a newer connection
+        steered between them (a whole handshake and handoff within microseconds) would still lose its
+        entry; the window of the old scheme was FLOWCLOSED_DELAY, half a second."""
+        with_id = [(f, xid) for f, xid in closed if xid]
+        try:
+            current = self.handoffs([f for f, _ in with_id]) if with_id else []
+        except (SteeringError, OSError) as exc:
+            # Entries left behind would steer the client's next connection on that 4-tuple astray
+            # until flowtimeout: remove them unchecked, as before ids existed.
+            log.warning("reading the handoff ids of %d closed flows failed (%s): removed unchecked", len(with_id), exc)
+            current = []
+        stale = [f for (f, xid), now in zip(with_id, current) if now and now != xid]
+        kept = set(stale)
+        self.unforward_many([f for f, _ in closed if f not in kept])
+        return stale
 
     def unforward(self, flow: FlowKey) -> None:
         """Forget the flow (its connection ended). Idempotent: a flow already gone is fine."""
@@ -377,11 +432,16 @@ class FlowSteering:
         self._nft.close()
 
     # -- inspection (netlink dumps: fast even with 100k flows, unlike listing through libnftables) ---
-    def _dump(self, name: str, keys: bool) -> tuple[int, list[tuple[bytes, bytes | None]]]:
+    def _element_socket(self) -> ElementSocket:
         sock = self._elements_sock
         if sock is None or self._elements_pid != os.getpid():
+            # (Re)open after a fork too: two processes sharing one netlink socket would read each other's acks.
             sock = self._elements_sock = ElementSocket(self.netns)
             self._elements_pid = os.getpid()
+        return sock
+
+    def _dump(self, name: str, keys: bool) -> tuple[int, list[tuple[bytes, bytes | None]]]:
+        sock = self._element_socket()
         try:
             return sock.dump_elements(NFPROTO_NETDEV, self.table, name, keys=keys)
         except NetlinkError as exc:

@@ -16,6 +16,7 @@ types put each field in its own 4-byte-aligned slot (an inet_service takes 2 byt
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -50,6 +51,7 @@ NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
 
 NFPROTO_NETDEV = 5
@@ -108,8 +110,10 @@ class ElementBatch:
         return prefix + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, *elems)
 
     def add(self, family: int, table: str, setname: str,
-            elements: list[tuple[bytes, bytes | None, int | None]]) -> None:
-        """Add (key, data or None, timeout ms or None) elements; an identical existing element is fine."""
+            elements: list[tuple[bytes, bytes | None, int | None]], userdata: list[bytes] | None = None) -> None:
+        """Add (key, data or None, timeout ms or None) elements; an identical existing element is fine.
+
+        ``userdata``, if given, holds one NFTA_SET_ELEM_USERDATA value per element (b"": none)."""
         elems = []
         for key, data, timeout_ms in elements:
             head, data_head, tail = _element_heads(len(key), None if data is None else len(data),
@@ -121,6 +125,8 @@ class ElementBatch:
                 elems.append(head + key + data_head + data + tail)
             else:
                 elems.append(head + key + data_head + data + tail + _BE64.pack(timeout_ms))
+        if userdata is not None:
+            elems = [_with_userdata(elem, udata) for elem, udata in zip(elems, userdata, strict=True)]
         self.messages.append((NFT_MSG_NEWSETELEM, NLM_F_CREATE, self._list(family, table, setname, elems)))
 
     def destroy(self, family: int, table: str, setname: str, keys: list[bytes]) -> None:
@@ -132,14 +138,37 @@ class ElementBatch:
         self.messages.append((NFT_MSG_DESTROYSETELEM, 0, self._list(family, table, setname, elems)))
 
 
-def element_reference(key: bytes, data: bytes | None, timeout_ms: int | None) -> bytes:
-    """One NFTA_LIST_ELEM built attribute by attribute (what _element_heads precomputes; for tests)."""
-    parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
-    if data is not None:
-        parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, data)))
-    if timeout_ms is not None:
-        parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, _BE64.pack(timeout_ms)))
-    return _nest(NFTA_LIST_ELEM, *parts)
+def _with_userdata(elem: bytes, udata: bytes) -> bytes:
+    """An NFTA_LIST_ELEM with an NFTA_SET_ELEM_USERDATA attribute appended (its length grown to match)."""
+    if not udata:
+        return elem
+    extra = _attr(NFTA_SET_ELEM_USERDATA, udata)
+    length, kind = _NLATTR.unpack_from(elem)
+    return _NLATTR.pack(length + len(extra), kind) + elem[_NLATTR.size:] + extra
+
+
+# Element user data in libnftnl's layout (TLVs: u8 type, u8 length, value), so that `nft list` shows it:
+# type 0 is the element's comment, a NUL-terminated string.
+UDATA_SET_ELEM_COMMENT = 0
+
+
+def comment_userdata(comment: str) -> bytes:
+    raw = comment.encode() + b"\0"
+    if len(raw) > 255:
+        raise ValueError("element comment too long")
+    return bytes((UDATA_SET_ELEM_COMMENT, len(raw))) + raw
+
+
+def userdata_comment(udata: bytes | None) -> str | None:
+    """The comment in an element's user data (libnftnl TLVs), or None."""
+    pos = 0
+    while udata and pos + 2 <= len(udata):
+        kind, length = udata[pos], udata[pos + 1]
+        value = udata[pos + 2:pos + 2 + length]
+        if kind == UDATA_SET_ELEM_COMMENT and len(value) == length:
+            return value.rstrip(b"\0").decode("utf-8", "replace")
+        pos += 2 + length
+    return None
 
 
 _HEADS: dict[tuple[int, int | None, bool], tuple[bytes, bytes, bytes]] = {}
@@ -190,9 +219,11 @@ def _nested_value(data: bytes, pos: int, end: int) -> bytes | None:
     return None
 
 
-def _decode_element(data: bytes, pos: int, end: int) -> tuple[bytes, bytes | None]:
+def _decode_element(data: bytes, pos: int, end: int, udata: list | None = None) -> tuple[bytes, bytes | None]:
+    """(key, data) of one NFTA_LIST_ELEM; its user data appended to ``udata`` if given (None: none)."""
     key: bytes | None = None
     value: bytes | None = None
+    user: bytes | None = None
     while pos + 4 <= end:
         alen, atype = _NLATTR.unpack_from(data, pos)
         if alen < 4:
@@ -202,8 +233,23 @@ def _decode_element(data: bytes, pos: int, end: int) -> tuple[bytes, bytes | Non
             key = _nested_value(data, pos + 4, pos + alen)
         elif kind == NFTA_SET_ELEM_DATA:
             value = _nested_value(data, pos + 4, pos + alen)
+        elif kind == NFTA_SET_ELEM_USERDATA:
+            user = bytes(data[pos + 4:pos + alen])
         pos += (alen + 3) & ~3
+    if udata is not None:
+        udata.append(user)
     return key or b"", value
+
+
+def _messages(data: bytes):
+    """(offset, length, type, seq) of each netlink message in one datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size:
+            return
+        yield offset, length, kind, seq
+        offset += (length + 3) & ~3
 
 
 class ElementSocket:
@@ -288,11 +334,7 @@ class ElementSocket:
                                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
             while True:
                 data = self._sock.recv(1 << 20)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, kind, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                    if length < _NLMSGHDR.size:
-                        break
+                for offset, length, kind, mseq in _messages(data):
                     end = offset + length
                     if mseq == seq:
                         if kind == NLMSG_DONE:
@@ -305,10 +347,52 @@ class ElementSocket:
                             n = self._parse_elements(data, offset + _NLMSGHDR.size + _NFGENMSG.size, end,
                                                      out if keys else None)
                             count += n
-                    offset += (length + 3) & ~3
+
+    def get_userdata(self, family: int, table: str, setname: str, keys: list[bytes]) -> list[bytes | None | bool]:
+        """Per key, the user data of its element (None: it has none), or False when there is no element.
+
+        One NFT_MSG_GETSETELEM (not a dump) per key, all sent in one datagram; each is answered with the
+        element or ENOENT, then its acknowledgement."""
+        if not keys:
+            return []
+        prefix = (_NFGENMSG.pack(family, 0, 0) + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                  + _attr(NFTA_SET_ELEM_LIST_SET, setname.encode() + b"\0"))
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+        results: dict[int, bytes | None | bool] = {}
+        with self._lock:
+            first = self._seq
+            self._seq = (first + len(keys)) & 0x7FFFFFFF
+            parts = []
+            for i, key in enumerate(keys):
+                head, _, tail = _element_heads(len(key), None, False)
+                payload = prefix + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, head + key + tail)
+                parts.append(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_ACK,
+                                            first + i, 0) + payload)
+            self._sock.send(b"".join(parts))
+            pending = set(range(first, first + len(keys)))
+            error = 0
+            while pending:
+                data = self._sock.recv(1 << 16)
+                for offset, length, mkind, seq in _messages(data):
+                    if seq in pending:
+                        if mkind == NLMSG_ERROR:
+                            code = -_NLMSGERR.unpack_from(data, offset + _NLMSGHDR.size)[0]
+                            pending.discard(seq)
+                            if code == errno.ENOENT:
+                                results[seq] = False
+                            elif code and not error:
+                                error = code
+                        else:
+                            udata: list = []
+                            self._parse_elements(data, offset + _NLMSGHDR.size + _NFGENMSG.size,
+                                                 offset + length, [], udata)
+                            results[seq] = udata[0] if udata else None
+        if error:
+            raise NetlinkError(error, f"nftables: {os.strerror(error)}")
+        return [results.get(first + i, False) for i in range(len(keys))]
 
     @staticmethod
-    def _parse_elements(data: bytes, pos: int, end: int, out: list | None) -> int:
+    def _parse_elements(data: bytes, pos: int, end: int, out: list | None, udata: list | None = None) -> int:
         count = 0
         while pos + 4 <= end:
             alen, atype = _NLATTR.unpack_from(data, pos)
@@ -322,7 +406,7 @@ class ElementSocket:
                         break
                     count += 1
                     if out is not None:
-                        out.append(_decode_element(data, p + 4, p + elen))
+                        out.append(_decode_element(data, p + 4, p + elen, udata))
                     p += (elen + 3) & ~3
             pos += (alen + 3) & ~3
         return count
@@ -335,5 +419,5 @@ class ElementSocket:
         return True
 
 
-__all__ = ["ElementBatch", "ElementSocket", "NetlinkError", "flow_key", "mac_bytes", "NFPROTO_NETDEV",
-           "NFPROTO_INET"]
+__all__ = ["ElementBatch", "ElementSocket", "NetlinkError", "flow_key", "mac_bytes", "comment_userdata",
+           "userdata_comment", "NFPROTO_NETDEV", "NFPROTO_INET"]

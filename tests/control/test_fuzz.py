@@ -23,7 +23,7 @@ fe_messages = st.one_of(
     st.builds(Steered, u64))
 be_messages = st.one_of(
     st.builds(Restored, u64), st.builds(Refused, u64, text),
-    st.builds(FlowClosed, ips, ports, ips, ports, u64, u64), st.builds(Ping, u64), st.builds(Pong, u64),
+    st.builds(FlowClosed, ips, ports, ips, ports, u64, u64, u64), st.builds(Ping, u64), st.builds(Pong, u64),
     st.builds(Register, ips, ports, text, st.lists(st.tuples(text, text), max_size=5).map(tuple),
               ports, ports),
     st.builds(Unregister, ips, ports, text))

@@ -297,3 +297,67 @@ def test_10mb_upload_partly_in_flight_at_handoff_arrives_exact(fresh, first_part
     assert answer["bytes"] == len(body)
     assert answer["sha256"] == hashlib.sha256(body).hexdigest()
     assert answer["backend"] == "be2"
+
+
+# -- a client reusing its port ------------------------------------------------------------------
+
+def _forwarded(dep) -> dict:
+    from tcpha.steering import FlowSteering
+
+    def read() -> dict:
+        s = FlowSteering(table="tcpha_fe", ifname=dep.lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
+        try:
+            return s.forwarded()
+        finally:
+            s.close()
+    return dep.lab.call("fe", read)
+
+
+def _from_port(dep, port: int) -> socket.socket:
+    s = dep.lab.socket("client")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.settimeout(10)
+    s.connect((dep.vip, VPORT))
+    return s
+
+
+def test_client_reusing_its_port_keeps_its_new_flow_when_the_old_flow_closed_report_comes(deployment):
+    """A client's connection to be1 ends; it reuses its port at once for a keep-alive connection that goes
+    to be2. be1's FlowClosed for the old connection comes FLOWCLOSED_DELAY (0.5 s) later, on the same
+    4-tuple: it carries the old handoff's id, so the new flow's steering entry stays and the new
+    connection's next request is answered (it was reset by the front end before ids existed)."""
+    dep = deployment
+    port = 40000 + int.from_bytes(__import__("os").urandom(2), "big") % 20000
+    log_path = dep.lab.log_path("fe", "tcpha-fe")
+    log_start = log_path.stat().st_size
+    first = _from_port(dep, port)
+    try:
+        first.sendall(b"GET /img/logo.jpg HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        raw = read_all(first)
+    finally:
+        first.close()
+    assert status_of(raw) == 200 and header(raw, b"X-Tcpha-Backend") == b"be1"
+    conn = http.client.HTTPConnection(dep.vip, VPORT, timeout=10)
+    conn.sock = _from_port(dep, port)
+    try:
+        conn.request("GET", "/index.html")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("X-Tcpha-Backend") == "be2"
+        r.read()
+        flow = next(f for f in _forwarded(dep) if f.client_port == port)
+
+        def old_report_handled() -> bool:
+            ignored = f"FlowClosed for {dep.lab.ip('client')}:{port} ignored" in \
+                log_path.read_bytes()[log_start:].decode(errors="replace")
+            return ignored or flow not in _forwarded(dep)
+        wait_until(old_report_handled, timeout=10, what="be1's FlowClosed of the old connection handled")
+        assert flow in _forwarded(dep), "the old connection's FlowClosed removed the new flow's entry"
+        conn.request("GET", "/1k.bin")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("X-Tcpha-Backend") == "be2"
+        assert r.read() == dep.origins["be2"].expected("1k.bin")
+    finally:
+        conn.close()
+    # its own report removes it
+    wait_until(lambda: flow not in _forwarded(dep), timeout=10, what="the new flow's entry removed at its end")
