@@ -48,7 +48,12 @@ def test_same_output_as_original(tool: str, case: dict, tmp_path: Path) -> None:
            "status": proc.returncode}
     expected = {k: case[k] for k in ("stdout", "stderr", "status")}
     # A documented, deliberate difference (cases.DELIBERATE says which field and why).
-    expected.update({k: v for k, v in DELIBERATE.get((tool, tuple(case["args"])), {}).items() if k != "why"})
+    deliberate = DELIBERATE.get((tool, tuple(case["args"])), {})
+    expected.update({k: v for k, v in deliberate.items() if k in expected})
+    if "stderr_line" in deliberate:
+        lines = got.pop("stderr").splitlines(keepends=True)
+        del expected["stderr"]
+        assert len(lines) == 1 and lines[0].startswith(deliberate["stderr_line"]) and lines[0].endswith("\n")
     assert got == expected
 
 
@@ -58,4 +63,5 @@ def test_deliberate_differences_are_real() -> None:
     for key, diff in DELIBERATE.items():
         assert key in recorded, key
         assert diff["why"]
-        assert any(recorded[key][k] != v for k, v in diff.items() if k != "why"), key
+        assert any(recorded[key][k] != v for k, v in diff.items() if k in ("stdout", "status")) or \
+            ("stderr_line" in diff and not recorded[key]["stderr"]), key

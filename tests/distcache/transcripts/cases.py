@@ -87,3 +87,12 @@ for _args in (["-listen", "IP:nonexistent.invalid:1", "-sessions", "1"],
               ["-listen", "IP:nonexistent.invalid:1", "-sessions", "63"]):
     DELIBERATE[("dc_server", tuple(_args))] = {
         "status": 1, "why": "the original exits 0 after 'malloc/initialisation failure'; we exit 1"}
+_SNOOP_SAYS_WHY = ("the original exits 1 without a word when an address cannot be used; we print one "
+                   "'Error, ...' line saying why")
+for _args in (["-listen", "FOO:bar", "-server", "UNIX:{tmp}/s"],
+              ["-listen", "UNIX:{tmp}/no/such/dir/l", "-server", "UNIX:{tmp}/s"],
+              ["-listen", "UNIX:{tmp}/l", "-server", "FOO:bar"],
+              ["-listen", "UNIX:{tmp}/l", "-server", "IP:9001"],
+              ["-listen", "UNIX:{tmp}/l", "-server", "IP:nonexistent.invalid:1"]):
+    # "stderr_line": stderr is exactly one line starting with this text (the reason varies by system).
+    DELIBERATE[("dc_snoop", tuple(_args))] = {"stderr_line": "Error, ", "why": _SNOOP_SAYS_WHY}
