@@ -216,6 +216,16 @@ def test_bad_input_closes_only_that_connection(dc_server, bad):
     assert srv.proc.poll() is None
 
 
+def test_requests_before_a_corrupt_frame_are_answered(dc_server):
+    """Better than the original (docs/distcache.md): the good request read together with a corrupt
+    frame gets its answer before the connection is closed."""
+    srv = dc_server()
+    with srv.connect() as s:
+        s.sendall(encode_message(Message(False, 9, Op.HAVE, b"abc")) + frame(op=7, data=b"abc"))
+        data = recv_all_until_close(s)
+    assert data == FRAME_HEADER.pack(PROTO_LEVEL, 1, 9, 0, Op.HAVE, 1, 1) + b"\x01"
+
+
 def test_half_frame_stall_is_closed(dc_server):
     srv = dc_server("-stall", "300")
     with srv.connect() as idle, srv.connect() as staller:
