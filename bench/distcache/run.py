@@ -74,7 +74,7 @@ class ServerProc:
 
 def dc_test(connect: str, ops: int, *extra: str) -> tuple[float, str]:
     r = subprocess.run([sys.executable, "-m", "tcpha.cli.dc_test", "-connect", connect, "-sessions", "512",
-                        "-ops", str(ops), *extra], capture_output=True, text=True, timeout=600)
+                        "-ops", str(ops), "-timing", *extra], capture_output=True, text=True, timeout=600)
     text = r.stdout + r.stderr
     m = re.search(r"operations per second = (\d+)", text)
     if r.returncode != 0 or not m:
