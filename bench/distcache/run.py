@@ -44,9 +44,12 @@ def free_port() -> int:
 
 
 class ServerProc:
-    def __init__(self, listen: str, *args: str) -> None:
+    """A dc_server process: ours, or the program in `argv` (the original, in versus_original.py)."""
+
+    def __init__(self, listen: str, *args: str, argv: list[str] | None = None) -> None:
         self.listen = listen
-        self.proc = subprocess.Popen([sys.executable, "-m", "tcpha.cli.dc_server", "-listen", listen, *args],
+        argv = argv or [sys.executable, "-m", "tcpha.cli.dc_server"]
+        self.proc = subprocess.Popen([*argv, "-listen", listen, *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.proc.pid)
         from tcpha.distcache.address import connect_socket, parse_address

@@ -27,53 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.distcache.original import ORIGINAL_DIR, build_original, original_version  # noqa: E402
-from bench.distcache.run import pipelined  # noqa: E402
+from bench.distcache.run import ServerProc, pipelined  # noqa: E402
 
 TARGET_RATIO = {1: 1.2, 4: 1.5}
 TARGET_PIPELINED = 150_000
 
 
-class Server:
-    """One dc_server process (ours or the C one) listening on a UNIX socket."""
-
-    def __init__(self, argv: list[str], path: str) -> None:
-        self.path = path
-        self.proc = subprocess.Popen([*argv, "-listen", f"UNIX:{path}", "-sessions", "4096"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.ps = psutil.Process(self.proc.pid)
-        deadline = time.monotonic() + 20
-        import socket
-        while time.monotonic() < deadline:
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(path)
-                s.close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{argv[0]} did not come up on {path}")
-
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def run_load(server: Server, dc_test: Path, clients: int, persistent: bool, ops: int) -> dict:
-    argv = [str(dc_test), "-connect", f"UNIX:{server.path}", "-sessions", "512", "-ops", str(ops)]
+def run_load(server: ServerProc, dc_test: Path, clients: int, persistent: bool, ops: int) -> dict:
+    argv = [str(dc_test), "-connect", server.listen, "-sessions", "512", "-ops", str(ops)]
     if persistent:
         argv.append("-persistent")
     cpu0 = server.cpu()
@@ -101,8 +66,7 @@ def main() -> int:
     args = ap.parse_args()
 
     tools = build_original(args.orig)
-    servers = {"C dc_server": [str(tools["dc_server"])],
-               "tcpha dc_server": [sys.executable, "-m", "tcpha.cli.dc_server"]}
+    servers = {"C dc_server": [str(tools["dc_server"])], "tcpha dc_server": None}
     loads = [(c, p) for p in (True, False) for c in (1, 4)]
     results: dict[tuple[str, int, bool], list[dict]] = {}
     load0 = os.getloadavg()[0]
@@ -111,7 +75,8 @@ def main() -> int:
         for rnd in range(args.rounds):
             for clients, persistent in loads:
                 for name, argv in servers.items():
-                    srv = Server(argv, f"{tmp}/{rnd}-{clients}-{int(persistent)}-{name[0]}.sock")
+                    srv = ServerProc(f"UNIX:{tmp}/{rnd}-{clients}-{int(persistent)}-{name[0]}.sock",
+                                     "-sessions", "4096", argv=argv)
                     try:
                         r = run_load(srv, tools["dc_test"], clients, persistent,
                                      args.ops if persistent else args.perop_ops)

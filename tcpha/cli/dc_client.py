@@ -16,7 +16,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import UsageError, octal, strtoul
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
 
@@ -36,13 +36,7 @@ USAGE = [
     "  -connect <addr>    (alias for '-server')",
     '  -retry <num>       (retry period (msecs) for cache servers, def: 5000)',
     '  -idle <num>        (idle timeout (msecs) for client connections, def: 0)',
-    '  -user <user>       (run daemon as given user)',
-    '  -sockowner <user>  (controls ownership of unix domain listening socket)',
-    '  -sockgroup <group> (controls ownership of unix domain listening socket)',
-    '  -sockperms <oct>   (set permissions of unix domain listening socket)',
-    '  -pidfile <path>    (a file to store the process ID in)',
-    '  -killable          (exit cleanly on a SIGUSR1 or SIGUSR2 signal)',
-    '  -<h|help|?>        (display this usage message)',
+    *DAEMON_USAGE,
     '',
     ' Eg. dc_client -listen UNIX:/tmp/scache -server IP:192.168.2.5:9003',
     ' will listen on a unix domain socket at /tmp/scache and will manage',

@@ -17,7 +17,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import UsageError, invalid, octal, strtoul
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, invalid, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
@@ -45,13 +45,7 @@ USAGE = [
     "  -listen <addr>     (act as a server listening on address 'addr')",
     "  -sessions <num>    (make the cache hold a maximum of 'num' sessions)",
     "  -progress <num>    (report cache progress at least every 'num' operations)",
-    '  -user <user>       (run daemon as given user)',
-    '  -sockowner <user>  (controls ownership of unix domain listening socket)',
-    '  -sockgroup <group> (controls ownership of unix domain listening socket)',
-    '  -sockperms <oct>   (set permissions of unix domain listening socket)',
-    '  -pidfile <path>    (a file to store the process ID in)',
-    '  -killable          (exit cleanly on a SIGUSR1 or SIGUSR2 signal)',
-    '  -<h|help|?>        (display this usage message)',
+    *DAEMON_USAGE,
     '',
     '',
     'Eg. dc_server -listen IP:9001',
