@@ -181,8 +181,9 @@ class _ClientSide(asyncio.Protocol):
         try:
             transport, _ = await open_address(self.snooper.server, lambda: _ServerSide(pair), 10.0)
         except (OSError, AddressError, asyncio.TimeoutError) as exc:
-            # As the original: a client we cannot proxy is dropped.
-            log.warning("cannot connect to %s: %s", self.snooper.server.text, exc)
+            # As the original: a client we cannot proxy is dropped, without a word on stderr (the
+            # trace stays the original's; TCPHA_LOG_LEVEL=DEBUG shows why).
+            log.debug("cannot connect to %s: %s", self.snooper.server.text, exc)
             pair.close()
             return
         if pair.closed:
