@@ -66,7 +66,7 @@ def _children_cpu() -> float:
 def dc_test(addr: str, *args: str) -> tuple[float, float]:
     """(ops/s, dc_test CPU seconds per operation)."""
     c0 = _children_cpu()
-    r = subprocess.run([sys.executable, "-m", "tcpha.cli.dc_test", "-connect", addr, "-sessions", "512", *args],
+    r = subprocess.run([sys.executable, "-m", "tcpha.cli.dc_test", "-connect", addr, "-sessions", "512", "-timing", *args],
                        capture_output=True, text=True, timeout=600)
     cpu = _children_cpu() - c0
     if r.returncode != 0:

@@ -52,7 +52,7 @@ def start_server(backend: str) -> tuple[subprocess.Popen, str]:
 def dc_test(addresses: list[str], clients: int, ops: int) -> int:
     """Total ops/s of `clients` dc_test -persistent processes spread over the addresses."""
     per = max(1, clients // len(addresses))
-    procs = [subprocess.Popen(["dc_test", "-connect", a, "-persistent", "-sessions", "512", "-ops", str(ops)]
+    procs = [subprocess.Popen(["dc_test", "-connect", a, "-persistent", "-timing", "-sessions", "512", "-ops", str(ops)]
                               + (["-clients", str(per)] if per > 1 else []),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in addresses]
     total = 0

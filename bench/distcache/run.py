@@ -44,9 +44,12 @@ def free_port() -> int:
 
 
 class ServerProc:
-    def __init__(self, listen: str, *args: str) -> None:
+    """A dc_server process: ours, or the program in `argv` (the original, in versus_original.py)."""
+
+    def __init__(self, listen: str, *args: str, argv: list[str] | None = None) -> None:
         self.listen = listen
-        self.proc = subprocess.Popen([sys.executable, "-m", "tcpha.cli.dc_server", "-listen", listen, *args],
+        argv = argv or [sys.executable, "-m", "tcpha.cli.dc_server"]
+        self.proc = subprocess.Popen([*argv, "-listen", listen, *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.proc.pid)
         from tcpha.distcache.address import connect_socket, parse_address
@@ -74,7 +77,7 @@ class ServerProc:
 
 def dc_test(connect: str, ops: int, *extra: str) -> tuple[float, str]:
     r = subprocess.run([sys.executable, "-m", "tcpha.cli.dc_test", "-connect", connect, "-sessions", "512",
-                        "-ops", str(ops), *extra], capture_output=True, text=True, timeout=600)
+                        "-ops", str(ops), "-timing", *extra], capture_output=True, text=True, timeout=600)
     text = r.stdout + r.stderr
     m = re.search(r"operations per second = (\d+)", text)
     if r.returncode != 0 or not m:

@@ -16,8 +16,8 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import UsageError, octal, strtoul
-from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, octal, strtoul
+from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
 
 DEF_LISTEN = "UNIX:/tmp/scache"
@@ -26,33 +26,22 @@ DEF_IDLE = 0
 MIN_RETRY, MAX_RETRY = 1, 3600000
 MAX_IDLE = 3600000
 
+# The original's usage text, byte for byte (the extensions are in docs/distcache.md).
 USAGE = [
-    "",
+    '',
     "Usage: dc_client [options]      where 'options' are from;",
-    "  -daemon           (detach and run in the background)",
-    "  -user <user>      (run as an alternative user)",
-    "  -listen <addr>    (listen on address 'addr', def: UNIX:/tmp/scache)",
-    "  -sockowner <user> (controls ownership of unix sockets)",
-    "  -sockgroup <group>(controls group ownership of unix sockets)",
-    "  -sockperms <oct>  (controls permissions of unix sockets)",
-    "  -server <addr>    (connects to a cache server at 'addr')",
-    "  -connect <addr>   (alias for '-server')",
-    "  -retry <num>      (retry period (msecs) for cache servers, def: 5000)",
-    "  -idle <num>       (idle timeout (msecs) for client connections, def: 0)",
-    "  -pidfile <path>   (a file to store the process ID in)",
-    "  -killable         (exit cleanly on a SIGUSR1 or SIGUSR2 signal)",
-    "  -<h|help|?>       (display this usage message)",
-    "",
-    " Eg. dc_client -listen UNIX:/tmp/scache -server IP:192.168.2.5:9003",
-    " will listen on a unix domain socket at /tmp/scache and will manage",
-    " forwarding requests and responses to and from two the cache server.",
-    "",
-    " Extensions:",
-    "  -server/-connect may be given several times; the servers are used in",
-    "  turn, the next one taking over when the current one fails.",
-    "  -upstream-timeout <num> (drop a server connection that leaves a request",
-    "                     unanswered 'num' msecs, def: 10000, 0: never)",
-    "",
+    '  -daemon            (detach and run in the background)',
+    "  -listen <addr>     (listen on address 'addr', def: UNIX:/tmp/scache)",
+    "  -server <addr>     (connects to a cache server at 'addr')",
+    "  -connect <addr>    (alias for '-server')",
+    '  -retry <num>       (retry period (msecs) for cache servers, def: 5000)',
+    '  -idle <num>        (idle timeout (msecs) for client connections, def: 0)',
+    *DAEMON_USAGE,
+    '',
+    ' Eg. dc_client -listen UNIX:/tmp/scache -server IP:192.168.2.5:9003',
+    ' will listen on a unix domain socket at /tmp/scache and will manage',
+    ' forwarding requests and responses to and from the cache server.',
+    '',
 ]
 
 
@@ -69,7 +58,7 @@ class Settings:
     idle: int = DEF_IDLE
     pidfile: str | None = None
     killable: bool = False
-    upstream_timeout: int = 10000
+    upstream_timeout: int = 0     # extension; 0: wait for the server as long as the original does
 
 
 @dataclass(frozen=True)
@@ -151,27 +140,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
                         format="dc_client[%(process)d] %(levelname)s %(message)s")
-    servers = []
-    for text in s.servers:
-        try:
-            addr = parse_address(text)
-            if addr.kind == "ip" and addr.host is None:
-                raise AddressError(f"cannot connect to '{text}': IP:port is a listen-only address")
-        except AddressError as exc:
-            sys.stderr.write(f"Error, bad server address: {exc}\n")
-            return 1
-        servers.append(addr)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if not s.killable:
+        # Rule (original): without -killable, SIGUSR1 and SIGUSR2 are caught and ignored.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+    log = logging.getLogger("tcpha.distcache.agent")
+    # The original's order and lines: the listen address first, then the server address.
     try:
         laddr = parse_address(s.listen)
         if laddr.kind == "fd" and len(laddr.fds) != 1:
             raise AddressError("FD:r:w cannot listen")
         lsock = listen_socket(laddr)
     except AddressError as exc:
+        log.debug("%s", exc)
         sys.stderr.write("Error, bad listen address\n")
-        sys.stderr.write(f"Error, {exc}\n")
         return 1
     unix_path = laddr.path if laddr.kind == "unix" else None
+    servers = []
+    for text in s.servers:
+        try:
+            addr = parse_address(text)
+            if addr.kind == "ip" and addr.host is None:
+                raise AddressError(f"cannot connect to '{text}': IP:port is a listen-only address")
+            if addr.kind == "ip":
+                resolve(addr)
+        except AddressError as exc:
+            log.debug("%s", exc)
+            lsock.close()
+            if unix_path:
+                _unlink(unix_path)
+            sys.stderr.write("Error, internal initialisation problems\n")
+            return 1
+        servers.append(addr)
     if unix_path:
         set_socket_attributes(unix_path, s.sockowner, s.sockgroup, s.sockperms)
     if s.daemon:
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             drop_privileges(s.user)
         except (KeyError, OSError) as exc:
-            sys.stderr.write(f"Error, couldn't become user '{s.user}'"
-                             f"{': ' + exc.strerror if isinstance(exc, OSError) and exc.strerror else ''}\n")
+            log.debug("%s", exc)
+            sys.stderr.write(f"Error, couldn't become user '{s.user}'.\n")
             return 1
 
     raise_nofile_limit()     # many local clients: as many descriptors as the hard limit permits
@@ -214,13 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(serve())
     finally:
         if unix_path:
-            try:
-                st_ok = os.path.exists(unix_path)
-                if st_ok:
-                    os.unlink(unix_path)
-            except OSError:
-                pass
+            _unlink(unix_path)
     return 0
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import UsageError, invalid, octal, strtoul
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, invalid, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
@@ -37,34 +37,21 @@ MAX_PROGRESS = 1000000
 DEF_PERSIST_INTERVAL = 1000
 DEF_STALL = 30000
 
+# The original's usage text, byte for byte (the extensions are in docs/distcache.md).
 USAGE = [
-    "",
-    "Usage: dc_server [options]      where 'options' are from;",
-    "  -daemon           (detach and run in the background)",
-    "  -user <user>      (run as an alternative user)",
-    "  -listen <addr>    (act as a server listening on address 'addr')",
-    "  -sockowner <user> (controls ownership of unix sockets)",
-    "  -sockgroup <group>(controls group ownership of unix sockets)",
-    "  -sockperms <oct>  (controls permissions of unix sockets)",
-    "  -sessions <num>   (make the cache hold a maximum of 'num' sessions)",
-    "  -progress <num>   (report cache progress at least every 'num' operations)",
-    "  -pidfile <path>   (a file to store the process ID in)",
-    "  -killable         (exit cleanly on a SIGUSR1 or SIGUSR2 signal)",
-    "  -<h|help|?>       (display this usage message)",
-    "",
-    " Eg. dc_server -listen IP:9001",
-    " will start a session cache server listening on port 9001 for all TCP/IP",
-    " interfaces.",
-    "",
-    " Extensions:",
-    "  -backend <url>    (memory (default), redis://host:port, rediss://...,",
-    "                     redis-cluster://host:port[,host:port...])",
-    "  -persist <path>   (keep sessions in this file across restarts; memory backend)",
-    "  -persist-interval <num> (msecs between writes of the persist file, def: 1000)",
-    "  -stall <num>      (close a connection holding part of a message silent for",
-    "                     'num' msecs, def: 30000)",
-    "  -sessions may exceed 60000.",
-    "",
+    '',
+    "Usage: dc_server [options]     where 'options' are from;",
+    '  -daemon            (detach and run in the background)',
+    "  -listen <addr>     (act as a server listening on address 'addr')",
+    "  -sessions <num>    (make the cache hold a maximum of 'num' sessions)",
+    "  -progress <num>    (report cache progress at least every 'num' operations)",
+    *DAEMON_USAGE,
+    '',
+    '',
+    'Eg. dc_server -listen IP:9001',
+    '  will start a session cache server listening on port 9001 for all TCP/IP',
+    '  interfaces.',
+    '',
 ]
 
 
@@ -103,17 +90,14 @@ def _atoi(text: str) -> int:
 
 
 def _sessions(text: str, opt: str) -> int:
-    # Original: atoi(), then range-checked; the upper limit 60000 is lifted (extension).
-    value = _atoi(text)
-    if not MIN_SESSIONS <= value <= MAX_SESSIONS:
-        raise invalid(opt)
-    return value
+    # Original: (unsigned int)atoi(); the range is checked after all options (check_sessions).
+    return _atoi(text) & 0xFFFFFFFF
 
 
 def _progress(text: str, opt: str) -> int:
     # Original: (unsigned long)atoi(), > 1000000 is an error (a negative wraps to huge).
-    value = _atoi(text)
-    if not 0 <= value <= MAX_PROGRESS:
+    value = _atoi(text) & 0xFFFFFFFFFFFFFFFF
+    if value > MAX_PROGRESS:
         raise invalid(opt)
     return value
 
@@ -172,12 +156,13 @@ def parse_args(argv: list[str]) -> Settings | None:
         if opt is None:
             raise UsageError(f'Error, "{a}" not recognised')
         if opt.takes_arg:
+            # The original prints "-%s" of the option's own name: "Error, --listen requires ...".
             if i + 1 >= len(argv):
-                raise UsageError(f"Error, {a} requires an argument")
+                raise UsageError(f"Error, -{a} requires an argument")
             i += 1
             value: object = argv[i]
             if opt.conv is not None:
-                value = opt.conv(argv[i], a)
+                value = opt.conv(argv[i], "-" + a)
         else:
             value = True
         setattr(s, opt.attr, value)
@@ -222,24 +207,34 @@ def main(argv: list[str] | None = None) -> int:
     if s is None:
         _usage()
         return 0
-    if not s.listen:
+    if s.listen is None:
         return _err("Error, must provide -listen")
+    if not 1 <= s.sessions <= MAX_SESSIONS:
+        _err("Error, --sessions given an invalid argument")
+        _usage()
+        return 1
+    if s.sessions < MIN_SESSIONS:
+        # The original's cache refuses fewer than 64 sessions with this line (and exit 0: we exit 1).
+        return _err("Error, malloc/initialisation failure")
     if s.persist is not None and s.backend != "memory":
         return _err("Error, -persist works with -backend memory only")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "INFO").upper(), format="%(message)s", stream=sys.stderr)
     # Until the event loop takes them over, these signals stop us cleanly (exit 0) too.
     early = [signal.SIGTERM] + ([signal.SIGUSR1, signal.SIGUSR2] if s.killable else [])
     for sig in early:
         signal.signal(sig, _early_stop)
+    if not s.killable:
+        # Rule (original): without -killable, SIGUSR1 and SIGUSR2 are caught and ignored.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
     try:
         addr = parse_address(s.listen)
         sock = listen_socket(addr)
     except AddressError as exc:
-        detail = str(exc)
-        prefix = f"cannot listen on '{s.listen}': "
-        if detail.startswith(prefix):
-            detail = detail[len(prefix):]
-        return _err(f"Error, can't listen on '{s.listen}' ({detail})")
+        # The original's line, without a reason (set TCPHA_LOG_LEVEL=DEBUG for it); the
+        # original then exits 0 (1 with -killable), we always exit 1.
+        logging.getLogger("tcpha.distcache.server").debug("%s", exc)
+        return _err(f"Error, can't listen on '{s.listen}'")
     raise_nofile_limit()
     if addr.kind == "unix":
         set_socket_attributes(addr.path, s.sockowner, s.sockgroup, s.sockperms)
@@ -262,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             drop_privileges(s.user)
         except (KeyError, OSError) as exc:
-            return _err(f"Error, couldn't become user '{s.user}' "
-                        f"({getattr(exc, 'strerror', None) or 'no such user'})")
+            logging.getLogger("tcpha.distcache.server").debug("%s", exc)
+            return _err(f"Error, couldn't become user '{s.user}'.")
     try:
         store = _open_backend(s)
     except ValueError as exc:

@@ -9,20 +9,18 @@ import signal
 import sys
 
 from tcpha.cli.service import event_loop_factory
-from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.snoop import Snooper
 
+# The original's usage text, byte for byte (the -decode extension is in docs/distcache.md).
 USAGE = [
-    "",
+    '',
     "Usage: dc_snoop [options]     where 'options' are from;",
     "  -listen <addr>   (accept incoming connections on address 'addr')",
-    "  -connect <addr>  (proxy incoming connections to server at address 'addr')",
-    "  -<h|help|?>      (display this usage message)",
-    "",
-    "Extensions (not in the original):",
-    "  -server <addr>   (alias for '-connect')",
-    "  -decode          (add operation, id, data length and status to each line)",
-    "",
+    "  -server <addr>   (proxy incoming connections to server at address 'addr')",
+    "  -connect <addr>  (alias for '-server')",
+    '  -<h|help|?>      (display this usage message)',
+    '',
 ]
 
 
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             decode = True
         elif a in ("-connect", "-server", "-listen"):
             if i + 1 >= len(args):
-                # The original prints "-%s" with the option's own dash.
+                # The original prints "-%s" with the option's own dash: "Error, --listen ...".
                 sys.stderr.write(f"Error, -{a} requires an argument\n")
                 _usage()
                 return 1
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         i += 1
     if not connect or not listen:
-        sys.stderr.write("Error, must provide -connect and -listen\n")
+        sys.stderr.write("Error, must provide -listen and -server\n")
         return 1
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
                         format="dc_snoop[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
@@ -67,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         server = parse_address(connect)
         if server.kind == "ip" and server.host is None:
             raise AddressError(f"cannot connect to '{connect}': IP:port is a listen-only address")
+        if server.kind == "ip":
+            resolve(server)
         laddr = parse_address(listen)
         lsock = listen_socket(laddr)
     except AddressError as exc:
+        # The original exits 1 silently here; we say why (docs/distcache.md).
         sys.stderr.write(f"Error, {exc}\n")
         return 1
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -4,6 +4,18 @@ the error type and the value conversions, with the original's messages."""
 from __future__ import annotations
 
 
+# The last lines of the option list in the original usage texts of dc_server and dc_client (identical in both).
+DAEMON_USAGE = [
+    '  -user <user>       (run daemon as given user)',
+    '  -sockowner <user>  (controls ownership of unix domain listening socket)',
+    '  -sockgroup <group> (controls ownership of unix domain listening socket)',
+    '  -sockperms <oct>   (set permissions of unix domain listening socket)',
+    '  -pidfile <path>    (a file to store the process ID in)',
+    '  -killable          (exit cleanly on a SIGUSR1 or SIGUSR2 signal)',
+    '  -<h|help|?>        (display this usage message)',
+]
+
+
 class UsageError(Exception):
     """An option error: the message line, then the usage text, exit 1."""
 

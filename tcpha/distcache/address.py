@@ -29,7 +29,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-__all__ = ["AddressError", "Address", "parse_address", "listen_socket", "connect_socket",
+__all__ = ["AddressError", "Address", "parse_address", "listen_socket", "connect_socket", "resolve",
            "UNIX_PATH_MAX"]
 
 # sun_path is 108 bytes on Linux and needs a terminating NUL for a pathname socket.
@@ -147,6 +147,12 @@ def _resolve(addr: Address, *, passive: bool) -> tuple[int, tuple]:
         raise AddressError(f"cannot resolve '{addr.host}' in '{addr.text}': {exc.strerror}") from None
     fam, _, _, _, sockaddr = infos[0]
     return fam, sockaddr
+
+
+def resolve(addr: Address) -> tuple[int, tuple]:
+    """(family, sockaddr) to connect to an IP address; AddressError when the name does not resolve
+    (the original resolves when its address is made, and fails there)."""
+    return _resolve(addr, passive=False)
 
 
 def listen_socket(addr: Address, backlog: int = 1024) -> socket.socket:

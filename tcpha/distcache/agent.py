@@ -186,7 +186,7 @@ class Agent:
     """
 
     def __init__(self, listen: socket.socket, servers: list[Address], *, retry_ms: int = 5000,
-                 idle_ms: int = 0, upstream_timeout_ms: int = 10000) -> None:
+                 idle_ms: int = 0, upstream_timeout_ms: int = 0) -> None:
         if not servers:
             raise ValueError("at least one server address is needed")
         self.listen_sock = listen

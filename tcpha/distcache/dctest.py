@@ -1,15 +1,13 @@
 """dc_test: the original's random add/remove/get/have test and benchmark driver.
 
 Options, ranges, the algorithm and every output line are those of the C dc_test 1.4.x
-(Info lines on stdout, Error lines and the usage text on stderr; exit 0 when every test
-passed, 1 otherwise).  Extensions:
+(every Info and Error line and the usage text on stderr, nothing on stdout; exit 0 when every
+test passed, 1 otherwise).  Extensions (not in the usage text, see docs/distcache.md):
 
-* two more lines at the end, ``Info, elapsed time = S seconds`` and
+* ``-timing``: two lines on stdout at the end, ``Info, elapsed time = S seconds`` and
   ``Info, operations per second = N`` (the original prints no timing);
-* ``-progress N`` on a terminal draws a progress bar (updated every N operations) instead of
-  the ``Info, total operations`` lines;
 * ``-clients N`` runs N clients in N processes at once (each with its own sessions and the
-  same options) and sums their rates.
+  same options) and sums their rates (with the two timing lines).
 
 It is the benchmark driver, so the loop uses a raw socket and the codec directly: one request
 written with one send, the reply parsed on a fast path when it arrives in one piece.
@@ -24,14 +22,15 @@ import struct
 import sys
 import time
 
-from .address import Address, AddressError, connect_socket, parse_address
+from .address import Address, AddressError, connect_socket, parse_address, resolve
 from .codec import FRAME_HEADER, MAX_FRAME_DATA, MAX_MESSAGE, PROTO_LEVEL, Message, MessageReader, Op, \
     ProtocolError, encode_message
 
 __all__ = ["main", "run_client", "TestResult"]
 
+# The original's usage text, byte for byte (the extensions are in docs/distcache.md).
 USAGE = [
-    "",
+    '',
     "Usage: dc_test [options]     where 'options' are from;",
     "  -connect <addr>  (connect to server at address 'addr')",
     "  -progress <num>  (report transaction count every 'num' operations)",
@@ -41,24 +40,18 @@ USAGE = [
     "  -timeout <secs>  (add sessions with a timeout of 'secs')",
     "  -timevar <secs>  (randomly offset '-timeout' +/- 'secs')",
     "  -ops <num>       (run <num> random tests, def: 10 * ('sessions')^2)",
-    "  -persistent      (use a persistent connection for all operations)",
-    "  -<h|help|?>      (display this usage message)",
-    "",
-    "Eg. dc_test -connect UNIX:/tmp/session_cache -sessions 10 -withcert 3",
+    '  -persistent      (use a persistent connection for all operations)',
+    '  -<h|help|?>      (display this usage message)',
+    '',
+    'Eg. dc_test -connect UNIX:/tmp/session_cache -sessions 10 -withcert 3',
     "  will start connecting to a cache server (or a cache proxy like 'dc_client')",
-    "  and will runs tests using 10 sample SSL/TLS sessions, 3 of which will be",
-    "  large due to peer-certificate encoding.",
+    '  and will runs tests using 10 sample SSL/TLS sessions, 3 of which will be',
+    '  large due to peer-certificate encoding.',
     "NB: '-progress' ensures that if 'num' operations have accumulated,",
-    "  statistics are generated. However in server mode, statistics are also",
+    '  statistics are generated. However in server mode, statistics are also',
     "  generated due to cache activity, so '-progress' just ensures they are",
     "  generated at least as often as the number of operations grows by 'num'.",
-    "",
-]
-# Extension options, listed after the original text.
-USAGE_EXT = [
-    "Extensions (not in the original):",
-    "  -clients <num>   (run 'num' clients in parallel processes, sum their rates)",
-    "",
+    '',
 ]
 
 DEF_SESSIONS = 10
@@ -84,7 +77,7 @@ def _err(text: str) -> None:
 
 
 def _usage() -> int:
-    sys.stderr.write("\n".join(USAGE + USAGE_EXT) + "\n")
+    sys.stderr.write("\n".join(USAGE) + "\n")
     sys.stderr.flush()
     return 0
 
@@ -233,7 +226,7 @@ class _Conn:
 
 
 def run_client(addr: Address, sessions: int, datamin: int, datamax: int, timeout: int, timevar: int,
-               tests: int, progress: int, persistent: bool, *, out=None, bar: bool = False,
+               tests: int, progress: int, persistent: bool, *, out=None,
                conn: _Conn | None = None) -> TestResult:
     """The test loop of the original do_client(); writes Info/Error lines unless out is None."""
     rnd = random.Random(os.urandom(16))
@@ -330,34 +323,26 @@ def run_client(addr: Address, sessions: int, datamin: int, datamax: int, timeout
                     break
             idx += 1
             if progress and idx % progress == 0 and out is not None:
-                if bar:
-                    _draw_bar(out, idx, tests)
-                else:
-                    out.write(f"Info, total operations = {idx:7d}\n")
-                    out.flush()
+                out.write(f"Info, total operations = {idx:7d}\n")
+                out.flush()
         else:
             ok = True
     finally:
         elapsed = time.perf_counter() - t0
         conn.close()
-    if bar and out is not None:
-        out.write("\n")
     return TestResult(ok, idx, elapsed, errors)
 
 
-def _draw_bar(out, done: int, total: int) -> None:
-    width = 40
-    frac = done / total if total else 1.0
-    filled = int(width * frac)
-    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * frac:5.1f}%  {done}/{total} operations")
-    out.flush()
-
-
-def _report(out, result_ok: bool, done: int, elapsed: float, rate: float, clients: int) -> None:
+def _report(info, timing, result_ok: bool, done: int, elapsed: float, rate: float, clients: int) -> None:
+    """The original's last Info line on `info` (stderr); the -timing lines on `timing` (stdout) unless None."""
     if result_ok:
-        out.write("Info, all tests complete\n")
+        info.write("Info, all tests complete\n")
     else:
-        out.write(f"Info, {done} tests succeeded before the first failure\n")
+        info.write(f"Info, {done} tests succeeded before the first failure\n")
+    info.flush()
+    if timing is None:
+        return
+    out = timing
     out.write(f"Info, elapsed time = {elapsed:.3f} seconds\n")
     if clients > 1:
         out.write(f"Info, operations per second = {rate:.0f} (sum of {clients} clients)\n")
@@ -378,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = MAX_OPS + 1
     connect = None
     clients = 1
+    timing = False
 
     def noarg(opt: str) -> int:
         # The original prints "-%s" with the option's own dash: "Error, --connect requires ...".
@@ -398,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             return _usage()
         if a == "-persistent":
             persistent = True
+        elif a == "-timing":
+            timing = True
         elif a == "-withcert":
             _err("Error, no OpenSSL support compiled in, -with-cert not available.")
             return 1
@@ -464,14 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         addr = parse_address(connect)
         if addr.kind == "ip" and addr.host is None:
             raise AddressError("listen-only address")
+        if addr.kind == "ip":
+            resolve(addr)  # as DC_CTX_new(): a name that does not resolve fails here
     except AddressError:
         _err("Error, 'DC_CTX' creation failed")
         return 1
 
-    out = sys.stdout
+    out = sys.stderr
     if clients > 1:
         return _run_many(addr, clients, sessions, datamin, datamax, timeout, timevar, ops, progress,
-                         persistent, out)
+                         persistent, out, sys.stdout)
 
     conn = _Conn(addr, persistent)
     if persistent:
@@ -481,19 +471,17 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             _err("Error, 'DC_CTX' creation failed")
             return 1
-    bar = bool(progress) and out.isatty()
     result = run_client(addr, sessions, datamin, datamax, timeout, timevar, ops, progress, persistent,
-                        out=out, bar=bar, conn=conn)
+                        out=out, conn=conn)
     for line in result.errors:
         _err(line)
-    sys.stderr.flush()
     rate = result.done / result.elapsed if result.elapsed > 0 else 0.0
-    _report(out, result.ok, result.done, result.elapsed, rate, 1)
+    _report(out, sys.stdout if timing else None, result.ok, result.done, result.elapsed, rate, 1)
     return 0 if result.ok else 1
 
 
 def _run_many(addr: Address, clients: int, sessions: int, datamin: int, datamax: int, timeout: int,
-              timevar: int, ops: int, progress: int, persistent: bool, out) -> int:
+              timevar: int, ops: int, progress: int, persistent: bool, out, timing) -> int:
     """-clients N: N forked processes, each a full dc_test client; rates are summed."""
     out.write(f"Info, {sessions} sessions generated, will run {ops} random tests\n")
     out.flush()
@@ -555,6 +543,5 @@ def _run_many(addr: Address, clients: int, sessions: int, datamin: int, datamax:
     wall = time.perf_counter() - start
     for line in errors:
         _err(line)
-    sys.stderr.flush()
-    _report(out, all_ok, first_fail_done or 0, wall, total_rate, clients)
+    _report(out, timing, all_ok, first_fail_done or 0, wall, total_rate, clients)
     return 0 if all_ok else 1

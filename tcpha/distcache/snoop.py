@@ -2,17 +2,22 @@
 
 For every accepted client connection the snooper opens a connection to the server and copies
 the traffic both ways, frame by frame: a frame is forwarded once it has fully arrived, and at
-that moment one line goes to stdout (the original's format)::
+that moment one line goes to stderr (the original's format and stream)::
 
     SNOOP_DBG_MSG: connection %d, %s, message completed (request_uid = %lu), total_len=%d
 
-``connection`` is the connection's index among those being proxied (0-based, as the slots of
-the original), ``%s`` is ``client->server`` or ``server->client``, ``request_uid`` is the frame's
+``connection`` counts the proxied connections from 0 (a global counter, never reused; a client
+whose server connection fails gets no number, as in the original), ``%s`` is ``client->server`` or ``server->client``, ``request_uid`` is the frame's
 uid and ``total_len`` is the frame's length on the wire (14 + data_len).  A message of several
 frames gives several lines (the original's "message" is a frame).
 
 Like the original, the only check is the frame length: a data_len above 2048 drops that
-connection pair.  Everything else passes through unchanged, so the snooper can sit between any
+connection pair, with the original's two lines::
+
+    SNOOP_DBG_MSG: connection %d, %s, message has illegal 'data_len' (%d)
+    [TODO: change me] client->server error
+
+(``server->client`` in the second line for the other direction).  Everything else passes through unchanged, so the snooper can sit between any
 two compliant tools.
 
 Extension ``-decode``: each line gets ``, op=OP, id=HEX, data_len=N, status=S`` fields decoded
@@ -99,10 +104,15 @@ class _Pair:
         self.s2c = _Direction("server->client")
         self.closed = False
         self.early: list[bytes] = []  # client bytes that arrived before the server connection
+        self._number = -1
 
     @property
-    def index(self) -> int:
-        return self.snooper.pairs.index(self)
+    def number(self) -> int:
+        """This pair's number in the trace, taken from the global counter when its server
+        connection is up (or its first frame is traced, whichever comes first)."""
+        if self._number < 0:
+            self._number = self.snooper.next_number()
+        return self._number
 
     def close(self) -> None:
         if self.closed:
@@ -121,18 +131,20 @@ class _Pair:
         end = len(buf)
         lines = []
         decode = self.snooper.decode
+        bad = False
         while end - pos >= HEADER_LEN:
             _, is_resp, uid, _, op, complete, dlen = _unpack_header(buf, pos)
             if dlen > MAX_FRAME_DATA:
                 # Rule (original snooper): a data_len over the maximum drops the connection pair.
-                sys.stderr.write(f"Error, {d.name} frame with data_len={dlen}, dropping connection\n")
-                sys.stderr.flush()
-                self.close()
-                return
+                lines.append(f"SNOOP_DBG_MSG: connection {self.number}, {d.name}, message has illegal "
+                             f"'data_len' ({dlen})")
+                lines.append(f"[TODO: change me] {d.name} error")
+                bad = True
+                break
             stop = pos + HEADER_LEN + dlen
             if stop > end:
                 break
-            line = (f"SNOOP_DBG_MSG: connection {self.index}, {d.name}, message completed "
+            line = (f"SNOOP_DBG_MSG: connection {self.number}, {d.name}, message completed "
                     f"(request_uid = {uid}), total_len={HEADER_LEN + dlen}")
             if decode:
                 d.parts.append(bytes(buf[pos + HEADER_LEN:stop]))
@@ -148,7 +160,9 @@ class _Pair:
                 dest.write(out)
             elif d is self.c2s:
                 self.early.append(out)   # the server connection is not up yet
-            self.snooper.emit(lines)
+        self.snooper.emit(lines)
+        if bad:
+            self.close()
 
 
 class _ClientSide(asyncio.Protocol):
@@ -167,14 +181,16 @@ class _ClientSide(asyncio.Protocol):
         try:
             transport, _ = await open_address(self.snooper.server, lambda: _ServerSide(pair), 10.0)
         except (OSError, AddressError, asyncio.TimeoutError) as exc:
-            # As the original: a client we cannot proxy is dropped.
-            log.warning("cannot connect to %s: %s", self.snooper.server.text, exc)
+            # As the original: a client we cannot proxy is dropped, without a word on stderr (the
+            # trace stays the original's; TCPHA_LOG_LEVEL=DEBUG shows why).
+            log.debug("cannot connect to %s: %s", self.snooper.server.text, exc)
             pair.close()
             return
         if pair.closed:
             transport.close()
             return
         pair.server = transport
+        pair.number  # noqa: B018 (takes the number now: the connection is proxied)
         if pair.early:
             transport.write(b"".join(pair.early))
             pair.early.clear()
@@ -227,9 +243,16 @@ class Snooper:
         self.listen_sock = listen
         self.server = server
         self.decode = decode
-        self.out = out if out is not None else sys.stdout
+        self.out = out if out is not None else sys.stderr
         self.pairs: list[_Pair] = []
         self._stopped: asyncio.Event | None = None
+        self._numbers = 0
+
+    def next_number(self) -> int:
+        """The number of the next proxied connection: 0, 1, 2, ... for the whole run."""
+        n = self._numbers
+        self._numbers += 1
+        return n
 
     def emit(self, lines: list[str]) -> None:
         if lines:

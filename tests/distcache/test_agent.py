@@ -260,6 +260,22 @@ def test_killable_exits_cleanly_on_sigusr1(procs, fake_servers, sockdir):
     assert not (sockdir / "agent").exists()
 
 
+def test_sigusr1_without_killable_is_ignored(procs, fake_servers, sockdir):
+    up = fake_servers(sockdir / "up")
+    p = procs.agent(f"UNIX:{sockdir}/agent", up.address)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1):
+        p.p.send_signal(sig)
+    assert DistcacheClient(f"UNIX:{sockdir}/agent", 0, timeout=5).has(b"abcdef") is False
+    assert p.p.poll() is None and (sockdir / "agent").exists()
+
+
+def test_waits_for_a_slow_server_by_default():
+    """As the original: no -upstream-timeout unless asked for (the extension stays available)."""
+    from tcpha.cli.dc_client import parse_args
+    assert parse_args(["-server", "UNIX:/x"]).upstream_timeout == 0
+    assert parse_args(["-server", "UNIX:/x", "-upstream-timeout", "300"]).upstream_timeout == 300
+
+
 def test_daemon_detaches(procs, fake_servers, sockdir):
     up = fake_servers(sockdir / "up")
     r = procs.run("tcpha.cli.dc_client", "-daemon", "-listen", f"UNIX:{sockdir}/agent", "-server", up.address,
@@ -287,6 +303,9 @@ def test_daemon_detaches(procs, fake_servers, sockdir):
     (["-connect"], "Error, -connect requires an argument"),
     (["-bogus"], 'Error, "-bogus" not recognised'),
     (["-server", "UNIX:/tmp/x", "-listen", "NOPE:1"], "Error, bad listen address"),
+    (["-server", "NOPE:1", "-listen", "NOPE:1"], "Error, bad listen address"),     # checked first
+    (["-server", "IP:nonexistent.invalid:1", "-listen", "UNIX:/tmp/x-dc-client-test"],
+     "Error, internal initialisation problems"),
 ])
 def test_option_errors(procs, args, message):
     r = procs.run("tcpha.cli.dc_client", *args)

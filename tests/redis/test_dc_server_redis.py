@@ -74,7 +74,7 @@ def test_dc_test_through_dc_server_on_standalone_redis(redis_node, dc_server_fac
     server = dc_server_factory(f"redis://{redis_node.address}")
     result = _dc_test(server.address)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Info, all tests complete" in result.stdout
+    assert "Info, all tests complete" in result.stderr
     assert "standalone" in server.output()        # the one-line report of what was found
 
 

@@ -154,7 +154,7 @@ def test_cache_operations_per_handshake_seen_by_a_real_dc_server(dc_server, tls_
     snoop_addr = f"UNIX:{tmp_path}/snoop"
     trace = tmp_path / "snoop.out"
     procs.add(subprocess.Popen([sys.executable, "-m", "tcpha.cli.dc_snoop", "-listen", snoop_addr, "-connect", cache,
-                                "-decode"], stdout=open(trace, "w"), stderr=subprocess.DEVNULL))
+                                "-decode"], stdout=subprocess.DEVNULL, stderr=open(trace, "w")))  # the trace is on stderr
     wait_for(lambda: os.path.exists(snoop_addr[5:]), 10, "dc_snoop")
     a = tls_server("A", snoop_addr)
     b = tls_server("B", snoop_addr)
