@@ -43,7 +43,7 @@ def browser(tmp_path):
     # Without these Chromium reaches for the network (updates, sync, field trials) at start.
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1300"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1300,800"):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
@@ -156,7 +156,9 @@ def test_handoffs_grow_under_wrk(prod, browser):
         assert wait_until(lambda: browser.execute_script(
             "return lastDoc.history.filter(p => p[1] > 0).length") >= 3, 30, "three samples under load")
         shot = os.environ.get("TCPHA_STATUS_SCREENSHOT")
-        if shot:
+        if shot:                                          # a chart with half a minute in it
+            wait_until(lambda: browser.execute_script("return lastDoc.history.filter(p => p[1] > 0).length") >= 30,
+                       60, "30 samples under load")
             browser.save_screenshot(shot)
         assert console_errors(browser) == []
     finally:

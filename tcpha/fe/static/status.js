@@ -103,38 +103,45 @@ function render(doc) {
 }
 
 function drawChart(series) {
+  // x: the last minute at least, growing with the samples kept (up to the front end's ten minutes)
   const canvas = $("chart");
   const ctx = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height, left = 50, bottom = 20;
+  const w = canvas.width, h = canvas.height, left = 50, right = 30, bottom = 20;
   ctx.clearRect(0, 0, w, h);
   ctx.font = "11px sans-serif";
   ctx.fillStyle = "#666";
   ctx.strokeStyle = "#ddd";
-  const span = 600;
   const now = series.length ? series[series.length - 1][0] : 0;
+  const kept = series.length ? now - series[0][0] : 0;
+  const span = Math.min(600, Math.max(60, Math.ceil(kept / 60) * 60));
   let max = 1;
   series.forEach(p => { if (p[1] > max) max = p[1]; });
   const magnitude = Math.pow(10, Math.floor(Math.log10(max)));
   max = Math.ceil(max / magnitude) * magnitude;
+  const xOf = t => left + (w - left - right) * (1 - (now - t) / span);
+  const yOf = v => 5 + (h - bottom - 5) * (1 - v / max);
   for (let i = 0; i <= 2; i++) {
-    const y = 5 + (h - bottom - 5) * i / 2;
-    ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(w, y); ctx.stroke();
-    ctx.fillText(String(Math.round(max * (2 - i) / 2)), 4, y + 4);
+    const y = yOf(max * i / 2);
+    ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(w - right, y); ctx.stroke();
+    ctx.fillText(String(Math.round(max * i / 2)), 4, y + 4);
   }
-  for (let m = 0; m <= 10; m += 2) {
-    const x = left + (w - left) * (1 - m * 60 / span);
-    ctx.fillText(m === 0 ? "now" : "-" + m + " min", Math.max(left, x - 14), h - 5);
+  const step = span / 6;
+  for (let ago = 0; ago <= span + 0.1; ago += step) {
+    const label = ago === 0 ? "now" : "-" + (span <= 60 ? Math.round(ago) + " s" :
+      (ago / 60).toFixed(ago % 60 ? 1 : 0) + " min");
+    ctx.textAlign = ago === 0 ? "right" : (ago >= span - 0.1 ? "left" : "center");
+    ctx.fillText(label, xOf(now - ago), h - 5);
   }
+  ctx.textAlign = "left";
   if (series.length < 2) return;
   ctx.strokeStyle = "#2a6fdb";
   ctx.lineWidth = 1.5;
   ctx.beginPath();
   series.forEach((p, i) => {
-    const x = left + (w - left) * (1 - (now - p[0]) / span);
-    const y = 5 + (h - bottom - 5) * (1 - p[1] / max);
-    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    if (i === 0) ctx.moveTo(xOf(p[0]), yOf(p[1])); else ctx.lineTo(xOf(p[0]), yOf(p[1]));
   });
   ctx.stroke();
+  ctx.lineWidth = 1;
 }
 
 async function poll() {
