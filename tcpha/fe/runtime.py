@@ -137,11 +137,10 @@ class FrontEndRuntime:
         self._sampler = asyncio.ensure_future(self._sample_loop())
         if c.metrics is not None:
             from tcpha.fe.status import StatusHttpServer
-            write = bool(getattr(c, "statsadmin", False))
-            self.metrics_server = StatusHttpServer(tuple(c.metrics), metrics=self.metrics_text_async,
-                                                   status=self.status_document_async,
-                                                   admin=self.page_admin if write else None,
-                                                   key=c.authkey if write else None)
+            self.metrics_server = StatusHttpServer(
+                tuple(c.metrics), metrics=self.metrics_text_async, status=self.status_document_async,
+                admin=self.page_admin,       # statsadmin is read at each request: a reload turns it on/off
+                key=lambda: self.config.authkey if getattr(self.config, "statsadmin", False) else None)
             try:
                 await self.metrics_server.start()
             except OSError as e:

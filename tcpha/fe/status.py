@@ -190,8 +190,9 @@ class AdminRefused(Exception):
 
 @dataclass
 class AdminAuth:
-    """One-time nonces and signature checks for the page's write mode (sans-I/O)."""
-    key: bytes
+    """One-time nonces and signature checks for the page's write mode (sans-I/O). `key`: the authkey,
+    None while write mode is off (read at each request: a reload turns it on or off)."""
+    key: Callable[[], bytes | None]
     nonces: dict[str, float] = field(default_factory=dict)   # nonce -> time issued
 
     def nonce(self, now: float | None = None) -> str:
@@ -208,8 +209,11 @@ class AdminAuth:
             del self.nonces[n]
 
     def check(self, header: str | None, method: str, path: str, body: bytes, now: float | None = None) -> None:
-        """Raises AdminRefused (401 without credential, 403 with a bad one)."""
+        """Raises AdminRefused (401 without credential, 403 with a bad one or with write mode off)."""
         now = time.monotonic() if now is None else now
+        key = self.key()
+        if key is None:
+            raise AdminRefused(403, "write mode is off (statsadmin = off)")
         if not header:
             raise AdminRefused(401, "no credential (X-Tcpha-Auth)")
         parts = header.split()
@@ -220,7 +224,7 @@ class AdminAuth:
         if nonce not in self.nonces:
             raise AdminRefused(403, "unknown, used or expired nonce")
         del self.nonces[nonce]                                  # one use, good or bad
-        want = sign(admin_token(self.key), nonce, method, path, body)
+        want = sign(admin_token(key), nonce, method, path, body)
         if not hmac.compare_digest(want, signature.lower()):
             raise AdminRefused(403, "bad signature")
 
@@ -244,19 +248,19 @@ class StatusHttpServer:
     """The front end's HTTP endpoint (asyncio, in the control plane's loop)."""
 
     def __init__(self, addr: tuple[str, int], *, metrics: Callable[[], Awaitable[str]],
-                 status: Callable[[], Awaitable[dict]], admin: Callable[[str, str, str], Any] | None = None,
-                 key: bytes | None = None):
+                 status: Callable[[], Awaitable[dict]], admin: Callable[[str, str, str], Any],
+                 key: Callable[[], bytes | None]):
         self.addr = addr
         self.metrics = metrics
         self.status = status
         self.admin = admin                         # (backend, action, peer) -> None; raises ValueError
-        self.auth = AdminAuth(key) if admin is not None and key else None
+        self.auth = AdminAuth(key)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, self.addr[0], self.addr[1], reuse_address=True)
         log.info("status page on http://%s:%d/ (Prometheus: /metrics)%s", *self.addr,
-                 ", write mode on" if self.auth else "")
+                 ", write mode on" if self.auth.key() is not None else "")
 
     async def close(self) -> None:
         if self._server is not None:
@@ -325,7 +329,7 @@ class StatusHttpServer:
     def _admin(self, req: HttpRequest) -> tuple[str, str, bytes]:
         def answer(status: str, doc: dict) -> tuple[str, str, bytes]:
             return status, "application/json", json.dumps(doc).encode()
-        if self.auth is None or self.admin is None:
+        if self.auth.key() is None:
             log.warning("status page: write refused from %s: write mode is off (statsadmin)", req.peer)
             return answer("403 Forbidden", {"ok": False, "error": "write mode is off (statsadmin = off)"})
         if req.path == "/admin/nonce" and req.method == "GET":

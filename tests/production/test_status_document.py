@@ -80,7 +80,7 @@ def _signed(auth: AdminAuth, body: bytes, token: str | None = None) -> str:
 
 
 def test_admin_auth_accepts_a_signed_request_once():
-    auth = AdminAuth(KEY)
+    auth = AdminAuth(lambda: KEY)
     body = b'{"backend": "a:666", "action": "drain"}'
     header = _signed(auth, body)
     auth.check(header, "POST", "/admin", body)
@@ -91,7 +91,7 @@ def test_admin_auth_accepts_a_signed_request_once():
 
 @pytest.mark.parametrize("case", ["none", "malformed", "wrong token", "other body", "unknown nonce", "expired"])
 def test_admin_auth_refusals(case):
-    auth = AdminAuth(KEY)
+    auth = AdminAuth(lambda: KEY)
     body = b'{"backend": "a:666", "action": "drain"}'
     header = {"none": None, "malformed": "x", "wrong token": _signed(auth, body, token="0" * 64),
               "other body": _signed(auth, b'{"backend": "b:666", "action": "drain"}'),
@@ -104,6 +104,17 @@ def test_admin_auth_refusals(case):
     with pytest.raises(AdminRefused) as e:
         auth.check(header, "POST", "/admin", body, now=now)
     assert e.value.status == (401 if case == "none" else 403)
+
+
+def test_write_mode_off_refuses_even_a_signed_request():
+    key: list = [KEY]
+    auth = AdminAuth(lambda: key[0])
+    body = b"{}"
+    header = _signed(auth, body)
+    key[0] = None                                                    # statsadmin turned off by a reload
+    with pytest.raises(AdminRefused) as e:
+        auth.check(header, "POST", "/admin", body)
+    assert e.value.status == 403
 
 
 def test_the_token_is_not_the_key():
@@ -122,8 +133,8 @@ def _server(admin=None) -> StatusHttpServer:
 
     async def status() -> dict:
         return {"ok": 1}
-    return StatusHttpServer(("127.0.0.1", 0), metrics=metrics, status=status, admin=admin,
-                            key=KEY if admin else None)
+    return StatusHttpServer(("127.0.0.1", 0), metrics=metrics, status=status, admin=admin or (lambda *a: None),
+                            key=lambda: KEY if admin else None)
 
 
 def _get(server: StatusHttpServer, path: str, method: str = "GET", body: bytes = b"", headers=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -204,11 +205,39 @@ def test_drain_button_needs_the_token(prod, browser):
     assert f"drain from 127.0.0.1:" in log and f"enable from 127.0.0.1:" in log and f"back end {be2}" in log
 
 
-def test_write_mode_is_off_by_default(prod):
+def page_request(prod: Prod, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request to the status page's port from inside the front end's namespace: (status, JSON)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", STATUS_PORT, timeout=20)
+    conn.sock = prod.lab.connect("fe", "127.0.0.1", STATUS_PORT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_write_mode_is_off_by_default_and_a_reload_turns_it_on(prod):
+    from tcpha.fe.status import admin_token, sign
+    from tcpha.config import read_authkey
     start(prod)
-    body = json.dumps({"backend": f"{prod.lab.ip('be2')}:666", "action": "drain"})
-    r = prod.lab.run("fe", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", body,
-                            f"http://127.0.0.1:{STATUS_PORT}/admin"], capture_output=True, text=True, timeout=20)
-    assert r.stdout == "403"
+    body = json.dumps({"backend": f"{prod.lab.ip('be2')}:666", "action": "drain"}).encode()
+    assert page_request(prod, "POST", "/admin", body)[0] == 403
+    assert page_request(prod, "GET", "/admin/nonce")[0] == 403
     assert [b for b in prod.ctl_json("status")["backends"] if b["drain"]] == []
     assert "write mode is off" in prod.fe_log()
+    assert prod.ctl_json("status")["statsadmin"] is False
+
+    prod.dep.write_fe_config(rundir=prod.fe_rundir, dbglevel=3, metrics=f"127.0.0.1:{STATUS_PORT}", dtcinterval=1,
+                             statsadmin="on")
+    os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: prod.ctl_json("status")["statsadmin"] is True, 30, "statsadmin on after SIGHUP")
+    status, answer = page_request(prod, "GET", "/admin/nonce")
+    assert status == 200
+    nonce = answer["nonce"]
+    token = admin_token(read_authkey(str(prod.dep.key)))
+    auth = {"X-Tcpha-Auth": f"{nonce} {sign(token, nonce, 'POST', '/admin', body)}"}
+    assert page_request(prod, "POST", "/admin", body, auth) == (200, {"ok": True})
+    assert [b["name"] for b in prod.ctl_json("status")["backends"] if b["drain"]] == [f"{prod.lab.ip('be2')}:666"]
+    assert page_request(prod, "POST", "/admin", body, auth)[0] == 403          # the nonce was used
