@@ -327,13 +327,17 @@ class FrontEndRuntime:
     async def _sample_loop(self) -> None:
         from tcpha.fe.status import sample_of
         from tcpha.metrics import WorkerMetrics
+        failing = False
         while True:
             try:
                 parts = await self.worker_details()
                 merged = WorkerMetrics.merge([p.get("metrics", {}) for p in parts] + self.retired)
                 self.history.add(sample_of(merged, time.time()))
-            except Exception:                     # never let the sampler die; say why once per failure
-                log.exception("status sampler")
+                failing = False
+            except Exception:                     # never let the sampler die; say why once, not each second
+                if not failing:
+                    log.exception("status page sampler failed (rates and chart not updated)")
+                failing = True
             await asyncio.sleep(1.0)
 
     async def steering_entries(self) -> int | None:
