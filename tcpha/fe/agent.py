@@ -90,7 +90,7 @@ class WorkerAgent:
         if op == "metrics":
             reply = {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
                      "flows": len(ledger.flows), "inflight": w.inflight}
-            if req.get("detail"):                       # the status page's sampler, once a second
+            if req.get("detail"):                       # a status document being built (page, tcpha-ctl)
                 by_backend: dict[str, int] = {}
                 for f in ledger.flows.values():
                     by_backend[f.backend] = by_backend.get(f.backend, 0) + 1

@@ -330,7 +330,7 @@ class FrontEndRuntime:
         failing = False
         while True:
             try:
-                parts = await self.worker_details()
+                parts = await self.ask_all("metrics")     # counters only: no per-flow work in the workers
                 merged = WorkerMetrics.merge([p.get("metrics", {}) for p in parts] + self.retired)
                 self.history.add(sample_of(merged, time.time()))
                 failing = False
