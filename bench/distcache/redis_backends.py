@@ -106,6 +106,9 @@ def main() -> None:
     lines += [f"| {b} | {s} | {c} | {r} | {l:.1f} |" for b, s, c, r, l in rows]
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from plots import RESULTS, plot_after_run, plot_distcache
+    plot_after_run(plot_distcache, out, RESULTS / "distcache.md")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from plots import plot_after_run, plot_handoff
+    plot_after_run(plot_handoff, Path(args.out))
     return 0
 
 

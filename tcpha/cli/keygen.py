@@ -4,6 +4,9 @@ The file holds 64 hex digits (256 random bits from the OS) and a newline, mode 0
 the caller. An existing file is never overwritten without --force; the file appears atomically
 (written to a temporary file in the same directory, then linked/renamed into place), so a
 daemon never reads a half-written key.
+
+tcpha-keygen --statsadmin-token PATH prints the status page's write-mode credential derived from an
+existing key file (tcpha.fe.status: the page never holds the control channel's key itself).
 """
 
 from __future__ import annotations
@@ -48,7 +51,18 @@ def main(argv: list[str] | None = None) -> int:
                     "every back end.")
     parser.add_argument("path", metavar="PATH", help="key file to create")
     parser.add_argument("-f", "--force", action="store_true", help="replace an existing file")
+    parser.add_argument("--statsadmin-token", action="store_true",
+                        help="print the status page's write-mode token derived from the existing key file PATH")
     args = parser.parse_args(argv)
+    if args.statsadmin_token:
+        from tcpha.config import read_authkey
+        from tcpha.fe.status import admin_token
+        try:
+            print(admin_token(read_authkey(args.path)))
+        except ValueError as exc:
+            print(f"tcpha-keygen: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         write_key(args.path, force=args.force)
     except FileExistsError:

@@ -172,6 +172,9 @@ FE_SETTINGS: list[Setting] = [
             "shared key file for the FE<->BE control channel (tcpha-keygen PATH writes one)",
             section="fe", group="security", required=True, metavar="PATH", example="/etc/tcpha/authkey"),
     *_operations("fe", "/run/tcpha/fe", "tcphafe.log"),
+    Setting("statsadmin", t.boolean, "off", _any,
+            "on: the status page (on the metrics address) may drain/enable back ends, signed with the authkey",
+            section="fe", group="operations", metavar="on|off"),
 ]
 
 BE_SETTINGS: list[Setting] = [

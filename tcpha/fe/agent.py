@@ -7,6 +7,7 @@ Newline-delimited JSON, one request at a time from the control plane, one reply 
     {"id": N, "op": "dbglevel", "level": 0-6}                   log level of this process
     {"id": N, "op": "conn"}      -> {"id": N, "rows": [...], "macs": {mac: backend}}  its connections
     {"id": N, "op": "metrics"}   -> {"id": N, "metrics": {...}, "dispatching": n, "flows": n}
+        with "detail": true also "accepted", "flows_by_backend" and "answers" (the status page)
     {"id": N, "op": "stop"}                                      stop accepting, finish, exit
     {"id": N, "op": "add_backend", "name", "host", "port", "rules": [[field, pattern], ...]}
     {"id": N, "op": "remove_backend", "name"}                    dynamic registration
@@ -87,8 +88,14 @@ class WorkerAgent:
             macs = {be.mac: be.name for be in set(w.backends.values()) if getattr(be, "mac", None)}
             return {"rows": ledger.conn_rows(), "macs": macs}
         if op == "metrics":
-            return {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
-                    "flows": len(ledger.flows), "inflight": w.inflight}
+            reply = {"metrics": ledger.metrics.to_dict(), "dispatching": len(ledger.dispatching),
+                     "flows": len(ledger.flows), "inflight": w.inflight}
+            if req.get("detail"):                       # a status document being built (page, tcpha-ctl)
+                by_backend: dict[str, int] = {}
+                for f in ledger.flows.values():
+                    by_backend[f.backend] = by_backend.get(f.backend, 0) + 1
+                reply.update(accepted=w.stats.accepted, flows_by_backend=by_backend, answers=list(ledger.answers))
+            return reply
         if op == "stop":
             if req.get("wait_flows") is False:
                 w.wait_flows = False

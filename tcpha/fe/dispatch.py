@@ -415,7 +415,7 @@ class Dispatch:
         """
         w = self.worker
         w.stats.answered[status] = w.stats.answered.get(status, 0) + 1
-        w.ledger.answered(self, status)
+        w.ledger.answered(self, status, why)
         log.warning("%s:%d: %d: %s", self.peer[0], self.peer[1], status, why, extra={"ratekey": ("answer", status)})
         self._stop_reading()
         if self.timer is not None:

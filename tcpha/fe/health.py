@@ -104,7 +104,7 @@ class BackendHealth:
         return {"name": self.name, "status": self.status, "up": self.up, "weight": self.weight,
                 "drain": self.drain, "dynamic": self.dynamic, "checks": self.checks,
                 "failures": self.failures, "last_error": self.last_error,
-                "since": round(self.changed, 3),
+                "since": round(self.changed, 3), "last_check": round(self.last_check, 3),
                 "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3)}
 
 

@@ -9,7 +9,9 @@ metrics and ``dbglevel``, and writes ``gate`` there when health, weights or drai
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,7 @@ class ConnectionLedger:
         self.balancer = SmoothWRR()              # this worker's smooth WRR state, per pool
         self.flow_timeout = flow_timeout
         self._added = 0
+        self.answers: deque[dict[str, Any]] = deque(maxlen=10)   # the last answers written here (status page)
         self.set_rules(rules)
 
     def prune(self) -> None:
@@ -121,8 +124,10 @@ class ConnectionLedger:
     def refused(self, d: Any, backend: str, target: str) -> None:
         self.metrics.handoff(backend, self.rule_for(d.facts, target, getattr(d, "candidates", None)), "refused")
 
-    def answered(self, d: Any, status: int) -> None:
+    def answered(self, d: Any, status: int, why: str = "") -> None:
         self.metrics.answered[status] = self.metrics.answered.get(status, 0) + 1
+        self.answers.append({"time": round(time.time(), 3), "client": f"{d.peer[0]}:{d.peer[1]}", "status": status,
+                             "why": why, "head": _peek_head(d)})
         if status == 503:
             self.metrics.handoff("none", "-", "unavailable" if getattr(d, "candidates", None) else "no_match")
 
@@ -167,3 +172,12 @@ class ConnectionLedger:
         for key in stale:
             self.flows.pop(key, None)
         return rows
+
+
+def _peek_head(d: Any) -> str:
+    """The start of what the client sent (still in the socket: it was only peeked), as printable text."""
+    from tcpha.fe.status import printable_head
+    try:
+        return printable_head(d.sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (OSError, AttributeError):
+        return ""

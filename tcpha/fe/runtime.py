@@ -13,8 +13,10 @@
       status            one line per back end, workers, flows
       metrics           the Prometheus text (also on `metrics = [ADDR:]PORT` when set)
 
-* the runtime links to the workers (tcpha.fe.agent), the metrics endpoint, and the registration
-  listener for dregister back ends (tcpha.fe.registry).
+* the runtime links to the workers (tcpha.fe.agent), the registration listener for dregister back
+  ends (tcpha.fe.registry), and the HTTP endpoint on `metrics = [ADDR:]PORT`: Prometheus text and the
+  status page (tcpha.fe.status), whose document is also the `status` file's JSON; a sampler takes the
+  workers' counters once a second for its rates and chart.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class FrontEndRuntime:
         self.registry: Any = None
         self.metrics_server: Any = None
         self.started = time.time()
+        from tcpha.fe.status import StatusHistory
+        self.history = StatusHistory()
+        self._sampler: asyncio.Task | None = None
+        self._steering_size: tuple[float, int | None] = (0.0, None)
         from tcpha.fe.orphans import KernelFlows, OrphanTable
         self.orphans = OrphanTable()
         self.kernel_flows = KernelFlows(
@@ -128,9 +134,13 @@ class FrontEndRuntime:
                                    on_flow_closed=self.flow_closed)
         for spec in c.servers:
             self.prober.add(CheckTarget(spec.name, spec.kind, spec.host, spec.port, spec.path))
+        self._sampler = asyncio.ensure_future(self._sample_loop())
         if c.metrics is not None:
-            from tcpha.metrics import MetricsServer
-            self.metrics_server = MetricsServer(tuple(c.metrics), self.metrics_text_async)
+            from tcpha.fe.status import StatusHttpServer
+            self.metrics_server = StatusHttpServer(
+                tuple(c.metrics), metrics=self.metrics_text_async, status=self.status_document_async,
+                admin=self.page_admin,       # statsadmin is read at each request: a reload turns it on/off
+                key=lambda: self.config.authkey if getattr(self.config, "statsadmin", False) else None)
             try:
                 await self.metrics_server.start()
             except OSError as e:
@@ -147,6 +157,8 @@ class FrontEndRuntime:
                 self.registry = None
 
     async def _stop_async(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self.prober is not None:
             self.prober.close()
         if self.metrics_server is not None:
@@ -297,6 +309,69 @@ class FrontEndRuntime:
         return exposition(merged, health=self.health.snapshot(), active_flows=flows, dispatching=dispatching,
                           workers=len(self.links))
 
+    # -- the status document (tcpha.fe.status) ---------------------------------------------------
+    async def worker_details(self) -> list[dict]:
+        """Every live worker's counters with the status page's detail, its pid added."""
+        links = list(self.links.values())
+        results = await asyncio.gather(*(link.ask("metrics", detail=True) for link in links),
+                                       return_exceptions=True)
+        out = []
+        for link, r in zip(links, results):
+            if isinstance(r, BaseException):
+                log.debug("worker %d: metrics: %s", link.pid, r)
+                continue
+            link.last_metrics = r.get("metrics", {})
+            out.append({**r, "pid": link.pid})
+        return out
+
+    async def _sample_loop(self) -> None:
+        from tcpha.fe.status import sample_of
+        from tcpha.metrics import WorkerMetrics
+        failing = False
+        while True:
+            try:
+                parts = await self.ask_all("metrics")     # counters only: no per-flow work in the workers
+                merged = WorkerMetrics.merge([p.get("metrics", {}) for p in parts] + self.retired)
+                self.history.add(sample_of(merged, time.time()))
+                failing = False
+            except Exception:                     # never let the sampler die; say why once, not each second
+                if not failing:
+                    log.exception("status page sampler failed (rates and chart not updated)")
+                failing = True
+            await asyncio.sleep(1.0)
+
+    async def steering_entries(self) -> int | None:
+        """The steering map's size, read from the kernel at most every 5 s (a dump costs ~1 s per 100k)."""
+        t, size = self._steering_size
+        if time.monotonic() - t >= 5.0:
+            flows = await asyncio.get_running_loop().run_in_executor(None, self.kernel_flows.forwarded)
+            size = None if flows is None else len(flows)
+            self._steering_size = (time.monotonic(), size)
+        return size
+
+    def rule_list(self) -> list[dict[str, str]]:
+        rules = [{"target": r.target, "field": r.field, "pattern": r.pattern} for r in self.config.rules]
+        for name, info in (self.registry.backends.items() if self.registry else []):
+            rules += [{"target": name, "field": f, "pattern": p} for f, p in info.get("rules", [])]
+        return rules
+
+    async def status_document_async(self) -> dict:
+        from tcpha.fe.status import build_status
+        workers = await self.worker_details()
+        try:
+            steering = await self.steering_entries()
+        except Exception as e:
+            log.debug("steering map size: %s", e)
+            steering = None
+        return build_status(pid=os.getpid(), started=self.started, config=self.config,
+                            health=self.health.snapshot(), workers=workers, history=self.history,
+                            rules=self.rule_list(), steering_entries=steering, dtcinterval=self.dtcinterval,
+                            dbglevel=self.dbglevel)
+
+    def page_admin(self, backend: str, action: str, peer: str) -> None:
+        """A write from the status page (statsadmin = on), already authenticated."""
+        self.set_drain(backend, action == "drain")
+
     def status_text(self) -> str:
         lines = [f"tcpha-fe pid {os.getpid()} up {time.time() - self.started:.0f} s, {len(self.links)} workers, "
                  f"dtcinterval {self.dtcinterval:g} s, dbglevel {self.dbglevel}"]
@@ -326,9 +401,7 @@ class FrontEndRuntime:
                           "failed checks in a row to take a back end out", data=lambda: self.health.fall))
         t.add(ControlFile("conn", self.conn_text, None, "live connection table", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "back ends and workers",
-                          data=lambda: {"pid": os.getpid(), "vaddr": self.config.vaddr, "workers": sorted(self.links),
-                                        "dtcinterval": self.dtcinterval, "dbglevel": self.dbglevel,
-                                        "backends": self.health.snapshot()}))
+                          data=lambda: self.plane.run(self.status_document_async())))
         t.add(ControlFile("metrics", lambda: self.plane.run(self.metrics_text_async()), None,
                           "Prometheus text exposition"))
         for name in list(self.health.backends):

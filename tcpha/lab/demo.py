@@ -246,6 +246,22 @@ def _start_with_tls(dep: LabDeployment, out, cache_backend: str = "memory") -> A
         return None
 
 
+def _expose_status_page(dep: LabDeployment) -> str | None:
+    """The front end's status page (its `metrics` address) made reachable from the root namespace by a
+    forwarder living in the lab (tcpha.lab.forward; tcpha-lab down stops it). None when it is off."""
+    from tcpha.config import ConfigError, load_fe_config
+    from .forward import expose
+    try:
+        addr = load_fe_config(str(dep.dir / "tcphafe.conf")).metrics
+    except (ConfigError, OSError):
+        return None
+    if addr is None:
+        return None
+    host = "127.0.0.1" if addr[0] in ("0.0.0.0", "") else addr[0]
+    _, port = expose(dep.lab, "fe", host, addr[1])
+    return f"http://127.0.0.1:{port}/"
+
+
 def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: bool = True,
              cache_backend: str = "memory") -> int:
     """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table (and the
@@ -303,6 +319,9 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: 
             from .tls_demo import run_tls_demo
             status = run_tls_demo(tls, out, started=True)
         if keep:
+            url = _expose_status_page(dep)
+            if url:
+                print(f"status page: {url} (from this host; Prometheus text at {url}metrics)", file=out)
             print(f"lab kept: tcpha-lab exec --name ... / remove with: tcpha-lab down (prefix {prefix})", file=out)
         return status
     except LabError as e:

@@ -49,3 +49,28 @@ def test_demo_with_the_redis_cluster_behind_dc_server():
     assert "Redis Cluster on the cache host" in r.stdout, out
     assert "a session made on be1 was resumed on be2" in r.stdout, out
     assert _leftovers(_lab_prefix(r.stdout)) == []
+
+
+def test_demo_keep_prints_a_status_page_url_reachable_from_the_host():
+    import json
+    import urllib.request
+    r = _demo("--keep")
+    out = r.stdout + r.stderr
+    prefix = _lab_prefix(r.stdout)
+    try:
+        assert r.returncode == 0, out
+        m = re.search(r"^status page: (http://127\.0\.0\.1:\d+/) ", r.stdout, re.M)
+        assert m, out
+        url = m.group(1)
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert b"tcpha-fe status" in page.read()
+        with urllib.request.urlopen(url + "status.json", timeout=30) as page:
+            doc = json.load(page)
+        assert [b["status"] for b in doc["backends"]] == ["up", "up"]
+        assert doc["handoffs"] >= 1
+    finally:
+        down = subprocess.run(["tcpha-lab", "down", prefix], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert _leftovers(prefix) == []
+    with pytest.raises(OSError):                      # the forwarder went with the lab
+        urllib.request.urlopen(url, timeout=10)

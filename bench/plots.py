@@ -1,0 +1,155 @@
+"""PNG plots of the bench results, written next to the results files (matplotlib, `pip install -e .[bench]`).
+
+    python3 bench/plots.py            # every plot from the bench/results/*.md files present
+
+bench/results/handoff.png    req/s and front-end CPU per request against response size: direct, HAProxy,
+                             tcpha (the first table of bench/results/handoff.md)
+bench/results/distcache-redis.png  dc_server ops/s against clients: embedded store, Redis, Redis Cluster
+                             (bench/results/distcache-redis.md) next to the original C dc_server's
+                             figures (the "target" column of bench/results/distcache.md, TCP, persistent dc_test)
+
+The benches call these after writing their results (bench/handoff/run.py, bench/distcache/redis_backends.py);
+the plots read the markdown tables, so a plot can be redrawn from a committed results file without a rerun.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZE_KIB = {"1 KiB": 1, "100 KiB": 100, "1 MiB": 1024}
+
+
+def read_table(path: Path, first_column: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in `path` whose first header cell is `first_column`."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_column:
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|")))))
+            return rows
+    raise ValueError(f"{path}: no table starting with column {first_column!r}")
+
+
+def number(text: str) -> float:
+    text = text.replace(",", "").strip()
+    return float(text) if re.fullmatch(r"[0-9.]+", text) else float("nan")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_handoff(results: Path = RESULTS / "handoff.md", png: Path | None = None) -> Path:
+    plt = _pyplot()
+    png = png or results.with_suffix(".png")
+    rows = read_table(results, "size")
+    fig, (rps_ax, cpu_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"direct": ("#888888", "s", "direct to nginx"), "haproxy": ("#d95f02", "^", "HAProxy 2.6"),
+              "tcpha": ("#1b9e77", "o", "tcpha (TCP handoff)")}
+    for path, (color, marker, label) in styles.items():
+        mine = sorted((SIZE_KIB[r["size"]], r) for r in rows if r["path"] == path and r["size"] in SIZE_KIB)
+        if not mine:
+            continue
+        sizes = [s for s, _ in mine]
+        rps_ax.plot(sizes, [number(r["req/s"]) for _, r in mine], marker=marker, color=color, label=label)
+        cpu = [number(r["FE CPU us/req"]) for _, r in mine]
+        if any(c == c for c in cpu):
+            cpu_ax.plot(sizes, cpu, marker=marker, color=color, label=label)
+    for ax, title, ylabel in ((rps_ax, "Requests per second", "req/s"),
+                              (cpu_ax, "Front-end CPU per request", "µs of CPU per request")):
+        ax.set_xscale("log")
+        ax.set_xticks(list(SIZE_KIB.values()), list(SIZE_KIB))
+        ax.minorticks_off()
+        ax.set_xlabel("response size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=.3)
+        ax.legend()
+    cpu_ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    low, high = cpu_ax.get_ylim()
+    cpu_ax.set_yticks([t for t in (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000) if low <= t <= high])
+    cpu_ax.yaxis.set_major_formatter(ScalarFormatter())
+    cpu_ax.yaxis.set_minor_formatter(NullFormatter())
+    fig.suptitle(_run_line(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def plot_distcache(results: Path = RESULTS / "distcache-redis.md", c_targets: Path = RESULTS / "distcache.md",
+                   png: Path | None = None) -> Path:
+    plt = _pyplot()
+    png = png or results.with_suffix(".png")
+    rows = read_table(results, "backend")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["servers"].startswith("1 "):                    # one dc_server in front of each store
+            series.setdefault(r["backend"], []).append((int(number(r["clients"])), number(r["ops/s (sum)"])))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=f"dc_server, {name}")
+    if c_targets.exists():
+        c_points = []
+        for r in read_table(c_targets, "load"):
+            if r["transport"].startswith("TCP") and "-persistent" in r["load"]:
+                clients = 4 if "four" in r["load"] else 1
+                c_points.append((clients, number(r["target"])))
+        if c_points:
+            c_points.sort()
+            ax.plot([c for c, _ in c_points], [v for _, v in c_points], marker="s", linestyle="--", color="black",
+                    label="original C dc_server (distcache 1.4)")
+    ax.set_xlabel("dc_test -persistent clients")
+    ax.set_ylabel("operations per second")
+    ax.set_xticks(sorted({c for pts in series.values() for c, _ in pts} | {1, 4}))
+    ax.set_title("dc_server throughput by session store")
+    ax.grid(True, alpha=.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(_run_line(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _run_line(results: Path) -> str:
+    """The results file's first line saying when and where it ran, shortened, for the figure."""
+    lines = results.read_text().splitlines()
+    for line in [l for l in lines if l.startswith("Run ")] + [l for l in lines if l.startswith("# ")]:
+        return (line.lstrip("# ").split(";")[0])[:140]
+    return results.name
+
+
+def plot_after_run(fn, *args) -> None:
+    """For the benches: draw the plot, or say in one line why not (matplotlib missing)."""
+    try:
+        print(f"plot: {fn(*args)}")
+    except ImportError as e:
+        print(f"plot not drawn ({e}; pip install -e .[bench])", file=sys.stderr)
+
+
+def main() -> int:
+    done = []
+    if (RESULTS / "handoff.md").exists():
+        done.append(plot_handoff())
+    if (RESULTS / "distcache-redis.md").exists():
+        done.append(plot_distcache())
+    for p in done:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
