@@ -318,7 +318,8 @@ class BackEnd:
             for closed in pending:
                 session.send(closed)
         elif isinstance(msg, control.Ping):
-            session.send(control.Pong(token=msg.token))
+            lookups, hits = self.tls.session_counters() if self.tls is not None else (0, 0)
+            session.send(control.Pong(token=msg.token, session_lookups=lookups, session_hits=hits))
         else:
             log.debug("control message %s from %s ignored", type(msg).__name__, session.peer)
 

@@ -55,6 +55,14 @@ class TlsTermination:
     cache: str | None
     stats: TlsStats = field(default_factory=TlsStats)
 
+    def session_counters(self) -> tuple[int, int]:
+        """(lookups, hits) of the shared session cache: offered sessions looked up, and resumed."""
+        if not self.shared:
+            return 0, 0
+        from tcpha.tls import session_cache_stats
+        stats = session_cache_stats(self.context) or {}
+        return int(stats.get("lookups", 0)), int(stats.get("hits", 0))
+
     @classmethod
     def from_config(cls, config: Any) -> "TlsTermination | None":
         cert = getattr(config, "tlscert", None)

@@ -107,7 +107,13 @@ class Ping:
 @dataclass(frozen=True, slots=True)
 class Pong:
     TYPE: ClassVar[int] = 7
+    # A back end's TLS session cache counters (lookups of offered sessions, and those resumed), for the
+    # front end's status page; later than token, so absent from older peers and omitted while both are
+    # 0 (see encode_payload): a back end without shared TLS sessions sends the Pong it always sent.
+    OPTIONAL_TAIL: ClassVar[tuple[str, ...]] = ("session_lookups", "session_hits")
     token: int = 0
+    session_lookups: int = 0
+    session_hits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +224,8 @@ def _segments(cls: type) -> tuple[_Segment, ...]:
 
 
 _SCHEMAS: dict[type, tuple[_Segment, ...]] = {cls: _segments(cls) for cls in MESSAGE_TYPES.values()}
+_DEFAULTS: dict[type, dict[str, Any]] = {cls: {f.name: f.default for f in dataclasses.fields(cls)}
+                                         for cls in MESSAGE_TYPES.values()}
 
 
 def _put_str(out: list[bytes], value: str) -> None:
@@ -242,6 +250,11 @@ def encode_payload(msg: Any) -> bytes:
     if schema is None:
         raise PayloadError(f"not a control message: {type(msg).__name__}")
     out: list[bytes] = []
+    # Optional tail fields still at their defaults at the end are left out: the message is then exactly
+    # what a peer that predates them sends and expects (its decoder wants the payload's exact length).
+    while schema and schema[-1].optional and all(getattr(msg, n) == _DEFAULTS[type(msg)][n]
+                                                 for n in schema[-1].names):
+        schema = schema[:-1]
     for seg in schema:
         try:
             if seg.fixed is not None:

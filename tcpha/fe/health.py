@@ -58,6 +58,8 @@ class BackendHealth:
     last_check: float = 0.0          # time.time() of the last result
     changed: float = field(default_factory=time.time)
     rtt: float | None = None         # seconds, control channel Ping -> Pong
+    session_lookups: int = 0         # its TLS session cache's lookups and hits, from its last Pong
+    session_hits: int = 0
 
     @property
     def accepts_new(self) -> bool:
@@ -105,7 +107,8 @@ class BackendHealth:
                 "drain": self.drain, "dynamic": self.dynamic, "checks": self.checks,
                 "failures": self.failures, "last_error": self.last_error,
                 "since": round(self.changed, 3), "last_check": round(self.last_check, 3),
-                "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3)}
+                "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+                "session_lookups": self.session_lookups, "session_hits": self.session_hits}
 
 
 class HealthTable:
@@ -200,7 +203,7 @@ class _ControlProbe(asyncio.Protocol):
             elif isinstance(msg, self.control.Pong):
                 fut = self.waiting.pop(msg.token, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(time.monotonic())
+                    fut.set_result((time.monotonic(), msg))
             elif isinstance(msg, self.control.Ping):
                 self.send(self.control.Pong(token=msg.token))
             elif isinstance(msg, self.control.FlowClosed) and self.on_flow_closed is not None:
@@ -372,10 +375,11 @@ class HealthProber:
         probe.waiting[token] = fut
         t0 = time.monotonic()
         probe.send(probe.control.Ping(token=token))
-        t1 = await fut
+        t1, pong = await fut
         be = self.table.get(target.name)
         if be is not None:
             be.rtt = t1 - t0
+            be.session_lookups, be.session_hits = pong.session_lookups, pong.session_hits
         port = self.app_port or target.app_port
         if not port:
             return True, ""                       # no application port known: the channel is enough

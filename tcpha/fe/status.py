@@ -118,6 +118,15 @@ class StatusHistory:
 
 # -- the document ----------------------------------------------------------------------------------
 
+def _session_cache(backends: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The back ends' TLS session cache counters summed: lookups of offered sessions and hits."""
+    lookups = sum(int(b.get("session_lookups", 0)) for b in backends)
+    hits = sum(int(b.get("session_hits", 0)) for b in backends)
+    if not lookups:
+        return None
+    return {"lookups": lookups, "hits": hits, "hit_rate": hits / lookups}
+
+
 def build_status(*, pid: int, started: float, config: Any, health: list[dict[str, Any]],
                  workers: list[dict[str, Any]], history: StatusHistory, rules: list[dict[str, str]],
                  steering_entries: int | None, dtcinterval: float, dbglevel: int,
@@ -163,9 +172,9 @@ def build_status(*, pid: int, started: float, config: Any, health: list[dict[str
         "steering_entries": steering_entries,
         "answers": sorted(answers, key=lambda a: a.get("time", 0))[-10:],
         "history": history.series(),
-        # TLS is terminated by the back ends; their session cache's counters are not reported to the
-        # front end (yet), so there is no hit rate here.
-        "tls_session_cache": None,
+        # TLS is terminated by the back ends; each reports its shared session cache's counters in its
+        # health check's Pong. None until one has looked a session up.
+        "tls_session_cache": _session_cache(backends),
         "statsadmin": bool(getattr(config, "statsadmin", False)),
     }
 

@@ -37,7 +37,9 @@ PAYLOADS = [
     (FlowClosed("10.77.0.2", 40000, "10.77.0.100", 80, bytes_in=18, bytes_out=1024, xid=XID),
      "0a4d0002" "9c40" "0a4d0064" "0050" "0000000000000012" "0000000000000400" "0000123400000001"),
     (Ping(token=7), "0000000000000007"),
-    (Pong(token=7), "0000000000000007"),
+    (Pong(token=7), "0000000000000007"),                          # no TLS counters: the Pong of old
+    (Pong(token=7, session_lookups=3, session_hits=2), "0000000000000007" "0000000000000003" "0000000000000002"),
+    (Pong(token=7, session_lookups=3), "0000000000000007" "0000000000000003"),   # trailing zero left out
     (Register(addr="10.77.0.11", port=8009, mac="02:00:00:00:00:0b", rules=(("uri", "jpg$"),), weight=2,
               app_port=8080),
      "0a4d000b" "1f49" "0011" "30323a30303a30303a30303a30303a3062" "0001" "0003" "757269" "0004" "6a706724"

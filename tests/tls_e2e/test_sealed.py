@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.support import wait_until
+
 from .conftest import client_context, lab_rules, tls_get
 
 @pytest.mark.netns
@@ -21,7 +23,8 @@ def test_sealed_sessions_resume_across_back_ends(lab):
     keys.write_text("ab" * 32 + "\n")
     keys.chmod(0o600)
     tls = TlsLab(dep)
-    tls.start(be={"sessionkeys": str(keys)}, fe={"rules": lab_rules(lab)})
+    rundir = str(dep.dir / "run-fe")
+    tls.start(be={"sessionkeys": str(keys)}, fe={"rules": lab_rules(lab), "rundir": rundir, "dtcinterval": 1})
     for version in ("1.2", "1.3"):
         ctx = client_context(tls, version)
         first = tls_get(tls, "a.example", ctx=ctx)
@@ -31,6 +34,18 @@ def test_sealed_sessions_resume_across_back_ends(lab):
     for host in ("be1", "be2"):
         log = lab.log_path(host, "tcpha-be").read_text(errors="replace")
         assert f"sealed with {keys}" in log, log[-2000:]
+    # The back ends report their session cache counters in their health checks' Pongs: the front end's
+    # status document (the status page's) shows the hit rate: be2 resumed both sessions it was offered.
+    from tcpha.cli.ctl import socket_for
+    from tcpha.runtime.ctlsock import request
+
+    def cache_counters():
+        doc = request(socket_for(rundir), {"op": "read", "path": "status"})["data"]
+        be2 = [b for b in doc["backends"] if b["name"].startswith(lab.ip("be2"))][0]
+        return doc["tls_session_cache"] if be2["session_hits"] >= 2 else None
+    counters = wait_until(cache_counters, 15, "the back ends' session counters in the status document")
+    assert counters["hits"] >= 2 and counters["lookups"] >= counters["hits"]
+    assert counters["hit_rate"] == counters["hits"] / counters["lookups"]
 
 
 def test_a_bad_session_key_file_is_a_config_error(tmp_path):

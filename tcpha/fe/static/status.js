@@ -41,8 +41,9 @@ function render(doc) {
   $("rate").textContent = doc.handoffs_per_s.toFixed(1);
   $("flows").textContent = doc.flows;
   $("steering").textContent = doc.steering_entries === null ? "-" : doc.steering_entries;
-  $("tls").textContent = doc.tls_session_cache === null ? "not reported" :
-    (100 * doc.tls_session_cache.hit_rate).toFixed(1) + "% hits";
+  $("tls").textContent = doc.tls_session_cache === null ? "no session looked up" :
+    (100 * doc.tls_session_cache.hit_rate).toFixed(1) + "% hits (" + doc.tls_session_cache.hits + " of " +
+    doc.tls_session_cache.lookups + " offered sessions resumed)";
 
   fillBody("backends", doc.backends, b => {
     const tr = document.createElement("tr");
