@@ -29,7 +29,7 @@ class BackEndRuntime:
     def __init__(self, be: Any):
         self.be = be
         self.config = be.config
-        self.dbglevel = int(getattr(be.config, "dbglevel", 3))
+        self.dbglevel = be.config.dbglevel
         self.started = time.time()
         self.registrar: Any = None
         self.tree = ControlTree()
@@ -39,8 +39,8 @@ class BackEndRuntime:
                           int_setter(self.set_dbglevel, 0, 6, "dbglevel"), "log level 0-6", data=lambda: self.dbglevel))
         t.add(ControlFile("conn", self.conn_text, None, "connections relayed now", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "state and counters", data=self.status_data))
-        self.plane = ControlPlane(rundir=str(self.config.rundir), tree=t, name="tcpha-be",
-                                  use_fuse=bool(getattr(self.config, "usefuse", True)))
+        self.plane = ControlPlane(rundir=self.config.rundir, tree=t, name="tcpha-be",
+                                  use_fuse=self.config.usefuse)
 
     def start(self) -> None:
         self.plane.start()

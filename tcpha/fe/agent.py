@@ -110,7 +110,7 @@ class WorkerAgent:
         name = req["name"]
         rules = [compile_rule(name, f, p) for f, p in req.get("rules", [])]
         if name not in w.backends:
-            be = RemoteBackend(w, req["host"], int(req["port"]), int(w.config.connperbe))
+            be = RemoteBackend(w, req["host"], int(req["port"]), w.config.connperbe)
             w.backends[name] = be
             be.start()
         w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name] + rules
@@ -147,7 +147,7 @@ class WorkerAgent:
                 be = be or w.backends.get(k)
             if be is None:
                 be = (LocalBackend(w, spec.path) if spec.kind == "unix"
-                      else RemoteBackend(w, spec.host, int(spec.port), int(new.connperbe)))
+                      else RemoteBackend(w, spec.host, spec.port, new.connperbe))
                 be.start()
             for k in keys:
                 wanted.setdefault(k, be)
@@ -159,11 +159,12 @@ class WorkerAgent:
                     be.close()
         w.backends.update(wanted)
         w.config = new
-        w.peekmax = int(new.peekmax)
-        w.peektimeout = float(new.peektimeout)
-        w.handofftimeout = float(new.handofftimeout)
-        w.maxclients = int(new.maxclients)
-        w.grace = float(getattr(new, "grace", 30) or 0)
+        w.authkey = new.authkey          # control connections made from now on (reconnects, new back ends)
+        w.peekmax = new.peekmax
+        w.peektimeout = new.peektimeout
+        w.handofftimeout = new.handofftimeout
+        w.maxclients = new.maxclients
+        w.grace = new.grace
         rules = list(new.rules) + list(getattr(w, "dynamic_rules", []))
         w.rules = RuleTable(rules)
         w.ledger.set_rules(rules)
