@@ -18,7 +18,7 @@ from typing import Any
 from tcpha.config import types as t
 
 __all__ = ["Setting", "FE_SETTINGS", "BE_SETTINGS", "SETTINGS", "GROUPS", "OBSOLETE", "LIVE", "RESTART",
-           "settings_for", "reload_plan"]
+           "settings_for", "reload_plan", "in_force_form"]
 
 # What a reload (SIGHUP) does with a changed option: LIVE applies it to the running daemon (new
 # connections take the new value), RESTART keeps the running value and reports it in one line.
@@ -287,6 +287,24 @@ def reload_plan(component: str, old: Any, new: Any) -> tuple[list[Setting], list
         if changed:
             (live if s.reload == LIVE else restart).append(s)
     return live, restart
+
+
+def in_force_form(s: Setting, value: Any) -> Any:
+    """A setting's value as the ``settings`` control file shows it (JSON): the key as a fingerprint,
+    servers by name, rules as [target, field, pattern] ([field, pattern] for a back end's). The same form for a loaded file's value and for
+    the value a running daemon uses, so that the two can be compared."""
+    import hashlib
+    if value is None:
+        return None
+    if s.name == "authkey":
+        return hashlib.sha256(value).hexdigest()[:16]
+    if s.name == "server":
+        return sorted(getattr(v, "name", v) for v in value)
+    if s.name == "rule":      # a back end's rules are sent without a target: it is always itself
+        return [[r.field, r.pattern] if s.section == "be" else [r.target, r.field, r.pattern] for r in value]
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _check_table() -> None:

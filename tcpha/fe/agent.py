@@ -10,6 +10,7 @@ Newline-delimited JSON, one request at a time from the control plane, one reply 
     {"id": N, "op": "stop"}                                      stop accepting, finish, exit
     {"id": N, "op": "add_backend", "name", "host", "port", "rules": [[field, pattern], ...]}
     {"id": N, "op": "remove_backend", "name"}                    dynamic registration
+    {"id": N, "op": "settings"}  -> {"id": N, "settings": {name: value}}   the values this worker uses
 
 Runs in the worker's event loop (callbacks only); the control plane never touches worker objects.
 """
@@ -96,6 +97,8 @@ class WorkerAgent:
             return {"ok": True}
         if op == "reload":
             return self._reload(req["path"], req.get("keep", []))
+        if op == "settings":
+            return {"settings": self._settings_in_force()}
         if op == "add_backend":
             return self._add_backend(req)
         if op == "remove_backend":
@@ -128,6 +131,27 @@ class WorkerAgent:
         if be is not None and be not in w.backends.values():
             be.close()
         return {"ok": True}
+
+    def _settings_in_force(self) -> dict[str, Any]:
+        """The values of the options this worker applies, read from the objects that use them (not from
+        its config), in tcpha.config.settings.in_force_form."""
+        from tcpha.config.reference import DBGLEVELS
+        from tcpha.config.settings import in_force_form, settings_for
+        w = self.worker
+        level = logging.getLogger().getEffectiveLevel()
+        dynamic = {r.target for r in getattr(w, "dynamic_rules", [])}
+        values: dict[str, Any] = {
+            "peekmax": w.peekmax, "peektimeout": w.peektimeout, "handofftimeout": w.handofftimeout,
+            "maxclients": w.maxclients, "grace": w.grace, "authkey": w.authkey, "vaddr": w.vip,
+            "server": sorted({be.name for be in w.backends.values()} - dynamic),
+            "rule": [r for r in w.rules.rules if r.target not in dynamic],
+            "flowtimeout": w.ledger.flow_timeout,
+            "dbglevel": next((n for n, (lv, _) in DBGLEVELS.items() if lv == level), None),
+            # read from the worker's config where they are used (tcpha.fe.localnode)
+            "redirectaddr": w.config.redirectaddr, "redirectport": w.config.redirectport,
+        }
+        table = {s.name: s for s in settings_for("fe")}
+        return {name: in_force_form(table[name], value) for name, value in values.items()}
 
     def _reload(self, path: str, keep: list[str]) -> dict:
         """Apply a changed config file in place: rules, back ends, timeouts; nothing is dropped

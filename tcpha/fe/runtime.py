@@ -12,6 +12,7 @@
       conn              live connection table (every worker's dispatching + handed-off flows)
       status            one line per back end, workers, flows
       metrics           the Prometheus text (also on `metrics = [ADDR:]PORT` when set)
+      settings          the value of every option in force (what a reload applied), arbiter and workers
 
 * the runtime links to the workers (tcpha.fe.agent), the metrics endpoint, and the registration
   listener for dregister back ends (tcpha.fe.registry).
@@ -297,6 +298,45 @@ class FrontEndRuntime:
         return exposition(merged, health=self.health.snapshot(), active_flows=flows, dispatching=dispatching,
                           workers=len(self.links))
 
+    def settings_in_force(self) -> dict[str, Any]:
+        """Every option's value in force in the arbiter, in tcpha.config.settings.in_force_form: read from
+        the objects that use it where there is one (health table, prober, listeners, control plane,
+        metrics endpoint); else from the running config, which the arbiter reads at use (pool limits,
+        grace) and in which a reload keeps the running value of a restart-only option."""
+        from tcpha.config.settings import in_force_form, settings_for
+        c = self.fe.config
+        values = {s.name: getattr(c, s.attr) for s in settings_for("fe")}
+        values.update({"rise": self.health.rise, "fall": self.health.fall, "dbglevel": self.dbglevel,
+                       "dtcinterval": self.dtcinterval, "rundir": self.plane.rundir, "usefuse": self.plane.use_fuse,
+                       "server": [name for name, be in self.health.backends.items() if not be.dynamic],
+                       "port": [port for _, port in getattr(self.fe, "listeners", [])] or values["port"]})
+        if self.prober is not None:
+            p = self.prober
+            values.update({"dtcinterval": p.interval, "healthtimeout": p.timeout, "healthcheck": p.kind,
+                           "healthpath": p.path, "healthport": p.app_port, "authkey": p.key})
+        if self.metrics_server is not None:
+            values["metrics"] = self.metrics_server.addr
+        table = {s.name: s for s in settings_for("fe")}
+        return {name: in_force_form(table[name], value) for name, value in values.items()}
+
+    def settings_data(self) -> dict[str, Any]:
+        async def workers() -> list[dict]:
+            links = list(self.links.values())
+            answers = await asyncio.gather(*(l.ask("settings") for l in links), return_exceptions=True)
+            return [{"pid": l.pid, "settings": a.get("settings", {})} for l, a in zip(links, answers)
+                    if not isinstance(a, BaseException)]
+        return {"arbiter": self.settings_in_force(), "workers": self.plane.run(workers())}
+
+    def settings_text(self) -> str:
+        data = self.settings_data()
+        lines = []
+        for name, value in data["arbiter"].items():
+            per_worker = {json.dumps(w["settings"][name]) for w in data["workers"] if name in w["settings"]}
+            differs = per_worker - {json.dumps(value)}
+            lines.append(f"{name} = {json.dumps(value)}" + (f"   (workers: {', '.join(sorted(differs))})"
+                                                            if differs else ""))
+        return "\n".join(lines)
+
     def status_text(self) -> str:
         lines = [f"tcpha-fe pid {os.getpid()} up {time.time() - self.started:.0f} s, {len(self.links)} workers, "
                  f"dtcinterval {self.dtcinterval:g} s, dbglevel {self.dbglevel}"]
@@ -331,6 +371,8 @@ class FrontEndRuntime:
                                         "backends": self.health.snapshot()}))
         t.add(ControlFile("metrics", lambda: self.plane.run(self.metrics_text_async()), None,
                           "Prometheus text exposition"))
+        t.add(ControlFile("settings", self.settings_text, None, "options in force (arbiter and workers)",
+                          data=self.settings_data))
         for name in list(self.health.backends):
             self.add_backend_files(name)
 
