@@ -13,6 +13,7 @@ from tcpha.lab.demo import DEMO_FILES, write_key
 from tcpha.lab.http import file_content
 from tcpha.metrics import parse_exposition
 from tests.production.conftest import wait_until
+from tests.production.test_health import backend_status
 
 pytestmark = pytest.mark.netns
 
@@ -31,13 +32,6 @@ def _read_until_eof(sock) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
-
-
-def _backend_status(prod, name: str) -> str | None:
-    for b in prod.ctl_json("status")["backends"]:
-        if b["name"] == name:
-            return b["status"]
-    return None
 
 
 # -- back end: grace ------------------------------------------------------------------------------
@@ -131,9 +125,9 @@ def test_fe_authkey_change_reaches_the_workers_links_and_the_health_prober(prod)
     assert wait_until(lambda: any("reloaded" in line and "authkey" in line
                                   for line in prod.fe_log().splitlines()), 10), prod.fe_log()[-2000:]
     prod.lab.stop(prod.dep.be_procs.pop("be2"), grace=10)
-    assert wait_until(lambda: _backend_status(prod, be2) == "down", 15)
+    assert wait_until(lambda: backend_status(prod, be2) == "down", 15)
     prod.start_backend("be2")                                   # reads the new key
-    assert wait_until(lambda: _backend_status(prod, be2) == "up", 30)          # the prober's new connection
+    assert wait_until(lambda: backend_status(prod, be2) == "up", 30)          # the prober's new connection
     assert wait_until(lambda: prod.dep.request("/index.html").backend == "be2", 30)   # the workers' links
     for _ in range(5):
         assert prod.dep.request("/index.html").backend == "be2"
