@@ -48,11 +48,6 @@ FDPASS_MAGIC = b"TCPHAFD1"
 NOTICE = 25
 
 
-def _setting(cfg: Any, name: str, default: Any) -> Any:
-    value = getattr(cfg, name, None)
-    return default if value is None else value
-
-
 def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
     """redirectaddr 0.0.0.0 (the default) means the application on this host."""
     host = redirectaddr or "0.0.0.0"
@@ -276,11 +271,10 @@ class BackEnd:
         self.config = config
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.app_addr = app_address(_setting(config, "redirectaddr", "0.0.0.0"),
-                                    _setting(config, "redirectport", 80))
+        self.app_addr = app_address(config.redirectaddr, config.redirectport)
         self.lan_mac: str | None = None
-        self.maxclients = int(_setting(config, "maxclients", 256))
-        self.unix_path: str | None = _setting(config, "unixpath", None) or None
+        self.maxclients: int = config.maxclients
+        self.unix_path: str | None = config.unixpath
         self.kernel = kernel
         self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
         self.sessions: set[ControlSession] = set()
@@ -300,7 +294,7 @@ class BackEnd:
     # -- messages --------------------------------------------------------------------------------
     def greeting(self) -> Any:
         return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                             addr=self.config.raddr, port=int(self.config.port), mac=self.lan_mac or "",
+                             addr=self.config.raddr, port=self.config.port, mac=self.lan_mac or "",
                              app_port=self.app_addr[1], vaddr=self.vip)
 
     def on_message(self, session: ControlSession, msg: Any) -> None:
@@ -607,10 +601,10 @@ class BackEnd:
         try:
             host = self.config.raddr
             self._server = await self.loop.create_server(lambda: ControlSession(self), host,
-                                                         int(self.config.port), reuse_address=True,
+                                                         self.config.port, reuse_address=True,
                                                          backlog=1024)
             log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
-                     host, int(self.config.port), *self.app_addr, self.vip)
+                     host, self.config.port, *self.app_addr, self.vip)
             if self.unix_path:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):
