@@ -230,6 +230,8 @@ def test_fe_reload_applies_each_live_option_and_reports_each_restart_option(prod
     assert set(data["arbiter"]) == {s.name for s in FE_SETTINGS}
     assert {"peekmax", "peektimeout", "handofftimeout", "maxclients", "grace", "authkey", "server", "rule",
             "dbglevel", "redirectaddr", "redirectport"} <= set(data["workers"][0]["settings"])
+    text = prod.ctl("get", "settings")
+    assert text.returncode == 0 and "\npeekmax = 8192\n" in text.stdout and "\nflowtimeout = 3600.0\n" in text.stdout
     # and a live one does what it says: peekmax 8k refuses a longer request head at once
     r = prod.dep.request("/index.html", headers={"X-Pad": "a" * 9000})
     assert r.status in (400, 431), r.status
@@ -277,4 +279,6 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
         return _check_in_force("be", BE_SETTINGS, in_force, old, new, skip=skip)
 
     _settle(wrong)
+    text = prod.ctl("get", "settings", rundir=prod.be_rundirs["be2"])
+    assert text.returncode == 0 and "\nmaxclients = 10\n" in text.stdout and "\nport = 666\n" in text.stdout
     assert be2.poll() is None
