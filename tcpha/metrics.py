@@ -146,3 +146,24 @@ def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
         labels = tuple(label.findall(m.group(3) or ""))
         out[(m.group(1), labels)] = float(m.group(4))
     return out
+
+
+def backend_exposition(*, handoffs: int, refused: int, fdpassed: int, control_errors: int, relayed: int,
+                       front_ends: int, registered: bool | None, prefix: str = "tcpha_be") -> str:
+    """The text a scrape of tcpha-be's ``metrics`` endpoint returns (one process: its own counters)."""
+    rows = [
+        ("handoffs_total", "counter", "Handed-off connections restored here.", handoffs),
+        ("handoffs_refused_total", "counter", "Handoffs refused (busy, stopping, bad state, application down).",
+         refused),
+        ("fdpassed_total", "counter", "Connections passed by a front end on this host (unixpath).", fdpassed),
+        ("control_errors_total", "counter", "Control-channel errors (bad MAC, replay, malformed).", control_errors),
+        ("relayed_connections", "gauge", "Connections being relayed to the application now.", relayed),
+        ("control_connections", "gauge", "Control connections from front ends now.", front_ends),
+    ]
+    if registered is not None:
+        rows.append(("registered", "gauge", "1 when the dregister registration is accepted by the front end.",
+                     int(registered)))
+    out: list[str] = []
+    for name, kind, doc, value in rows:
+        out += [f"# HELP {prefix}_{name} {doc}", f"# TYPE {prefix}_{name} {kind}", f"{prefix}_{name} {value}"]
+    return "\n".join(out) + "\n"

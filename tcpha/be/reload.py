@@ -1,8 +1,9 @@
 """SIGHUP on tcpha-be: re-read tcphabe.conf and apply what can change while connections run.
 
-Applied at once, for new connections (connections being relayed keep what they started with):
+What a changed option does is declared once, by its ``reload`` in tcpha/config/settings.py (LIVE or
+RESTART; docs/configuration.md shows it). How the live ones are applied, for new connections (connections
+being relayed keep what they started with):
 
-=====================================  ========================================================================
 dbglevel, logfile                      the log level; the log file is reopened (stderr with ``-``)
 redirectaddr, redirectport             where new handed-off (and same-host) connections are relayed; the new
                                        application port is announced to the front end: its health checker's
@@ -16,9 +17,20 @@ sessioncache, sessiontimeout,          session cache connection for new TLS conn
 sessionkeys                            (a rotation under the same path applies)
 maxclients, grace                      the new limits
 =====================================  ========================================================================
+=======
+* dbglevel, logfile: the log level; the log file is reopened (stderr with ``-``);
+* redirectaddr, redirectport: where new handed-off (and same-host) connections are relayed; the new
+  application port is announced to the front end: its health checker's control connections are closed so
+  that they reconnect and read it from our Hello, and a dregister registration is sent again;
+* rule, dregister, feaddr, feport, registerretry: rules sent again on the live registration (the front end
+  replaces them); a changed front end address or dregister on/off: Unregister from the old one, register
+  with the new one;
+* tlscert, tlskey, tlsports, sessioncache, sessiontimeout, sessionkeys: a new TLS context (certificate and
+  key read again, e.g. renewed) and session cache connection for new TLS connections; the session key file
+  is read again at every reload, so a rotation under the same path applies;
+* maxclients, grace: read where they are used (a handoff, the stop).
 
-Kept, reported in one line as needing a restart: raddr, uaddr, vaddr, port, interface, unixpath (sockets
-and kernel state made at start), rundir, metrics, authkey (the front end must change its key together).
+The RESTART ones are kept as running and reported in one line.
 A file with an error, a certificate that does not load or a log file that cannot be opened refuses the
 whole reload in one line and changes nothing. sd_notify RELOADING=1 then READY=1, as tcpha-fe.
 """
@@ -32,19 +44,17 @@ from typing import Any
 log = logging.getLogger("tcpha.be")
 NOTICE = 25
 
-NEEDS_RESTART = ("raddr", "uaddr", "vaddr", "port", "interface", "unixpath", "rundir", "metrics", "authkey")
+# How live changes are applied (which of them is live is the settings table's to say).
 _TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys")
 _REGISTRATION = ("dregister", "feaddr", "feport")
 
 
 def plan(old: Any, new: Any) -> tuple[list[str], list[str]]:
-    """(applied live, needs a restart): the changed option attributes of two loaded configs."""
-    from tcpha.config import changed_options
-    changed = [c for c in changed_options(old, new) if c != "authkey_path"]
-    if "authkey_path" in changed_options(old, new) and "authkey" not in changed:
-        changed.append("authkey")
-    restart = [c for c in changed if c in NEEDS_RESTART]
-    return [c for c in changed if c not in restart], restart
+    """(applied live, needs a restart): the attributes of the changed options of two loaded configs, as
+    the settings table declares them (tcpha.config.settings.reload_plan)."""
+    from tcpha.config.settings import reload_plan
+    live, restart = reload_plan("be", old, new)
+    return [s.attr for s in live], [s.attr for s in restart]
 
 
 class BackEndReloader:
@@ -85,6 +95,8 @@ class BackEndReloader:
         except ConfigError as e:
             log.error("reload refused, configuration unchanged: %s", e)
             return False
+        for line in new.warnings:
+            log.warning("%s", line)
         live, restart = plan(old, new)
         if not live and not restart:
             log.log(NOTICE, "reload: configuration unchanged")
@@ -124,13 +136,13 @@ class BackEndReloader:
             be.runtime.config = new
         if "logfile" in live:
             from tcpha.cli.service import setup_logging
-            setup_logging(int(new.dbglevel), new.logfile, "tcpha-be")
+            setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
             from tcpha.config import dbglevel_to_logging
-            logging.getLogger().setLevel(dbglevel_to_logging(int(new.dbglevel)))
+            logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
             if getattr(be, "runtime", None) is not None:
-                be.runtime.dbglevel = int(new.dbglevel)
-        be.maxclients = int(new.maxclients)
+                be.runtime.dbglevel = new.dbglevel
+        be.maxclients = new.maxclients
         be.tls = tls
         app_moved = "redirectaddr" in live or "redirectport" in live
         if app_moved:

@@ -4,6 +4,7 @@
     sys/dbglevel   0-6
     conn           the connections relayed now: client, application, state, age, bytes each way
     status         pid, registration state, counters
+    settings       the value of every option in force (what a reload applied)
 
 Served by tcpha.runtime.plane (FUSE, else plain files) in a thread; reads of the back end's own
 objects are made in its event loop (``run_coroutine_threadsafe``), never from the plane's thread.
@@ -29,7 +30,7 @@ class BackEndRuntime:
     def __init__(self, be: Any):
         self.be = be
         self.config = be.config
-        self.dbglevel = int(getattr(be.config, "dbglevel", 3))
+        self.dbglevel = be.config.dbglevel
         self.started = time.time()
         self.registrar: Any = None
         self.tree = ControlTree()
@@ -39,8 +40,9 @@ class BackEndRuntime:
                           int_setter(self.set_dbglevel, 0, 6, "dbglevel"), "log level 0-6", data=lambda: self.dbglevel))
         t.add(ControlFile("conn", self.conn_text, None, "connections relayed now", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "state and counters", data=self.status_data))
-        self.plane = ControlPlane(rundir=str(self.config.rundir), tree=t, name="tcpha-be",
-                                  use_fuse=bool(getattr(self.config, "usefuse", True)))
+        t.add(ControlFile("settings", self.settings_text, None, "options in force", data=self.settings_in_force))
+        self.plane = ControlPlane(rundir=self.config.rundir, tree=t, name="tcpha-be",
+                                  use_fuse=self.config.usefuse)
 
     def start(self) -> None:
         self.plane.start()
@@ -98,12 +100,55 @@ class BackEndRuntime:
                 "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
                 "active": s.active, "registration": reg}
 
+    def settings_in_force(self) -> dict[str, Any]:
+        """Every option's value in force, in tcpha.config.settings.in_force_form: read from the objects that
+        use it where there is one (the listening socket, the application address, the registrar, the TLS
+        termination, the control plane, the metrics endpoint); else from the running config, which the back
+        end reads at use (grace, sessiontimeout) and in which a reload keeps a restart-only option's value."""
+        from tcpha.config.settings import in_force_form, settings_for
+
+        def read() -> dict[str, Any]:
+            be = self.be
+            c = be.config
+            values = {s.name: getattr(c, s.attr) for s in settings_for("be")}
+            values.update({"maxclients": be.maxclients, "authkey": be.authkey, "vaddr": be.vip,
+                           "unixpath": be.unix_path, "dbglevel": self.dbglevel, "rundir": self.plane.rundir,
+                           "usefuse": self.plane.use_fuse,
+                           # the application address as used (0.0.0.0 means this host: 127.0.0.1)
+                           "redirectaddr": be.app_addr[0], "redirectport": be.app_addr[1],
+                           "metrics": be.metrics_server.addr if be.metrics_server is not None else None,
+                           "tlsports": sorted(be.tls.ports) if getattr(be.tls, "ports", None) else values["tlsports"]})
+            server = getattr(be, "_server", None)
+            if server is not None and server.sockets:
+                values["raddr"], values["port"] = server.sockets[0].getsockname()[:2]
+            registrar = getattr(be, "registrar", None)
+            values["dregister"] = registrar is not None
+            if registrar is not None:
+                values["feaddr"], _, feport = registrar.fe_name.rpartition(":")
+                values["feport"] = int(feport)
+                values["rule"] = [_RegisteredRule(f, p) for f, p in registrar.rules]
+                values["registerretry"] = registrar.config.registerretry
+            table = {s.name: s for s in settings_for("be")}
+            return {name: in_force_form(table[name], value) for name, value in values.items()}
+        return self._in_loop(read)
+
+    def settings_text(self) -> str:
+        import json
+        return "\n".join(f"{name} = {json.dumps(value)}" for name, value in self.settings_in_force().items())
+
     def status_text(self) -> str:
         d = self.status_data()
         reg = d["registration"]
         regtext = "off" if reg is None else f"{'registered with' if reg['registered'] else 'registering with'} {reg['frontend']}"
         return (f"tcpha-be pid {d['pid']} up {d['uptime']:.0f} s; {d['active']} connections; {d['handoffs']} handoffs, "
                 f"{d['refused']} refused, {d['fdpassed']} passed, {d['control_errors']} control errors; dregister {regtext}")
+
+
+class _RegisteredRule:
+    """A rule as the registrar sends it (field, pattern), shaped for in_force_form."""
+
+    def __init__(self, field: str, pattern: str):
+        self.field, self.pattern = field, pattern
 
 
 def start_be_runtime(be: Any) -> BackEndRuntime | None:

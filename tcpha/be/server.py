@@ -48,11 +48,6 @@ FDPASS_MAGIC = b"TCPHAFD1"
 NOTICE = 25
 
 
-def _setting(cfg: Any, name: str, default: Any) -> Any:
-    value = getattr(cfg, name, None)
-    return default if value is None else value
-
-
 def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
     """redirectaddr 0.0.0.0 (the default) means the application on this host."""
     host = redirectaddr or "0.0.0.0"
@@ -276,11 +271,10 @@ class BackEnd:
         self.config = config
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.app_addr = app_address(_setting(config, "redirectaddr", "0.0.0.0"),
-                                    _setting(config, "redirectport", 80))
+        self.app_addr = app_address(config.redirectaddr, config.redirectport)
         self.lan_mac: str | None = None
-        self.maxclients = int(_setting(config, "maxclients", 256))
-        self.unix_path: str | None = _setting(config, "unixpath", None) or None
+        self.maxclients: int = config.maxclients
+        self.unix_path: str | None = config.unixpath
         self.kernel = kernel
         self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
         self.sessions: set[ControlSession] = set()
@@ -294,11 +288,13 @@ class BackEnd:
         self.on_ready: Callable[[], None] | None = None
         # tlscert set: connections to a VIP port in tlsports are TLS-terminated here (tcpha.be.tls).
         self.tls: TlsTermination | None = None
+        self.stopping = False                     # SIGTERM: handoffs refused, relays given `grace`
+        self.metrics_server: Any = None
 
     # -- messages --------------------------------------------------------------------------------
     def greeting(self) -> Any:
         return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                             addr=self.config.raddr, port=int(self.config.port), mac=self.lan_mac or "",
+                             addr=self.config.raddr, port=self.config.port, mac=self.lan_mac or "",
                              app_port=self.app_addr[1], vaddr=self.vip)
 
     def on_message(self, session: ControlSession, msg: Any) -> None:
@@ -332,6 +328,8 @@ class BackEnd:
             log.warning("handoff %d from %s refused: %s", xid, session.peer, reason)
             session.send(control.Refused(xid=xid, reason=reason))
 
+        if self.stopping:
+            return refuse("stopping")
         if len(self.relays) >= self.maxclients:
             return refuse(f"busy: {len(self.relays)} connections (maxclients)")
         try:
@@ -607,26 +605,83 @@ class BackEnd:
         try:
             host = self.config.raddr
             self._server = await self.loop.create_server(lambda: ControlSession(self), host,
-                                                         int(self.config.port), reuse_address=True,
+                                                         self.config.port, reuse_address=True,
                                                          backlog=1024)
             log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
-                     host, int(self.config.port), *self.app_addr, self.vip)
+                     host, self.config.port, *self.app_addr, self.vip)
             if self.unix_path:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self.loop.add_signal_handler(sig, self._stop.set)
+                self.loop.add_signal_handler(sig, self.stop)
             # Control directory (sys/unload, sys/dbglevel, conn) and dregister (docs/operations.md).
             from tcpha.be.runtime import start_be_runtime, start_registrar
             self.runtime = start_be_runtime(self)
             self.registrar = start_registrar(self)
             if self.runtime is not None:
                 self.runtime.registrar = self.registrar
+            await self._start_metrics()
             if self.on_ready is not None:
                 self.on_ready()
             await self._stop.wait()
-            log.info("stopping: %d connections relayed still open", len(self.relays))
+            await self._finish_relays()
         finally:
             await self._shutdown()
+
+    async def _start_metrics(self) -> None:
+        """``metrics = [ADDR:]PORT``: a Prometheus endpoint with this back end's counters (as the front end's)."""
+        if self.config.metrics is None:
+            return
+        from tcpha.metrics import MetricsServer
+        self.metrics_server = MetricsServer(tuple(self.config.metrics), self.metrics_text)
+        try:
+            await self.metrics_server.start()
+        except OSError as e:
+            log.error("metrics endpoint %s:%d: %s", *self.config.metrics, e.strerror or e)
+            self.metrics_server = None
+
+    def metrics_text(self) -> str:
+        from tcpha.metrics import backend_exposition
+        s = self.stats
+        registrar = getattr(self, "registrar", None)
+        return backend_exposition(handoffs=s.handoffs, refused=s.refused, fdpassed=s.fdpassed,
+                                  control_errors=s.control_errors, relayed=len(self.relays),
+                                  front_ends=len(self.sessions),
+                                  registered=None if registrar is None else bool(registrar.registered))
+
+    async def _finish_relays(self) -> None:
+        """SIGTERM / unload: take no new connections (unregistered, the control port closed, a Handoff on a
+        connection still open refused so that the front end tries its next back end, its health checks
+        disconnected so that it marks us down), and let the connections being relayed end by themselves
+        for up to ``grace`` seconds; a second SIGTERM ends the wait. What is left is then closed."""
+        self.stopping = True
+        if getattr(self, "registrar", None) is not None:
+            await self.registrar.stop()               # Unregister: the front end stops sending at once
+            self.registrar = None
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            if str(getattr(session, "node_id", "")).startswith("tcpha-fe health"):
+                session.close()
+        grace = self.config.grace
+        if not self.relays or grace <= 0:
+            log.info("stopping: %d connections relayed still open", len(self.relays))
+            return
+        log.log(NOTICE, "stopping: waiting up to %g s for %d relayed connections to end", grace, len(self.relays))
+        self._stop = asyncio.Event()                  # set again by a second SIGTERM
+        deadline = self.loop.time() + grace
+        while self.relays and not self._stop.is_set():
+            left = deadline - self.loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._stop.wait(), min(0.1, left))
+            except asyncio.TimeoutError:
+                pass
+        if self.relays:
+            log.warning("stopping: %d relayed connections still open after %s; closed",
+                        len(self.relays), "a second signal" if self._stop.is_set() else f"grace ({grace:g} s)")
+        else:
+            log.log(NOTICE, "stopping: every relayed connection has ended")
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -656,6 +711,8 @@ class BackEnd:
             await self.registrar.stop()               # Unregister: the front end stops sending at once
         if getattr(self, "runtime", None) is not None:
             self.runtime.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):

@@ -213,6 +213,8 @@ class DaemonStart:
             print(e, file=sys.stderr)
             return 2
         if args.check_config:
+            for line in self.config.warnings:
+                print(line, file=sys.stderr)
             print(f"{args.config}: configuration is valid{summary(self.config)}")
             return 0
         if args.daemon:
@@ -220,6 +222,8 @@ class DaemonStart:
         raise_nofile_limit()
         setup_logging(args.dbglevel if args.dbglevel is not None else self.config.dbglevel,
                       self.config.logfile, self.prog)
+        for line in self.config.warnings:
+            logging.getLogger(self.prog).warning("%s", line)
         if args.pidfile:
             try:
                 self.pidfile = PidFile(args.pidfile)

@@ -20,9 +20,9 @@ import re
 import ssl
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from tcpha.config.settings import BE_SETTINGS, FE_SETTINGS, SETTINGS, Setting
+from tcpha.config.settings import BE_SETTINGS, FE_SETTINGS, OBSOLETE, SETTINGS, Setting
 
 __all__ = ["ConfigError", "ServerSpec", "RuleSpec", "FEConfig", "BEConfig", "LOCAL_TARGET",
            "load_fe_config", "load_be_config", "read_authkey", "changed_options",
@@ -79,12 +79,33 @@ class RuleSpec:
     pool: tuple[str, ...] = ()   # ``rule = ADDR,ADDR,... REGEX``: every target of that one rule (split by weight)
 
 
+def _field_type(s: Setting) -> Any:
+    """The annotation of a setting's attribute: the parser's declared value type, a list of it for a
+    repeatable option (servers and rules: ServerSpec / RuleSpec), bytes for the key."""
+    if s.name == "authkey":
+        return bytes
+    if s.name == "server":
+        return list[ServerSpec]
+    if s.name == "rule":
+        return list[RuleSpec]
+    if s.repeatable:
+        return list[s.value_type]
+    if s.default is None and not s.required:
+        return Optional[s.value_type]
+    return s.value_type
+
+
 def _config_class(name: str, table: list[Setting], doc: str, methods: dict[str, Any]) -> type:
+    """A dataclass with one typed attribute per setting, defaulting to the table's default (already
+    parsed: ``FEConfig().peekmax == 16384``): values are converted once, by the loader, never by readers."""
     fields: list[tuple[str, Any, Any]] = [("path", str, dataclasses.field(default=""))]
     for s in table:
         # repr=False for the key: a logged config must not leak it.
-        fields.append((s.attr, Any, dataclasses.field(default=None, repr=s.name != "authkey")))
+        fields.append((s.attr, _field_type(s), dataclasses.field(default_factory=s.default_value,
+                                                                  repr=s.name != "authkey")))
     fields.append(("authkey_path", str, dataclasses.field(default="")))
+    # Lines about the file that are not errors (an obsolete option ignored): logged once logging is set up.
+    fields.append(("warnings", list[str], dataclasses.field(default_factory=list, repr=False, compare=False)))
     cls = dataclasses.make_dataclass(name, fields, namespace=methods, eq=True)
     cls.__doc__ = doc
     cls.__module__ = __name__
@@ -133,7 +154,7 @@ BEConfig = _config_class(
 def changed_options(old: Any, new: Any) -> list[str]:
     """Attribute names whose values differ between two loaded configs (for SIGHUP reloads)."""
     return [f.name for f in dataclasses.fields(old)
-            if f.name != "path" and getattr(old, f.name) != getattr(new, f.name)]
+            if f.name not in ("path", "warnings") and getattr(old, f.name) != getattr(new, f.name)]
 
 
 # -- reading the file ---------------------------------------------------------------------------
@@ -182,11 +203,15 @@ def _parse_options(path: str, component: str, lines: list[_Line]
     table = {s.name: s for s in SETTINGS[component]}
     other = "be" if component == "fe" else "fe"
     other_names = {s.name for s in SETTINGS[other]}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"warnings": []}
     raw_repeated: dict[str, list[_Line]] = {}
     where: dict[str, int] = {}
     for line in lines:
         setting = table.get(line.key)
+        if setting is None and line.key in OBSOLETE[component]:
+            values["warnings"].append(f"{path}:{line.lineno}: '{line.key}' is obsolete and ignored: "
+                                      f"{OBSOLETE[component][line.key]}")
+            continue
         if setting is None:
             raise ConfigError(path, line.lineno, _unknown_key(line.key, component, table, other_names))
         if setting.repeatable:
@@ -466,10 +491,6 @@ def load_be_config(path: str) -> Any:
     values["rules"] = rules
     if values["vaddr"] in (values["raddr"], values["uaddr"]):
         raise ConfigError(path, where["vaddr"], "vaddr (the VIP) must differ from raddr and uaddr")
-    if values["minspareservers"] > values["maxspareservers"]:
-        raise ConfigError(path, where.get("minspareservers", where.get("maxspareservers", 0)),
-                          f"minspareservers ({values['minspareservers']}) is larger than "
-                          f"maxspareservers ({values['maxspareservers']})")
     if values["dregister"] and values["feaddr"] is None:
         raise ConfigError(path, where["dregister"], "dregister = 1 needs feaddr (the front end's raddr)")
     if values["unixpath"] and len(os.fsencode(values["unixpath"])) > _UNIX_PATH_MAX:

@@ -18,7 +18,7 @@ import os
 import sys
 import textwrap
 
-from tcpha.config.settings import GROUPS, Setting, settings_for
+from tcpha.config.settings import GROUPS, LIVE, OBSOLETE, Setting, settings_for
 
 __all__ = ["help_epilog", "add_help", "dbglevel_to_logging", "detail_file", "configuration_md",
            "generated_files", "write_all", "DBGLEVELS"]
@@ -69,13 +69,42 @@ RULES_TEXT = (
 BE_RULES_TEXT = (
     "Rules (tcphabe.conf): with dregister = 1 the back end sends its rules to the front end when it "
     "registers: 'rule = REGEX' (the URI), 'rule = host:REGEX', 'sni:REGEX', 'alpn:REGEX'. An address "
-    "before the regex is accepted for compatibility and must be this back end's own.\n"
-    "SIGHUP re-reads tcphabe.conf: dbglevel, logfile, redirectaddr/redirectport, the TLS settings "
-    "(certificate and key read again), sessioncache, sessiontimeout, maxclients and grace apply to new "
-    "connections at once, and rules (or dregister, feaddr, feport) are sent to the front end again; raddr, "
-    "uaddr, vaddr, port, interface, unixpath, rundir, metrics and authkey need a restart (logged, kept). "
-    "A file with an error is refused and nothing changes."
+    "before the regex is accepted for compatibility and must be this back end's own."
 )
+
+# What a reload does, for the reference files: from each setting's declared ``reload``.
+RELOAD_INTRO = {
+    "fe": ("SIGHUP (systemctl reload) re-reads tcphafe.conf. Options marked 'reload: live' apply at once: "
+           "servers are added and removed, rules, timeouts, health settings and the key are used for new "
+           "connections (control connections made from then on use the new authkey; established ones, "
+           "already authenticated, stay). Options marked 'reload: restart' keep their running value until a "
+           "restart or an upgrade (tcpha-fe --upgrade), reported in one warning line. A file with an error "
+           "is refused in one line and nothing changes."),
+    "be": ("SIGHUP re-reads tcphabe.conf. Options marked 'reload: live' apply to new connections at once "
+           "(connections being relayed keep what they started with; the certificate and key are read again; "
+           "rules, dregister, feaddr and feport are sent to the front end again). Options marked 'reload: "
+           "restart' keep their running value until a restart, reported in one warning line. A file with an "
+           "error, a certificate that does not load or a log file that cannot be opened is refused in one "
+           "line and nothing changes."),
+}
+
+
+def reload_text(s: Setting) -> str:
+    """'live' or 'restart', as --help and the reference files show a setting's reload."""
+    return "live" if s.reload == LIVE else "restart"
+
+
+def obsolete_text(component: str) -> str:
+    names = OBSOLETE[component]
+    if not names:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in names.items():
+        by_reason.setdefault(why, []).append(name)
+    return (f"Obsolete (TCPHA's {FILE_NAMES[component]} had them; accepted with one warning line and ignored, "
+            f"so an old file still loads): "
+            + "; ".join(f"{', '.join(n)}: {why}" for why, n in by_reason.items()) + ".")
+
 
 FORMAT_TEXT = (
     "Format: one 'key = value' per line; a line starting with '#' is a comment; blank lines are "
@@ -100,13 +129,14 @@ def _default_text(s: Setting) -> str:
 
 def help_epilog(component: str) -> str:
     """The list of config-file options, for ``tcpha-fe --help`` / ``tcpha-be --help``."""
-    lines = [f"Options of {FILE_NAMES[component]} (key = value; see docs/configuration.md):"]
+    lines = [f"Options of {FILE_NAMES[component]} (key = value; see docs/configuration.md). 'reload: live': "
+             f"SIGHUP applies a new value; 'reload: restart': kept until a restart."]
     for title, settings in _groups(component):
         lines.append("")
         lines.append(f"  {title}:")
         for s in settings:
             rep = " (repeatable)" if s.repeatable else ""
-            lines.append(f"    {s.name} = {s.metavar}   [{_default_text(s)}]{rep}")
+            lines.append(f"    {s.name} = {s.metavar}   [{_default_text(s)}]{rep} reload: {reload_text(s)}")
             lines.append(f"        {s.doc}")
     return "\n".join(lines)
 
@@ -134,17 +164,20 @@ def detail_file(component: str) -> str:
         *_comment(FORMAT_TEXT),
         "#",
         *_comment(RULES_TEXT if component == "fe" else BE_RULES_TEXT),
+        "#",
+        *_comment(RELOAD_INTRO[component]),
+        *(["#", *_comment(obsolete_text(component))] if obsolete_text(component) else []),
     ]
     for title, settings in _groups(component):
         lines += ["", "", f"# ---- {title} ----"]
         for s in settings:
             lines.append("")
-            flags = []
+            flags = [f"reload: {reload_text(s)}"]
             if s.required:
                 flags.append("required")
             if s.repeatable:
                 flags.append("repeatable")
-            suffix = f" ({', '.join(flags)})" if flags else ""
+            suffix = f" ({', '.join(flags)})"
             lines += _comment(f"{s.name} = {s.metavar}{suffix}")
             lines += _comment(s.doc)
             if s.default is not None and not s.repeatable:
@@ -179,6 +212,22 @@ def configuration_md() -> str:
         "duplicate keys, bad addresses, ports, durations and numbers, bad regular expressions, rules",
         "naming a server no `server` line declares, missing required options, an unusable `authkey`.",
         "",
+        "Each option has a type (the `type` column): the loader converts the text once and `FEConfig` /",
+        "`BEConfig` hold typed values (`int`, `float`, `bool`, `str`, lists), with the defaults of this table.",
+        "",
+        "## Reload (SIGHUP)",
+        "",
+        "What a reload does with a changed option is declared once, in the settings table, and shown in the",
+        "`reload` column: `live` (applied by SIGHUP / `systemctl reload`) or `restart` (the running value is",
+        "kept and the option is named in one warning line: `reload: port changed; applied at the next restart",
+        "(or upgrade)`). Both daemons' reload code reads that declaration (`reload_plan` in",
+        "`tcpha/config/settings.py`). The control file `settings` (`tcpha-ctl get settings`, `--be` for the",
+        "back end) shows each option's value in force, read from what uses it.",
+        "",
+        "An option TCPHA's files had but tcpha does not read (listed under each file below) is accepted with",
+        "one warning line `PATH:LINE: 'NAME' is obsolete and ignored: why`, so that an existing file keeps",
+        "working; any other unknown option is an error.",
+        "",
         "## Rules and servers",
         "",
         RULES_TEXT.replace("\n", "\n\n"),
@@ -205,16 +254,18 @@ def configuration_md() -> str:
         out.append(f"| {level} | {logging.getLevelName(log_level)} ({log_level}) | {text} |")
     for component in ("fe", "be"):
         cls = "FEConfig" if component == "fe" else "BEConfig"
-        out += ["", f"## {FILE_NAMES[component]} ({DAEMONS[component]})", ""]
+        out += ["", f"## {FILE_NAMES[component]} ({DAEMONS[component]})", "", RELOAD_INTRO[component], ""]
+        if obsolete_text(component):
+            out += [obsolete_text(component), ""]
         for title, settings in _groups(component):
-            out += [f"### {title}", "", f"| option | default | `{cls}` attribute | meaning |",
-                    "| --- | --- | --- | --- |"]
+            out += [f"### {title}", "", f"| option | default | type | reload | `{cls}` attribute | meaning |",
+                    "| --- | --- | --- | --- | --- | --- |"]
             for s in settings:
                 default = _default_text(s)
                 if s.repeatable:
                     default = "(repeatable)"
-                out.append(f"| `{s.name} = {_md_cell(s.metavar)}` | `{_md_cell(default)}` | `{s.attr}` | "
-                           f"{_md_cell(s.doc)} |")
+                out.append(f"| `{s.name} = {_md_cell(s.metavar)}` | `{_md_cell(default)}` | {s.kind} | "
+                           f"{reload_text(s)} | `{s.attr}` | {_md_cell(s.doc)} |")
             out.append("")
         out.append(f"`{cls}` also has `path` (the file read) and `authkey_path`; `authkey` holds the key bytes.")
     return "\n".join(out) + "\n"

@@ -10,14 +10,28 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
+
+from tcpha.tls.sealing import SessionKeyFile, session_key_file
 
 Parser = Callable[[str], Any]
 Validator = Callable[[Any], None]
 
+
+def _kind(name: str, value_type: Any) -> Callable[[Parser], Parser]:
+    """Declare what a parser returns: ``kind`` is the name the reference shows (int, float, bool, str,
+    path, address, port, list of ports, ...), ``value_type`` the Python type of the loaded value (the
+    annotation of the FEConfig/BEConfig field). Every parser of the settings table carries both."""
+    def mark(parser: Parser) -> Parser:
+        parser.kind = name              # type: ignore[attr-defined]
+        parser.value_type = value_type  # type: ignore[attr-defined]
+        return parser
+    return mark
+
 _NUMBER = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)$")
 
 
+@_kind("address", str)
 def ipv4(text: str) -> str:
     """A dotted-quad IPv4 address, returned in canonical form."""
     # The kernel pieces (repair, nft steering, ARP filtering) are IPv4: refuse anything else
@@ -28,6 +42,7 @@ def ipv4(text: str) -> str:
         raise ValueError(f"bad IPv4 address {text!r}") from None
 
 
+@_kind("port", int)
 def port(text: str) -> int:
     """A TCP port 1..65535."""
     if not text.isdigit():
@@ -38,6 +53,7 @@ def port(text: str) -> int:
     return value
 
 
+@_kind("port", int)
 def port_or_zero(text: str) -> int:
     """A TCP port 1..65535, or 0 for 'off / automatic'."""
     if text == "0":
@@ -45,6 +61,7 @@ def port_or_zero(text: str) -> int:
     return port(text)
 
 
+@_kind("list of ports", list[int])
 def port_list(text: str) -> list[int]:
     """One or more ports separated by spaces or commas: ``80 443``."""
     words = [w for w in re.split(r"[\s,]+", text) if w]
@@ -59,6 +76,7 @@ def port_list(text: str) -> list[int]:
     return ports
 
 
+@_kind("int", int)
 def integer(text: str) -> int:
     try:
         return int(text, 10)
@@ -70,6 +88,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2
                "mib": 1024 ** 2}
 
 
+@_kind("int", int)
 def size(text: str) -> int:
     """A byte count, optionally with a unit: ``16384``, ``16k``, ``1M`` (binary units)."""
     match = _NUMBER.match(text)
@@ -82,6 +101,7 @@ def size(text: str) -> int:
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
 
 
+@_kind("float", float)
 def seconds(text: str) -> float:
     """A duration in seconds, optionally with a unit: ``10``, ``0.5``, ``500ms``, ``5m``, ``1h``."""
     match = _NUMBER.match(text)
@@ -95,6 +115,7 @@ _TRUE = {"1", "yes", "on", "true"}
 _FALSE = {"0", "no", "off", "false"}
 
 
+@_kind("bool", bool)
 def boolean(text: str) -> bool:
     """``1``/``0`` as in TCPHA, also yes/no, on/off, true/false."""
     lowered = text.lower()
@@ -105,16 +126,19 @@ def boolean(text: str) -> bool:
     raise ValueError(f"bad boolean {text!r} (expected 0 or 1)")
 
 
+@_kind("str", str)
 def text(value: str) -> str:
     return value
 
 
+@_kind("path", str)
 def path(value: str) -> str:
     if "\0" in value:
         raise ValueError("a path cannot contain NUL")
     return value
 
 
+@_kind("path", Optional[str])
 def optional_path(value: str) -> str | None:
     """A path, or ``none`` / ``-`` for 'not set'."""
     if value.lower() in ("none", "-", "off"):
@@ -122,9 +146,16 @@ def optional_path(value: str) -> str | None:
     return path(value)
 
 
+@_kind("key file", Optional[SessionKeyFile])
+def session_keys(value: str) -> SessionKeyFile | None:
+    """A session key file read and checked now (tcpha.tls.sealing), or ``none``."""
+    return session_key_file(value)
+
+
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 
+@_kind("interface", Optional[str])
 def interface(value: str) -> str | None:
     """A network interface name, or ``auto``."""
     if value.lower() == "auto":
@@ -141,9 +172,10 @@ def choice(*choices: str) -> Parser:
             raise ValueError(f"bad value {value!r} (expected one of: {', '.join(choices)})")
         return lowered
     parse.__doc__ = "one of " + ", ".join(choices)
-    return parse
+    return _kind("choice", str)(parse)
 
 
+@_kind("address", Optional[tuple[str, int]])
 def listen_address(value: str) -> tuple[str, int] | None:
     """``off``, ``PORT`` (on 127.0.0.1) or ``ADDR:PORT``: where to serve an HTTP endpoint."""
     if value.lower() in ("off", "0", "none"):
@@ -156,6 +188,7 @@ def listen_address(value: str) -> tuple[str, int] | None:
     return (ipv4(host), port(port_text))
 
 
+@_kind("address", Optional[str])
 def distcache_address(value: str) -> str | None:
     """A distcache address (``UNIX:/path``, ``IP:host:port``), or ``none``."""
     if value.lower() in ("none", "off", "-"):

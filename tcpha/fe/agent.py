@@ -11,6 +11,7 @@ Newline-delimited JSON, one request at a time from the control plane, one reply 
     {"id": N, "op": "stop"}                                      stop accepting, finish, exit
     {"id": N, "op": "add_backend", "name", "host", "port", "rules": [[field, pattern], ...]}
     {"id": N, "op": "remove_backend", "name"}                    dynamic registration
+    {"id": N, "op": "settings"}  -> {"id": N, "settings": {name: value}}   the values this worker uses
 
 Runs in the worker's event loop (callbacks only); the control plane never touches worker objects.
 """
@@ -103,6 +104,8 @@ class WorkerAgent:
             return {"ok": True}
         if op == "reload":
             return self._reload(req["path"], req.get("keep", []))
+        if op == "settings":
+            return {"settings": self._settings_in_force()}
         if op == "add_backend":
             return self._add_backend(req)
         if op == "remove_backend":
@@ -117,7 +120,7 @@ class WorkerAgent:
         name = req["name"]
         rules = [compile_rule(name, f, p) for f, p in req.get("rules", [])]
         if name not in w.backends:
-            be = RemoteBackend(w, req["host"], int(req["port"]), int(w.config.connperbe))
+            be = RemoteBackend(w, req["host"], int(req["port"]), w.config.connperbe)
             w.backends[name] = be
             be.start()
         w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name] + rules
@@ -135,6 +138,27 @@ class WorkerAgent:
         if be is not None and be not in w.backends.values():
             be.close()
         return {"ok": True}
+
+    def _settings_in_force(self) -> dict[str, Any]:
+        """The values of the options this worker applies, read from the objects that use them (not from
+        its config), in tcpha.config.settings.in_force_form."""
+        from tcpha.config.reference import DBGLEVELS
+        from tcpha.config.settings import in_force_form, settings_for
+        w = self.worker
+        level = logging.getLogger().getEffectiveLevel()
+        dynamic = {r.target for r in getattr(w, "dynamic_rules", [])}
+        values: dict[str, Any] = {
+            "peekmax": w.peekmax, "peektimeout": w.peektimeout, "handofftimeout": w.handofftimeout,
+            "maxclients": w.maxclients, "grace": w.grace, "authkey": w.authkey, "vaddr": w.vip,
+            "server": sorted({be.name for be in w.backends.values()} - dynamic),
+            "rule": [r for r in w.rules.rules if r.target not in dynamic],
+            "flowtimeout": w.ledger.flow_timeout,
+            "dbglevel": next((n for n, (lv, _) in DBGLEVELS.items() if lv == level), None),
+            # read from the worker's config where they are used (tcpha.fe.localnode)
+            "redirectaddr": w.config.redirectaddr, "redirectport": w.config.redirectport,
+        }
+        table = {s.name: s for s in settings_for("fe")}
+        return {name: in_force_form(table[name], value) for name, value in values.items()}
 
     def _reload(self, path: str, keep: list[str]) -> dict:
         """Apply a changed config file in place: rules, back ends, timeouts; nothing is dropped
@@ -154,7 +178,7 @@ class WorkerAgent:
                 be = be or w.backends.get(k)
             if be is None:
                 be = (LocalBackend(w, spec.path) if spec.kind == "unix"
-                      else RemoteBackend(w, spec.host, int(spec.port), int(new.connperbe)))
+                      else RemoteBackend(w, spec.host, spec.port, new.connperbe))
                 be.start()
             for k in keys:
                 wanted.setdefault(k, be)
@@ -166,11 +190,12 @@ class WorkerAgent:
                     be.close()
         w.backends.update(wanted)
         w.config = new
-        w.peekmax = int(new.peekmax)
-        w.peektimeout = float(new.peektimeout)
-        w.handofftimeout = float(new.handofftimeout)
-        w.maxclients = int(new.maxclients)
-        w.grace = float(getattr(new, "grace", 30) or 0)
+        w.authkey = new.authkey          # control connections made from now on (reconnects, new back ends)
+        w.peekmax = new.peekmax
+        w.peektimeout = new.peektimeout
+        w.handofftimeout = new.handofftimeout
+        w.maxclients = new.maxclients
+        w.grace = new.grace
         rules = list(new.rules) + list(getattr(w, "dynamic_rules", []))
         w.rules = RuleTable(rules)
         w.ledger.set_rules(rules)

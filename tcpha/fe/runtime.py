@@ -12,6 +12,7 @@
       conn              live connection table (every worker's dispatching + handed-off flows)
       status            one line per back end, workers, flows
       metrics           the Prometheus text (also on `metrics = [ADDR:]PORT` when set)
+      settings          the value of every option in force (what a reload applied), arbiter and workers
 
 * the runtime links to the workers (tcpha.fe.agent), the registration listener for dregister back
   ends (tcpha.fe.registry), and the HTTP endpoint on `metrics = [ADDR:]PORT`: Prometheus text and the
@@ -91,11 +92,11 @@ class FrontEndRuntime:
     def __init__(self, fe: Any):
         self.fe = fe
         self.config = config = fe.config
-        self.health = HealthTable(int(config.rise), int(config.fall))
+        self.health = HealthTable(config.rise, config.fall)
         for spec in config.servers:
-            self.health.add(spec.name, int(getattr(spec, "weight", 1)))
-        self.dbglevel = int(config.dbglevel)
-        self.dtcinterval = float(config.dtcinterval)
+            self.health.add(spec.name, spec.weight)
+        self.dbglevel = config.dbglevel
+        self.dtcinterval = config.dtcinterval
         self.links: dict[int, WorkerLink] = {}
         self.retired: list[dict[str, Any]] = []
         self.prober: HealthProber | None = None
@@ -112,8 +113,8 @@ class FrontEndRuntime:
             lambda: fe.make_steering() if getattr(fe, "steering", None) is not None else None)
         self.tree = ControlTree()
         self._build_tree()
-        self.plane = ControlPlane(rundir=str(config.rundir), tree=self.tree, name="tcpha-fe",
-                                  use_fuse=bool(getattr(config, "usefuse", True)),
+        self.plane = ControlPlane(rundir=config.rundir, tree=self.tree, name="tcpha-fe",
+                                  use_fuse=config.usefuse,
                                   extra_ops={"takeover": self._op_takeover})
         self.plane.on_start(self._start_async)
         self.plane.on_stop(self._stop_async)
@@ -128,8 +129,8 @@ class FrontEndRuntime:
     async def _start_async(self) -> None:
         c = self.config
         self.prober = HealthProber(self.health, key=c.authkey, raddr=c.raddr, vip=c.vaddr,
-                                   interval=self.dtcinterval, timeout=float(c.healthtimeout),
-                                   kind=c.healthcheck, path=c.healthpath, app_port=int(c.healthport),
+                                   interval=self.dtcinterval, timeout=c.healthtimeout,
+                                   kind=c.healthcheck, path=c.healthpath, app_port=c.healthport,
                                    on_change=lambda name, change, why: self.push_gate(),
                                    on_flow_closed=self.flow_closed)
         for spec in c.servers:
@@ -146,14 +147,14 @@ class FrontEndRuntime:
             except OSError as e:
                 log.error("metrics endpoint %s:%d: %s", c.metrics[0], c.metrics[1], e.strerror or e)
                 self.metrics_server = None
-        if c.raddr != "0.0.0.0" and int(c.registerport):
+        if c.raddr != "0.0.0.0" and c.registerport:
             from tcpha.fe.registry import RegistrationListener
             self.registry = RegistrationListener(self)
             try:
                 await self.registry.start()
             except OSError as e:
                 log.error("registration port %s:%d: %s (dregister back ends cannot register)", c.raddr,
-                          int(c.registerport), e.strerror or e)
+                          c.registerport, e.strerror or e)
                 self.registry = None
 
     async def _stop_async(self) -> None:
@@ -228,7 +229,7 @@ class FrontEndRuntime:
 
     def set_dtcinterval(self, seconds: float) -> None:
         self.dtcinterval = seconds
-        if seconds > 0 and float(self.config.healthtimeout) > seconds and self.prober is not None:
+        if seconds > 0 and self.config.healthtimeout > seconds and self.prober is not None:
             self.prober.timeout = seconds
         if self.prober is not None:
             self.plane.call_soon(self.prober.set_interval, seconds)
@@ -372,6 +373,45 @@ class FrontEndRuntime:
         """A write from the status page (statsadmin = on), already authenticated."""
         self.set_drain(backend, action == "drain")
 
+    def settings_in_force(self) -> dict[str, Any]:
+        """Every option's value in force in the arbiter, in tcpha.config.settings.in_force_form: read from
+        the objects that use it where there is one (health table, prober, listeners, control plane,
+        metrics endpoint); else from the running config, which the arbiter reads at use (pool limits,
+        grace) and in which a reload keeps the running value of a restart-only option."""
+        from tcpha.config.settings import in_force_form, settings_for
+        c = self.fe.config
+        values = {s.name: getattr(c, s.attr) for s in settings_for("fe")}
+        values.update({"rise": self.health.rise, "fall": self.health.fall, "dbglevel": self.dbglevel,
+                       "dtcinterval": self.dtcinterval, "rundir": self.plane.rundir, "usefuse": self.plane.use_fuse,
+                       "server": [name for name, be in self.health.backends.items() if not be.dynamic],
+                       "port": [port for _, port in getattr(self.fe, "listeners", [])] or values["port"]})
+        if self.prober is not None:
+            p = self.prober
+            values.update({"dtcinterval": p.interval, "healthtimeout": p.timeout, "healthcheck": p.kind,
+                           "healthpath": p.path, "healthport": p.app_port, "authkey": p.key})
+        if self.metrics_server is not None:
+            values["metrics"] = self.metrics_server.addr
+        table = {s.name: s for s in settings_for("fe")}
+        return {name: in_force_form(table[name], value) for name, value in values.items()}
+
+    def settings_data(self) -> dict[str, Any]:
+        async def workers() -> list[dict]:
+            links = list(self.links.values())
+            answers = await asyncio.gather(*(l.ask("settings") for l in links), return_exceptions=True)
+            return [{"pid": l.pid, "settings": a.get("settings", {})} for l, a in zip(links, answers)
+                    if not isinstance(a, BaseException)]
+        return {"arbiter": self.settings_in_force(), "workers": self.plane.run(workers())}
+
+    def settings_text(self) -> str:
+        data = self.settings_data()
+        lines = []
+        for name, value in data["arbiter"].items():
+            per_worker = {json.dumps(w["settings"][name]) for w in data["workers"] if name in w["settings"]}
+            differs = per_worker - {json.dumps(value)}
+            lines.append(f"{name} = {json.dumps(value)}" + (f"   (workers: {', '.join(sorted(differs))})"
+                                                            if differs else ""))
+        return "\n".join(lines)
+
     def status_text(self) -> str:
         lines = [f"tcpha-fe pid {os.getpid()} up {time.time() - self.started:.0f} s, {len(self.links)} workers, "
                  f"dtcinterval {self.dtcinterval:g} s, dbglevel {self.dbglevel}"]
@@ -404,6 +444,8 @@ class FrontEndRuntime:
                           data=lambda: self.plane.run(self.status_document_async())))
         t.add(ControlFile("metrics", lambda: self.plane.run(self.metrics_text_async()), None,
                           "Prometheus text exposition"))
+        t.add(ControlFile("settings", self.settings_text, None, "options in force (arbiter and workers)",
+                          data=self.settings_data))
         for name in list(self.health.backends):
             self.add_backend_files(name)
 
@@ -435,7 +477,8 @@ class FrontEndRuntime:
         self.plane.call_soon(lambda: asyncio.ensure_future(self._reload()))
 
     async def _reload(self) -> None:
-        from tcpha.config import ConfigError, changed_options, load_fe_config
+        from tcpha.config import ConfigError, load_fe_config
+        from tcpha.config.settings import reload_plan
         notify = getattr(self.fe, "notify", lambda state: None)
         notify("RELOADING=1")
         try:
@@ -444,19 +487,22 @@ class FrontEndRuntime:
             except ConfigError as e:
                 log.error("reload refused, configuration unchanged: %s", e)
                 return
-            changed = changed_options(self.config, new)
-            if not changed:
+            for line in new.warnings:
+                log.warning("%s", line)
+            # What each changed option does is declared once, in the settings table (reload = LIVE|RESTART).
+            live, restart = reload_plan("fe", self.config, new)
+            if not live and not restart:
                 log.log(NOTICE, "reload: configuration unchanged")
                 return
-            needs_restart = [c for c in changed if c in ("vaddr", "ports", "interface", "rundir", "raddr",
-                                                          "registerport", "metrics", "logfile")]
-            if needs_restart:
-                log.warning("reload: %s changed; applied at the next restart (or upgrade)", ", ".join(needs_restart))
+            if restart:
+                log.warning("reload: %s changed; applied at the next restart (or upgrade)",
+                            ", ".join(s.name for s in restart))
+            changed = {s.attr for s in live}
             # Back ends: new servers in, removed ones out, weights as written.
             old_names = {s.name for s in self.config.servers}
             new_names = {s.name for s in new.servers}
             for spec in new.servers:
-                be = self.health.add(spec.name, int(getattr(spec, "weight", 1)))
+                be = self.health.add(spec.name, spec.weight)
                 if spec.name not in old_names:
                     self.add_backend_files(spec.name)
                     if self.prober is not None:
@@ -467,26 +513,29 @@ class FrontEndRuntime:
                 self.remove_backend_files(name)
                 if self.prober is not None:
                     self.prober.remove(name)
-            self.health.set_damping(int(new.rise), int(new.fall))
+            self.health.set_damping(new.rise, new.fall)
             if "dtcinterval" in changed:
-                self.set_dtcinterval(float(new.dtcinterval))
+                self.set_dtcinterval(new.dtcinterval)
             if self.prober is not None:
-                self.prober.timeout = float(new.healthtimeout)
+                self.prober.timeout = new.healthtimeout
                 self.prober.kind, self.prober.path = new.healthcheck, new.healthpath
-                self.prober.app_port = int(new.healthport)
-            keep = {k: getattr(self.config, k) for k in needs_restart}
-            for k, v in keep.items():
-                setattr(new, k, v)
+                self.prober.app_port = new.healthport
+                # New probe connections use the new key (established ones are already authenticated).
+                self.prober.key = new.authkey
+            keep = [s.attr for s in restart]
+            for k in keep:
+                setattr(new, k, getattr(self.config, k))
             self.config = new
-            self.fe.config = new
-            await self.ask_all("reload", path=new.path, keep=list(keep))
+            self.fe.config = new                         # the registration port reads the key from here
+            await self.ask_all("reload", path=new.path, keep=keep)
             await self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
             if "dbglevel" in changed:
                 from tcpha.config import dbglevel_to_logging
-                self.dbglevel = int(new.dbglevel)
+                self.dbglevel = new.dbglevel
                 logging.getLogger().setLevel(dbglevel_to_logging(self.dbglevel))
                 await self.ask_all("dbglevel", level=self.dbglevel)
-            log.log(NOTICE, "reloaded %s: %s", new.path, ", ".join(c for c in changed if c not in needs_restart))
+            if live:
+                log.log(NOTICE, "reloaded %s: %s", new.path, ", ".join(s.name for s in live))
         except Exception:
             log.exception("reload failed")
         finally:

@@ -122,7 +122,11 @@ class ControlPlane:
             self.mode = "none"
         else:
             detach_stale_mount(self.rundir)
-            why_not = fuse_available() if self.use_fuse else "usefuse is off"
+            why_not = fuse_available() if self.use_fuse else None
+            if why_not is not None:
+                why_not = f"FUSE unavailable ({why_not})"
+            elif not self.use_fuse:
+                why_not = "FUSE off (usefuse = 0)"
             self.mode = "fuse" if why_not is None else "mirror"
             self.sock_path = socket_path(self.rundir) if self.mode == "fuse" else os.path.join(self.rundir, "ctl.sock")
             try:
@@ -141,7 +145,7 @@ class ControlPlane:
                 self.mode = "mirror"
         if self.mode == "mirror":
             if why_not is not None:
-                log.log(NOTICE, "control directory %s: FUSE unavailable (%s); plain files, invalid writes "
+                log.log(NOTICE, "control directory %s: %s; plain files, invalid writes "
                         "are reverted and logged", self.rundir, why_not)
             try:
                 self._mirror = MirrorDirectory(self.tree, self.rundir)
