@@ -124,8 +124,17 @@ class FrameCapture:
                     return
 
     def stop(self) -> list[bytes]:
+        if self._stop.is_set():
+            return self.frames
         self._stop.set()
         self._thread.join()
+        # Frames already captured but not yet read by the thread belong to the capture too.
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.frames.append(self.sock.recv(65535))
+        except (BlockingIOError, OSError):
+            pass
         self.sock.close()
         return self.frames
 
