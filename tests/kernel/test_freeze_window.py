@@ -90,25 +90,25 @@ def inq(sock: socket.socket) -> int:
     return struct.unpack("=i", fcntl.ioctl(sock.fileno(), repair.SIOCINQ, bytes(4)))[0]
 
 
-def client_to(h) -> socket.socket:
-    return h.lab.connect("client", h.vip, h.vport, timeout=WAIT)
-
-
 class Handoff:
     """One handoff driven step by step: freeze() ... steer(), with the client's packets in between."""
 
-    def __init__(self, h, client: socket.socket, request: bytes, be: str = "be1"):
-        self.h, self.client, self.request, self.be = h, client, request, be
-        self.conn = h.accept_request(client, request, timeout=WAIT)
+    def __init__(self, h, request: bytes, be: str = "be1"):
+        self.h, self.request, self.be = h, request, be
+        self.client = h.lab.connect("client", h.vip, h.vport, timeout=WAIT)
+        self.conn = h.accept_request(self.client, request, timeout=WAIT)
         cip, cport = self.conn.getpeername()
         self.flow = FlowKey(cip, cport, h.vip, h.vport)
         self.be_sock: socket.socket | None = None
         self.state: repair.TcpState | None = None
+        self.forger: Forger | None = None
 
     def freeze_and_dump(self) -> repair.TcpState:
+        """Freeze and dump; from here on `forger` crafts client segments from the dumped state."""
         self.h.steering.freeze(self.flow)
         self.state = repair.dump(self.conn)
         assert self.state.recv_queue == self.request
+        self.forger = Forger(self.h, self.client, self.state)
         return self.state
 
     def steer(self) -> socket.socket:
@@ -122,10 +122,26 @@ class Handoff:
         return self.be_sock
 
     def close(self) -> None:
+        if self.forger is not None:
+            self.forger.close()
         self.client.close()
         if self.be_sock is not None:
             self.be_sock.close()
         self.h.steering.unforward(self.flow)
+
+
+def frames_with_forged(h, captures, forged: int) -> dict[str, list[bytes]]:
+    """Stop the captures; check that the forged packets were on the wire: the front end saw both rounds,
+    the back end the second (steered to it), so the test is about a connection that really met them."""
+    frames = {host: cap.stop() for host, cap in captures.items()}
+    assert len(forged_frames(frames["fe"], h.lab.mac("fe"))) == 2 * forged
+    assert len(forged_frames(frames["be1"], h.lab.mac("be1"))) == forged
+    return frames
+
+
+def assert_no_resets(h, frames: dict[str, list[bytes]]) -> None:
+    for host in ("client", "fe", "be1"):
+        assert resets_from(frames[host], h.vip) == [] and resets_from(frames[host], h.lab.ip("client")) == []
 
 
 def recv_until_eof(sock: socket.socket, limit: int = 1 << 24) -> bytes:
@@ -160,12 +176,11 @@ def test_forged_segments_in_the_freeze_window_leave_the_stream_exact(handoff_lab
     head = b"PUT /adv HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
     part1, part2 = os.urandom(3000), os.urandom(5000)
     request = head % (len(part1) + len(part2))
-    client = client_to(h)
-    ho = Handoff(h, client, request)
-    forger = None
+    ho = Handoff(h, request)
+    client = ho.client
     try:
         state = ho.freeze_and_dump()
-        forger = Forger(h, client, state)
+        forger = ho.forger
         seq = state.rcv_seq
         client.sendall(part1)                               # dropped by the freeze; the client retransmits
         if case == "retransmitted":                         # the request again (already received)
@@ -189,16 +204,9 @@ def test_forged_segments_in_the_freeze_window_leave_the_stream_exact(handoff_lab
         client.shutdown(socket.SHUT_WR)
         assert be_sock.recv(1) == b""                       # nothing more, and the client's FIN arrived
     finally:
-        if forger is not None:
-            forger.close()
         ho.close()
-    frames = {host: cap.stop() for host, cap in captures.items()}
-    # The forged packets were on the wire: the front end saw both rounds, the back end the second
-    # (steered to it), so the assertions above are about a connection that really met them.
-    assert len(forged_frames(frames["fe"], h.lab.mac("fe"))) == 2 * len(forged)
-    assert len(forged_frames(frames["be1"], h.lab.mac("be1"))) == len(forged)
-    for host in ("client", "fe", "be1"):
-        assert resets_from(frames[host], h.vip) == [] and resets_from(frames[host], h.lab.ip("client")) == []
+    frames = frames_with_forged(h, captures, len(forged))
+    assert_no_resets(h, frames)
 
 
 def test_client_fin_and_a_duplicate_in_the_freeze_window(handoff_lab, captures):
@@ -207,12 +215,11 @@ def test_client_fin_and_a_duplicate_in_the_freeze_window(handoff_lab, captures):
     the end, answers, and the client gets the whole answer and the back end's FIN."""
     h = handoff_lab
     request = b"GET /fin HTTP/1.0\r\nHost: x\r\n\r\n"
-    client = client_to(h)
-    ho = Handoff(h, client, request)
-    forger = None
+    ho = Handoff(h, request)
+    client = ho.client
     try:
         state = ho.freeze_and_dump()
-        forger = Forger(h, client, state)
+        forger = ho.forger
         client.shutdown(socket.SHUT_WR)                     # the real FIN: dropped by the freeze
         forged = [forger.segment("FA", state.rcv_seq)]
         forger.send(forged)
@@ -226,13 +233,9 @@ def test_client_fin_and_a_duplicate_in_the_freeze_window(handoff_lab, captures):
         assert h.sha256(head_body[1]) == h.sha256(body)
         assert client.recv(1) == b""
     finally:
-        if forger is not None:
-            forger.close()
         ho.close()
-    frames = {host: cap.stop() for host, cap in captures.items()}
-    assert len(forged_frames(frames["fe"], h.lab.mac("fe"))) == 2 and len(forged_frames(frames["be1"], h.lab.mac("be1"))) == 1
-    for host in ("client", "fe", "be1"):
-        assert resets_from(frames[host], h.vip) == [] and resets_from(frames[host], h.lab.ip("client")) == []
+    frames = frames_with_forged(h, captures, len(forged))
+    assert_no_resets(h, frames)
 
 
 def test_forged_rst_in_the_freeze_window_then_at_the_back_end(handoff_lab, captures):
@@ -242,12 +245,11 @@ def test_forged_rst_in_the_freeze_window_then_at_the_back_end(handoff_lab, captu
     the front end answers nothing (no socket of its own, no RST)."""
     h = handoff_lab
     request = b"GET /rst HTTP/1.1\r\nHost: x\r\n\r\n"
-    client = client_to(h)
-    ho = Handoff(h, client, request)
-    forger = None
+    ho = Handoff(h, request)
+    client = ho.client
     try:
         state = ho.freeze_and_dump()
-        forger = Forger(h, client, state)
+        forger = ho.forger
         forged = [forger.segment("R", state.rcv_seq)]
         forger.send(forged)
         # Inside the window the RST changed nothing: the front end's socket is still the connection.
@@ -261,11 +263,8 @@ def test_forged_rst_in_the_freeze_window_then_at_the_back_end(handoff_lab, captu
         with pytest.raises(ConnectionResetError):
             client.recv(1)
     finally:
-        if forger is not None:
-            forger.close()
         ho.close()
-    frames = {host: cap.stop() for host, cap in captures.items()}
-    assert len(forged_frames(frames["fe"], h.lab.mac("fe"))) == 2 and len(forged_frames(frames["be1"], h.lab.mac("be1"))) == 1
+    frames = frames_with_forged(h, captures, len(forged))
     assert resets_from(frames["client"], h.vip)             # the back end reset the client's segment
     assert resets_from(frames["fe"], h.vip) == []           # ... and the front end sent none
 
@@ -276,8 +275,8 @@ def test_client_aborts_in_the_freeze_window(handoff_lab, captures):
     client draws the client's RST and the back end's socket ends with ECONNRESET: no hang."""
     h = handoff_lab
     request = b"GET /abort HTTP/1.1\r\nHost: x\r\n\r\n"
-    client = client_to(h)
-    ho = Handoff(h, client, request)
+    ho = Handoff(h, request)
+    client = ho.client
     try:
         ho.freeze_and_dump()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
