@@ -26,6 +26,7 @@ from scapy.layers.inet import IP, TCP
 from tcpha import repair
 from tcpha.steering import FlowKey
 from tcpha.steering.netns import call_in_netns
+from tests.capture import tcp_segment, window_probes
 from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
@@ -111,11 +112,12 @@ class Handoff:
         self.forger = Forger(self.h, self.client, self.state)
         return self.state
 
-    def steer(self) -> socket.socket:
+    def steer(self, *, announce: bool = True) -> socket.socket:
         # Nothing sent inside the window reached the front end's socket: all of it was dropped.
         assert inq(self.conn) == len(self.request)
         blob = self.state.to_bytes()
-        self.be_sock = call_in_netns(self.h.lab.netns(self.be), repair.restore, repair.TcpState.from_bytes(blob))
+        self.be_sock = call_in_netns(self.h.lab.netns(self.be), repair.restore, repair.TcpState.from_bytes(blob),
+                                     announce=announce)
         self.h.steering.forward(self.flow, self.h.lab.mac(self.be))
         repair.discard(self.conn)
         self.be_sock.settimeout(WAIT)
@@ -296,3 +298,36 @@ def test_client_aborts_in_the_freeze_window(handoff_lab, captures):
     frames = {host: cap.stop() for host, cap in captures.items()}
     assert len(resets_from(frames["client"], h.lab.ip("client"))) >= 2   # the abort, and the answer's RST
     assert resets_from(frames["be1"], h.lab.ip("client"))   # the second reached the back end directly
+
+
+@pytest.mark.parametrize("announce_at_restore", [False, True])
+def test_restored_socket_is_silent_until_announced(handoff_lab, captures, announce_at_restore):
+    """restore(announce=False) sends nothing; repair.announce() then sends one window probe, which the
+    client answers at once, and (the flow being steered) the answer reaches the back end. This is what
+    tcpha-be does around Steered; restore's default still probes when repair goes off."""
+    h = handoff_lab
+    request = b"GET /quiet HTTP/1.1\r\nHost: x\r\n\r\n"
+    ho = Handoff(h, request)
+    try:
+        ho.freeze_and_dump()
+        be_sock = ho.steer(announce=announce_at_restore)
+        repair.announce(be_sock)
+        assert h.recv_exact(be_sock, len(request)) == request
+        be_sock.sendall(h.http_response(b"after the probe"))
+        assert h.read_http_response(ho.client)[1] == b"after the probe"
+        cport = ho.client.getsockname()[1]
+    finally:
+        ho.close()
+    frames = {host: cap.stop() for host, cap in captures.items()}
+    at_client = [g for g in captures["client"].segments() if cport in (g.sport, g.dport)]
+    probes = window_probes(at_client, h.vip, h.vport)
+    assert len(probes) == (2 if announce_at_restore else 1)
+    if announce_at_restore:
+        # The client answers at most one out-of-window segment per net.ipv4.tcp_invalid_ratelimit
+        # (500 ms): a probe at restore, whose answer the freeze may drop, would silence the next one.
+        return
+    probe = probes[0]
+    reply = next(g for g in at_client if g.at >= probe.at and g.sport == cport and g.ack == (probe.seq + 1) & 0xFFFFFFFF)
+    at_be = [tcp_segment(f) for f in frames["be1"]]
+    assert any(g is not None and g.sport == cport and (g.seq, g.ack, g.flags) == (reply.seq, reply.ack, reply.flags)
+               for g in at_be), "the client's answer to the announced probe did not reach the back end"
