@@ -9,8 +9,8 @@ window probe, no window update from reading the restored socket), and must promp
 Measured in events from captures in the client's and the back end's namespaces, not in durations:
 - the back end's window probe (the prompt) is answered by the client, and that answer reaches the back
   end (it was sent after the steering; a probe sent at restore time has its answer dropped);
-- no byte the client first sent after that prompt was ever retransmitted (a client invited to send
-  into the freeze retransmits everything it sent there, after a timeout).
+- every segment the client sent after that prompt reached the back end as it was sent (a client invited
+  to send into the freeze loses it there and sends it again only after its retransmission timeout).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 
 import pytest
 
-from tests.capture import FrameCapture, retransmissions, window_probes
+from tests.capture import FrameCapture, window_probes
 
 pytestmark = pytest.mark.netns
 
@@ -65,6 +65,7 @@ def test_upload_at_handoff_is_prompted_after_steering_and_loses_nothing_to_the_f
     answer = json.loads(raw.split(b"\r\n\r\n", 1)[1])
     assert answer["sha256"] == hashlib.sha256(body).hexdigest() and answer["backend"] == "be2"
 
+    assert at_client.drops == 0 and at_backend.drops == 0, "the captures lost frames: nothing can be judged"
     cip, vip = dep.lab.ip("client"), dep.vip
     segs = [g for g in at_client.segments() if port in (g.sport, g.dport)]
     probes = window_probes(segs, vip, 80)
@@ -77,10 +78,10 @@ def test_upload_at_handoff_is_prompted_after_steering_and_loses_nothing_to_the_f
     assert (reply.seq, reply.ack, reply.flags, reply.length) in at_be, (
         "the client's answer to the back end's first window probe never reached the back end: the probe "
         "was sent before the flow was steered there")
-    # Bytes the client first sent after the prompt reached the back end the first time.
-    isn = next(g.seq for g in segs if g.src == cip and g.flags & 0x02)
-    sent_before = max(((g.end - isn) & MASK for g in segs
-                       if g.src == cip and g.length and g.at <= prompt.at), default=0)
-    late = [g for g in retransmissions(segs, cip, port) if ((g.end - isn) & MASK) > sent_before]
-    assert late == [], (f"{len(late)} retransmissions of bytes first sent after the back end's prompt "
-                        f"(the first at offset {(late[0].seq - isn) & MASK})" if late else "")
+    # Every segment the client sent after the prompt reached the back end as sent (the same IP id), not
+    # only later as a retransmission: nothing went into the freeze. (Retransmissions as such are not
+    # counted: a receiver slowed down by a busy machine draws spurious tail-loss probes.)
+    reached = {(g.seq, g.ip_id) for g in at_backend.segments() if g.src == cip and g.sport == port and g.length}
+    lost = [g for g in segs if g.src == cip and g.length and g.at > prompt.at and (g.seq, g.ip_id) not in reached]
+    assert lost == [], (f"{len(lost)} segments ({sum(g.length for g in lost)} bytes) the client sent after the "
+                        "back end's prompt never reached the back end: they went into the freeze")
