@@ -9,6 +9,7 @@ docs/kernel.md, all verified on this kernel.
     new = restore(TcpState.from_bytes(blob))   # BE: an ESTABLISHED socket owning the same 4-tuple
     discard(sock)                # FE, after the BE said "restored": close without FIN/RST
     release(sock)                # FE, if the BE refused: repair off, the FE still owns the connection
+    announce(sock)               # BE, once the flow is steered to it: the client answers at once
 
 Only ESTABLISHED connections can be moved: a socket in any other state makes dump() raise RepairError
 (and leaves it out of repair mode, as it was).
@@ -28,6 +29,7 @@ __all__ = [
     "release",
     "discard",
     "restore",
+    "announce",
 ]
 
 # Socket options and ioctls (linux/tcp.h, linux/sockios.h); none are exported by Python's socket module.
@@ -316,12 +318,15 @@ def discard(sock: socket.socket) -> None:
     sock.close()
 
 
-def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
+def restore(state: TcpState, *, freebind: bool = True, announce: bool = True) -> socket.socket:
     """Rebuild the connection described by `state` on this host and return the ESTABLISHED socket.
 
-    No packet is sent until the end, when repair mode is switched off (a window probe, an ACK). The local
-    address (the VIP) need not be configured when `freebind` is set; for replies to leave with it as
-    source it normally is (on lo, on a back end).
+    No packet is sent until the end, when repair mode is switched off: with `announce`, a window probe
+    (see announce()); without, nothing (the caller announces the socket once the peer's packets reach
+    it: a probe sent while the flow is still frozen elsewhere draws an answer that is dropped there).
+    Never-transmitted bytes of the send queue are sent at once either way. The local address (the VIP)
+    need not be configured when `freebind` is set; for replies to leave with it as source it normally is
+    (on lo, on a back end).
     """
     tcp = socket.IPPROTO_TCP
     sock = socket.socket(state.family, socket.SOCK_STREAM)
@@ -376,7 +381,7 @@ def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
             step = "TCP_REPAIR_WINDOW"
             setsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
         step = "TCP_REPAIR off"
-        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF)
+        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF if announce else TCP_REPAIR_OFF_NO_WP)
         if state.unsent:
             # Bytes never transmitted are simply sent as new data now that the connection is live.
             step = "unsent data"
@@ -385,6 +390,18 @@ def restore(state: TcpState, *, freebind: bool = True) -> socket.socket:
         sock.close()  # still in repair mode unless the last steps failed: silent
         raise RepairError(exc.errno, f"restore {state.peer[0]}:{state.peer[1]}: {step}: {exc.strerror}") from None
     return sock
+
+
+def announce(sock: socket.socket) -> None:
+    """Make the peer of a live connection answer at once: repair mode on and off again, which sends a
+    window probe (an ACK one below the peer's window, carrying our current receive window). The peer
+    replies with an immediate ACK, and a peer that was waiting for our window to open (persist mode,
+    its timer backed off) sends at once. Needs CAP_NET_ADMIN, like every repair step."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    except OSError as exc:
+        raise RepairError(exc.errno, f"window probe: {exc.strerror}") from None
 
 
 def _repair_options(state: TcpState) -> bytes:

@@ -145,19 +145,30 @@ class SpliceRelay:
         self.up = _Direction(self, client, app, "client->app")
         self.down = _Direction(self, app, client, "app->client")
         self.closed = False
+        self.held = False
         self.error: str | None = None
 
     def start(self, *, hold_down: bool = False) -> None:
-        """Start relaying. hold_down: do not send to the client until release() (the front end has
-        not yet steered the flow here; the client's ACKs would be lost)."""
+        """Start relaying. hold_down: nothing moves until release() (the front end has not yet steered
+        the flow here). Not even the client's bytes are read: reading opens the restored socket's
+        receive window, the kernel tells the client so, and a client that was waiting for that window
+        (an upload) would send into the front end's freeze, lose it all and wait out its backed-off
+        retransmission timeout (docs/kernel.md, "the freeze window")."""
+        self.held = hold_down
+        if hold_down:
+            return
         self._step(self.up)
-        if not hold_down and not self.closed:
+        if not self.closed:
             self._step(self.down)
 
     def release(self) -> None:
-        """Start the app -> client direction held by start(hold_down=True)."""
-        if not self.closed and not self.down.reading and not self.down.writing and not self.down.done:
-            self._step(self.down)
+        """Start both directions held by start(hold_down=True)."""
+        if not self.held:
+            return
+        self.held = False
+        for direction in (self.up, self.down):
+            if not self.closed and not direction.reading and not direction.writing and not direction.done:
+                self._step(direction)
 
     @property
     def bytes_up(self) -> int:

@@ -93,13 +93,15 @@ class BackEndStats:
 
 
 def restore_handed_off(state: repair.TcpState,
-                       release_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None) -> socket.socket:
+                       release_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None,
+                       *, announce: bool = True) -> socket.socket:
     """repair.restore; when an earlier connection's socket on the same 4-tuple is in the way
     (EADDRNOTAVAIL: the client reuses its port while that socket lingers here), it goes first and the
     restore is tried again. `release_own(local, peer)` releases it when it is one of ours (a relay still
-    holding it); any other socket is destroyed through the kernel (tcpha.sockdiag)."""
+    holding it); any other socket is destroyed through the kernel (tcpha.sockdiag). `announce`: as in
+    repair.restore (the back end announces the socket itself once the flow is steered here)."""
     try:
-        return repair.restore(state)
+        return repair.restore(state, announce=announce)
     except OSError as e:
         if e.errno != errno.EADDRNOTAVAIL:
             raise
@@ -119,7 +121,7 @@ def restore_handed_off(state: repair.TcpState,
             how = "destroyed"
     log.log(NOTICE, "restore %s:%d: the socket of an earlier connection on this 4-tuple %s: the client "
             "reuses its port", state.peer[0], state.peer[1], how)
-    return repair.restore(state)
+    return repair.restore(state, announce=announce)
 
 
 class ControlSession(asyncio.Protocol):
@@ -342,7 +344,9 @@ class BackEnd:
         if (state.peer[0], state.peer[1], state.local[1]) != (msg.client_ip, msg.client_port, msg.vport):
             return refuse("the TCP state does not match the handoff's flow")
         try:
-            client = restore_handed_off(state, self._release_stale_relay)
+            # Silent until Steered: a window probe now would draw the client's answer into the front
+            # end's freeze (docs/kernel.md, "the freeze window").
+            client = restore_handed_off(state, self._release_stale_relay, announce=False)
         except OSError as e:
             return refuse(f"restore failed: {e.strerror or e}")
         except Exception as e:
@@ -429,6 +433,15 @@ class BackEnd:
         relay, timer = entry
         timer.cancel()
         relay.release()
+        # The client's packets reach us from now on: prompt it instead of waiting for its timers. Its
+        # immediate ACK tells our socket where it stands, and a client that waited for the receive
+        # window (persist mode, backed off) sends at once.
+        client = getattr(relay, "client", None) or getattr(relay, "sock", None)
+        if client is not None and not relay.closed:
+            try:
+                repair.announce(client)
+            except OSError as e:
+                log.debug("handoff %d: window probe after Steered failed: %s", xid, e)
 
     def _not_steered(self, session: ControlSession, xid: int, why: str) -> None:
         entry = session.unsteered.pop(xid, None)

@@ -80,6 +80,9 @@ def test_rules_choose_the_back_end(deployment):
     def who_has() -> set[str]:
         from scapy.all import ARP, Ether, conf, srp
         conf.verb = 0
+        # scapy keeps one interface table per process, read in whichever namespace imported it first
+        # (another test module may have done so in the root namespace): read it here, in the client's.
+        conf.ifaces.reload()
         answered, _ = srp(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=dep.vip), iface=lab.ifname("client"),
                           timeout=1, multi=True)
         return {r.hwsrc.lower() for _, r in answered}

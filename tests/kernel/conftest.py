@@ -7,9 +7,7 @@ entering the lab's namespaces per call.
 from __future__ import annotations
 
 import hashlib
-import select
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,9 +16,9 @@ import pytest
 from tcpha import repair
 from tcpha.steering import ArpFilter, FlowKey, FlowSteering, VipAddress
 from tcpha.steering.netns import call_in_netns
+from tests.capture import FrameCapture
 
 VPORT = 80
-ETH_P_ALL = 0x0003
 
 
 @dataclass
@@ -101,43 +99,6 @@ def read_http_response(sock: socket.socket) -> tuple[bytes, bytes]:
 
 def http_response(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-
-
-class FrameCapture:
-    """Every frame seen on a host's LAN interface, captured with an AF_PACKET socket in its namespace."""
-
-    def __init__(self, lab, host: str):
-        self.sock = lab.socket(host, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((lab.ifname(host), ETH_P_ALL))
-        self.frames: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            r, _, _ = select.select([self.sock], [], [], 0.05)
-            if r:
-                try:
-                    self.frames.append(self.sock.recv(65535))
-                except OSError:
-                    return
-
-    def stop(self) -> list[bytes]:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-        return self.frames
-
-    def tcp_resets(self) -> list[bytes]:
-        out = []
-        for f in self.frames:
-            if len(f) >= 34 and f[12:14] == b"\x08\x00" and f[23] == 6:
-                ihl = (f[14] & 0x0F) * 4
-                flags = f[14 + ihl + 13]
-                if flags & 0x04:
-                    out.append(f)
-        return out
 
 
 @pytest.fixture(scope="module")
