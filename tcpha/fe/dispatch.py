@@ -10,7 +10,7 @@
       -> no candidate left / no rule matches: 503 written here, then close
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
     waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
-    bad head -> 400/414/431; head not complete within peektimeout -> 408
+    bad head -> 400/414; head not complete within peektimeout -> 408
     empty lines before the request-line (RFC 9112 2.2) are read off before routing: the back end gets
     the request from its request-line on; nothing else of the request is ever consumed
     TLS (docs/rules.md): a ClientHello that is malformed, longer than peekmax or not complete within
@@ -129,7 +129,7 @@ class Dispatch:
                 if tls:
                     self._route(_tls_default_facts(), f"TLS ClientHello longer than peekmax {w.peekmax}")
                 else:
-                    self._answer(431, f"request head longer than peekmax {w.peekmax}")
+                    self._answer(400, f"request head longer than peekmax {w.peekmax}")
                 return
             self._set_lowat(len(buf) + 1)
             self._want_read()
