@@ -113,8 +113,12 @@ class FrontEndRuntime:
         self.plane.on_stop(self._stop_async)
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self, wait_free: float = 0.0) -> None:
-        self.plane.start(wait_free=wait_free)
+    def start(self, wait_free: float = 0.0, predecessor: Any = None) -> None:
+        if predecessor is not None:
+            self.plane.start(wait_free=wait_free, predecessor_pid=predecessor.pid,
+                             predecessor_socket=predecessor.control_socket)
+        else:
+            self.plane.start(wait_free=wait_free)
 
     def stop(self) -> None:
         self.plane.stop()
@@ -474,12 +478,12 @@ def _num(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def start_runtime(fe: Any, *, wait_free: float = 0.0) -> FrontEndRuntime | None:
+def start_runtime(fe: Any, *, wait_free: float = 0.0, predecessor: Any = None) -> FrontEndRuntime | None:
     """The front end's runtime, started; None (and one error line) when the control directory cannot
     be served: the front end keeps serving clients without it."""
     try:
         rt = FrontEndRuntime(fe)
-        rt.start(wait_free=wait_free)
+        rt.start(wait_free=wait_free, predecessor=predecessor)
         return rt
     except Exception as e:
         log.error("control directory %s not available: %s (running without control files, health checks "

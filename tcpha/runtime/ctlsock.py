@@ -10,6 +10,10 @@ One JSON object per line each way (newline-delimited JSON), any number of reques
 Only root (or the daemon's own user) may connect: the socket is created mode 0600 and the peer's
 credentials (SO_PEERCRED) are checked. Extra operations (e.g. the upgrade's ``takeover``) are
 registered by the daemon with ``extra_ops``.
+
+The socket is bound under a temporary name and renamed onto its path (an atomic replacement: a
+client finds either the old daemon's socket or ours, never none), and at close the path is removed
+only while it is still ours (a successor may have replaced it).
 """
 
 from __future__ import annotations
@@ -62,33 +66,76 @@ async def answer(tree: ControlTree, request: dict) -> dict:
         return {"ok": False, "error": f"internal error: {e}"}
 
 
+def listener_pid(s: socket.socket) -> int:
+    """The pid of the process that made the listening socket `s` is connected to (SO_PEERCRED: for a
+    connecting socket, the listener's credentials at listen(); 0 when not visible from here)."""
+    creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def process_alive(pid: int) -> bool:
+    """True when `pid` runs (a zombie does not)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 class ControlSocketServer:
     def __init__(self, tree: ControlTree, path: str, extra_ops: dict[str, Handler] | None = None):
         self.tree = tree
         self.path = path
         self.extra_ops = extra_ops or {}
         self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int] | None = None      # (st_dev, st_ino) of the file we bound
 
     async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.new"
         try:
-            os.unlink(self.path)
+            os.unlink(tmp)
         except FileNotFoundError:
             pass
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+            sock.bind(tmp)
+            sock.listen(128)
+            st = os.stat(tmp)
+            os.rename(tmp, self.path)
+        except BaseException:
+            sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         finally:
             os.umask(old)
+        self._identity = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
+
+    def owns_path(self) -> bool:
+        """True while the file at `path` is the socket we bound (not replaced or removed since)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return self._identity == (st.st_dev, st.st_ino)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if self.owns_path():
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
