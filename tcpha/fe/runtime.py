@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_sett
 
 log = logging.getLogger("tcpha.fe.runtime")
 NOTICE = 25
+HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
 
 
 def file_name(backend: str) -> str:
@@ -108,7 +110,11 @@ class FrontEndRuntime:
         self._build_tree()
         self.plane = ControlPlane(rundir=str(config.rundir), tree=self.tree, name="tcpha-fe",
                                   use_fuse=bool(getattr(config, "usefuse", True)),
-                                  extra_ops={"takeover": self._op_takeover})
+                                  extra_ops={"takeover": self._op_takeover,
+                                             "control_socket_taken": self._op_control_socket_taken})
+        # A seamless upgrade: set when the successor's control socket has replaced ours (stop waits
+        # for it, so that there is never a moment without one).
+        self.control_socket_taken = threading.Event()
         self.plane.on_start(self._start_async)
         self.plane.on_stop(self._stop_async)
 
@@ -116,11 +122,14 @@ class FrontEndRuntime:
     def start(self, wait_free: float = 0.0, predecessor: Any = None) -> None:
         if predecessor is not None:
             self.plane.start(wait_free=wait_free, predecessor_pid=predecessor.pid,
-                             predecessor_socket=predecessor.control_socket)
+                             control_socket=predecessor.control_socket)
         else:
             self.plane.start(wait_free=wait_free)
 
     def stop(self) -> None:
+        if getattr(self.fe, "handed_over", False) and not self.control_socket_taken.wait(HANDOVER_WAIT):
+            log.warning("upgrade: the new tcpha-fe did not confirm it took over the control socket within %g s",
+                        HANDOVER_WAIT)
         self.plane.stop()
 
     async def _start_async(self) -> None:
@@ -471,6 +480,12 @@ class FrontEndRuntime:
         # (the successor's control connections receive their FlowClosed).
         await self.ask_all("stop", wait_flows=False)
         os.kill(os.getpid(), signal.SIGTERM)
+        return None  # type: ignore[return-value]
+
+
+    async def _op_control_socket_taken(self, request: dict, writer: Any) -> dict:
+        """The successor of a takeover has renamed its control socket over ours: we may close ours."""
+        self.control_socket_taken.set()
         return None  # type: ignore[return-value]
 
 

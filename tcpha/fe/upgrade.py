@@ -37,13 +37,13 @@ class Takeover:
     """What a seamless upgrade got from its predecessor."""
     listeners: list[tuple[socket.socket, int]]
     pid: int                 # the predecessor (its control directory is ours once it has exited)
-    control_socket: str      # the path its control socket answered on
+    control_socket: Any      # ours, renamed over the predecessor's (tcpha.runtime.ctlsock.PreparedSocket)
 
 
 def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
     from tcpha import fdpass
-    from tcpha.runtime.ctlsock import listener_pid, process_alive
+    from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
     from tcpha.runtime.plane import socket_path
     rundir = str(config.rundir).rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
@@ -72,18 +72,35 @@ def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
             if not same:
                 s.close()
                 return None
-            s.sendall(b'{"op": "takeover"}\n')
-            data, fds = fdpass.recv_fds(s, 4096, 16)
+            # Our control socket, ready before the predecessor starts to stop: it replaces the
+            # predecessor's the moment the listening sockets are ours, and the predecessor closes its
+            # own only once told so (no moment without a control socket).
+            control = prepare_socket(path)
+            try:
+                s.sendall(b'{"op": "takeover"}\n')
+                data, fds = fdpass.recv_fds(s, 4096, 16)
+            except BaseException:
+                control.discard()
+                raise
+            try:
+                reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            except ValueError:
+                reply = {}
+            if not reply.get("ok") or not fds:
+                control.discard()
+                for fd in fds:
+                    os.close(fd)
+                raise RuntimeError(f"takeover from the front end on {path} failed: {reply.get('error', 'no sockets')}")
+            try:
+                control.install()
+                s.sendall(b'{"op": "control_socket_taken"}\n')
+            except OSError as e:
+                log.warning("upgrade: control socket %s not taken over (%s): served once the predecessor has "
+                            "stopped", path, e)
+                control.discard()
+                control = None
         finally:
             s.close()
-        try:
-            reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
-        except ValueError:
-            reply = {}
-        if not reply.get("ok") or not fds:
-            for fd in fds:
-                os.close(fd)
-            raise RuntimeError(f"takeover from the front end on {path} failed: {reply.get('error', 'no sockets')}")
         ports = list(reply.get("ports", []))
         socks = []
         for fd, port in zip(fds, ports):
@@ -97,7 +114,7 @@ def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
             socks = [(ls, p) for ls, p in socks if p in want] or socks
         log.log(NOTICE, "upgrade: took over the listening sockets of tcpha-fe pid %s (ports %s)",
                 reply.get("pid"), " ".join(str(p) for _, p in socks))
-        return Takeover(socks, int(reply.get("pid") or owner), path)
+        return Takeover(socks, int(reply.get("pid") or owner), control)
     return None
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from tcpha.runtime.tree import ControlTree, WriteRefused
@@ -85,6 +86,47 @@ def process_alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
+@dataclass
+class PreparedSocket:
+    """A control socket bound and listening under a temporary name, to be renamed onto `path`
+    (install): clients connecting from then on queue in its backlog until it is served."""
+    path: str
+    tmp: str
+    sock: socket.socket
+    identity: tuple[int, int]           # (st_dev, st_ino) of the socket file
+
+    def install(self) -> None:
+        os.rename(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def prepare_socket(path: str) -> PreparedSocket:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(tmp)
+        sock.listen(128)
+        st = os.stat(tmp)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return PreparedSocket(path, tmp, sock, (st.st_dev, st.st_ino))
+
+
 class ControlSocketServer:
     def __init__(self, tree: ControlTree, path: str, extra_ops: dict[str, Handler] | None = None):
         self.tree = tree
@@ -93,31 +135,18 @@ class ControlSocketServer:
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None      # (st_dev, st_ino) of the file we bound
 
-    async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.new"
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(tmp)
-            sock.listen(128)
-            st = os.stat(tmp)
-            os.rename(tmp, self.path)
-        except BaseException:
-            sock.close()
+    async def start(self, installed: PreparedSocket | None = None) -> None:
+        """Bind and serve (atomically replacing whatever is at `path`), or serve a socket already
+        prepared and installed there (a seamless upgrade's, tcpha.fe.upgrade)."""
+        if installed is None:
+            installed = prepare_socket(self.path)
             try:
-                os.unlink(tmp)
+                installed.install()
             except OSError:
-                pass
-            raise
-        finally:
-            os.umask(old)
-        self._identity = (st.st_dev, st.st_ino)
-        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
+                installed.discard()
+                raise
+        self._identity = installed.identity
+        self._server = await asyncio.start_unix_server(self._client, sock=installed.sock, limit=MAX_LINE)
 
     def owns_path(self) -> bool:
         """True while the file at `path` is the socket we bound (not replaced or removed since)."""

@@ -77,7 +77,7 @@ class ControlPlane:
     def on_stop(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._shutdown.append(fn)
 
-    def start(self, *, wait_free: float = 0.0, predecessor_pid: int = 0, predecessor_socket: str = "") -> None:
+    def start(self, *, wait_free: float = 0.0, predecessor_pid: int = 0, control_socket: Any = None) -> None:
         """Start the loop thread (worker links work from here on), then the control socket, the
         directory and the on_start steps.
 
@@ -88,20 +88,21 @@ class ControlPlane:
         `wait_free` is 0), only the loop runs (mode 'none'): health checks, metrics and worker links
         work, the directory and socket do not.
 
-        Given the predecessor's pid and the path its control socket answered on, the control socket
-        changes hands at once: ours is renamed over that path (tcpha.runtime.ctlsock), so there is
-        no moment without a control socket, and the directory follows once that pid has exited."""
+        Given the predecessor's pid and the control socket already renamed over the predecessor's
+        (`control_socket`, a tcpha.runtime.ctlsock.PreparedSocket installed during the takeover, before
+        the predecessor began to stop), that socket is served at once: there is no moment without a
+        control socket; the directory follows once that pid has exited."""
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("control plane did not start")
-        if wait_free > 0 and predecessor_pid and predecessor_socket and process_alive(predecessor_pid):
+        if wait_free > 0 and predecessor_pid and control_socket is not None:
             try:
-                self.run(self._serve_socket_at(predecessor_socket), timeout=15.0)
+                self.run(self._serve_socket_at(control_socket.path, control_socket), timeout=15.0)
                 log.log(NOTICE, "control socket %s taken over from pid %d; the control directory %s follows once "
-                        "it has stopped", predecessor_socket, predecessor_pid, self.rundir)
+                        "it has stopped", control_socket.path, predecessor_pid, self.rundir)
             except (OSError, TimeoutError) as e:
-                log.warning("control socket %s: %s; served once pid %d has stopped", predecessor_socket, e,
+                log.warning("control socket %s: %s; served once pid %d has stopped", control_socket.path, e,
                             predecessor_pid)
             threading.Thread(target=self._serve_when_free, args=(wait_free, predecessor_pid),
                              name=f"{self.name}-control-wait", daemon=True).start()
@@ -114,9 +115,9 @@ class ControlPlane:
             return
         self._serve(in_use=daemon_alive(self.rundir))
 
-    async def _serve_socket_at(self, path: str) -> None:
+    async def _serve_socket_at(self, path: str, installed: Any = None) -> None:
         ctl = ControlSocketServer(self.tree, path, self.extra_ops)
-        await ctl.start()
+        await ctl.start(installed)
         self._ctl = ctl
 
     def _predecessor_gone(self, pid: int) -> bool:
