@@ -102,6 +102,7 @@ class ControlPlane:
                 log.log(NOTICE, "control socket %s taken over from pid %d; the control directory %s follows once "
                         "it has stopped", control_socket.path, predecessor_pid, self.rundir)
             except (OSError, TimeoutError) as e:
+                control_socket.discard()         # refused at once rather than left unanswered
                 log.warning("control socket %s: %s; served once pid %d has stopped", control_socket.path, e,
                             predecessor_pid)
             threading.Thread(target=self._serve_when_free, args=(wait_free, predecessor_pid),

@@ -107,10 +107,10 @@ def test_control_socket_answers_throughout_a_seamless_upgrade(prod):
 
 def test_workers_of_a_killed_arbiter_stop_at_once_and_a_new_front_end_starts_meanwhile(prod):
     """SIGTERM, then SIGKILL 0.5 s later (systemd's stop timeout with KillMode=process): the workers do
-    not wait `grace` for the handed-off download (the kernel steers it), let go of the listening sockets
+    not wait `grace` (120 s) for the handed-off download (the kernel steers it), let go of the listening sockets
     and the control socket at once, and a front end started while one of them still finishes a client
     starts (no takeover from the dead one) and adopts the kernel state."""
-    prod.start(fe={"grace": 60, "peektimeout": 30, "startservers": 3})
+    prod.start(fe={"grace": 120, "peektimeout": 60, "startservers": 3})
     arbiter = prod.dep.fe_proc
     expected = prod.dep.origins["be2"].expected(CLIP)
     s, data = start_download(prod)
@@ -128,14 +128,14 @@ def test_workers_of_a_killed_arbiter_stop_at_once_and_a_new_front_end_starts_mea
         # Nothing answers on the dead front end's control socket, and nothing keeps it connectable.
         with pytest.raises(ConnectionRefusedError):
             request(socket_for(prod.fe_rundir), {"op": "list"}, timeout=3)
-        # The workers that dispatch nothing are gone at once, not after grace (60 s)...
+        # The workers that dispatch nothing are gone at once, not after grace (120 s)...
         assert wait_until(lambda: len(running(workers)) <= 1, 15,
                           "the workers of the killed arbiter to stop"), running(workers)
         leftover = running(workers)
         assert len(leftover) == 1, "no worker is finishing the half-read request: this test proves nothing"
 
         # ...and a new front end starts while the last one still finishes its client.
-        new = prod.start_fe(grace=60, peektimeout=30, startservers=3)
+        new = prod.start_fe(grace=120, peektimeout=60, startservers=3)
         assert running(leftover) == leftover
         new_log = prod.fe_log()
         assert "cannot start" not in new_log and "adopted" in new_log
