@@ -274,6 +274,7 @@ class Worker:
         self.arbiter_pid: int | None = None
         self.wait_flows = True
         self._orphan_logged = False
+        self._dead_flows_logged = False
         from tcpha.steering import FlowKey
         self._flow_key = FlowKey
         self._build_backends()
@@ -525,7 +526,7 @@ class Worker:
         live = {be.mac.lower() for be in set(self.backends.values())
                 if getattr(be, "kind", "") == "tcp" and be.available and be.mac}
         awaited = sum(1 for mac in forwarded.values() if mac.lower() in live)
-        if awaited < len(forwarded) and not getattr(self, "_dead_flows_logged", False):
+        if awaited < len(forwarded) and not self._dead_flows_logged:
             self._dead_flows_logged = True
             log.log(25, "%s: %d handed-off flows belong to back ends that are down: not waited for",
                     self.name, len(forwarded) - awaited)
