@@ -141,19 +141,22 @@ class FrontEnd:
     def run(self) -> int:
         from tcpha.fe.runtime import start_runtime
         from tcpha.fe.upgrade import take_over
-        inherited = None
+        takeover = None
         try:
-            inherited = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
+            takeover = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
             self.install()
             backlog = max(1024, int(self.config.maxclients) * 4)
-            self.listeners = inherited or listen_sockets(self.config.vaddr, list(self.config.ports), backlog)
+            self.listeners = (takeover.listeners if takeover is not None
+                              else listen_sockets(self.config.vaddr, list(self.config.ports), backlog))
         except Exception as e:
             log.critical("cannot start: %s", e)
-            if inherited is None:
+            if takeover is None:
                 self.remove()
             return 1
-        # The predecessor releases its control directory once its workers have stopped accepting.
-        self.runtime = start_runtime(self, wait_free=(float(self.config.grace) + 10) if inherited else 0)
+        # The control socket changes hands at once; the predecessor releases its control directory
+        # once it has exited.
+        self.runtime = start_runtime(self, predecessor=takeover,
+                                     wait_free=(float(self.config.grace) + 10) if takeover is not None else 0)
         try:
             if int(self.config.startservers) <= 1:
                 self._run_single()
@@ -186,23 +189,6 @@ class FrontEnd:
         else:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.run()
-
-    def _wait_flows_gone(self) -> None:
-        """Handed-off flows keep their steering entries until they end or `grace` passes."""
-        if self.steering is None:
-            return
-        grace = float(getattr(self.config, "grace", 0) or 0)
-        deadline = time.monotonic() + grace
-        n = self._entries()
-        if n > 0:
-            log.info("waiting up to %g s for %d handed-off flows to end", grace, n)
-        # Workers are gone: FlowClosed can no longer arrive, so the only way out is the entries'
-        # own timeouts or the grace period (the workers already waited for theirs).
-        while n > 0 and time.monotonic() < deadline and not self._stop_now:
-            time.sleep(0.1)
-            n = self._entries()
-
-    _stop_now = False
 
     # -- arbiter ---------------------------------------------------------------------------------
     def _run_arbiter(self) -> None:
@@ -334,6 +320,7 @@ class FrontEnd:
             log.info("worker %d not started: handed over to a new tcpha-fe", number)
             return
         pair = self.runtime.worker_socketpair() if self.runtime is not None else None
+        arbiter = os.getpid()
         pid = os.fork()
         if pid:
             self.workers[pid] = number
@@ -349,7 +336,10 @@ class FrontEnd:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads go through the arbiter
             _die_with_parent()
+            keep = [s.fileno() for s, _ in self.listeners] + ([pair[1].fileno()] if pair is not None else [])
+            drop_inherited_descriptors(keep)
             worker = self._make_worker(number, self.make_steering_for_worker())
+            worker.arbiter_pid = arbiter
             if pair is not None:
                 pair[0].close()
                 worker.runtime_sock = pair[1]
@@ -367,8 +357,44 @@ class FrontEnd:
         return self.make_steering()
 
 
+def drop_inherited_descriptors(keep: list[int]) -> None:
+    """In a freshly forked worker: let go of every descriptor of the arbiter's but stdio, the log file,
+    and `keep` (the listening sockets, the worker's runtime link).
+
+    A fork copies them all, and CLOEXEC does not apply without an exec: the control socket's listener,
+    the FUSE device, the metrics and registration listeners, the other workers' links. A worker that
+    kept them would keep the control socket connectable (a new front end would wait there for an
+    answer) and the FUSE mount alive after the arbiter's death. Each is replaced by /dev/null rather
+    than closed, so that no number the arbiter's objects hold is reused by the worker's own sockets.
+    """
+    keep_set = {0, 1, 2, *keep}
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        try:
+            keep_set.add(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep_set or fd == null:
+                continue
+            try:
+                os.fstat(fd)            # the listing's own descriptor is closed by now
+            except OSError:
+                continue
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass            # the descriptor of the listdir itself, already closed
+    finally:
+        os.close(null)
+
+
 def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: a worker whose arbiter died (kill -9) stops too; the kernel state stays."""
+    """PR_SET_PDEATHSIG: a worker whose arbiter died (kill -9) is told with SIGTERM; it notices that its
+    parent changed and stops at once, without waiting for handed-off flows (Worker._on_stop_signal)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)

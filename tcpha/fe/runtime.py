@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_sett
 
 log = logging.getLogger("tcpha.fe.runtime")
 NOTICE = 25
+HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
 
 
 def file_name(backend: str) -> str:
@@ -115,15 +117,26 @@ class FrontEndRuntime:
         self._build_tree()
         self.plane = ControlPlane(rundir=config.rundir, tree=self.tree, name="tcpha-fe",
                                   use_fuse=config.usefuse,
-                                  extra_ops={"takeover": self._op_takeover})
+                                  extra_ops={"takeover": self._op_takeover,
+                                             "control_socket_taken": self._op_control_socket_taken})
+        # A seamless upgrade: set when the successor's control socket has replaced ours (stop waits
+        # for it, so that there is never a moment without one).
+        self.control_socket_taken = threading.Event()
         self.plane.on_start(self._start_async)
         self.plane.on_stop(self._stop_async)
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self, wait_free: float = 0.0) -> None:
-        self.plane.start(wait_free=wait_free)
+    def start(self, wait_free: float = 0.0, predecessor: Any = None) -> None:
+        if predecessor is not None:
+            self.plane.start(wait_free=wait_free, predecessor_pid=predecessor.pid,
+                             control_socket=predecessor.control_socket)
+        else:
+            self.plane.start(wait_free=wait_free)
 
     def stop(self) -> None:
+        if getattr(self.fe, "handed_over", False) and not self.control_socket_taken.wait(HANDOVER_WAIT):
+            log.warning("upgrade: the new tcpha-fe did not confirm it took over the control socket within %g s",
+                        HANDOVER_WAIT)
         self.plane.stop()
 
     async def _start_async(self) -> None:
@@ -592,16 +605,22 @@ class FrontEndRuntime:
         return None  # type: ignore[return-value]
 
 
+    async def _op_control_socket_taken(self, request: dict, writer: Any) -> dict:
+        """The successor of a takeover has renamed its control socket over ours: we may close ours."""
+        self.control_socket_taken.set()
+        return None  # type: ignore[return-value]
+
+
 def _num(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def start_runtime(fe: Any, *, wait_free: float = 0.0) -> FrontEndRuntime | None:
+def start_runtime(fe: Any, *, wait_free: float = 0.0, predecessor: Any = None) -> FrontEndRuntime | None:
     """The front end's runtime, started; None (and one error line) when the control directory cannot
     be served: the front end keeps serving clients without it."""
     try:
         rt = FrontEndRuntime(fe)
-        rt.start(wait_free=wait_free)
+        rt.start(wait_free=wait_free, predecessor=predecessor)
         return rt
     except Exception as e:
         log.error("control directory %s not available: %s (running without control files, health checks "

@@ -10,7 +10,13 @@
 3. The new process adopts the kernel state (FlowSteering.install and VipAddress.add adopt what is
    there: the flows handed off by the old one keep their entries) and starts accepting at once; the
    control directory, socket, metrics and registration port follow once the old one has released
-   them (tcpha.runtime.plane.ControlPlane.start with wait_free).
+   them (tcpha.runtime.plane.ControlPlane.start with wait_free). The control *socket* changes hands
+   at once: the new process binds its own and renames it over the old one's path (an atomic
+   replacement), so `tcpha-ctl` always finds a front end that answers.
+
+A control socket whose listener was created by a process that is gone (the arbiter was killed and
+processes it left behind still hold the socket) is no predecessor: the new process starts afresh
+instead of waiting for an answer that never comes.
 """
 
 from __future__ import annotations
@@ -19,15 +25,25 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("tcpha.fe.upgrade")
 NOTICE = 25
 
 
-def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, int]] | None:
+@dataclass
+class Takeover:
+    """What a seamless upgrade got from its predecessor."""
+    listeners: list[tuple[socket.socket, int]]
+    pid: int                 # the predecessor (its control directory is ours once it has exited)
+    control_socket: Any      # ours, renamed over the predecessor's (tcpha.runtime.ctlsock.PreparedSocket)
+
+
+def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
     from tcpha import fdpass
+    from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
     from tcpha.runtime.plane import socket_path
     rundir = str(config.rundir).rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
@@ -39,21 +55,52 @@ def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, in
             s.close()
             continue
         try:
-            if not _same_front_end(s, config):
+            owner = listener_pid(s)
+            if not process_alive(owner):
+                log.warning("control socket %s: its tcpha-fe (pid %d) is gone, processes it left hold the "
+                            "socket: starting afresh (no takeover)", path, owner)
+                continue
+            try:
+                same = _same_front_end(s, config)
+            except OSError as e:
+                if not process_alive(owner):
+                    log.warning("control socket %s: its tcpha-fe (pid %d) died while asked: starting afresh",
+                                path, owner)
+                    continue
+                raise RuntimeError(f"the front end pid {owner} on {path} does not answer ({e}); stop it "
+                                   f"or set another rundir") from None
+            if not same:
                 s.close()
                 return None
-            s.sendall(b'{"op": "takeover"}\n')
-            data, fds = fdpass.recv_fds(s, 4096, 16)
+            # Our control socket, ready before the predecessor starts to stop: it replaces the
+            # predecessor's the moment the listening sockets are ours, and the predecessor closes its
+            # own only once told so (no moment without a control socket).
+            control = prepare_socket(path)
+            try:
+                s.sendall(b'{"op": "takeover"}\n')
+                data, fds = fdpass.recv_fds(s, 4096, 16)
+            except BaseException:
+                control.discard()
+                raise
+            try:
+                reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            except ValueError:
+                reply = {}
+            if not reply.get("ok") or not fds:
+                control.discard()
+                for fd in fds:
+                    os.close(fd)
+                raise RuntimeError(f"takeover from the front end on {path} failed: {reply.get('error', 'no sockets')}")
+            try:
+                control.install()
+                s.sendall(b'{"op": "control_socket_taken"}\n')
+            except OSError as e:
+                log.warning("upgrade: control socket %s not taken over (%s): served once the predecessor has "
+                            "stopped", path, e)
+                control.discard()
+                control = None
         finally:
             s.close()
-        try:
-            reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
-        except ValueError:
-            reply = {}
-        if not reply.get("ok") or not fds:
-            for fd in fds:
-                os.close(fd)
-            raise RuntimeError(f"takeover from the front end on {path} failed: {reply.get('error', 'no sockets')}")
         ports = list(reply.get("ports", []))
         socks = []
         for fd, port in zip(fds, ports):
@@ -67,7 +114,7 @@ def take_over(config: Any, timeout: float = 5.0) -> list[tuple[socket.socket, in
             socks = [(ls, p) for ls, p in socks if p in want] or socks
         log.log(NOTICE, "upgrade: took over the listening sockets of tcpha-fe pid %s (ports %s)",
                 reply.get("pid"), " ".join(str(p) for _, p in socks))
-        return socks
+        return Takeover(socks, int(reply.get("pid") or owner), control)
     return None
 
 

@@ -296,6 +296,12 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self.log_connections = log.isEnabledFor(logging.INFO)
         self.on_ready: Callable[[], None] | None = None
+        # The arbiter that forked this worker (None: the worker runs in the front end's own process).
+        # A worker whose arbiter is gone (kill -9) stops at once: see _arbiter_gone.
+        self.arbiter_pid: int | None = None
+        self.wait_flows = True
+        self._orphan_logged = False
+        self._dead_flows_logged = False
         from tcpha.steering import FlowKey
         self._flow_key = FlowKey
         self._build_backends()
@@ -494,13 +500,20 @@ class Worker:
             from tcpha.fe.agent import WorkerAgent
             WorkerAgent(self, self.runtime_sock).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._stopping.set)
+            self.loop.add_signal_handler(sig, self._on_stop_signal)
         # SIGUSR2: the arbiter handed everything over to a successor (seamless upgrade): finish what
         # is being dispatched, but do not wait for handed-off flows (the successor owns them).
         self.loop.add_signal_handler(signal.SIGUSR2, self._stop_handed_over)
+        if self._arbiter_gone():          # it died between the fork and PR_SET_PDEATHSIG
+            self._stopping.set()
+            await self._drain()
+            return
         for be in set(self.backends.values()):
             be.start()
         await self._wait_backends(max(1.0, self.handofftimeout))
+        if self._stopping.is_set():
+            await self._drain()
+            return
         self._resume_accepting()
         log.info("%s: accepting on %s port(s) %s", self.name, self.vip,
                  " ".join(str(p) for _, p in self.listeners))
@@ -513,11 +526,64 @@ class Worker:
         self.wait_flows = False
         self._stopping.set()
 
+    def _on_stop_signal(self) -> None:
+        """SIGTERM/SIGINT: stop (finish what is dispatched, wait for handed-off flows within grace).
+        Also the PR_SET_PDEATHSIG of a dead arbiter (tcpha.fe.arbiter): then, or on a second signal,
+        no wait for handed-off flows (the kernel steers them whoever runs)."""
+        if self._arbiter_gone():
+            self._close_listeners()
+        elif self._stopping.is_set() and self.wait_flows:
+            log.log(25, "%s: stop signal again: not waiting for handed-off flows", self.name)
+            self.wait_flows = False
+        self._stopping.set()
+
+    def _arbiter_gone(self) -> bool:
+        """True when the arbiter that forked us has died (we were re-parented): log it once."""
+        if self.arbiter_pid is None or os.getppid() == self.arbiter_pid:
+            return False
+        if not self._orphan_logged:
+            self._orphan_logged = True
+            log.warning("%s: arbiter pid %d is gone: stopping at once (handed-off flows stay steered in the "
+                        "kernel; connections being dispatched are finished)", self.name, self.arbiter_pid)
+        self.wait_flows = False
+        return True
+
+    def _close_listeners(self) -> None:
+        """A stopping worker holds no listening socket: a new front end can bind the ports at once even
+        while this one finishes (after a dead arbiter nobody else closes them)."""
+        if self.loop is not None:
+            self._pause_accepting()
+        for lsock, _ in self.listeners:
+            try:
+                lsock.close()
+            except OSError:
+                pass
+
     def _entries(self) -> int:
         try:
             return int(self.steering.entries())
         except Exception:
             return 0
+
+    def _awaited_flows(self) -> int:
+        """Handed-off flows a stop waits for: those steered to a back end whose control connection is up.
+        A flow whose back end is down (killed, unreachable) never reports its end (FlowClosed): it
+        keeps its steering entry until the flow timeout, but does not hold the stop for `grace`."""
+        try:
+            forwarded = self.steering.forwarded()
+        except Exception:
+            return self._entries()
+        live = {be.mac.lower() for be in set(self.backends.values())
+                if getattr(be, "kind", "") == "tcp" and be.available and be.mac}
+        awaited = sum(1 for mac in forwarded.values() if mac.lower() in live)
+        if awaited < len(forwarded) and not self._dead_flows_logged:
+            self._dead_flows_logged = True
+            log.log(25, "%s: %d handed-off flows belong to back ends that are down: not waited for",
+                    self.name, len(forwarded) - awaited)
+        return awaited
+
+    def _keep_waiting_for_flows(self) -> bool:
+        return self.wait_flows and not self._arbiter_gone()
 
     async def _wait_backends(self, timeout: float) -> None:
         """Give the control connections a moment before accepting, so that the first clients are
@@ -533,7 +599,7 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop accepting; let connections being dispatched finish (at most `grace` seconds)."""
-        self._pause_accepting()
+        self._close_listeners()
         deadline = time.monotonic() + self.grace
         while (self.inflight or self.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -542,13 +608,14 @@ class Worker:
         # Handed-off flows keep their steering entries until their back ends report them closed
         # (the control connections stay up for that) or the grace period ends. After a handover
         # (seamless upgrade) the successor receives their reports: no wait.
-        flows = self._entries() if getattr(self, "wait_flows", True) else 0
+        # A dead arbiter, a second stop signal or a back end that is down cut the wait short.
+        flows = self._awaited_flows() if self._keep_waiting_for_flows() else 0
         if flows > 0:
             log.log(25, "%s: waiting up to %.0f s for %d handed-off flows to end", self.name,
                     max(0.0, deadline - time.monotonic()), flows)
         while flows > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            flows = self._entries()
+            flows = self._awaited_flows() if self._keep_waiting_for_flows() else 0
         for d in list(self.lingering.values()):
             d._linger_end()
         # Half-close the control connections and read on until each back end closes its side: the

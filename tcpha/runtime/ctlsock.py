@@ -10,6 +10,10 @@ One JSON object per line each way (newline-delimited JSON), any number of reques
 Only root (or the daemon's own user) may connect: the socket is created mode 0600 and the peer's
 credentials (SO_PEERCRED) are checked. Extra operations (e.g. the upgrade's ``takeover``) are
 registered by the daemon with ``extra_ops``.
+
+The socket is bound under a temporary name and renamed onto its path (an atomic replacement: a
+client finds either the old daemon's socket or ours, never none), and at close the path is removed
+only while it is still ours (a successor may have replaced it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from tcpha.runtime.tree import ControlTree, WriteRefused
@@ -62,33 +67,104 @@ async def answer(tree: ControlTree, request: dict) -> dict:
         return {"ok": False, "error": f"internal error: {e}"}
 
 
+def listener_pid(s: socket.socket) -> int:
+    """The pid of the process that made the listening socket `s` is connected to (SO_PEERCRED: for a
+    connecting socket, the listener's credentials at listen(); 0 when not visible from here)."""
+    creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def process_alive(pid: int) -> bool:
+    """True when `pid` runs (a zombie does not)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+@dataclass
+class PreparedSocket:
+    """A control socket bound and listening under a temporary name, to be renamed onto `path`
+    (install): clients connecting from then on queue in its backlog until it is served."""
+    path: str
+    tmp: str
+    sock: socket.socket
+    identity: tuple[int, int]           # (st_dev, st_ino) of the socket file
+
+    def install(self) -> None:
+        os.rename(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def prepare_socket(path: str) -> PreparedSocket:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(tmp)
+        sock.listen(128)
+        st = os.stat(tmp)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return PreparedSocket(path, tmp, sock, (st.st_dev, st.st_ino))
+
+
 class ControlSocketServer:
     def __init__(self, tree: ControlTree, path: str, extra_ops: dict[str, Handler] | None = None):
         self.tree = tree
         self.path = path
         self.extra_ops = extra_ops or {}
         self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int] | None = None      # (st_dev, st_ino) of the file we bound
 
-    async def start(self) -> None:
+    async def start(self, installed: PreparedSocket | None = None) -> None:
+        """Bind and serve (atomically replacing whatever is at `path`), or serve a socket already
+        prepared and installed there (a seamless upgrade's, tcpha.fe.upgrade)."""
+        if installed is None:
+            installed = prepare_socket(self.path)
+            try:
+                installed.install()
+            except OSError:
+                installed.discard()
+                raise
+        self._identity = installed.identity
+        self._server = await asyncio.start_unix_server(self._client, sock=installed.sock, limit=MAX_LINE)
+
+    def owns_path(self) -> bool:
+        """True while the file at `path` is the socket we bound (not replaced or removed since)."""
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
-        finally:
-            os.umask(old)
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return self._identity == (st.st_dev, st.st_ino)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if self.owns_path():
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable
 
-from tcpha.runtime.ctlsock import ControlSocketServer, request
+from tcpha.runtime.ctlsock import ControlSocketServer, process_alive, request
 from tcpha.runtime.fusefs import FuseMount, detach_stale_mount, fuse_available
 from tcpha.runtime.mirror import MirrorDirectory
 from tcpha.runtime.tree import ControlTree
@@ -77,7 +77,7 @@ class ControlPlane:
     def on_stop(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._shutdown.append(fn)
 
-    def start(self, *, wait_free: float = 0.0) -> None:
+    def start(self, *, wait_free: float = 0.0, predecessor_pid: int = 0, control_socket: Any = None) -> None:
         """Start the loop thread (worker links work from here on), then the control socket, the
         directory and the on_start steps.
 
@@ -86,29 +86,54 @@ class ControlPlane:
         the caller can start serving clients at once instead of leaving them in the accept queue for
         as long as the predecessor takes to stop. When it does not leave in time (or at once when
         `wait_free` is 0), only the loop runs (mode 'none'): health checks, metrics and worker links
-        work, the directory and socket do not."""
+        work, the directory and socket do not.
+
+        Given the predecessor's pid and the control socket already renamed over the predecessor's
+        (`control_socket`, a tcpha.runtime.ctlsock.PreparedSocket installed during the takeover, before
+        the predecessor began to stop), that socket is served at once: there is no moment without a
+        control socket; the directory follows once that pid has exited."""
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-control", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("control plane did not start")
+        if wait_free > 0 and predecessor_pid and control_socket is not None:
+            try:
+                self.run(self._serve_socket_at(control_socket.path, control_socket), timeout=15.0)
+                log.log(NOTICE, "control socket %s taken over from pid %d; the control directory %s follows once "
+                        "it has stopped", control_socket.path, predecessor_pid, self.rundir)
+            except (OSError, TimeoutError) as e:
+                control_socket.discard()         # refused at once rather than left unanswered
+                log.warning("control socket %s: %s; served once pid %d has stopped", control_socket.path, e,
+                            predecessor_pid)
+            threading.Thread(target=self._serve_when_free, args=(wait_free, predecessor_pid),
+                             name=f"{self.name}-control-wait", daemon=True).start()
+            return
         if wait_free > 0 and daemon_alive(self.rundir):
             log.log(NOTICE, "control directory %s: still served by the daemon being replaced; taken over "
                     "once it has stopped", self.rundir)
-            threading.Thread(target=self._serve_when_free, args=(wait_free,), name=f"{self.name}-control-wait",
+            threading.Thread(target=self._serve_when_free, args=(wait_free, 0), name=f"{self.name}-control-wait",
                              daemon=True).start()
             return
         self._serve(in_use=daemon_alive(self.rundir))
 
-    def _serve_when_free(self, wait_free: float) -> None:
+    async def _serve_socket_at(self, path: str, installed: Any = None) -> None:
+        ctl = ControlSocketServer(self.tree, path, self.extra_ops)
+        await ctl.start(installed)
+        self._ctl = ctl
+
+    def _predecessor_gone(self, pid: int) -> bool:
+        return not process_alive(pid) if pid else not daemon_alive(self.rundir)
+
+    def _serve_when_free(self, wait_free: float, pid: int) -> None:
         deadline = time.monotonic() + wait_free
-        while daemon_alive(self.rundir) and time.monotonic() < deadline:
-            if self._closing.wait(0.1):
+        while not self._predecessor_gone(pid) and time.monotonic() < deadline:
+            if self._closing.wait(0.05):
                 return
         with self._serve_lock:
             if self._closing.is_set():
                 return
             try:
-                self._serve(in_use=daemon_alive(self.rundir))
+                self._serve(in_use=not self._predecessor_gone(pid))
             except Exception as e:       # never take the daemon down: it serves clients without this
                 log.error("control directory %s: %s: running without control files", self.rundir, e)
 
@@ -161,10 +186,12 @@ class ControlPlane:
             log.log(NOTICE, "control directory %s (%s), control socket %s", self.rundir, self.mode, self.sock_path)
 
     async def _rebind(self, old: str) -> None:
-        if self._ctl is not None:
-            await self._ctl.close()
-        self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
-        await self._ctl.start()
+        """Serve the control socket at sock_path (the new one first, then the old one goes)."""
+        previous = self._ctl
+        self._ctl = None
+        await self._serve_socket_at(self.sock_path)
+        if previous is not None:
+            await previous.close()
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -189,13 +216,17 @@ class ControlPlane:
 
     async def _bring_up(self) -> None:
         """The control socket (unless mode 'none') and the on_start steps, in the plane's loop."""
-        if self.mode != "none":
-            self._ctl = ControlSocketServer(self.tree, self.sock_path, self.extra_ops)
+        early = self._ctl           # the socket taken over from a predecessor, if any (start)
+        if self.mode != "none" and (early is None or early.path != self.sock_path or not early.owns_path()):
+            self._ctl = None
             try:
-                await self._ctl.start()
+                await self._serve_socket_at(self.sock_path)
             except OSError as e:
                 log.error("control socket %s: %s", self.sock_path, e.strerror or e)
-                self._ctl = None
+                self._ctl = early
+            else:
+                if early is not None:
+                    await early.close()
         for fn in self._startup:
             try:
                 await fn()

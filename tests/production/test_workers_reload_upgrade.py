@@ -149,9 +149,12 @@ def test_upgrade_serves_at_once_while_the_predecessor_finishes(prod, startserver
     left: here the predecessor keeps dispatching a connection whose request has not come yet."""
     prod.start(fe={"grace": 20, "peektimeout": 20, "startservers": startservers})
     old = prod.dep.fe_proc
-    slow = prod.dep.connect(timeout=30)           # the old front end reads it, waiting for a request
+    slow = prod.dep.connect(timeout=30)           # the old front end reads it, waiting for the rest
     try:
-        assert wait_until(lambda: any(r["state"] == "reading" for r in prod.ctl_json("conn")), 5)
+        # Half a request head: accepted at once (a connection that has sent nothing is accepted only
+        # after TCP_DEFER_ACCEPT's SYN-ACK retransmissions, about 3 s).
+        slow.sendall(b"GET /index.html HTTP/1.1\r\n")
+        assert wait_until(lambda: any(r["state"] == "reading" for r in prod.ctl_json("conn")), 15)
         conf = prod.dep.dir / "tcphafe.conf"
         new = prod.lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe-new", timeout=15)
         log_new = prod.lab.log_path("fe", "tcpha-fe-new")
@@ -164,7 +167,7 @@ def test_upgrade_serves_at_once_while_the_predecessor_finishes(prod, startserver
         assert served_in < 5, f"first request after the takeover took {served_in:.1f} s"
         # the predecessor's last connection is still served, then it leaves and the successor takes
         # over the control directory
-        slow.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        slow.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
         slow.settimeout(10)
         data = b""
         while chunk := slow.recv(65536):
