@@ -90,7 +90,8 @@ _FE_WORKERS = [
     ("startservers", "5", "worker processes started at start-up", RESTART),
     ("maxspareservers", "5", "most idle workers kept; idle workers beyond this are stopped", LIVE),
     ("minspareservers", "2", "fewest idle workers kept; more are started when fewer are idle", LIVE),
-    ("maxclients", "256", "most connections being dispatched at once (beyond: wait in the accept queue)", LIVE),
+    ("maxclients", "256", "per worker, most requests being handed off at once (clients still sending a head: not counted)",
+     LIVE),
 ]
 
 

@@ -230,14 +230,19 @@ def test_sd_notify_ready_reloading_stopping(prod, tmp_path):
         s.close()
 
 
-def test_maxclients_caps_dispatching_and_the_rest_waits_in_the_accept_queue(prod):
-    prod.start(fe={"maxclients": 2, "peektimeout": 5})
-    socks = [prod.dep.connect(timeout=10) for _ in range(5)]      # all connect: the kernel queues them
+def test_clients_still_sending_their_head_do_not_count_against_maxclients(prod):
+    """docs/operations.md, "Workers and limits": maxclients caps the handoffs in progress; connections
+    still waiting for their request head do not count (else idle or slow clients would keep every new
+    connection in the accept queue), so more than maxclients of them are read at once."""
+    prod.start(fe={"maxclients": 2, "peektimeout": 5, "startservers": 1})
+    socks = [prod.dep.connect(timeout=10) for _ in range(5)]
     try:
+        for s in socks:
+            s.sendall(b"GET /index.html HTTP/1.1\r\n")           # half a head: accepted (TCP_DEFER_ACCEPT)
         reading = lambda: [r for r in prod.ctl_json("conn") if r["state"] == "reading"]  # noqa: E731
-        assert wait_until(lambda: len(reading()) == 2, 5)
-        time.sleep(0.5)
-        assert len(reading()) == 2                                  # never more than maxclients
+        assert wait_until(lambda: len(reading()) == 5, 10)          # all five, though maxclients is 2
+        for s in socks:
+            s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
         for s in socks:
             s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         for s in socks:
