@@ -55,7 +55,8 @@ DOWNLOADS = {"1k.bin": 1024, "100k.bin": 100 * 1024, "1m.bin": MB, "5m.bin": 5 *
 DOWNLOAD_WEIGHTS = [40, 25, 18, 10, 7]
 UPLOADS = [1024, 64 * 1024, MB, 5 * MB, 20_000_000]
 UPLOAD_WEIGHTS = [40, 25, 18, 10, 7]
-CLIENT_THREADS = 4
+CLIENT_THREADS = 4             # plus one running paced 20 MB transfers, so that one is mid-flight at each fault
+PACE = (64 * 1024, 0.002)      # the paced client moves 64 KiB, then pauses 2 ms (~25 MB/s at most)
 IO_TIMEOUT = 30.0              # one recv/send; a hang shows as a failure of its own class
 FIRST_PORT = 10000             # client ports: one per session, never reused in a run, below the
 LAST_PORT = 32767              # ephemeral range (32768-60999) so that no other connection takes one
@@ -82,6 +83,7 @@ class Session:
     bytes_up: int = 0
     error: str | None = None     # None: every request completed and was byte-exact
     error_kind: str | None = None   # refused, reset, eof, timeout, status, mismatch, other
+    slow: bool = False           # a paced 20 MB transfer (the witness that is mid-flight at a fault)
 
 
 class NoReconnect(http.client.HTTPConnection):
@@ -122,8 +124,8 @@ class SoakLoad:
 
     # -- running -----------------------------------------------------------------------------------
     def start(self) -> "SoakLoad":
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, args=(random.Random(1000 + i),), daemon=True)
+        for i in range(self.threads + 1):
+            t = threading.Thread(target=self._run, args=(random.Random(1000 + i), i == self.threads), daemon=True)
             t.start()
             self._workers.append(t)
         return self
@@ -144,11 +146,14 @@ class SoakLoad:
                 plan.append(("GET", rng.choices(list(DOWNLOADS), DOWNLOAD_WEIGHTS)[0]))
         return keepalive, plan
 
-    def _run(self, rng: random.Random) -> None:
+    def _run(self, rng: random.Random, slow: bool) -> None:
         while not self._stop.is_set():
-            keepalive, plan = self._plan(rng)
+            if slow:
+                keepalive, plan = False, [rng.choice([("GET", "20m.bin"), ("POST", 20_000_000)])]
+            else:
+                keepalive, plan = self._plan(rng)
             with self._lock:
-                s = Session(next(self._ids), next(self._ports), keepalive, plan)
+                s = Session(next(self._ids), next(self._ports), keepalive, plan, slow=slow)
                 if s.port > LAST_PORT:
                     return                          # the run is over its port budget: the test says so
                 self.sessions.append(s)
@@ -183,16 +188,21 @@ class SoakLoad:
                     want = self.expected_get[what]
                 else:
                     body, want = self.upload_bodies[what]
-                    conn.request("POST", f"/upload/{s.sid}-{i}", body=body, headers=headers)
-                    s.bytes_up += len(body)
+                    if s.slow:
+                        headers["Content-Length"] = str(len(body))
+                    conn.request("POST", f"/upload/{s.sid}-{i}", headers=headers,
+                                 body=self._paced(s, body) if s.slow else body)
+                    s.bytes_up += 0 if s.slow else len(body)
                 resp = conn.getresponse()
                 s.responses += 1
                 # nginx adds its header to the uploads server's own: "be1, be1"
                 s.backend = s.backend or (resp.getheader("X-Tcpha-Backend") or "").split(",")[0].strip() or None
                 data = b""
                 at, differs = 0, None
-                while chunk := resp.read(1 << 18):
+                while chunk := resp.read(PACE[0] if s.slow else 1 << 18):
                     s.bytes_down += len(chunk)
+                    if s.slow:
+                        time.sleep(PACE[1])
                     if method == "GET":
                         if differs is None and chunk != want[at:at + len(chunk)]:
                             differs = at + next(i for i, (a, b) in enumerate(zip(chunk, want[at:])) if a != b) \
@@ -202,9 +212,9 @@ class SoakLoad:
                         data += chunk
                 if resp.status != 200:
                     raise StatusError(f"{method} {what}: status {resp.status}")
-                if method == "GET" and differs is None and at < len(want):
+                if resp.length:
                     # http.client's read(amt) returns b"" at an early end instead of raising IncompleteRead
-                    raise http.client.IncompleteRead(b"", len(want) - at)
+                    raise http.client.IncompleteRead(b"", resp.length)
                 if method == "GET":
                     if differs is not None or at != len(want):
                         raise Mismatch(f"GET {what}: {at} bytes received of {len(want)}, first difference at "
@@ -216,6 +226,21 @@ class SoakLoad:
                 s.done += 1
         finally:
             conn.close()
+
+
+    @staticmethod
+    def _paced(s: Session, body: bytes):
+        for at in range(0, len(body), PACE[0]):
+            piece = body[at:at + PACE[0]]
+            yield piece
+            s.bytes_up += len(piece)
+            time.sleep(PACE[1])
+
+    def midflight(self) -> Session | None:
+        """A paced session handed off (its response has begun) with much of its body still to come."""
+        with self._lock:
+            return next((s for s in self.sessions if s.slow and not s.t_end and s.responses
+                         and s.bytes_down < 8 * MB), None)
 
 
 class StatusError(Exception):
@@ -249,6 +274,7 @@ class Fault:
     over: float                  # the victim was dead, or the fault had taken effect
     back: float = 0.0            # the service was back (restarted process answering)
     host: str | None = None      # the back end killed
+    witness: Session | None = None  # a paced download handed off before the fault: it must complete
 
 
 def _handoffs_seen_by_backends(prod: Prod) -> tuple[dict[int, str], set[int]]:
@@ -280,7 +306,8 @@ def classify(s: Session, faults: list[Fault], restored: dict[int, str], dropped:
     for f in faults:
         if f.what == "kill fe" and not handed_off and s.t_start < f.back and s.t_end >= f.sent \
                 and s.error_kind in ("reset", "eof", "refused"):
-            return "front end killed before handoff" + (" (refused)" if s.error_kind == "refused" else "")
+            return ("front end killed before handoff: " + ("refused while none listened" if s.error_kind == "refused"
+                    else "started before the kill" if s.t_start < f.sent else "accepted by the dying one"))
     return (f"NOT ALLOWED: {s.error} (port {s.port}, back end {target}, handed off {handed_off}, "
             f"{s.responses} responses, plan {s.plan}, ran {s.t_start - t0:.2f}-{s.t_end - t0:.2f} s)")
 
@@ -325,6 +352,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
 
     def kill_backend(host: str) -> None:
         proc = prod.dep.be_procs[host]
+        wait_until(load.midflight, 30, "a paced download in flight")
         f = Fault(f"kill {host}", time.monotonic(), 0.0, host=host)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -342,7 +370,8 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
         """SIGHUP with new weights: applied in place, nothing dropped."""
         n_reloads = fe_log().count("reloaded ")
         prod.dep.write_fe_config(**_fe_options(prod, weights))
-        faults.append(Fault("reload fe", time.monotonic(), time.monotonic()))
+        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        faults.append(Fault("reload fe", time.monotonic(), time.monotonic(), witness=witness))
         os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
         wait_until(lambda: fe_log().count("reloaded ") > n_reloads, 15, "the reload")
 
@@ -350,7 +379,8 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
         """A second tcpha-fe takes the listening sockets; the first finishes and leaves (status 0)."""
         old = prod.dep.fe_proc
         conf = prod.dep.dir / "tcphafe.conf"
-        f = Fault("upgrade fe", time.monotonic(), 0.0)
+        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        f = Fault("upgrade fe", time.monotonic(), 0.0, witness=witness)
         new = lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name=f"tcpha-fe-up{n}", timeout=15)
         assert old.wait(30) == 0, "the predecessor did not stop cleanly after the upgrade"
         f.over = time.monotonic()
@@ -364,7 +394,8 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
         victim = prod.dep.fe_proc
         workers = fe_workers(prod)
         assert workers, "the front end has no workers"
-        f = Fault("kill fe", time.monotonic(), 0.0)
+        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        f = Fault("kill fe", time.monotonic(), 0.0, witness=witness)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
         wait_until(lambda: not any(psutil.pid_exists(w) and psutil.Process(w).status() != "zombie"
@@ -400,6 +431,10 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
     failed = [s for s in finished if s.error is not None]
     classes = Counter(classify(s, faults, restored, dropped, t0) for s in failed)
     bad = sorted(c for c in classes if c.startswith("NOT ALLOWED"))
+    # sessions that were running when a fault came and completed byte-exact anyway (handed off before a
+    # front-end kill: steered by the kernel; across a reload or an upgrade; to the other back end)
+    crossed = Counter(f.what.split()[0] + " " + ("be" if f.host else f.what.split()[1]) for f in faults
+                      for s in finished if s.error is None and s.t_start < f.sent < s.t_end)
     n_requests = sum(s.done for s in finished)
     summary = (f"soak: {elapsed:.0f} s, {len(finished)} sessions ({sum(s.keepalive for s in finished)} "
                f"keep-alive), {n_requests} requests completed byte-exact, "
@@ -407,9 +442,12 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
                f"{sum(s.bytes_up for s in finished) / MB:.0f} MiB up; by back end "
                f"{dict(Counter(s.backend for s in finished if s.error is None))}; "
                f"faults injected {len(faults)} ({', '.join(f'{f.what} at {f.sent - t0:.1f} s' for f in faults)}); "
-               f"failed sessions {len(failed)}: {dict(classes)}")
+               f"completed across a fault: {dict(crossed)}; failed sessions {len(failed)}: {dict(classes)}")
     print("\n" + summary)
     assert not bad, summary
+    lost = [f"{f.what} at {f.sent - t0:.1f} s: {f.witness.error}" for f in faults
+            if f.witness is not None and f.witness.error is not None]
+    assert not lost, f"a download handed off before the fault did not complete: {lost}; {summary}"
     assert all(s.done == len(s.plan) for s in finished if s.error is None), summary
     assert load.ok() > 150, summary
 
