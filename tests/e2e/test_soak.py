@@ -33,6 +33,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -63,6 +64,7 @@ LAST_PORT = 32767              # ephemeral range (32768-60999) so that no other 
 REFUSED_BACKOFF = 0.1          # a client whose connection was refused tries again after this
 UPLOADS_PORT = 8081
 
+TAKEN_BACK_RE = re.compile(r"[\d.]+:(\d+): back end ([\d.]+):\d+ did not take the connection")
 RESTORED_RE = re.compile(r"handoff (\d+): [\d.]+:(\d+) restored from (\S+) in")
 DROPPED_RE = re.compile(r"handoff (\d+) from (\S+): .*dropped silently")
 
@@ -295,14 +297,31 @@ def _handoffs_seen_by_backends(prod: Prod) -> tuple[dict[int, str], set[int]]:
     return restored, dropped
 
 
-def classify(s: Session, faults: list[Fault], restored: dict[int, str], dropped: set[int], t0: float) -> str:
+def _handoffs_taken_back(prod: Prod) -> dict[int, set[str]]:
+    """client port -> the back ends a front end tried first and took the connection back from (refused,
+    timed out, control link lost), from every front end's log."""
+    hosts = {prod.lab.ip(h): h for h in prod.dep.backends}
+    tried: dict[int, set[str]] = {}
+    for log_file in sorted((prod.lab.workdir / "logs").glob("fe-tcpha-fe*.log")):
+        for m in TAKEN_BACK_RE.finditer(log_file.read_text(errors="replace")):
+            tried.setdefault(int(m.group(1)), set()).add(hosts.get(m.group(2), m.group(2)))
+    return tried
+
+
+def classify(s: Session, faults: list[Fault], restored: dict[int, str], dropped: set[int],
+             tried: dict[int, set[str]], t0: float) -> str:
     """The allowed class of a failed session, or 'NOT ALLOWED: why'."""
     target = s.backend or restored.get(s.port)
     handed_off = s.responses > 0 or (s.port in restored and s.port not in dropped)
     for f in faults:
-        if f.host is not None and f.host == target and s.t_start < f.over and s.t_end >= f.sent \
+        if f.host is not None and s.t_start < f.over and s.t_end >= f.sent \
                 and s.error_kind in ("reset", "eof", "refused"):
-            return f"back end killed ({f.host})"
+            if f.host == target:
+                return f"back end killed ({f.host})"
+            if f.host in tried.get(s.port, ()) and s.responses == 0:
+                # the dying back end had restored it (a live socket) when the kill came: its kernel reset
+                # the client, though the front end took it back and handed it to the other one
+                return f"back end killed while taking it over ({f.host})"
     for f in faults:
         if f.what == "kill fe" and not handed_off and s.t_start < f.back and s.t_end >= f.sent \
                 and s.error_kind in ("reset", "eof", "refused"):
@@ -332,7 +351,7 @@ def _backend_up(prod: Prod, host: str) -> bool:
                for b in prod.ctl_json("status")["backends"])
 
 
-def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
+def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     prod = Prod(lab)
     _start_origins(prod)
     for host in prod.dep.backends:
@@ -428,8 +447,9 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
     # -- accounting ------------------------------------------------------------------------------------
     finished = load.finished()
     restored, dropped = _handoffs_seen_by_backends(prod)
+    tried = _handoffs_taken_back(prod)
     failed = [s for s in finished if s.error is not None]
-    classes = Counter(classify(s, faults, restored, dropped, t0) for s in failed)
+    classes = Counter(classify(s, faults, restored, dropped, tried, t0) for s in failed)
     bad = sorted(c for c in classes if c.startswith("NOT ALLOWED"))
     # sessions that were running when a fault came and completed byte-exact anyway (handed off before a
     # front-end kill: steered by the kernel; across a reload or an upgrade; to the other back end)
@@ -444,6 +464,9 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab):
                f"faults injected {len(faults)} ({', '.join(f'{f.what} at {f.sent - t0:.1f} s' for f in faults)}); "
                f"completed across a fault: {dict(crossed)}; failed sessions {len(failed)}: {dict(classes)}")
     print("\n" + summary)
+    if bad:
+        shutil.copytree(lab.workdir / "logs", tmp_path / "logs")
+        summary += f"; the lab's logs: {tmp_path / 'logs'}"
     assert not bad, summary
     lost = [f"{f.what} at {f.sent - t0:.1f} s: {f.witness.error}" for f in faults
             if f.witness is not None and f.witness.error is not None]
