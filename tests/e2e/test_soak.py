@@ -449,7 +449,12 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     restored, dropped = _handoffs_seen_by_backends(prod)
     tried = _handoffs_taken_back(prod)
     failed = [s for s in finished if s.error is not None]
-    classes = Counter(classify(s, faults, restored, dropped, tried, t0) for s in failed)
+    classes: Counter = Counter()
+    longest: dict[str, float] = {}
+    for s in failed:
+        c = classify(s, faults, restored, dropped, tried, t0)
+        classes[c] += 1
+        longest[c] = max(longest.get(c, 0.0), s.t_end - s.t_start)
     bad = sorted(c for c in classes if c.startswith("NOT ALLOWED"))
     # sessions that were running when a fault came and completed byte-exact anyway (handed off before a
     # front-end kill: steered by the kernel; across a reload or an upgrade; to the other back end)
@@ -462,7 +467,8 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
                f"{sum(s.bytes_up for s in finished) / MB:.0f} MiB up; by back end "
                f"{dict(Counter(s.backend for s in finished if s.error is None))}; "
                f"faults injected {len(faults)} ({', '.join(f'{f.what} at {f.sent - t0:.1f} s' for f in faults)}); "
-               f"completed across a fault: {dict(crossed)}; failed sessions {len(failed)}: {dict(classes)}")
+               f"completed across a fault: {dict(crossed)}; failed sessions {len(failed)}: "
+               f"{ {c: f'{n} (longest {longest[c]:.1f} s)' for c, n in classes.items()} }")
     print("\n" + summary)
     if bad:
         shutil.copytree(lab.workdir / "logs", tmp_path / "logs")
