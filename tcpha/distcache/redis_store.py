@@ -149,7 +149,12 @@ class RedisSessionStore:
     # -- operations ---------------------------------------------------------------------------------
     async def refresh_count(self) -> int:
         """Count distcache keys (DBSIZE on each primary; the database is assumed to be ours)."""
-        sizes = await self._call(self._client.dbsize, on_error=None)
+        if self.cluster:
+            # Every primary's count, summed: redis-py 8 sends a bare DBSIZE to one node only (seen: the
+            # count of one shard), so the target is named.
+            sizes = await self._call(lambda: self._client.dbsize(target_nodes=RedisCluster.PRIMARIES), on_error=None)
+        else:
+            sizes = await self._call(self._client.dbsize, on_error=None)
         if isinstance(sizes, dict):
             sizes = sum(sizes.values())
         if sizes is not None:
