@@ -140,6 +140,18 @@ def test_return_to_own_data_center_under_load_loses_nothing(procs, sockdir):
     assert c["empty"] == 0 and c["dc"]["west"] > 0 and c["server"][f"UNIX:{sockdir}/east1"] > 0, c
 
 
+def test_counters_line_at_exit(procs, sockdir):
+    """Without -dc too: the last line of a stopped dc_client says where its operations went."""
+    procs.server(f"UNIX:{sockdir}/s")
+    agent = procs.agent(f"UNIX:{sockdir}/a", f"UNIX:{sockdir}/s")
+    _ops(f"UNIX:{sockdir}/a", b"x", 5)
+    agent.stop()
+    assert agent.p.returncode == 0
+    last = agent.stderr().splitlines()[-1]
+    assert last.startswith("Info, dc = -, forwarded: -=")
+    assert f"servers: UNIX:{sockdir}/s(-)=" in last and int(last.split("forwarded: -=")[1].split(",")[0]) >= 10
+
+
 def test_server_dc_syntax_errors(procs, sockdir):
     r = procs.run("tcpha.cli.dc_client", "-listen", f"UNIX:{sockdir}/a", "-server", f"UNIX:{sockdir}/s,dc=",
                   "-dc", "east")
