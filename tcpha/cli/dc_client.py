@@ -1,7 +1,8 @@
 """dc_client: the local distcache agent (options and messages of the original 1.4.x).
 
 Single-dash options, as the original.  Extensions: ``-server``/``-connect`` may be repeated
-(failover order), IPv6 addresses.  See tcpha.distcache.agent for the behaviour.
+(failover order), IPv6 addresses, ``-dc NAME`` with ``-server ADDR,dc=NAME`` (data centers).
+See tcpha.distcache.agent for the behaviour.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, octal, strtoul
+from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
 
@@ -59,6 +61,7 @@ class Settings:
     pidfile: str | None = None
     killable: bool = False
     upstream_timeout: int = 0     # extension; 0: wait for the server as long as the original does
+    dc: str | None = None         # extension: our data center
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,29 @@ OPTIONS: list[Option] = [
            "exit cleanly on SIGUSR1/SIGUSR2"),
     Option(("-upstream-timeout",), True, _set("upstream_timeout", lambda v, o: strtoul(v, o, 0, MAX_IDLE)),
            "extension: drop a server that leaves a request unanswered this many ms (0 = never)"),
+    Option(("-dc",), True, _set("dc", lambda v, o: _dc_name(v, o)),
+           "extension: our data center; the -server ADDR,dc=NAME of this one are preferred"),
 ]
 _BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
+
+
+# A data center given after a server address: "IP:10.0.0.5:9001,dc=east" (a comma is in no host
+# name, IP address or port, and a UNIX path ending in ",dc=..." is not worth supporting).
+_SERVER_DC = re.compile(r"^(?P<addr>.*),dc=(?P<dc>[^,]*)$")
+
+
+def _dc_name(text: str, opt: str) -> str:
+    if not DC_NAME.fullmatch(text):
+        raise UsageError(f"Error, {opt} given an invalid argument")
+    return text
+
+
+def split_server_dc(text: str) -> tuple[str, str | None]:
+    """``ADDR,dc=NAME`` -> (ADDR, NAME); ``ADDR`` -> (ADDR, None).  Raises UsageError on a bad NAME."""
+    m = _SERVER_DC.match(text)
+    if m is None:
+        return text, None
+    return m.group("addr"), _dc_name(m.group("dc"), "-server")
 
 
 def parse_args(argv: list[str]) -> Settings | None:
@@ -158,7 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     unix_path = laddr.path if laddr.kind == "unix" else None
     servers = []
+    server_dcs = []
     for text in s.servers:
+        try:
+            text, server_dc = split_server_dc(text)
+        except UsageError as exc:
+            lsock.close()
+            if unix_path:
+                _unlink(unix_path)
+            sys.stderr.write(f"{exc}\n")
+            return 1
+        server_dcs.append(server_dc)
         try:
             addr = parse_address(text)
             if addr.kind == "ip" and addr.host is None:
@@ -199,12 +233,22 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     raise_nofile_limit()     # many local clients: as many descriptors as the hard limit permits
-    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout)
+    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout,
+                  dc=s.dc, server_dcs=server_dcs)
+
+    def show_counters() -> None:
+        # Extension: operations forwarded per data center and per server, on SIGHUP and at exit.
+        try:
+            sys.stderr.write(agent.counters_line() + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
+        loop.add_signal_handler(signal.SIGHUP, show_counters)
         if s.killable:
             for sig in (signal.SIGUSR1, signal.SIGUSR2):
                 loop.add_signal_handler(sig, agent.stop)
@@ -216,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if unix_path:
             _unlink(unix_path)
+    show_counters()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Single-dash options, as the original.  Extensions: ``-sessions`` above 60000,
 ``-backend URL`` (memory or Redis), ``-persist FILE`` and ``-persist-interval MS``,
-``-stall MS``, IPv6 listen addresses.  See docs/distcache.md.
+``-stall MS``, IPv6 listen addresses, ``-dc NAME`` (data center, shown in the progress line;
+SIGHUP prints the progress line at once), ``-check-placement`` with ``-dc-map`` (Redis Cluster:
+every primary must have a replica in another data center).  See docs/distcache.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable
 
 from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
                                set_socket_attributes)
-from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, invalid, octal, strtoul
+from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, invalid, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
@@ -71,6 +73,9 @@ class Settings:
     persist: str | None = None
     persist_interval: int = DEF_PERSIST_INTERVAL
     stall: int = DEF_STALL
+    dc: str | None = None
+    check_placement: bool = False
+    dc_map: str | None = None
 
 
 def _atoi(text: str) -> int:
@@ -100,6 +105,12 @@ def _progress(text: str, opt: str) -> int:
     if value > MAX_PROGRESS:
         raise invalid(opt)
     return value
+
+
+def _dc_name(text: str, opt: str) -> str:
+    if not DC_NAME.fullmatch(text):
+        raise invalid(opt)
+    return text
 
 
 def _strtoul(lo: int, hi: int) -> Callable[[str, str], int]:
@@ -139,6 +150,14 @@ OPTIONS: list[Option] = [
            "ms between writes (and fdatasync) of the persist file", extension=True),
     Option("-stall", "stall", True, _strtoul(1, 3600000), DEF_STALL,
            "ms after which a connection holding part of a message and sending nothing is closed",
+           extension=True),
+    Option("-dc", "dc", True, _dc_name, None,
+           "our data center: shown in the progress line (SIGHUP prints it at once)", extension=True),
+    Option("-check-placement", "check_placement", False, None, False,
+           "with -backend redis-cluster://... and -dc-map: report every primary whose replicas are all "
+           "in its own data center, exit 1 if any (no -listen needed)", extension=True),
+    Option("-dc-map", "dc_map", True, None, None,
+           "data centers of the Redis nodes: host:port=DC,... or @FILE (one host:port=DC a line)",
            extension=True),
 ]
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -207,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if s is None:
         _usage()
         return 0
+    if s.check_placement:
+        return _check_placement(s)
+    if s.dc_map is not None:
+        return _err("Error, -dc-map is used with -check-placement only")
     if s.listen is None:
         return _err("Error, must provide -listen")
     if not 1 <= s.sessions <= MAX_SESSIONS:
@@ -271,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             return _err(f"Error, cannot use persist file '{s.persist}': {exc.strerror or exc}")
         store = persist
     server = DistcacheServer(store, progress=s.progress, stall_timeout=s.stall / 1000.0,
-                             persist=persist, persist_interval_ms=s.persist_interval)
+                             persist=persist, persist_interval_ms=s.persist_interval, dc=s.dc)
     try:
         _run(server, sock, s)
     except KeyboardInterrupt:
@@ -283,6 +306,23 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 pass
     return 0
+
+
+def _check_placement(s: Settings) -> int:
+    """dc_server -backend redis-cluster://... -check-placement -dc-map MAP: one line per primary,
+    exit 0 when every primary has a replica in another data center, 1 otherwise (or on an error)."""
+    from tcpha.distcache.placement import PlacementError, check_cluster_placement, parse_dc_map
+    try:
+        if s.dc_map is None:
+            raise PlacementError("-check-placement needs -dc-map host:port=DC,... (or -dc-map @FILE)")
+        dc_map = parse_dc_map(s.dc_map)
+        report = check_cluster_placement(s.backend, dc_map)
+    except PlacementError as exc:
+        return _err(f"Error, {exc}")
+    for line in report.lines():
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    return 0 if report.ok else 1
 
 
 def _early_stop(signum, frame) -> None:
@@ -302,6 +342,7 @@ async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
         sigs += [signal.SIGUSR1, signal.SIGUSR2]
     for sig in sigs:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.emit_now()))
     await server.start(sock)
     describe = getattr(server.store, "describe", None)
     if describe is not None and server.is_async:

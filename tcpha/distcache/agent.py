@@ -17,6 +17,13 @@ Behaviour (the original's, from the protocol notes, with the extensions marked):
 * Extension: several ``-server`` addresses; when the current one fails (cannot connect, or the
   connection dies) the agent moves to the next one at once, and waits ``-retry`` ms only after
   a whole round of failures.
+* Extension: data centers.  With ``dc`` (dc_client's ``-dc NAME``) the servers of that data center
+  (the "primary servers") come first, in the given order, then the others.  While the agent is on
+  a server of another data center it probes the primary servers every ``-retry`` ms in the
+  background; once one accepts a connection the agent moves back to it when no request is
+  outstanding on the foreign server: requests arriving meanwhile are held and sent to the primary
+  server after the last answer came from the foreign one, so nothing is lost or reordered.
+  Operations forwarded are counted per server (:meth:`Agent.counters_line`).
 
 The agent is an asyncio program; :class:`Agent` does the forwarding and knows nothing of
 command-line options, daemonising or privileges (see tcpha.cli.dc_client).
@@ -186,11 +193,22 @@ class Agent:
     """
 
     def __init__(self, listen: socket.socket, servers: list[Address], *, retry_ms: int = 5000,
-                 idle_ms: int = 0, upstream_timeout_ms: int = 0) -> None:
+                 idle_ms: int = 0, upstream_timeout_ms: int = 0, dc: str | None = None,
+                 server_dcs: list[str | None] | None = None) -> None:
         if not servers:
             raise ValueError("at least one server address is needed")
         self.listen_sock = listen
-        self.servers = servers
+        dcs = list(server_dcs) if server_dcs is not None else [None] * len(servers)
+        if len(dcs) != len(servers):
+            raise ValueError("one data center (or None) per server is needed")
+        self.dc = dc
+        # Primary servers (those of our own data center) first, each group in the given order.
+        order = sorted(range(len(servers)), key=lambda i: dc is None or dcs[i] != dc)
+        self.servers = [servers[i] for i in order]
+        self.server_dcs = [dcs[i] for i in order]
+        self.primary_count = sum(1 for d in self.server_dcs if dc is not None and d == dc)
+        # Operations written to each server (index into self.servers), for the counters line.
+        self.forwarded = [0] * len(self.servers)
         self.retry = retry_ms / 1000.0
         self.idle = idle_ms / 1000.0
         # Extension: an upstream that leaves a request unanswered this long (e.g. stalled in the
@@ -216,6 +234,14 @@ class Agent:
         self._idle_task: asyncio.Task | None = None
         self._last_fail_log = -1e9
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Return to the own data center: the background probe, the connected primary server
+        # waiting to take over, the uids still outstanding on the foreign server, and the
+        # requests held (already in _pending) until those are answered.
+        self._probe_task: asyncio.Task | None = None
+        self._candidate: tuple[int, _Upstream, asyncio.Transport] | None = None
+        self._draining: set[int] | None = None
+        self._held: list[tuple[int, bytes]] = []
+        self.returns = 0
         # Counters, for logs and tests.
         self.requests = 0
         self.answered_empty = 0
@@ -229,6 +255,29 @@ class Agent:
     @property
     def current_server(self) -> Address:
         return self.servers[self._server_idx]
+
+    @property
+    def on_foreign_server(self) -> bool:
+        """Connected to a server outside our data center while we have primary servers."""
+        return self.primary_count > 0 and self._server_idx >= self.primary_count and self.connected
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Operations forwarded, per server address and per data center ('-' for a server without one)."""
+        per_server: dict[str, int] = {}
+        per_dc: dict[str, int] = {}
+        for addr, sdc, n in zip(self.servers, self.server_dcs, self.forwarded):
+            per_server[addr.text] = per_server.get(addr.text, 0) + n
+            per_dc[sdc or "-"] = per_dc.get(sdc or "-", 0) + n
+        return {"server": per_server, "dc": per_dc}
+
+    def counters_line(self) -> str:
+        """One line for the operator: ``Info, dc = east, forwarded: east=12 west=0, servers: ADDR (dc)=N ...``."""
+        c = self.counters()
+        by_dc = " ".join(f"{d}={n}" for d, n in c["dc"].items())
+        by_server = " ".join(f"{addr.text}({sdc or '-'})={n}"
+                             for addr, sdc, n in zip(self.servers, self.server_dcs, self.forwarded))
+        return (f"Info, dc = {self.dc or '-'}, forwarded: {by_dc}, servers: {by_server}, "
+                f"unanswered (no server) = {self.answered_empty}, returns to own dc = {self.returns}")
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -256,7 +305,8 @@ class Agent:
             self._stopped.set()
 
     async def _shutdown(self) -> None:
-        for task in (self._idle_task, self._watchdog_task):
+        self._drop_candidate()
+        for task in (self._idle_task, self._watchdog_task, self._probe_task):
             if task is not None:
                 task.cancel()
         if self._retry_handle is not None:
@@ -308,6 +358,8 @@ class Agent:
         self._failures_in_round = 0
         self.connects += 1
         log.info("connected to cache server %s", addr.text)
+        if self.on_foreign_server and self._probe_task is None:
+            self._probe_task = asyncio.ensure_future(self._probe_primaries())
 
     def _next_server(self, *, failed: bool) -> None:
         """Move to the next address; try it now, or after -retry ms once a whole round failed."""
@@ -323,6 +375,8 @@ class Agent:
             self._retry_handle = self.loop.call_later(self.retry, self._start_connect)
 
     def _upstream_data(self, up: _Upstream, data: bytes) -> None:
+        if up is not self._up:
+            return  # a connected primary server waiting to take over sends nothing unasked
         try:
             msgs = self._up_reader.feed(data)
         except ProtocolError as exc:
@@ -336,6 +390,8 @@ class Agent:
             if entry is None:
                 log.debug("answer for unknown uid %d dropped", msg.uid)
                 continue
+            if self._draining is not None:
+                self._draining.discard(msg.uid)
             client, slot, _ = entry
             if client.closed:
                 continue  # Rule: answers for clients that left are dropped.
@@ -343,8 +399,17 @@ class Agent:
             touched.add(client)
         for client in touched:
             client.flush()
+        if self._draining is not None and not self._draining:
+            self._return_to_primary()
 
     def _upstream_lost(self, up: _Upstream, exc) -> None:
+        if self._candidate is not None and up is self._candidate[1]:
+            log.info("primary server %s went away before taking over", self.servers[self._candidate[0]].text)
+            self._candidate = None
+            self._draining = None
+            self._release_held()
+            self._flush_upstream()
+            return
         log.warning("lost the cache server %s%s", self.current_server.text, f": {exc}" if exc else "")
         self._drop_upstream(None)
 
@@ -357,8 +422,11 @@ class Agent:
         self._up_out.clear()
         if transport is not None and why is not None:
             transport.abort()
-        # Rule: requests outstanding when the upstream dies are answered with [2].
-        pending, self._pending = self._pending, {}
+        # Rule: requests outstanding when the upstream dies are answered with [2] -- except the
+        # ones held for a primary server that is connected and waiting: they go there now.
+        held_uids = {uid for uid, _ in self._held}
+        pending = {u: e for u, e in self._pending.items() if u not in held_uids}
+        self._pending = {u: e for u, e in self._pending.items() if u in held_uids}
         touched = set()
         for client, slot, _ in pending.values():
             if not client.closed:
@@ -369,6 +437,12 @@ class Agent:
             client.flush()
         if self._upstream_paused:
             self._pause_clients(False)
+        if self._candidate is not None:
+            self._return_to_primary()
+            return
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            self._probe_task = None
         if len(self.servers) > 1:
             self._next_server(failed=True)
         else:
@@ -392,6 +466,11 @@ class Agent:
             return
         uid = self._uid = (self._uid + 1) & 0xFFFFFFFF
         self._pending[uid] = (client, slot, time.monotonic())
+        if self._draining is not None:
+            # Held until the foreign server has answered everything it was sent.
+            self._held.append((uid, _encode(0, uid, slot.op, payload)))
+            return
+        self.forwarded[self._server_idx] += 1
         self._up_out.append(_encode(0, uid, slot.op, payload))
 
     def _flush_upstream(self) -> None:
@@ -400,6 +479,88 @@ class Agent:
             # Whole messages in one write (the C decoder must never see a split frame tail).
             self._up_transport.write(b"".join(self._up_out))
         self._up_out.clear()
+
+    # -- back to the own data center --------------------------------------------------
+
+    async def _probe_primaries(self) -> None:
+        """While on a foreign server: every -retry ms try the primary servers in order; the first
+        that accepts a connection becomes the candidate, taken over when nothing is outstanding."""
+        try:
+            while self.on_foreign_server and self._candidate is None:
+                await asyncio.sleep(self.retry)
+                for idx in range(self.primary_count):
+                    if not self.on_foreign_server:
+                        return
+                    proto = _Upstream(self)
+                    try:
+                        transport, _ = await open_address(self.servers[idx], lambda: proto, self.connect_timeout)
+                    except (OSError, AddressError, asyncio.TimeoutError):
+                        continue
+                    if not self.on_foreign_server:
+                        proto.alive = False
+                        transport.close()
+                        return
+                    self._candidate = (idx, proto, transport)
+                    log.info("primary server %s is back; returning to data center %s",
+                             self.servers[idx].text, self.dc)
+                    self._flush_upstream()
+                    if self._pending:
+                        self._draining = set(self._pending)
+                    else:
+                        self._return_to_primary()
+                    return
+        finally:
+            if self._probe_task is asyncio.current_task():
+                self._probe_task = None
+
+    def _return_to_primary(self) -> None:
+        """Make the candidate the upstream: close the foreign server's connection, send the held requests."""
+        assert self._candidate is not None
+        idx, proto, transport = self._candidate
+        self._candidate = None
+        self._draining = None
+        old, old_transport = self._up, self._up_transport
+        if old is not None:
+            old.alive = False
+        if old_transport is not None:
+            old_transport.close()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        self._server_idx = idx
+        self._failures_in_round = 0
+        self._up = proto
+        self._up_transport = transport
+        self._up_reader = MessageReader(expect_response=True)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connects += 1
+        self.returns += 1
+        log.info("back on cache server %s (data center %s)", self.servers[idx].text, self.dc)
+        self._release_held()
+        self._flush_upstream()
+
+    def _release_held(self) -> None:
+        """Queue the held requests on the current upstream (or answer them empty if there is none)."""
+        held, self._held = self._held, []
+        for uid, frame in held:
+            if self._up_transport is None:
+                entry = self._pending.pop(uid, None)
+                if entry is not None and not entry[0].closed:
+                    entry[1].answer = _EMPTY
+                    self.answered_empty += 1
+                    entry[0].flush()
+                continue
+            self.forwarded[self._server_idx] += 1
+            self._up_out.append(frame)
+
+    def _drop_candidate(self) -> None:
+        if self._candidate is not None:
+            _, proto, transport = self._candidate
+            self._candidate = None
+            proto.alive = False
+            transport.close()
 
     async def _watchdog(self) -> None:
         period = min(max(self.upstream_timeout / 4, 0.01), 1.0)

@@ -69,6 +69,7 @@ class RedisNode:
     node_timeout_ms: int = 1000
     tls: RedisTls | None = None
     process: subprocess.Popen | None = None
+    dc: str | None = None          # the data center the lab puts this node in (see LocalRedisCluster)
 
     @property
     def address(self) -> str:
@@ -156,7 +157,13 @@ class RedisNode:
 
 @dataclass
 class LocalRedisCluster:
-    """Three primaries and three replicas (by default) on one host, ports base_port..base_port+5."""
+    """Three primaries and three replicas (by default) on one host, ports base_port..base_port+5.
+
+    With ``datacenters`` (e.g. ``("east", "west")``) the nodes are tagged by data center and the replicas
+    are placed by hand: primary i is in ``datacenters[i % k]`` and its replica j in the next data centers
+    (``datacenters[(i + 1 + j) % k]``), so every primary has a replica in another data center.  Redis
+    does not know the tags; :meth:`dc_map` gives them in dc_server's ``-dc-map`` form.
+    """
 
     workdir: Path
     host: str = "127.0.0.1"
@@ -165,13 +172,34 @@ class LocalRedisCluster:
     replicas_per_primary: int = 1
     node_timeout_ms: int = 1000
     tls: RedisTls | None = None
+    datacenters: tuple[str, ...] = ()
     nodes: list[RedisNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         count = self.primaries * (1 + self.replicas_per_primary)
+        self.datacenters = tuple(self.datacenters)
         self.nodes = [RedisNode(self.host, self.base_port + i, self.workdir / str(self.base_port + i),
-                                cluster=True, node_timeout_ms=self.node_timeout_ms, tls=self.tls)
+                                cluster=True, node_timeout_ms=self.node_timeout_ms, tls=self.tls,
+                                dc=self._dc_of(i))
                       for i in range(count)]
+
+    def _dc_of(self, index: int) -> str | None:
+        k = len(self.datacenters)
+        if not k:
+            return None
+        if index < self.primaries:
+            return self.datacenters[index % k]
+        primary, j = divmod(index - self.primaries, self.replicas_per_primary)
+        return self.datacenters[(primary + 1 + j) % k]
+
+    def replica_nodes(self, primary_index: int) -> list[RedisNode]:
+        """The nodes made replicas of primary ``primary_index`` (as placed at start with datacenters)."""
+        first = self.primaries + primary_index * self.replicas_per_primary
+        return self.nodes[first:first + self.replicas_per_primary]
+
+    def dc_map(self) -> str:
+        """``host:port=DC,...`` for dc_server -check-placement -dc-map."""
+        return ",".join(f"{n.address}={n.dc}" for n in self.nodes if n.dc is not None)
 
     @property
     def url(self) -> str:
@@ -180,9 +208,19 @@ class LocalRedisCluster:
             return "redis-cluster://" + hosts
         return f"rediss-cluster://{hosts}?{self.tls.url_query()}"
 
+    def _cli(self, *args: str, timeout: float) -> None:
+        result = subprocess.run([REDIS_CLI, *(self.tls.cli_args() if self.tls else []), *args],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RedisLaunchError(f"redis-cli {' '.join(args[:2])} failed: "
+                                   + ((result.stdout + result.stderr).strip().splitlines() or ["?"])[-1])
+
     def start(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
+        if self.datacenters:
+            self._start_placed(timeout)
+            return
         result = subprocess.run(
             [REDIS_CLI, *(self.tls.cli_args() if self.tls else []), "--cluster", "create",
              *(n.address for n in self.nodes),
@@ -190,6 +228,24 @@ class LocalRedisCluster:
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RedisLaunchError("redis-cli --cluster create failed: " + (result.stdout + result.stderr).strip().splitlines()[-1])
+        self.wait_healthy(timeout)
+
+    def _start_placed(self, timeout: float) -> None:
+        """The primaries alone, then each replica attached to its primary explicitly (redis-cli's own
+        placement only keeps a replica off its primary's host, and here every node is on one host)."""
+        primaries = self.nodes[: self.primaries]
+        self._cli("--cluster", "create", *(n.address for n in primaries), "--cluster-replicas", "0",
+                  "--cluster-yes", timeout=timeout)
+        for i, primary in enumerate(primaries):
+            client = primary.client(socket_timeout=5)
+            try:
+                primary_id = client.execute_command("CLUSTER", "MYID")
+            finally:
+                client.close()
+            primary_id = primary_id.decode() if isinstance(primary_id, bytes) else primary_id
+            for replica in self.replica_nodes(i):
+                self._cli("--cluster", "add-node", replica.address, primary.address, "--cluster-slave",
+                          "--cluster-master-id", primary_id, timeout=timeout)
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
@@ -247,7 +303,7 @@ class LocalRedisCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "cluster.json").write_text(json.dumps({
             "host": self.host, "base_port": self.base_port, "primaries": self.primaries,
-            "replicas_per_primary": self.replicas_per_primary,
+            "replicas_per_primary": self.replicas_per_primary, "datacenters": list(self.datacenters),
             "tls": self.tls.as_dict() if self.tls else None}))
 
     @classmethod
@@ -274,10 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="working directory for the nodes' data")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7000, help="first port (six are used)")
+    parser.add_argument("--datacenters", default="",
+                        help="e.g. east,west: tag the nodes by data center and give every primary a replica "
+                             "in another one (prints the -dc-map for dc_server -check-placement)")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
-            cluster = LocalRedisCluster(args.dir, host=args.host, base_port=args.port)
+            cluster = LocalRedisCluster(args.dir, host=args.host, base_port=args.port,
+                                        datacenters=tuple(filter(None, args.datacenters.split(","))))
             cluster.save_state()
             try:
                 cluster.start()
@@ -285,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.stop()
                 raise
             print(f"Redis Cluster up: {cluster.url}")
+            if cluster.datacenters:
+                print(f"data centers (-dc-map): {cluster.dc_map()}")
         elif args.action == "down":
             LocalRedisCluster.load_state(args.dir).stop()
             print("Redis Cluster down")

@@ -50,8 +50,9 @@ class DistcacheServer:
     def __init__(self, store: Any, *, progress: int = 0, stall_timeout: float = 30.0,
                  write_limit: int = 64 * 1024, progress_out: TextIO | None = None,
                  persist: Any = None, persist_interval_ms: int = 1000,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, dc: str | None = None) -> None:
         self.store = store
+        self.dc = dc                       # extension: our data center, shown in the progress line
         self.is_async = bool(getattr(store, "is_async", False))
         self.progress = progress
         self.stall_timeout = stall_timeout
@@ -147,6 +148,8 @@ class DistcacheServer:
 
     def _emit(self, now: float, ops: int, total: int) -> None:
         line = progress_line(ops, ops - self._last_ops, total, self._last_total)
+        if self.dc is not None:
+            line = line[:-1] + f", dc = {self.dc}\n"
         out = self.progress_out or sys.stderr
         try:
             out.write(line)
@@ -163,6 +166,10 @@ class DistcacheServer:
         if ops // self.progress != self._last_ops // self.progress and not self.is_async:
             self.store.expire()
             self._emit(asyncio.get_running_loop().time(), ops, len(self.store))
+
+    async def emit_now(self) -> None:
+        """The progress line at once (dc_server's SIGHUP), whether or not anything changed."""
+        self._emit(asyncio.get_running_loop().time(), self.ops, await self._count())
 
     async def _count(self) -> int:
         store = self.store

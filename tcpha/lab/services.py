@@ -35,6 +35,7 @@ class LabService:
     address: str          # distcache address (IP:HOST:PORT / UNIX:PATH) or URL
     proc: subprocess.Popen | None
     lab: NamespaceLab
+    dc_map: str | None = None  # Redis Cluster with datacenters: host:port=DC,... for dc_server -dc-map
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -75,15 +76,19 @@ def start_dc_client(lab: NamespaceLab, host: str, server: str, *, listen: str | 
 
 
 def start_redis_cluster(lab: NamespaceLab, host: str = "cache", *, base_port: int = REDIS_BASE_PORT,
-                        timeout: float = 60.0) -> LabService:
+                        timeout: float = 60.0, datacenters: tuple[str, ...] = ()) -> LabService:
     """A Redis Cluster (3 primaries + 3 replicas, Debian's redis-server) on the host's LAN address,
     through tcpha.distcache.redis_cluster. The nodes live in the host's namespace, so lab.down() stops
-    them even though the launcher exits after starting them. address: the redis-cluster:// URL."""
+    them even though the launcher exits after starting them. address: the redis-cluster:// URL.
+    datacenters (e.g. ("east", "west")): every primary gets a replica in another data center; the
+    service's dc_map says which node is where (for dc_server -check-placement -dc-map)."""
     if shutil.which("redis-server") is None:
         raise LabError("redis-server is not installed (scripts/install-deps installs it)")
     data = lab.workdir / f"redis-{host}-{base_port}"
     argv = [sys.executable, "-m", "tcpha.distcache.redis_cluster", "up", "--dir", str(data),
             "--host", lab.ip(host), "--port", str(base_port)]
+    if datacenters:
+        argv += ["--datacenters", ",".join(datacenters)]
     try:
         r = lab.run(host, argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,4 +104,6 @@ def start_redis_cluster(lab: NamespaceLab, host: str = "cache", *, base_port: in
         lab.run(host, [sys.executable, "-m", "tcpha.distcache.redis_cluster", "down", "--dir", str(data)],
                 capture_output=True, timeout=30)
     lab.add_cleanup(stop_cluster)
-    return LabService(host=host, address=url, proc=None, lab=lab)
+    dc_map = next((line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("data centers")),
+                  None)
+    return LabService(host=host, address=url, proc=None, lab=lab, dc_map=dc_map)

@@ -60,3 +60,18 @@ def test_redis_cluster_on_cache_host_is_removed_by_down(lab_factory):
     lab.down()
     import psutil
     assert not [p for p in in_cache if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_two_dc_redis_cluster_passes_the_placement_check(lab_factory):
+    """The lab's two-data-center cluster: dc_server -check-placement, run on a back end, finds every
+    primary with a replica in the other data center."""
+    import subprocess
+    import sys
+
+    lab = lab_factory()
+    cluster = start_redis_cluster(lab, datacenters=("east", "west"))
+    assert cluster.dc_map is not None and cluster.dc_map.count("=east") == 3 and cluster.dc_map.count("=west") == 3
+    r = lab.run("be1", [sys.executable, "-m", "tcpha.cli.dc_server", "-backend", cluster.address, "-check-placement",
+                        "-dc-map", cluster.dc_map], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == "placement ok: each of 3 primaries has a replica in another data center"
