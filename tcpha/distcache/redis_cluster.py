@@ -333,11 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datacenters", default="",
                         help="e.g. east,west: tag the nodes by data center and give every primary a replica "
                              "in another one (prints the -dc-map for dc_server -check-placement)")
+    parser.add_argument("--tls", nargs=3, metavar=("CA", "CERT", "KEY"), type=Path,
+                        help="TLS on every link (clients with certificates, replication, cluster bus) with these "
+                             "files; the printed URL is rediss-cluster:// with them")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
             cluster = LocalRedisCluster(args.dir, host=args.host, base_port=args.port,
-                                        datacenters=tuple(filter(None, args.datacenters.split(","))))
+                                        datacenters=tuple(filter(None, args.datacenters.split(","))),
+                                        tls=RedisTls(*args.tls) if args.tls else None)
             cluster.save_state()
             try:
                 cluster.start()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .netns import LabError, NamespaceLab
 
@@ -76,12 +77,14 @@ def start_dc_client(lab: NamespaceLab, host: str, server: str, *, listen: str | 
 
 
 def start_redis_cluster(lab: NamespaceLab, host: str = "cache", *, base_port: int = REDIS_BASE_PORT,
-                        timeout: float = 60.0, datacenters: tuple[str, ...] = ()) -> LabService:
+                        timeout: float = 60.0, datacenters: tuple[str, ...] = (),
+                        tls: Any = None) -> LabService:
     """A Redis Cluster (3 primaries + 3 replicas, Debian's redis-server) on the host's LAN address,
     through tcpha.distcache.redis_cluster. The nodes live in the host's namespace, so lab.down() stops
     them even though the launcher exits after starting them. address: the redis-cluster:// URL.
     datacenters (e.g. ("east", "west")): every primary gets a replica in another data center; the
-    service's dc_map says which node is where (for dc_server -check-placement -dc-map)."""
+    service's dc_map says which node is where (for dc_server -check-placement -dc-map). tls (a
+    tcpha.distcache.redis_cluster.RedisTls): TLS on every link, and address is a rediss-cluster:// URL."""
     if shutil.which("redis-server") is None:
         raise LabError("redis-server is not installed (scripts/install-deps installs it)")
     data = lab.workdir / f"redis-{host}-{base_port}"
@@ -89,6 +92,8 @@ def start_redis_cluster(lab: NamespaceLab, host: str = "cache", *, base_port: in
             "--host", lab.ip(host), "--port", str(base_port)]
     if datacenters:
         argv += ["--datacenters", ",".join(datacenters)]
+    if tls is not None:
+        argv += ["--tls", str(tls.ca), str(tls.cert), str(tls.key)]
     try:
         r = lab.run(host, argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -94,8 +94,15 @@ class TlsLab:
         from .services import start_dc_client, start_dc_server, start_redis_cluster
         args: list[str] = []
         if self.cache_backend == "redis-cluster":
-            self.services["redis"] = start_redis_cluster(self.lab, "cache")
-            args = ["-backend", self.services["redis"].address]
+            # The lab's Redis nodes speak TLS on every link (clients, replication, cluster bus), with a
+            # certificate for the cache host's address that dc_server checks (docs/redis.md).
+            from tcpha.distcache.redis_cluster import RedisTls
+            tls_dir = self.dep.dir / "redis-tls"
+            tls_dir.mkdir(parents=True, exist_ok=True)
+            cert, key = make_cert(tls_dir, names=["cache"], vip=self.lab.ip("cache"))
+            self.services["redis"] = start_redis_cluster(self.lab, "cache", tls=RedisTls(ca=cert, cert=cert, key=key))
+            # A TLS connect on a busy lab host can take longer than the 0.25 s default.
+            args = ["-backend", self.services["redis"].address + "&socket_timeout=1"]
         self.services["dc_server"] = start_dc_server(self.lab, args=args)
         for host in self.dep.backends:
             self.services[host] = start_dc_client(self.lab, host, self.services["dc_server"].address,
@@ -104,7 +111,8 @@ class TlsLab:
     def restart_dc_server(self) -> None:
         from .services import start_dc_server
         redis = self.services.get("redis")
-        self.services["dc_server"] = start_dc_server(self.lab, args=["-backend", redis.address] if redis else None)
+        self.services["dc_server"] = start_dc_server(
+            self.lab, args=["-backend", redis.address + "&socket_timeout=1"] if redis else None)
 
     def be_options(self, host: str, **extra: Any) -> dict[str, Any]:
         opts: dict[str, Any] = {"tlscert": str(self.cert), "tlskey": str(self.key), "tlsports": TLS_VPORT}
@@ -171,7 +179,7 @@ def run_tls_demo(dep: Any, out=None, *, started: bool = False) -> int:
     if not started:
         tls.start(templates=sample_tls_configs() is not None)
     lab = tls.lab
-    store = ("a 3+3 Redis Cluster on the cache host" if tls.cache_backend == "redis-cluster"
+    store = ("a 3+3 Redis Cluster on the cache host (TLS on every link)" if tls.cache_backend == "redis-cluster"
              else "its embedded store")
     print(f"\nTLS: tcpha-fe routes by SNI on {tls.dep.vip}:{TLS_VPORT} (a.* -> be1, b.* -> be2); tcpha-be "
           f"terminates TLS; sessions shared by dc_server on cache ({lab.ip('cache')}, {store}) through a "

@@ -46,7 +46,7 @@ def test_demo_with_the_redis_cluster_behind_dc_server():
     r = _demo("--cache-backend", "redis-cluster")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert "Redis Cluster on the cache host" in r.stdout, out
+    assert "Redis Cluster on the cache host (TLS on every link)" in r.stdout, out
     assert "a session made on be1 was resumed on be2" in r.stdout, out
     assert _leftovers(_lab_prefix(r.stdout)) == []
 
