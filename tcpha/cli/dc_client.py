@@ -1,7 +1,8 @@
 """dc_client: the local distcache agent (options and messages of the original 1.4.x).
 
 Single-dash options, as the original.  Extensions: ``-server``/``-connect`` may be repeated
-(failover order), IPv6 addresses.  See tcpha.distcache.agent for the behaviour.
+(failover order), IPv6 addresses, TLS to the servers (``-tls-cafile``, ``-tls-cert``, ``-tls-key``,
+``-tls-checkhost``).  See tcpha.distcache.agent for the behaviour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, r
 from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
+from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
 
 DEF_LISTEN = "UNIX:/tmp/scache"
 DEF_RETRY = 5000
@@ -59,6 +61,10 @@ class Settings:
     pidfile: str | None = None
     killable: bool = False
     upstream_timeout: int = 0     # extension; 0: wait for the server as long as the original does
+    tls_cafile: str | None = None  # extension: TLS to the servers (tcpha.distcache.tls)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_checkhost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,12 @@ OPTIONS: list[Option] = [
            "exit cleanly on SIGUSR1/SIGUSR2"),
     Option(("-upstream-timeout",), True, _set("upstream_timeout", lambda v, o: strtoul(v, o, 0, MAX_IDLE)),
            "extension: drop a server that leaves a request unanswered this many ms (0 = never)"),
+    Option(("-tls-cafile",), True, _set("tls_cafile"),
+           "extension: TLS to the servers, whose certificates must chain to these CAs (PEM)"),
+    Option(("-tls-cert",), True, _set("tls_cert"), "extension: the client certificate to present (PEM)"),
+    Option(("-tls-key",), True, _set("tls_key"), "extension: the private key of -tls-cert (PEM)"),
+    Option(("-tls-checkhost",), True, _set("tls_checkhost"),
+           "extension: the name the server certificate must carry (default: the address's host)"),
 ]
 _BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
 
@@ -137,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not s.servers:
         sys.stderr.write("Error, no server specified!\n")
+        return 1
+    try:
+        # Files read now: after -user they may be unreadable.
+        tls = ClientTls.from_options(TlsOptions(s.tls_cafile, s.tls_cert, s.tls_key, s.tls_checkhost))
+    except TlsError as exc:
+        sys.stderr.write(f"{exc}\n")
         return 1
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
                         format="dc_client[%(process)d] %(levelname)s %(message)s")
@@ -199,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     raise_nofile_limit()     # many local clients: as many descriptors as the hard limit permits
-    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout)
+    agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout,
+                  tls=tls)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 
 Single-dash options, as the original.  Extensions: ``-sessions`` above 60000,
 ``-backend URL`` (memory or Redis), ``-persist FILE`` and ``-persist-interval MS``,
-``-stall MS``, IPv6 listen addresses.  See docs/distcache.md.
+``-stall MS``, ``-tls-cert/-tls-key/-tls-cafile`` (TLS), IPv6 listen addresses.  See docs/distcache.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
 from tcpha.distcache.store import DEFAULT_SESSIONS, SessionStore
+from tcpha.distcache.tls import TlsError, TlsOptions, server_context
 
 # Imported at start, not when -backend is read: after -user the interpreter's files may be unreadable.
 try:
@@ -71,6 +72,9 @@ class Settings:
     persist: str | None = None
     persist_interval: int = DEF_PERSIST_INTERVAL
     stall: int = DEF_STALL
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_cafile: str | None = None
 
 
 def _atoi(text: str) -> int:
@@ -140,6 +144,12 @@ OPTIONS: list[Option] = [
     Option("-stall", "stall", True, _strtoul(1, 3600000), DEF_STALL,
            "ms after which a connection holding part of a message and sending nothing is closed",
            extension=True),
+    # TLS (stunnel's words, see tcpha.distcache.tls): -tls-cert turns it on for the listener.
+    Option("-tls-cert", "tls_cert", True, None, None,
+           "listen with TLS only, with this certificate (PEM; may hold the key too)", extension=True),
+    Option("-tls-key", "tls_key", True, None, None, "the private key of -tls-cert (PEM)", extension=True),
+    Option("-tls-cafile", "tls_cafile", True, None, None,
+           "require client certificates signed by these CAs (PEM)", extension=True),
 ]
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
 
@@ -218,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         return _err("Error, malloc/initialisation failure")
     if s.persist is not None and s.backend != "memory":
         return _err("Error, -persist works with -backend memory only")
+    try:
+        # Files read now: after -user the key may be unreadable.
+        tls = server_context(TlsOptions(s.tls_cafile, s.tls_cert, s.tls_key))
+    except TlsError as exc:
+        return _err(str(exc))
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "INFO").upper(), format="%(message)s", stream=sys.stderr)
     # Until the event loop takes them over, these signals stop us cleanly (exit 0) too.
     early = [signal.SIGTERM] + ([signal.SIGUSR1, signal.SIGUSR2] if s.killable else [])
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     server = DistcacheServer(store, progress=s.progress, stall_timeout=s.stall / 1000.0,
                              persist=persist, persist_interval_ms=s.persist_interval)
     try:
-        _run(server, sock, s)
+        _run(server, sock, s, tls)
     except KeyboardInterrupt:
         pass
     finally:
@@ -289,12 +304,12 @@ def _early_stop(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _run(server: DistcacheServer, sock, s: Settings) -> None:
+def _run(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_serve(server, sock, s))
+        runner.run(_serve(server, sock, s, tls))
 
 
-async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
+async def _serve(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     sigs = [signal.SIGTERM, signal.SIGINT]
@@ -302,7 +317,7 @@ async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
         sigs += [signal.SIGUSR1, signal.SIGUSR2]
     for sig in sigs:
         loop.add_signal_handler(sig, stop.set)
-    await server.start(sock)
+    await server.start(sock, tls)
     describe = getattr(server.store, "describe", None)
     if describe is not None and server.is_async:
         try:
