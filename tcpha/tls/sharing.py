@@ -189,13 +189,12 @@ class PostedOperations:
                 data = self._sock.recv(65536)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
-            except ssl.SSLEOFError:
-                data = b""      # closed without a TLS close_notify (a cache that stops aborts them)
             except OSError as exc:
                 self._drop()
                 raise DistcacheError(f"{self.address}: receive failed: {describe_error(exc)}") from None
             if not data:
                 # The cache closed the connection (restart): the unanswered requests are lost.
+                # (An SSL socket says so too, with or without close_notify: suppress_ragged_eofs.)
                 self._drop()
                 return
             try:
