@@ -33,7 +33,10 @@ from dataclasses import dataclass
 
 from .address import Address
 
-__all__ = ["TlsError", "TlsOptions", "ClientTls", "server_context", "describe_error"]
+__all__ = ["TlsError", "TlsOptions", "ClientTls", "server_context", "describe_error", "CLIENT_OPTIONS"]
+
+# A client tool's options (dc_test, dc_snoop; dc_client has them in its settings table) -> TlsOptions field.
+CLIENT_OPTIONS = {"-tls-cafile": "cafile", "-tls-cert": "cert", "-tls-key": "key", "-tls-checkhost": "checkhost"}
 
 
 class TlsError(ValueError):
