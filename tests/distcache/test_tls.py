@@ -211,3 +211,33 @@ def test_option_errors(procs, certs, sockdir, tool, args, message):
     assert "Traceback" not in r.stderr
     if "requires an argument" not in message:
         assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_dc_test_over_tls(procs, certs):
+    server = tls_server(procs, certs, "-tls-cafile", certs["client"][0])
+    mine = ["-tls-cafile", certs["server"][0], "-tls-cert", certs["client"][0], "-tls-key", certs["client"][1]]
+    for mode in ([], ["-persistent"]):
+        r = procs.run("tcpha.cli.dc_test", "-connect", server, *mine, "-sessions", "5", "-ops", "200", *mode)
+        assert r.returncode == 0 and "Info, all tests complete" in r.stderr, r.stderr
+    # Trusting another CA: the original's failure lines, after one line saying why.
+    r = procs.run("tcpha.cli.dc_test", "-connect", server, "-tls-cafile", certs["other"][0], "-persistent")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"Error, {server}: certificate verify failed: self-signed certificate",
+        "Error, 'DC_CTX' creation failed"], r.stderr
+
+
+def test_dc_snoop_to_a_tls_server(procs, certs, sockdir):
+    server = tls_server(procs, certs)
+    snoop = f"UNIX:{sockdir}/snoop"
+    p = procs.start("tcpha.cli.dc_snoop", "-listen", snoop, "-server", server, "-tls-cafile", certs["server"][0],
+                    ready=snoop)
+    assert DistcacheClient(snoop, 0, timeout=5).add(b"snooped-sid", b"session data", 60000)
+    assert direct(server, certs).get(b"snooped-sid") == b"session data"
+    wait_until(lambda: "client->server, message completed" in p.stderr(), 10, "the trace")
+    bad = f"UNIX:{sockdir}/snoopbad"
+    q = procs.start("tcpha.cli.dc_snoop", "-listen", bad, "-server", server, "-tls-cafile", certs["other"][0],
+                    ready=bad)
+    with pytest.raises(DistcacheError):
+        DistcacheClient(bad, 0, timeout=5).add(b"never", b"session data", 60000)
+    wait_until(lambda: "certificate verify failed" in q.stderr(), 10, "dc_snoop to say why")
