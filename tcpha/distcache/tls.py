@@ -27,6 +27,7 @@ the context is made (before a daemon drops its privileges), so a key readable by
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -68,8 +69,12 @@ def _readable(opt: str, path: str) -> None:
 
 
 def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's reason in words ("key values mismatch"), without the "[SSL]" and "(_ssl.c:N)" noise."""
     reason = getattr(exc, "reason", None)
-    return (reason or str(exc)).replace("_", " ").lower() if reason else str(exc)
+    if reason:
+        return reason.replace("_", " ").lower()
+    text = re.sub(r"^\[[^\]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", str(getattr(exc, "strerror", None) or exc))
+    return "not in PEM format" if text == "PEM lib" else text
 
 
 def _load_chain(ctx: ssl.SSLContext, o: TlsOptions) -> None:
