@@ -362,13 +362,13 @@ class Agent:
 
     def _upstream_lost(self, up: _Upstream, exc) -> None:
         addr = self.current_server
-        if exc is not None:
-            why = f": {describe_error(exc)}"
-        elif self.tls is not None and not self._answered:
+        if self.tls is not None and not self._answered:
             # TLS 1.3: a server refusing our certificate (or its absence) closes the connection
-            # right after the handshake, and says no more than that.
-            why = (": closed by the server before any answer (does it require a client certificate "
-                   "that -tls-cert/-tls-key do not give, or one from another CA?)")
+            # (or resets it) right after the handshake, and says no more than that.
+            why = (f": {describe_error(exc) if exc else 'closed by the server'} before any answer (does it "
+                   "require a client certificate that -tls-cert/-tls-key do not give, or one from another CA?)")
+        elif exc is not None:
+            why = f": {describe_error(exc)}"
         else:
             why = ""
         self._warn_failure(addr, why, "lost the cache server %s%s", addr.text, why)

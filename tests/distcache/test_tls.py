@@ -148,8 +148,10 @@ def test_plaintext_client_to_the_tls_listener_gets_nothing(procs, certs, sockdir
     # And a plaintext dc_client never gets an upstream.
     agent = f"UNIX:{sockdir}/agent"
     procs.agent(agent, server, args=("-retry", "200"), upstream=False)
+    # (an ADD: a GET answered [2], "the proxy lost its server", is a plain miss for the C client)
     with pytest.raises(DistcacheError, match="no cache server|lost its cache server"):
-        DistcacheClient(agent, 0, timeout=5).get(b"secret-sid")
+        DistcacheClient(agent, 0, timeout=5).add(b"plain-sid", b"session data", 60000)
+    assert direct(server, certs).get(b"plain-sid") is None
 
 
 def test_client_certificates_required(procs, certs, sockdir):
