@@ -83,11 +83,12 @@ class DistcacheServer:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         sock.setblocking(False)
+        # A handshake gets as long as a message may stall (-stall), not asyncio's 60 s.
+        extra = {"ssl": tls, "ssl_handshake_timeout": self.stall_timeout} if tls is not None else {}
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=1024,
-                                                ssl=tls)
+            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=1024, **extra)
         else:
-            srv = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024, ssl=tls)
+            srv = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024, **extra)
         self._servers.append(srv)
         if not self._tasks:
             self._last_print = loop.time()

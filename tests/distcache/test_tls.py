@@ -243,3 +243,13 @@ def test_dc_snoop_to_a_tls_server(procs, certs, sockdir):
     with pytest.raises(DistcacheError):
         DistcacheClient(bad, 0, timeout=5).add(b"never", b"session data", 60000)
     wait_until(lambda: "certificate verify failed" in q.stderr(), 10, "dc_snoop to say why")
+
+
+def test_a_client_that_never_finishes_its_handshake_is_closed_after_stall(procs, certs):
+    server = tls_server(procs, certs, "-stall", "1000")
+    host, port = server.split(":")[1:]
+    s = socket.create_connection((host, int(port)), timeout=20)   # asyncio's own limit would be 60 s
+    try:
+        assert s.recv(100) == b""
+    finally:
+        s.close()
