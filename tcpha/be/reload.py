@@ -14,7 +14,9 @@ registerretry                          them); a changed front end address or dre
                                        from the old one, register with the new one
 tlscert, tlskey, tlsports,             a new TLS context (certificate and key read again, e.g. renewed) and
 sessioncache, sessiontimeout,          session cache connection for new TLS connections; sessionkeys read again
-sessionkeys                            (a rotation under the same path applies)
+sessionkeys, sessioncachecafile,       (a rotation under the same path applies); the cache's TLS files read
+sessioncachecert, sessioncachekey,     again
+sessioncachecheckhost
 maxclients, grace                      the new limits
 =====================================  ========================================================================
 =======
@@ -45,7 +47,8 @@ log = logging.getLogger("tcpha.be")
 NOTICE = 25
 
 # How live changes are applied (which of them is live is the settings table's to say).
-_TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys")
+_TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys", "sessioncachecafile",
+        "sessioncachecert", "sessioncachekey", "sessioncachecheckhost")
 _REGISTRATION = ("dregister", "feaddr", "feport")
 
 

@@ -40,6 +40,29 @@ class TlsSetupError(Exception):
     """The TLS settings cannot be used (certificate, key); str(e) is one line."""
 
 
+# The sessioncache* settings and the distcache tools' options they mirror (stunnel's words).
+_CACHE_TLS_SETTINGS = {"-tls-cafile": "sessioncachecafile", "-tls-cert": "sessioncachecert",
+                       "-tls-key": "sessioncachekey", "-tls-checkhost": "sessioncachecheckhost"}
+
+
+def _cache_setting(config: Any, name: str) -> str | None:
+    value = getattr(config, name, None)
+    return None if value is None or str(value).lower() in ("", "none") else str(value)
+
+
+def cache_tls(config: Any):
+    """The ClientTls for the sessioncache link, or None (plaintext); TlsSetupError (one line naming
+    the setting) when the files cannot be used."""
+    from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
+    try:
+        return ClientTls.from_options(TlsOptions(*(_cache_setting(config, n) for n in _CACHE_TLS_SETTINGS.values())))
+    except TlsError as exc:
+        message = str(exc).removeprefix("Error, ")
+        for option, setting in _CACHE_TLS_SETTINGS.items():
+            message = message.replace(option, setting)
+        raise TlsSetupError(message) from None
+
+
 @dataclass
 class TlsStats:
     handshakes: int = 0      # completed
@@ -88,13 +111,16 @@ class TlsTermination:
             # False after one log line when the shim's self-checks fail: TLS still works, unshared.
             keys = getattr(config, "sessionkeys", None)
             shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout,
-                                    sealer=keys.sealer() if keys is not None else None)
+                                    sealer=keys.sealer() if keys is not None else None,
+                                    tls=cache_tls(config))
         if not shared:
             # Without the shared cache: OpenSSL's own cache (this process only) and TLS 1.3 tickets.
             ctx.num_tickets = 1
         log.log(25, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
-                cert, (f"shared through {cache}" + (f", sealed with {getattr(config, 'sessionkeys', None)}"
-                                                    if getattr(config, "sessionkeys", None) else ", not sealed"))
+                cert, (f"shared through {cache}"
+                       + (" over TLS" if _cache_setting(config, "sessioncachecafile") else "")
+                       + (f", sealed with {getattr(config, 'sessionkeys', None)}"
+                          if getattr(config, "sessionkeys", None) else ", not sealed"))
                 if shared else "not shared (no sessioncache)" if not cache
                 else f"NOT shared (the shim refused; see above), cache {cache}")
         return cls(context=ctx, ports=ports, shared=shared, cache=cache)

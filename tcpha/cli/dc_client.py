@@ -1,8 +1,9 @@
 """dc_client: the local distcache agent (options and messages of the original 1.4.x).
 
 Single-dash options, as the original.  Extensions: ``-server``/``-connect`` may be repeated
-(failover order), IPv6 addresses, ``-dc NAME`` with ``-server ADDR,dc=NAME`` (data centers).
-See tcpha.distcache.agent for the behaviour.
+(failover order), IPv6 addresses, ``-dc NAME`` with ``-server ADDR,dc=NAME`` (data centers), TLS to the
+servers (``-tls-cafile``, ``-tls-cert``, ``-tls-key``, ``-tls-checkhost``).  See tcpha.distcache.agent for the
+behaviour.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, r
 from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
+from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
 
 DEF_LISTEN = "UNIX:/tmp/scache"
 DEF_RETRY = 5000
@@ -62,6 +64,10 @@ class Settings:
     killable: bool = False
     upstream_timeout: int = 0     # extension; 0: wait for the server as long as the original does
     dc: str | None = None         # extension: our data center
+    tls_cafile: str | None = None  # extension: TLS to the servers (tcpha.distcache.tls)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_checkhost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,12 @@ OPTIONS: list[Option] = [
            "extension: drop a server that leaves a request unanswered this many ms (0 = never)"),
     Option(("-dc",), True, _set("dc", lambda v, o: _dc_name(v, o)),
            "extension: our data center; the -server ADDR,dc=NAME of this one are preferred"),
+    Option(("-tls-cafile",), True, _set("tls_cafile"),
+           "extension: TLS to the servers, whose certificates must chain to these CAs (PEM)"),
+    Option(("-tls-cert",), True, _set("tls_cert"), "extension: the client certificate to present (PEM)"),
+    Option(("-tls-key",), True, _set("tls_key"), "extension: the private key of -tls-cert (PEM)"),
+    Option(("-tls-checkhost",), True, _set("tls_checkhost"),
+           "extension: the name the server certificate must carry (default: the address's host)"),
 ]
 _BY_NAME = {name: opt for opt in OPTIONS for name in opt.names}
 
@@ -161,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not s.servers:
         sys.stderr.write("Error, no server specified!\n")
+        return 1
+    try:
+        # Files read now: after -user they may be unreadable.
+        tls = ClientTls.from_options(TlsOptions(s.tls_cafile, s.tls_cert, s.tls_key, s.tls_checkhost))
+    except TlsError as exc:
+        sys.stderr.write(f"{exc}\n")
         return 1
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "WARNING").upper(),
                         format="dc_client[%(process)d] %(levelname)s %(message)s")
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raise_nofile_limit()     # many local clients: as many descriptors as the hard limit permits
     agent = Agent(lsock, servers, retry_ms=s.retry, idle_ms=s.idle, upstream_timeout_ms=s.upstream_timeout,
-                  dc=s.dc, server_dcs=server_dcs)
+                  dc=s.dc, server_dcs=server_dcs, tls=tls)
 
     def show_counters() -> None:
         # Extension: operations forwarded per data center and per server, on SIGHUP and at exit.

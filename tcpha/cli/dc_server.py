@@ -4,7 +4,8 @@ Single-dash options, as the original.  Extensions: ``-sessions`` above 60000,
 ``-backend URL`` (memory or Redis), ``-persist FILE`` and ``-persist-interval MS``,
 ``-stall MS``, IPv6 listen addresses, ``-dc NAME`` (data center, shown in the progress line;
 SIGHUP prints the progress line at once), ``-check-placement`` with ``-dc-map`` (Redis Cluster:
-every primary must have a replica in another data center).  See docs/distcache.md.
+every primary must have a replica in another data center), ``-tls-cert/-tls-key/-tls-cafile`` (TLS).
+See docs/distcache.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
 from tcpha.distcache.store import DEFAULT_SESSIONS, SessionStore
+from tcpha.distcache.tls import TlsError, TlsOptions, server_context
 
 # Imported at start, not when -backend is read: after -user the interpreter's files may be unreadable.
 try:
@@ -76,6 +78,9 @@ class Settings:
     dc: str | None = None
     check_placement: bool = False
     dc_map: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_cafile: str | None = None
 
 
 def _atoi(text: str) -> int:
@@ -159,6 +164,12 @@ OPTIONS: list[Option] = [
     Option("-dc-map", "dc_map", True, None, None,
            "data centers of the Redis nodes: host:port=DC,... or @FILE (one host:port=DC a line)",
            extension=True),
+    # TLS (stunnel's words, see tcpha.distcache.tls): -tls-cert turns it on for the listener.
+    Option("-tls-cert", "tls_cert", True, None, None,
+           "listen with TLS only, with this certificate (PEM; may hold the key too)", extension=True),
+    Option("-tls-key", "tls_key", True, None, None, "the private key of -tls-cert (PEM)", extension=True),
+    Option("-tls-cafile", "tls_cafile", True, None, None,
+           "require client certificates signed by these CAs (PEM)", extension=True),
 ]
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
 
@@ -241,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return _err("Error, malloc/initialisation failure")
     if s.persist is not None and s.backend != "memory":
         return _err("Error, -persist works with -backend memory only")
+    try:
+        # Files read now: after -user the key may be unreadable.
+        tls = server_context(TlsOptions(s.tls_cafile, s.tls_cert, s.tls_key))
+    except TlsError as exc:
+        return _err(str(exc))
     logging.basicConfig(level=os.environ.get("TCPHA_LOG_LEVEL", "INFO").upper(), format="%(message)s", stream=sys.stderr)
     # Until the event loop takes them over, these signals stop us cleanly (exit 0) too.
     early = [signal.SIGTERM] + ([signal.SIGUSR1, signal.SIGUSR2] if s.killable else [])
@@ -296,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     server = DistcacheServer(store, progress=s.progress, stall_timeout=s.stall / 1000.0,
                              persist=persist, persist_interval_ms=s.persist_interval, dc=s.dc)
     try:
-        _run(server, sock, s)
+        _run(server, sock, s, tls)
     except KeyboardInterrupt:
         pass
     finally:
@@ -329,12 +345,12 @@ def _early_stop(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _run(server: DistcacheServer, sock, s: Settings) -> None:
+def _run(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_serve(server, sock, s))
+        runner.run(_serve(server, sock, s, tls))
 
 
-async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
+async def _serve(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     sigs = [signal.SIGTERM, signal.SIGINT]
@@ -343,7 +359,7 @@ async def _serve(server: DistcacheServer, sock, s: Settings) -> None:
     for sig in sigs:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.emit_now()))
-    await server.start(sock)
+    await server.start(sock, tls)
     describe = getattr(server.store, "describe", None)
     if describe is not None and server.is_async:
         try:

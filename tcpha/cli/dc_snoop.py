@@ -1,4 +1,7 @@
-"""dc_snoop: transparent distcache proxy printing one line per frame (see tcpha.distcache.snoop)."""
+"""dc_snoop: transparent distcache proxy printing one line per frame (see tcpha.distcache.snoop).
+
+Extensions: ``-decode``; ``-tls-cafile F [-tls-cert F -tls-key F] [-tls-checkhost N]``: TLS to the
+server (the clients still connect in plaintext; the trace shows what goes inside TLS)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import sys
 from tcpha.cli.service import event_loop_factory
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.snoop import Snooper
+from tcpha.distcache.tls import CLIENT_OPTIONS as TLS_OPTIONS, ClientTls, TlsError, TlsOptions
 
 # The original's usage text, byte for byte (the -decode extension is in docs/distcache.md).
 USAGE = [
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     listen = connect = None
     decode = False
+    tls_files: dict[str, str] = {}
     i = 0
     while i < len(args):
         a = args[i]
@@ -40,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             return _usage()
         if a == "-decode":
             decode = True
-        elif a in ("-connect", "-server", "-listen"):
+        elif a in ("-connect", "-server", "-listen", *TLS_OPTIONS):
             if i + 1 >= len(args):
                 # The original prints "-%s" with the option's own dash: "Error, --listen ...".
                 sys.stderr.write(f"Error, -{a} requires an argument\n")
                 _usage()
                 return 1
             i += 1
-            if a == "-listen":
+            if a in TLS_OPTIONS:
+                tls_files[TLS_OPTIONS[a]] = args[i]
+            elif a == "-listen":
                 listen = args[i]
             else:
                 connect = args[i]
@@ -73,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         # The original exits 1 silently here; we say why (docs/distcache.md).
         sys.stderr.write(f"Error, {exc}\n")
         return 1
+    try:
+        tls = ClientTls.from_options(TlsOptions(**tls_files))
+    except TlsError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    snooper = Snooper(lsock, server, decode=decode)
+    snooper = Snooper(lsock, server, decode=decode, tls=tls)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -269,6 +269,18 @@ BE_SETTINGS: list[Setting] = [
     Setting("sessionkeys", t.session_keys, "none", _any,
             "key file sealing cached TLS sessions (AES-256-GCM); first key seals, all open (docs/tls.md)",
             section="be", group="tls", metavar="PATH|none", reload=LIVE),
+    Setting("sessioncachecafile", t.optional_path, "none", _any,
+            "TLS to sessioncache: its certificate must chain to these CAs (PEM; docs/distcache.md)",
+            section="be", group="tls", metavar="PATH|none", reload=LIVE),
+    Setting("sessioncachecert", t.optional_path, "none", _any,
+            "client certificate (PEM) shown to sessioncache over TLS (with sessioncachecafile)",
+            section="be", group="tls", metavar="PATH|none", reload=LIVE),
+    Setting("sessioncachekey", t.optional_path, "none", _any,
+            "private key (PEM) of sessioncachecert; none: in the sessioncachecert file",
+            section="be", group="tls", metavar="PATH|none", reload=LIVE),
+    Setting("sessioncachecheckhost", t.text, "none", _any,
+            "name sessioncache's certificate must carry; none: the host of its IP:host:port address",
+            section="be", group="tls", metavar="NAME|none", reload=LIVE),
     *_operations("be", "/run/tcpha/be", "tcphabe.log"),
 ]
 

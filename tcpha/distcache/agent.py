@@ -39,6 +39,7 @@ from collections import deque
 
 from .address import Address, AddressError
 from .aio import open_address
+from .tls import ClientTls, describe_error
 from .codec import FRAME_HEADER, MAX_FRAME_DATA, PROTO_LEVEL, Message, MessageReader, ProtocolError, \
     Status, encode_message
 
@@ -194,7 +195,7 @@ class Agent:
 
     def __init__(self, listen: socket.socket, servers: list[Address], *, retry_ms: int = 5000,
                  idle_ms: int = 0, upstream_timeout_ms: int = 0, dc: str | None = None,
-                 server_dcs: list[str | None] | None = None) -> None:
+                 server_dcs: list[str | None] | None = None, tls: ClientTls | None = None) -> None:
         if not servers:
             raise ValueError("at least one server address is needed")
         self.listen_sock = listen
@@ -209,6 +210,9 @@ class Agent:
         self.primary_count = sum(1 for d in self.server_dcs if dc is not None and d == dc)
         # Operations written to each server (index into self.servers), for the counters line.
         self.forwarded = [0] * len(self.servers)
+        # Extension: TLS to every server (the certificate checked; one that does not check out
+        # is an unreachable server: logged, failed over, retried).
+        self.tls = tls
         self.retry = retry_ms / 1000.0
         self.idle = idle_ms / 1000.0
         # Extension: an upstream that leaves a request unanswered this long (e.g. stalled in the
@@ -232,7 +236,8 @@ class Agent:
         self._stopped: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
         self._idle_task: asyncio.Task | None = None
-        self._last_fail_log = -1e9
+        self._fail_logged: dict[str, tuple[float, str]] = {}   # address -> (when, why) last logged
+        self._answered = False        # the current upstream connection has answered something
         self.loop: asyncio.AbstractEventLoop | None = None
         # Return to the own data center: the background probe, the connected primary server
         # waiting to take over, the uids still outstanding on the foreign server, and the
@@ -333,22 +338,20 @@ class Agent:
         addr = self.current_server
         proto = _Upstream(self)
         try:
-            transport, _ = await open_address(addr, lambda: proto, self.connect_timeout)
+            transport, _ = await open_address(addr, lambda: proto, self.connect_timeout, self.tls)
         except asyncio.CancelledError:
             raise
         except (OSError, AddressError, asyncio.TimeoutError) as exc:
             self._connecting = None
-            # One line per outage and then one a minute, whatever -retry is.
-            now = time.monotonic()
-            if now - self._last_fail_log >= 60.0:
-                self._last_fail_log = now
-                log.warning("cannot connect to cache server %s: %s (retrying every %g ms)", addr.text,
-                            "timed out" if isinstance(exc, asyncio.TimeoutError)
-                            else (getattr(exc, "strerror", None) or exc), self.retry * 1000)
+            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else describe_error(exc)
+            self._warn_failure(addr, why, "cannot connect to cache server %s: %s (retrying every %g ms)",
+                               addr.text, why, self.retry * 1000)
             self._next_server(failed=True)
             return
         self._connecting = None
-        self._last_fail_log = -1e9
+        self._answered = False
+        if self.tls is None:
+            self._fail_logged.clear()   # with TLS, only an answer shows the server accepted us
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -360,6 +363,16 @@ class Agent:
         log.info("connected to cache server %s", addr.text)
         if self.on_foreign_server and self._probe_task is None:
             self._probe_task = asyncio.ensure_future(self._probe_primaries())
+
+    def _warn_failure(self, addr: Address, why: str, fmt: str, *args) -> None:
+        """One line per server and outage (and per new reason: refused, then a certificate that
+        does not check out), then one a minute, whatever -retry is.  An outage ends with the
+        first answer from the server."""
+        now = time.monotonic()
+        last_time, last_why = self._fail_logged.get(addr.text, (-1e9, ""))
+        if now - last_time >= 60.0 or why != last_why:
+            self._fail_logged[addr.text] = (now, why)
+            log.warning(fmt, *args)
 
     def _next_server(self, *, failed: bool) -> None:
         """Move to the next address; try it now, or after -retry ms once a whole round failed."""
@@ -377,6 +390,9 @@ class Agent:
     def _upstream_data(self, up: _Upstream, data: bytes) -> None:
         if up is not self._up:
             return  # a connected primary server waiting to take over sends nothing unasked
+        if not self._answered:
+            self._answered = True
+            self._fail_logged.clear()
         try:
             msgs = self._up_reader.feed(data)
         except ProtocolError as exc:
@@ -410,7 +426,17 @@ class Agent:
             self._release_held()
             self._flush_upstream()
             return
-        log.warning("lost the cache server %s%s", self.current_server.text, f": {exc}" if exc else "")
+        addr = self.current_server
+        if self.tls is not None and not self._answered:
+            # TLS 1.3: a server refusing our certificate (or its absence) closes the connection
+            # (or resets it) right after the handshake, and says no more than that.
+            why = (f": {describe_error(exc) if exc else 'closed by the server'} before any answer (does it "
+                   "require a client certificate that -tls-cert/-tls-key do not give, or one from another CA?)")
+        elif exc is not None:
+            why = f": {describe_error(exc)}"
+        else:
+            why = ""
+        self._warn_failure(addr, why, "lost the cache server %s%s", addr.text, why)
         self._drop_upstream(None)
 
     def _drop_upstream(self, why: str | None) -> None:
@@ -493,7 +519,7 @@ class Agent:
                         return
                     proto = _Upstream(self)
                     try:
-                        transport, _ = await open_address(self.servers[idx], lambda: proto, self.connect_timeout)
+                        transport, _ = await open_address(self.servers[idx], lambda: proto, self.connect_timeout, self.tls)
                     except (OSError, AddressError, asyncio.TimeoutError):
                         continue
                     if not self.on_foreign_server:
@@ -532,6 +558,7 @@ class Agent:
         self._up = proto
         self._up_transport = transport
         self._up_reader = MessageReader(expect_response=True)
+        self._answered = False        # with TLS, only an answer shows the server accepted us
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -26,6 +26,7 @@ from collections.abc import Awaitable
 
 from .address import Address, AddressError, parse_address
 from .client import DistcacheError, _check_id
+from .tls import ClientTls, describe_error
 from .codec import (FRAME_HEADER, MAX_FRAME_DATA, MAX_MESSAGE, PROTO_LEVEL, Message, MessageReader,
                     Op, ProtocolError, Status, encode_add_payload, encode_message)
 
@@ -41,22 +42,28 @@ _DISC = Status.DISCONNECTED
 _ADD, _GET, _REMOVE, _HAVE = 0, 1, 2, 3
 
 
-async def open_address(addr: Address, protocol_factory, timeout: float | None):
-    """Open a stream connection to a distcache address with an asyncio protocol."""
+async def open_address(addr: Address, protocol_factory, timeout: float | None, tls: "ClientTls | None" = None):
+    """Open a stream connection to a distcache address with an asyncio protocol; with ``tls``,
+    over TLS (the handshake, and the server's certificate check, are part of the connect: a
+    certificate that does not check out raises ssl.SSLError, an OSError)."""
     loop = asyncio.get_running_loop()
+    extra: dict = {}
+    if tls is not None:
+        ctx, name = tls.for_address(addr)
+        extra = {"ssl": ctx, "server_hostname": name}
     if addr.kind == "unix":
-        coro = loop.create_unix_connection(protocol_factory, addr.path)
+        coro = loop.create_unix_connection(protocol_factory, addr.path, **extra)
     elif addr.kind == "fd":
         if len(addr.fds) == 2 and addr.fds[0] != addr.fds[1]:
             raise AddressError(f"cannot use '{addr.text}' as one socket: it names two descriptors")
         sock = socket.socket(fileno=addr.fds[0])
         sock.setblocking(False)
-        coro = loop.create_connection(protocol_factory, sock=sock)
+        coro = loop.create_connection(protocol_factory, sock=sock, **extra)
     else:
         if addr.host is None:
             raise AddressError(f"cannot connect to '{addr.text}': IP:port is a listen-only address, give a host")
         family = socket.AF_INET6 if addr.ipv6 else socket.AF_INET
-        coro = loop.create_connection(protocol_factory, addr.host, addr.port, family=family)
+        coro = loop.create_connection(protocol_factory, addr.host, addr.port, family=family, **extra)
     if timeout is None:
         return await coro
     return await asyncio.wait_for(coro, timeout)
@@ -121,20 +128,21 @@ class AsyncDistcacheClient:
         self._batches: list[_Batch] = []
 
     @classmethod
-    async def connect(cls, address: str, timeout: float | None = 5.0) -> "AsyncDistcacheClient":
+    async def connect(cls, address: str, timeout: float | None = 5.0,
+                      tls: ClientTls | None = None) -> "AsyncDistcacheClient":
         try:
             addr = parse_address(address)
         except AddressError as exc:
             raise DistcacheError(str(exc)) from None
         self = cls(address, timeout)
         try:
-            transport, _ = await open_address(addr, lambda: _ClientProtocol(self), timeout)
+            transport, _ = await open_address(addr, lambda: _ClientProtocol(self), timeout, tls)
         except AddressError as exc:
             raise DistcacheError(str(exc)) from None
         except asyncio.TimeoutError:
             raise DistcacheError(f"{address}: connect timed out after {timeout} s") from None
         except OSError as exc:
-            raise DistcacheError(f"{address}: cannot connect: {exc.strerror or exc}") from None
+            raise DistcacheError(f"{address}: cannot connect: {describe_error(exc)}") from None
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -45,6 +45,7 @@ import struct
 import time
 
 from .address import Address, AddressError, connect_socket, parse_address
+from .tls import ClientTls, describe_error
 from .codec import (FRAME_HEADER, MAX_FRAME_DATA, MAX_MESSAGE, PROTO_LEVEL, Message, MessageReader,
                     Op, ProtocolError, Status, encode_add_payload, encode_message)
 
@@ -95,7 +96,7 @@ class DistcacheClient:
     b'session data'
     """
 
-    def __init__(self, address: str, flags: int = 0, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, flags: int = 0, timeout: float = 5.0, tls: ClientTls | None = None) -> None:
         if flags & ~_ALL_FLAGS:
             raise ValueError(f"unknown distcache client flags 0x{flags & ~_ALL_FLAGS:x}")
         if timeout is not None and timeout <= 0:
@@ -109,6 +110,9 @@ class DistcacheClient:
         self.address = address
         self.flags = flags
         self.timeout = timeout
+        # Extension: TLS (tcpha.distcache.tls.ClientTls); a certificate that does not check out
+        # fails the connect like an unreachable server.
+        self.tls = tls
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
         # Rule (DC_CTX_new): connect now only if PERSISTENT and not PERSISTENT_LATE.
@@ -190,6 +194,9 @@ class DistcacheClient:
     def _connect(self) -> socket.socket:
         try:
             sock = connect_socket(self._addr, self.timeout)
+            if self.tls is not None:
+                # An SSL socket keeps Python's timeout (kernel timeouts would surface as SSL errors).
+                return self.tls.wrap(sock, self._addr)
             if self.timeout is not None:
                 # Blocking socket with kernel send/receive timeouts: Python's settimeout() would
                 # poll() before every send and recv.
@@ -203,7 +210,7 @@ class DistcacheClient:
         except socket.timeout:
             raise DistcacheError(f"{self.address}: connect timed out after {self.timeout} s") from None
         except OSError as exc:
-            raise DistcacheError(f"{self.address}: cannot connect: {exc.strerror or exc}") from None
+            raise DistcacheError(f"{self.address}: cannot connect: {describe_error(exc)}") from None
 
     def _transact(self, op: Op, payload: bytes) -> bytes:
         uid = next_uid()
@@ -213,6 +220,8 @@ class DistcacheClient:
             sock = self._connect()
             try:
                 return self._exchange(sock, request, uid, op)[0]
+            except _NetworkError as exc:
+                raise DistcacheError(str(exc)) from None
             finally:
                 sock.close()
         if flags & PERSISTENT_PIDCHECK:

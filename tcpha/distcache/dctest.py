@@ -7,7 +7,10 @@ test passed, 1 otherwise).  Extensions (not in the usage text, see docs/distcach
 * ``-timing``: two lines on stdout at the end, ``Info, elapsed time = S seconds`` and
   ``Info, operations per second = N`` (the original prints no timing);
 * ``-clients N`` runs N clients in N processes at once (each with its own sessions and the
-  same options) and sums their rates (with the two timing lines).
+  same options) and sums their rates (with the two timing lines);
+* ``-tls-cafile F [-tls-cert F -tls-key F] [-tls-checkhost NAME]``: connect over TLS
+  (tcpha.distcache.tls); a certificate that does not check out is a server that cannot be
+  reached, with one ``Error, ADDRESS: certificate verify failed: ...`` line saying why.
 
 It is the benchmark driver, so the loop uses a raw socket and the codec directly: one request
 written with one send, the reply parsed on a fast path when it arrives in one piece.
@@ -18,11 +21,13 @@ from __future__ import annotations
 import os
 import random
 import socket
+import ssl
 import struct
 import sys
 import time
 
 from .address import Address, AddressError, connect_socket, parse_address, resolve
+from .tls import CLIENT_OPTIONS as TLS_OPTIONS, ClientTls, TlsError, TlsOptions, describe_error
 from .codec import FRAME_HEADER, MAX_FRAME_DATA, MAX_MESSAGE, PROTO_LEVEL, Message, MessageReader, Op, \
     ProtocolError, encode_message
 
@@ -129,11 +134,13 @@ _TIMEVAL = struct.Struct("ll")
 class _Conn:
     """The transport of one dc_test client: a persistent socket or one per operation."""
 
-    __slots__ = ("addr", "persistent", "sock", "uid", "target")
+    __slots__ = ("addr", "persistent", "sock", "uid", "target", "tls", "tls_failed")
 
-    def __init__(self, addr: Address, persistent: bool) -> None:
+    def __init__(self, addr: Address, persistent: bool, tls: ClientTls | None = None) -> None:
         self.addr = addr
         self.persistent = persistent
+        self.tls = tls
+        self.tls_failed = False
         self.sock: socket.socket | None = None
         self.uid = 1  # the C library's global counter starts at 1
         # Resolve once (not on every per-operation connect).
@@ -149,6 +156,16 @@ class _Conn:
                 self.target = None
 
     def open(self) -> socket.socket:
+        if self.tls is not None:
+            # Extension: TLS (Python's socket timeout; the handshake checks the certificate).
+            sock = connect_socket(self.addr, IO_TIMEOUT)
+            try:
+                return self.tls.wrap(sock, self.addr)
+            except ssl.SSLError as exc:
+                if not self.tls_failed:   # one line: why the server cannot be used
+                    self.tls_failed = True
+                    _err(f"Error, {self.addr.text}: {describe_error(exc)}")
+                raise
         if self.target is None:
             return connect_socket(self.addr, IO_TIMEOUT)
         family, sockaddr = self.target
@@ -364,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     connect = None
     clients = 1
     timing = False
+    tls_files: dict[str, str] = {}
 
     def noarg(opt: str) -> int:
         # The original prints "-%s" with the option's own dash: "Error, --connect requires ...".
@@ -390,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
             _err("Error, no OpenSSL support compiled in, -with-cert not available.")
             return 1
         elif a in ("-connect", "-sessions", "-datamin", "-datamax", "-timeout", "-timevar",
-                   "-progress", "-ops", "-clients"):
+                   "-progress", "-ops", "-clients", *TLS_OPTIONS):
             if i + 1 >= n:
                 return noarg(a)
             i += 1
             v = args[i]
-            if a == "-connect":
+            if a in TLS_OPTIONS:
+                tls_files[TLS_OPTIONS[a]] = v
+            elif a == "-connect":
                 connect = v
             elif a == "-sessions":
                 sessions = _uint(v)
@@ -458,12 +478,18 @@ def main(argv: list[str] | None = None) -> int:
         _err("Error, 'DC_CTX' creation failed")
         return 1
 
+    try:
+        tls = ClientTls.from_options(TlsOptions(**tls_files))
+    except TlsError as exc:
+        _err(str(exc))
+        return 1
+
     out = sys.stderr
     if clients > 1:
         return _run_many(addr, clients, sessions, datamin, datamax, timeout, timevar, ops, progress,
-                         persistent, out, sys.stdout)
+                         persistent, out, sys.stdout, tls)
 
-    conn = _Conn(addr, persistent)
+    conn = _Conn(addr, persistent, tls)
     if persistent:
         # Rule (DC_CTX_new): a persistent context connects at creation; failure ends dc_test.
         try:
@@ -481,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_many(addr: Address, clients: int, sessions: int, datamin: int, datamax: int, timeout: int,
-              timevar: int, ops: int, progress: int, persistent: bool, out, timing) -> int:
+              timevar: int, ops: int, progress: int, persistent: bool, out, timing,
+              tls: ClientTls | None = None) -> int:
     """-clients N: N forked processes, each a full dc_test client; rates are summed."""
     out.write(f"Info, {sessions} sessions generated, will run {ops} random tests\n")
     out.flush()
@@ -494,7 +521,7 @@ def _run_many(addr: Address, clients: int, sessions: int, datamin: int, datamax:
             os.close(rfd)
             code = 1
             try:
-                conn = _Conn(addr, persistent)
+                conn = _Conn(addr, persistent, tls)
                 if persistent:
                     try:
                         conn.sock = conn.open()

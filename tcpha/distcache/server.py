@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import socket
+import ssl
 import sys
 import time
 from typing import Any, TextIO
@@ -76,14 +77,19 @@ class DistcacheServer:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
+        """Serve on ``sock``; with ``tls`` (tcpha.distcache.tls.server_context), TLS only: a
+        connection whose handshake fails (a plaintext client, a refused client certificate) is
+        closed without an answer."""
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         sock.setblocking(False)
+        # A handshake gets as long as a message may stall (-stall), not asyncio's 60 s.
+        extra = {"ssl": tls, "ssl_handshake_timeout": self.stall_timeout} if tls is not None else {}
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=1024)
+            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=1024, **extra)
         else:
-            srv = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+            srv = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024, **extra)
         self._servers.append(srv)
         if not self._tasks:
             self._last_print = loop.time()

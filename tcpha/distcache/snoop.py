@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 import sys
 
 from .address import Address, AddressError
 from .aio import open_address
+from .tls import ClientTls, describe_error
 from .codec import FRAME_HEADER, MAX_FRAME_DATA, Op, Status
 
 __all__ = ["Snooper", "decode_fields"]
@@ -179,10 +181,17 @@ class _ClientSide(asyncio.Protocol):
     async def _connect_server(self) -> None:
         pair = self.pair
         try:
-            transport, _ = await open_address(self.snooper.server, lambda: _ServerSide(pair), 10.0)
+            transport, _ = await open_address(self.snooper.server, lambda: _ServerSide(pair), 10.0,
+                                              self.snooper.tls)
         except (OSError, AddressError, asyncio.TimeoutError) as exc:
             # As the original: a client we cannot proxy is dropped, without a word on stderr (the
             # trace stays the original's; TCPHA_LOG_LEVEL=DEBUG shows why).
+            if isinstance(exc, ssl.SSLError):
+                # A certificate that does not check out is said (once per reason), not silent.
+                why = describe_error(exc)
+                if why != self.snooper.tls_failure:
+                    self.snooper.tls_failure = why
+                    log.warning("cannot connect to %s: %s", self.snooper.server.text, why)
             log.debug("cannot connect to %s: %s", self.snooper.server.text, exc)
             pair.close()
             return
@@ -239,9 +248,12 @@ class _ServerSide(asyncio.Protocol):
 
 
 class Snooper:
-    def __init__(self, listen: socket.socket, server: Address, *, decode: bool = False, out=None) -> None:
+    def __init__(self, listen: socket.socket, server: Address, *, decode: bool = False, out=None,
+                 tls: ClientTls | None = None) -> None:
         self.listen_sock = listen
         self.server = server
+        self.tls = tls          # extension: TLS to the server (the trace shows the plaintext)
+        self.tls_failure = ""   # the last certificate failure logged
         self.decode = decode
         self.out = out if out is not None else sys.stderr
         self.pairs: list[_Pair] = []

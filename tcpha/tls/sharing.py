@@ -42,6 +42,7 @@ from typing import Any, Callable, Protocol
 from tcpha.distcache.address import AddressError, connect_socket, parse_address
 from tcpha.distcache.client import DistcacheError, encode_request, next_uid
 from tcpha.distcache.codec import MessageReader, Op, ProtocolError, encode_add_payload
+from tcpha.distcache.tls import ClientTls, describe_error
 
 from . import openssl
 from .openssl import LibSSL, ShimError
@@ -90,9 +91,10 @@ class PostedOperations:
     the session, which takes far longer than the ADD's way to the cache.
     """
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, tls: ClientTls | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.tls = tls      # TLS to the cache (tcpha.distcache.tls.ClientTls), the certificate checked
         self._addr = parse_address(address)
         self._sock: socket.socket | None = None
         self._pid = 0
@@ -156,13 +158,14 @@ class PostedOperations:
             try:
                 view = view[self._sock.send(view):]
                 continue
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                # (an SSL socket: the same bytes again later, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
                 pass
             except OSError as exc:
                 self._drop()
                 raise DistcacheError(f"{self.address}: send failed: {exc.strerror or exc}") from None
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [self._sock], [], left)[1]:
+            if left <= 0 or not any(select.select([self._sock] if self.tls else [], [self._sock], [], left)):
                 # A part-sent request would garble the stream: this connection is done.
                 self._drop()
                 raise DistcacheError(f"{self.address}: the cache does not read its requests "
@@ -171,9 +174,10 @@ class PostedOperations:
     def _connect(self) -> None:
         try:
             sock = connect_socket(self._addr, self.timeout)
+            if self.tls is not None:
+                sock = self.tls.wrap(sock, self._addr)    # handshake and certificate check, blocking
         except (OSError, AddressError) as exc:
-            raise DistcacheError(f"{self.address}: cannot connect: "
-                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise DistcacheError(f"{self.address}: cannot connect: {describe_error(exc)}") from None
         sock.setblocking(False)
         self._sock = sock
         self._pid = os.getpid()
@@ -183,13 +187,14 @@ class PostedOperations:
         while True:
             try:
                 data = self._sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError as exc:
                 self._drop()
-                raise DistcacheError(f"{self.address}: receive failed: {exc.strerror or exc}") from None
+                raise DistcacheError(f"{self.address}: receive failed: {describe_error(exc)}") from None
             if not data:
                 # The cache closed the connection (restart): the unanswered requests are lost.
+                # (An SSL socket says so too, with or without close_notify: suppress_ragged_eofs.)
                 self._drop()
                 return
             try:
@@ -225,7 +230,7 @@ class DistcacheSessions:
     in many threads at once, and one :class:`DistcacheClient` is one request at a time.
     """
 
-    def __init__(self, address: str, timeout: float, pool_size: int = 8) -> None:
+    def __init__(self, address: str, timeout: float, pool_size: int = 8, tls: ClientTls | None = None) -> None:
         from tcpha.distcache import client as dc
         from tcpha.distcache.address import AddressError, parse_address
 
@@ -245,13 +250,14 @@ class DistcacheSessions:
         self._flags = dc.PERSISTENT | dc.PERSISTENT_LATE | dc.PERSISTENT_RETRY | dc.PERSISTENT_PIDCHECK
         self._idle: list[Any] = []
         self._lock = threading.Lock()
-        self.posted = PostedOperations(address, timeout)
+        self.tls = tls
+        self.posted = PostedOperations(address, timeout, tls)
 
     def _run(self, method: str, *args):
         with self._lock:
             client = self._idle.pop() if self._idle else None
         if client is None:
-            client = self._dc.DistcacheClient(self.address, self._flags, self.timeout)
+            client = self._dc.DistcacheClient(self.address, self._flags, self.timeout, tls=self.tls)
         try:
             result = getattr(client, method)(*args)
         except BaseException:
@@ -525,7 +531,7 @@ def _forget(ptr: int, shared: SharedSessions) -> None:
 def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeout: float = 0.2,
                    id_context: bytes = b"tcpha", session_timeout: int = 300,
                    retry_interval: float = 1.0, honour_removals: bool = False,
-                   sealer: SessionSealer | None = None) -> bool:
+                   sealer: SessionSealer | None = None, tls: ClientTls | None = None) -> bool:
     """Keep the server sessions of ``context`` in ``cache``, so that any server sharing that cache
     (and the same ``id_context``) resumes them.  Call before the context serves connections.
 
@@ -545,7 +551,10 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
     keys on every server) each session is sealed with AES-256-GCM before it leaves the process and
     opened after the GET, so the cache, its files and its replicas never hold a usable one; an entry
     that does not open is a miss. Without it the cache must be reachable only by the servers (a UNIX
-    socket with tight permissions, a private network).
+    socket with tight permissions, a private network).  With ``tls`` (a
+    :class:`tcpha.distcache.tls.ClientTls`) a distcache address is reached over TLS, the cache's
+    certificate checked (dc_server ``-tls-cert``, docs/distcache.md); a certificate that does not
+    check out is a cache that is down.
     """
     if not isinstance(id_context, bytes) or not 1 <= len(id_context) <= openssl.MAX_SID_CTX_LENGTH:
         raise ValueError(f"id_context must be 1 to {openssl.MAX_SID_CTX_LENGTH} bytes")
@@ -554,7 +563,7 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
     if not 1 <= session_timeout <= MAX_TIMEOUT_MS // 1000:
         raise ValueError(f"session_timeout must be 1 to {MAX_TIMEOUT_MS // 1000} seconds")
     if isinstance(cache, str):
-        store: SessionCache = DistcacheSessions(cache, timeout)
+        store: SessionCache = DistcacheSessions(cache, timeout, tls=tls)
     elif all(callable(getattr(cache, m, None)) for m in ("add", "get", "remove")):
         store = cache
     else:

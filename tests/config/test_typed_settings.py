@@ -34,7 +34,8 @@ OTHER_VALUE = {
            "dbglevel": "4", "metrics": "9101", "grace": "5"},
 }
 # Options whose other value needs a file (a certificate) or another option: left to the lab tests.
-NEEDS_MORE = {("be", "tlscert"), ("be", "tlskey"), ("be", "sessioncache")}
+NEEDS_MORE = {("be", "tlscert"), ("be", "tlskey"), ("be", "sessioncache"), ("be", "sessioncachecafile"),
+              ("be", "sessioncachecert"), ("be", "sessioncachekey"), ("be", "sessioncachecheckhost")}
 
 
 def _minimal(component: str, key: str, skip: str = "") -> dict[str, str]:

@@ -124,11 +124,11 @@ def procs():
 def dc_server(procs, tmp_path):
     """start(address=None) -> (address, Popen) of a dc_server answering at address."""
 
-    def start(address: str | None = None):
+    def start(address: str | None = None, extra: tuple[str, ...] = ()):
         address = address or f"UNIX:{tmp_path}/scache"
         if address.startswith("UNIX:") and os.path.exists(address[5:]):
             os.unlink(address[5:])
-        proc = procs.add(subprocess.Popen(DC_SERVER + ["-listen", address],
+        proc = procs.add(subprocess.Popen(DC_SERVER + ["-listen", address, *extra],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         wait_for(lambda: proc.poll() is not None or _connectable(address), 10, f"dc_server on {address}")
         assert proc.poll() is None, proc.stderr.read().decode()

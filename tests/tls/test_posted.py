@@ -121,3 +121,41 @@ def test_after_fork_the_child_posts_on_its_own_connection(dc_server):
             assert check.get(b"child") == b"c" * 50
     finally:
         posted.close()
+
+
+def test_posted_and_pooled_operations_over_tls(dc_server, procs, certs, tmp_path):
+    """DistcacheSessions (the shim's cache) with tls=: the gets and the posted adds/removes go over
+    TLS to a dc_server -tls-cert, also after the cache restarted; another CA is a cache that is down."""
+    from tcpha.distcache.tls import ClientTls, TlsOptions
+    from tcpha.lab.tls_demo import make_cert
+    from tcpha.tls.sharing import DistcacheSessions
+
+    tls_args = ("-tls-cert", certs.cert, "-tls-key", certs.key)
+    address, proc = dc_server(f"UNIX:{tmp_path}/tls-scache", tls_args)
+    tls = ClientTls(TlsOptions(cafile=certs.cert))
+    cache = DistcacheSessions(address, 1.0, tls=tls)
+    results: list = []
+    try:
+        cache.posted.add(b"posted-id", b"posted session", 60000, results.append)
+        assert _answers(cache.posted, results, 1) == [True]
+        assert cache.get(b"posted-id") == b"posted session"
+        assert cache.add(b"pooled-id", b"pooled session", 60000)
+        procs.stop(proc)
+        dc_server(address, tls_args)
+        # The closed connection is noticed (EOF, without close_notify) before sending.
+        cache.posted.add(b"after", b"y" * 100, 60000, results.append)
+        assert _answers(cache.posted, results, 2) == [True, True]
+        assert cache.get(b"after") == b"y" * 100
+    finally:
+        cache.posted.close()
+    other_dir = tmp_path / "other-ca"
+    other_dir.mkdir()
+    other_cert, _ = make_cert(other_dir, names=["localhost"], vip="127.0.0.1")
+    stranger = DistcacheSessions(address, 1.0, tls=ClientTls(TlsOptions(cafile=str(other_cert))))
+    with pytest.raises(DistcacheError, match="certificate verify failed"):
+        stranger.posted.add(b"never", b"x", 60000)
+    with pytest.raises(DistcacheError, match="certificate verify failed"):
+        stranger.get(b"after")
+    # Plaintext to the TLS listener: nothing.
+    with pytest.raises(DistcacheError):
+        DistcacheSessions(address, 1.0).get(b"after")
