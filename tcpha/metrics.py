@@ -13,9 +13,10 @@ Off by default; ``metrics = PORT`` binds 127.0.0.1:PORT, ``metrics = ADDR:PORT``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("tcpha.metrics")
 
@@ -129,6 +130,51 @@ def exposition(m: WorkerMetrics, *, health: list[dict[str, Any]], active_flows: 
     for b, n in sorted(errors.items()):
         out.append(f"{prefix}_control_errors_total{_labels(backend=b)} {n}")
     return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """GET /metrics on addr:port (asyncio, in the control plane's loop). `render` may be a coroutine.
+
+    The back end's endpoint (`metrics` in tcphabe.conf); the front end serves /metrics from its status
+    page's server (tcpha.fe.status.StatusHttpServer)."""
+
+    def __init__(self, addr: tuple[str, int], render: Callable[[], Any]):
+        self.addr = addr
+        self.render = render
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, self.addr[0], self.addr[1], reuse_address=True)
+        log.info("metrics on http://%s:%d/metrics", *self.addr)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            line = head.split(b"\r\n", 1)[0].split()
+            if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+                status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
+            else:
+                text = self.render()
+                if asyncio.iscoroutine(text):
+                    text = await text
+                status, body, ctype = "200 OK", text.encode(), "text/plain; version=0.0.4; charset=utf-8"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + (body if line[:1] != [b"HEAD"] else b""))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
 
 
 def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

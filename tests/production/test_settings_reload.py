@@ -200,6 +200,7 @@ def test_fe_reload_applies_each_live_option_and_reports_each_restart_option(prod
         "healthcheck": "http", "healthpath": "/index.html", "healthport": APP_PORT, "healthtimeout": 0.5,
         "rise": 3, "fall": 2, "authkey": str(_other_key(prod)), "rundir": str(prod.lab.workdir / "run-fe-2"),
         "usefuse": 0, "logfile": str(prod.lab.workdir / "fe-2.log"), "dbglevel": 4, "metrics": 9121, "grace": 5,
+        "statsadmin": "on",
     }
     conf.write_text(fe_config_text(prod.lab, str(prod.dep.key),
                                    servers=[f"{be1} {CONTROL_PORT}", f"{be2} {CONTROL_PORT}", f"{spare} {CONTROL_PORT}"],
@@ -258,7 +259,9 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
     }
     conf.write_text(be_config_text(prod.lab, "be2", str(prod.dep.key), **changed))
     new = load_be_config(str(conf))
-    skip = {"tlscert", "tlskey", "sessioncache"}
+    # the TLS files and the session cache's (TLS) settings: tests/production/test_be_reload.py, tests/tls
+    skip = {"tlscert", "tlskey", "sessioncache", "sessionkeys", "sessioncachecafile", "sessioncachecert",
+            "sessioncachekey", "sessioncachecheckhost"}
     assert {s.name for s in BE_SETTINGS} - skip == set(changed)
     assert all(getattr(old, s.attr) != getattr(new, s.attr) for s in BE_SETTINGS if s.name not in skip)
     os.kill(be2.pid, signal.SIGHUP)
