@@ -14,6 +14,8 @@ Needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import ipaddress
 import socket
@@ -38,7 +40,22 @@ def _words(addr: str) -> tuple[int, int, int, int]:
 
 def destroy(local: tuple[str, int], peer: tuple[str, int]) -> bool:
     """Destroy the TCP socket local <-> peer in this network namespace. True if one was destroyed,
-    False if there is none; OSError if the kernel refuses (no CAP_NET_ADMIN, no INET_DIAG_DESTROY)."""
+    False if there is none; OSError if the kernel refuses (no CAP_NET_ADMIN, no INET_DIAG_DESTROY).
+
+    Callable from a thread running an asyncio loop (the back end's): pyroute2's synchronous sockets
+    drive an event loop of their own, which cannot run inside a running one ("This event loop is
+    already running"), so the request is then made from a short-lived thread (same process, same
+    network namespace) and waited for; it takes well under a millisecond.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _destroy(local, peer)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sockdiag") as pool:
+        return pool.submit(_destroy, local, peer).result()
+
+
+def _destroy(local: tuple[str, int], peer: tuple[str, int]) -> bool:
     family = socket.AF_INET6 if ipaddress.ip_address(local[0]).version == 6 else socket.AF_INET
     req = inet_diag_req()
     req["sdiag_family"] = family
