@@ -18,11 +18,11 @@ import ipaddress
 import os
 import re
 import ssl
-import stat
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from tcpha.config.settings import BE_SETTINGS, FE_SETTINGS, OBSOLETE, SETTINGS, Setting
+from tcpha.secretfile import read_secret_file
 
 __all__ = ["ConfigError", "ServerSpec", "RuleSpec", "FEConfig", "BEConfig", "LOCAL_TARGET",
            "load_fe_config", "load_be_config", "read_authkey", "changed_options",
@@ -380,25 +380,7 @@ def read_authkey(key_path: str) -> bytes:
     private key other users can read: the key authenticates connection handoffs), and fewer than
     MIN_KEY_BYTES bytes after stripping surrounding whitespace.
     """
-    try:
-        fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        hint = f" (create one with: tcpha-keygen {key_path})" if isinstance(exc, FileNotFoundError) else ""
-        raise ValueError(f"cannot read key file {key_path}: {exc.strerror}{hint}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"key file {key_path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            raise ValueError(f"key file {key_path} is accessible by group or others (mode {mode:04o}); "
-                             f"run: chmod 600 {key_path}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(65537)
-    finally:
-        os.close(fd)
-    if len(data) > 65536:
-        raise ValueError(f"key file {key_path} is larger than 64 KiB: not a key file")
+    data = read_secret_file(key_path, "key file")
     key = data.strip(b" \t\r\n")
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"key file {key_path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} are needed "

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
+
+from tcpha.secretfile import read_secret_file
 
 __all__ = ["SessionSealer", "SessionKeyError", "SessionKeyFile", "read_session_keys", "session_key_file",
            "SEAL_OVERHEAD"]
@@ -41,7 +42,6 @@ KEY_ID_BYTES = 4
 NONCE_BYTES = 12
 TAG_BYTES = 16
 SEAL_OVERHEAD = len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES     # 36 bytes per record
-MAX_KEY_FILE = 65536
 
 
 class SessionKeyError(ValueError):
@@ -59,24 +59,9 @@ def read_session_keys(path: str) -> list[bytes]:
     (the keys protect every session's master secret), and any line that is not 64 hex digits.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        hint = f" (create one with: tcpha-keygen {path})" if isinstance(exc, FileNotFoundError) else ""
-        raise SessionKeyError(f"cannot read session key file {path}: {exc.strerror}{hint}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SessionKeyError(f"session key file {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            raise SessionKeyError(f"session key file {path} is accessible by group or others (mode {mode:04o}); "
-                                  f"run: chmod 600 {path}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEY_FILE:
-        raise SessionKeyError(f"session key file {path} is larger than 64 KiB: not a key file")
+        data = read_secret_file(path, "session key file")
+    except ValueError as exc:
+        raise SessionKeyError(str(exc)) from None
     keys: list[bytes] = []
     for lineno, raw in enumerate(data.decode("ascii", "replace").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
