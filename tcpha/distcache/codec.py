@@ -3,8 +3,9 @@
 Nothing here touches a socket: :class:`MessageReader` is fed bytes and returns
 whole :class:`Message` objects (or raises :class:`ProtocolError`), and
 :func:`encode_message` turns a message into the bytes to write.  The rules are
-those of /work/shared/notes/distcache-protocol.md; each check below names the
-rule it implements.
+those of the table in docs/distcache.md ("The protocol codec"), read from the
+original 1.4.x source and checked against its binaries (tests/distcache/
+transcripts); each check below names the rule it implements.
 
 A frame (all integers big-endian, ``struct`` format ``>IBIBBBH``)::
 
