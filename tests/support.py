@@ -53,3 +53,16 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run scripts/install-deps (the tests need it)", pytrace=False)
     return path
+
+
+def fixed_client_port(lab, host: str = "client") -> int:
+    """A source port for a test that binds its client to a fixed port (a client reusing its port).
+
+    Chosen below `host`'s ephemeral range (net.ipv4.ip_local_port_range), which the kernel never hands
+    out to a connect(): a port inside it can be held at that moment by another connection of the same
+    namespace (a module's shared lab), and the bind then fails with EADDRINUSE (seen in CI).
+    """
+    import random
+
+    low = int(lab.sysctl(host, "net.ipv4.ip_local_port_range").split()[0])
+    return random.randrange(10000, low)

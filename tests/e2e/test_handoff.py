@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tcpha.lab.demo import VPORT
-from tests.support import wait_until
+from tests.support import fixed_client_port, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -331,7 +331,7 @@ def test_client_reusing_its_port_keeps_its_new_flow_when_the_old_flow_closed_rep
     4-tuple: it carries the old handoff's id, so the new flow's steering entry stays and the new
     connection's next request is answered (it was reset by the front end before ids existed)."""
     dep = deployment
-    port = 40000 + int.from_bytes(__import__("os").urandom(2), "big") % 20000
+    port = fixed_client_port(dep.lab)
     log_path = dep.lab.log_path("fe", "tcpha-fe")
     log_start = log_path.stat().st_size
     first = _from_port(dep, port)

@@ -16,6 +16,7 @@ import pytest
 from tcpha import repair
 from tcpha.steering import FlowKey, FlowSteering, neighbour_mac
 from tcpha.steering.netns import call_in_netns
+from tests.support import fixed_client_port
 
 pytestmark = pytest.mark.netns
 
@@ -302,7 +303,7 @@ def _connect_from_port(h, port: int) -> socket.socket:
 def test_client_port_reuse_with_stale_entries(handoff_lab, client_capture):
     """A new connection on the 4-tuple of an old one works although the old entries were never removed."""
     h = handoff_lab
-    port = 40123
+    port = fixed_client_port(h.lab)
 
     flow = None
     for be in ("be1", "be2", "be1"):
@@ -350,7 +351,7 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     destroys the dead socket and goes on (tcpha.be.server.restore_handed_off, tcpha.sockdiag)."""
     from tcpha.be.server import restore_handed_off
     h = handoff_lab
-    port = 40321
+    port = fixed_client_port(h.lab)
 
     def socket_states() -> str:
         return h.lab.run("be1", ["ss", "-Htan", f"dport = :{port}"], capture_output=True, text=True).stdout
