@@ -70,10 +70,12 @@ def _master_secrets(keylog: str) -> list[bytes]:
     return [bytes.fromhex(m) for m in re.findall(r"^CLIENT_RANDOM [0-9a-f]+ ([0-9a-f]+)$", keylog, re.M)]
 
 
-@pytest.mark.parametrize("sealed", [True, False])
-def test_persisted_cache_holds_no_master_secret_when_sealed(procs, tls_server, certs, tmp_path, sealed):
-    address, persist = f"UNIX:{tmp_path}/scache", tmp_path / "sessions.db"
-    dc = procs.add(subprocess.Popen(DC_SERVER + ["-listen", address, "-persist", str(persist)],
+def _sessions_across_two_servers(procs, tls_server, certs, tmp_path, dc_args: list[str],
+                                 sealed: bool) -> tuple[list[bytes], subprocess.Popen]:
+    """A dc_server with `dc_args` on a UNIX socket, servers A and B sharing it (TLS 1.2, sealed or not), five
+    sessions made on A and resumed on B: the master secrets the client logged, and the dc_server."""
+    address = f"UNIX:{tmp_path}/scache"
+    dc = procs.add(subprocess.Popen(DC_SERVER + ["-listen", address, *dc_args],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     wait_for(lambda: dc.poll() is not None or _connectable(address), 10, "dc_server")
     keys = _keyfile(tmp_path / "sessionkeys", K1.hex())
@@ -82,16 +84,22 @@ def test_persisted_cache_holds_no_master_secret_when_sealed(procs, tls_server, c
     b = tls_server("B", address, *extra)
     client = client_context(certs, "TLSv1_2")
     client.keylog_filename = str(tmp_path / "keylog")
-    sessions = []
     for _ in range(5):
         first = visit(a.port, client)
         assert not first.reused
         assert visit(b.port, client, first.session).reused      # resumed across servers, through the cache
-        sessions.append(first.session)
-    dc.terminate()
-    dc.wait(10)                                                  # the -persist file is complete
     secrets = _master_secrets((tmp_path / "keylog").read_text())
     assert len(secrets) >= 5
+    return secrets, dc
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_persisted_cache_holds_no_master_secret_when_sealed(procs, tls_server, certs, tmp_path, sealed):
+    persist = tmp_path / "sessions.db"
+    secrets, dc = _sessions_across_two_servers(procs, tls_server, certs, tmp_path, ["-persist", str(persist)],
+                                               sealed)
+    dc.terminate()
+    dc.wait(10)                                                  # the -persist file is complete
     stored = persist.read_bytes()
     found = [s for s in secrets if s in stored]
     if sealed:
@@ -127,21 +135,8 @@ def test_redis_holds_no_master_secret_when_sealed(procs, tls_server, certs, tmp_
     node = RedisNode("127.0.0.1", free_port_block(1), tmp_path / "redis", cluster=False)
     node.start()
     try:
-        address = f"UNIX:{tmp_path}/scache"
-        dc = procs.add(subprocess.Popen(DC_SERVER + ["-listen", address, "-backend", f"redis://{node.address}"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        wait_for(lambda: dc.poll() is not None or _connectable(address), 10, "dc_server on Redis")
-        keys = _keyfile(tmp_path / "sessionkeys", K1.hex())
-        extra = ("--max-version", "TLSv1_2", *(("--session-keys", keys) if sealed else ()))
-        a = tls_server("A", address, *extra)
-        b = tls_server("B", address, *extra)
-        client = client_context(certs, "TLSv1_2")
-        client.keylog_filename = str(tmp_path / "keylog")
-        for _ in range(5):
-            first = visit(a.port, client)
-            assert visit(b.port, client, first.session).reused
-        secrets = _master_secrets((tmp_path / "keylog").read_text())
-        assert len(secrets) >= 5
+        secrets, _ = _sessions_across_two_servers(procs, tls_server, certs, tmp_path,
+                                                  ["-backend", f"redis://{node.address}"], sealed)
         host, port = node.address.rsplit(":", 1)
         r = redis.Redis(host=host, port=int(port))
         held = b"".join((r.dump(k) or b"") + (r.get(k) or b"") for k in r.scan_iter(count=1000))
