@@ -43,6 +43,8 @@ import asyncio
 import logging
 from typing import Any
 
+from tcpha.be.handoff import app_address
+
 log = logging.getLogger("tcpha.be")
 NOTICE = 25
 
@@ -132,7 +134,6 @@ class BackEndReloader:
         return True
 
     def _apply(self, old: Any, new: Any, live: list[str], tls: Any) -> None:
-        from tcpha.be.server import app_address
         be = self.be
         be.config = new
         if getattr(be, "runtime", None) is not None:
@@ -153,9 +154,7 @@ class BackEndReloader:
             log.log(NOTICE, "new connections are relayed to %s:%d", *be.app_addr)
             # The front end's health checker learnt the application port from our Hello on its control
             # connection: close those (they carry no handoffs) so that it reconnects and reads the new one.
-            for session in list(be.sessions):
-                if str(getattr(session, "node_id", "")).startswith("tcpha-fe health"):
-                    session.close()
+            be.handoffs.close_health_sessions()
         self._registration(old, new, live)
 
     def _registration(self, old: Any, new: Any, live: list[str]) -> None:
