@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tcpha.be")
 
-TCP_REPAIR = 19
 # The client's final ACK (for our FIN) still travels through the front end's steering entry:
 UNSENT_CLOSED_MAX = 65536   # FlowClosed kept while no front end is connected (beyond: the FE's timeout)
 # FlowClosed is sent this long after the relay ended so that the entry outlives it.
@@ -65,10 +64,23 @@ def _connected(sock: socket.socket) -> bool:
 def discard_silently(sock: socket.socket) -> None:
     """Close a restored socket without a FIN or RST reaching the client (repair mode close)."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        repair.silence(sock)
     except OSError:
         pass
     sock.close()
+
+
+def discard_relay_silently(relay: SpliceRelay) -> None:
+    """Close a relay whose client connection is not ours (any more) without a FIN or RST reaching the
+    client, and without a FlowClosed (`discarded`): the flow is not, or no longer, steered here."""
+    relay.discarded = True
+    client = getattr(relay, "client", None) or getattr(relay, "sock", None)
+    if client is not None:
+        try:
+            repair.silence(client)
+        except OSError:
+            pass
+    relay.close()
 
 
 def restore_handed_off(state: repair.TcpState,
@@ -348,12 +360,7 @@ class HandoffReceiver:
                     continue
             except OSError:
                 continue
-            relay.discarded = True
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)   # close without FIN or RST
-            except OSError:
-                pass
-            relay.close()
+            discard_relay_silently(relay)
             return True
         return False
 
@@ -382,14 +389,7 @@ class HandoffReceiver:
         timer.cancel()
         log.warning("handoff %d from %s: %s; the restored connection is dropped silently (the front end "
                     "kept it)", xid, session.peer, why)
-        relay.discarded = True                       # no FlowClosed: the flow was never steered here
-        client = getattr(relay, "client", None) or getattr(relay, "sock", None)
-        if client is not None:
-            try:
-                client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)   # close without FIN or RST
-            except OSError:
-                pass
-        relay.close()
+        discard_relay_silently(relay)                # no FlowClosed: the flow was never steered here
 
     def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay,
                      xid: int = 0) -> None:

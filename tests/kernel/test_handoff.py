@@ -187,7 +187,7 @@ def test_rollback_keeps_connection_on_fe(handoff_lab, client_capture):
         state = repair.dump(conn)
         assert state.recv_queue == req
         # ... the back end "refused": take the connection back.
-        repair.release(conn)
+        repair.resume(conn)
         h.steering.thaw(flow)
         assert h.steering.frozen_entries() == 0
         # ... and the retransmitted bytes now reach the FE, after the request, exactly once.
