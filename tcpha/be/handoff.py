@@ -53,6 +53,14 @@ def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
     return host, int(redirectport)
 
 
+def backend_hello(config: Any, *, mac: str | None, app_port: int) -> control.Hello:
+    """The back end's Hello, on its control sessions and on its registration (tcpha.be.registrar): who it
+    is, where it listens for front ends, its LAN MAC, the application's port and its VIP."""
+    return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
+                         addr=config.raddr, port=int(config.port), mac=mac or "", app_port=app_port,
+                         vaddr=config.vaddr)
+
+
 def _connected(sock: socket.socket) -> bool:
     try:
         sock.getpeername()
@@ -236,9 +244,7 @@ class HandoffReceiver:
     # -- messages --------------------------------------------------------------------------------
     def greeting(self) -> Any:
         be = self.backend
-        return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                             addr=be.config.raddr, port=be.config.port, mac=be.lan_mac or "",
-                             app_port=be.app_addr[1], vaddr=be.vip)
+        return backend_hello(be.config, mac=be.lan_mac, app_port=be.app_addr[1])
 
     def on_message(self, session: ControlSession, msg: Any) -> None:
         if isinstance(msg, control.Handoff):

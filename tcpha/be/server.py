@@ -23,7 +23,9 @@ from typing import Any, Callable
 from tcpha.be.handoff import ControlSession, HandoffReceiver, app_address
 from tcpha.be.kernelstate import KernelState, vip_held_elsewhere
 from tcpha.be.relay import SpliceRelay
-from tcpha.be.runtime import start_be_runtime, start_registrar
+from tcpha.be.registrar import Registrar, start_registrar
+from tcpha.be.reload import BackEndReloader
+from tcpha.be.runtime import BackEndRuntime, start_be_runtime
 from tcpha.be.samehost import SameHostListener
 from tcpha.be.tls import TlsTermination
 from tcpha.metrics import MetricsServer, backend_exposition
@@ -66,6 +68,9 @@ class BackEnd:
         self.tls: TlsTermination | None = None
         self.stopping = False                     # SIGTERM: handoffs refused, relays given `grace`
         self.metrics_server: Any = None
+        self.runtime: BackEndRuntime | None = None      # control directory (tcpha.be.runtime)
+        self.registrar: Registrar | None = None         # dregister (tcpha.be.registrar)
+        self.reloader: BackEndReloader | None = None    # SIGHUP (tcpha.be.reload)
 
     def start_relay(self, client: socket.socket, app: socket.socket,
                     on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
@@ -145,8 +150,6 @@ class BackEnd:
             # Control directory (sys/unload, sys/dbglevel, conn) and dregister (docs/operations.md).
             self.runtime = start_be_runtime(self)
             self.registrar = start_registrar(self)
-            if self.runtime is not None:
-                self.runtime.registrar = self.registrar
             await self._start_metrics()
             if self.on_ready is not None:
                 self.on_ready()
@@ -168,7 +171,7 @@ class BackEnd:
 
     def metrics_text(self) -> str:
         s = self.stats
-        registrar = getattr(self, "registrar", None)
+        registrar = self.registrar
         return backend_exposition(handoffs=s.handoffs, refused=s.refused, fdpassed=s.fdpassed,
                                   control_errors=s.control_errors, relayed=len(self.relays),
                                   front_ends=len(self.sessions),
@@ -180,7 +183,7 @@ class BackEnd:
         disconnected so that it marks us down), and let the connections being relayed end by themselves
         for up to ``grace`` seconds; a second SIGTERM ends the wait. What is left is then closed."""
         self.stopping = True
-        if getattr(self, "registrar", None) is not None:
+        if self.registrar is not None:
             await self.registrar.stop()               # Unregister: the front end stops sending at once
             self.registrar = None
         if self._server is not None:
@@ -212,9 +215,9 @@ class BackEnd:
             self._stop.set()
 
     async def _shutdown(self) -> None:
-        if getattr(self, "registrar", None) is not None:
+        if self.registrar is not None:
             await self.registrar.stop()               # Unregister: the front end stops sending at once
-        if getattr(self, "runtime", None) is not None:
+        if self.runtime is not None:
             self.runtime.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
