@@ -15,6 +15,7 @@ from typing import Any
 
 from tcpha import control
 from tcpha.be.handoff import backend_hello
+from tcpha.config import register_rules
 
 log = logging.getLogger("tcpha.be.registrar")
 NOTICE = 25
@@ -63,7 +64,6 @@ class _Session(asyncio.Protocol):
 
 class Registrar:
     def __init__(self, config: Any, *, app_port: int, mac: Any):
-        from tcpha.config import register_rules
         self.config = config
         self.authkey = config.authkey
         self.app_port = app_port
@@ -81,7 +81,6 @@ class Registrar:
     def update(self, config: Any, *, app_port: int) -> bool:
         """A reloaded config: new rules / application port, sent again on the live registration (the front
         end replaces what it had); True if sent now, else the next registration carries them."""
-        from tcpha.config import register_rules
         self.config = config
         self.rules = register_rules(config)
         self.app_port = app_port

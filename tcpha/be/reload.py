@@ -46,6 +46,8 @@ from typing import Any
 from tcpha.be.handoff import app_address
 from tcpha.be.registrar import start_registrar
 from tcpha.be.tls import TlsSetupError, TlsTermination
+from tcpha.config import ConfigError, dbglevel_to_logging, load_be_config
+from tcpha.config.settings import reload_plan
 
 log = logging.getLogger("tcpha.be")
 NOTICE = 25
@@ -59,7 +61,6 @@ _REGISTRATION = ("dregister", "feaddr", "feport")
 def plan(old: Any, new: Any) -> tuple[list[str], list[str]]:
     """(applied live, needs a restart): the attributes of the changed options of two loaded configs, as
     the settings table declares them (tcpha.config.settings.reload_plan)."""
-    from tcpha.config.settings import reload_plan
     live, restart = reload_plan("be", old, new)
     return [s.attr for s in live], [s.attr for s in restart]
 
@@ -93,7 +94,6 @@ class BackEndReloader:
             self.notify("READY=1")
 
     async def _reload(self) -> bool:
-        from tcpha.config import ConfigError, load_be_config
         be = self.be
         old = be.config
         loop = asyncio.get_running_loop()
@@ -141,7 +141,6 @@ class BackEndReloader:
             from tcpha.cli.service import setup_logging
             setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
-            from tcpha.config import dbglevel_to_logging
             logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
             if be.runtime is not None:
                 be.runtime.dbglevel = new.dbglevel

@@ -13,6 +13,7 @@ objects are made in its event loop (``run_coroutine_threadsafe``), never from th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,8 @@ import time
 from typing import Any
 
 from tcpha.be.reload import BackEndReloader
+from tcpha.config import dbglevel_to_logging
+from tcpha.config.settings import in_force_form, settings_for
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
 
@@ -55,7 +58,6 @@ class BackEndRuntime:
         return asyncio.run_coroutine_threadsafe(call(), self.be.loop).result(5)
 
     def set_dbglevel(self, level: int) -> None:
-        from tcpha.config import dbglevel_to_logging
         self.dbglevel = level
         logging.getLogger().setLevel(dbglevel_to_logging(level))
         log.log(NOTICE, "dbglevel set to %d", level)
@@ -105,7 +107,6 @@ class BackEndRuntime:
         use it where there is one (the listening socket, the application address, the registrar, the TLS
         termination, the control plane, the metrics endpoint); else from the running config, which the back
         end reads at use (grace, sessiontimeout) and in which a reload keeps a restart-only option's value."""
-        from tcpha.config.settings import in_force_form, settings_for
 
         def read() -> dict[str, Any]:
             be = self.be
@@ -133,7 +134,6 @@ class BackEndRuntime:
         return self._in_loop(read)
 
     def settings_text(self) -> str:
-        import json
         return "\n".join(f"{name} = {json.dumps(value)}" for name, value in self.settings_in_force().items())
 
     def status_text(self) -> str:

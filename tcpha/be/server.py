@@ -12,6 +12,7 @@ the connections being relayed, the counters and the metrics endpoint, and compos
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import logging
 import os
 import signal
@@ -120,7 +121,6 @@ class BackEnd:
         try:
             profile = os.environ.get("TCPHA_PROFILE")       # bench/handoff: where the CPU goes
             if profile:
-                import cProfile
                 prof = cProfile.Profile()
                 try:
                     prof.runcall(asyncio.run, self.serve())
