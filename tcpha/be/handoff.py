@@ -39,7 +39,7 @@ UNSENT_CLOSED_MAX = 65536   # FlowClosed kept while no front end is connected (b
 FLOWCLOSED_DELAY = 0.5
 # Longest wait for the front end's Steered. Without it the front end took the connection back (its
 # handofftimeout expired before our Restored arrived) or died before steering the flow here: the
-# restored socket is then closed silently, never released (two hosts answering one client would
+# restored socket is then closed silently, never relayed (two hosts answering one client would
 # corrupt its stream). A front end that got Restored steers the flow within milliseconds.
 STEER_WAIT = 5.0
 NOTICE = 25
@@ -92,20 +92,21 @@ def discard_relay_silently(relay: SpliceRelay) -> None:
 
 
 def restore_handed_off(state: repair.TcpState,
-                       release_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None,
+                       discard_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None,
                        *, announce: bool = True) -> socket.socket:
     """repair.restore; when an earlier connection's socket on the same 4-tuple is in the way
     (EADDRNOTAVAIL: the client reuses its port while that socket lingers here), it goes first and the
-    restore is tried again. `release_own(local, peer)` releases it when it is one of ours (a relay still
-    holding it); any other socket is destroyed through the kernel (tcpha.sockdiag). `announce`: as in
-    repair.restore (the back end announces the socket itself once the flow is steered here)."""
+    restore is tried again. `discard_own(local, peer)` closes it silently when it is one of ours (a
+    relay still holding it); any other socket is destroyed through the kernel (tcpha.sockdiag).
+    `announce`: as in repair.restore (the back end announces the socket itself once the flow is steered
+    here)."""
     try:
         return repair.restore(state, announce=announce)
     except OSError as e:
         if e.errno != errno.EADDRNOTAVAIL:
             raise
         local, peer = (state.local[0], state.local[1]), (state.peer[0], state.peer[1])
-        if release_own is not None and release_own(local, peer):
+        if discard_own is not None and discard_own(local, peer):
             how = "released (its relay ended, no FlowClosed: the 4-tuple is the new connection's now)"
         else:
             try:
@@ -293,7 +294,7 @@ class HandoffReceiver:
         try:
             # Silent until Steered: a window probe now would draw the client's answer into the front
             # end's freeze (docs/kernel.md, "the freeze window").
-            client = restore_handed_off(state, self._release_stale_relay, announce=False)
+            client = restore_handed_off(state, self._discard_stale_relay, announce=False)
         except OSError as e:
             return refuse(f"restore failed: {e.strerror or e}")
         except Exception as e:
@@ -354,7 +355,7 @@ class HandoffReceiver:
                                              f"no Steered within {STEER_WAIT:g} s")
         session.unsteered[xid] = (relay, timer)
 
-    def _release_stale_relay(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
+    def _discard_stale_relay(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
         """A relay of ours still holds a client socket on this 4-tuple (its client's last packets never
         came: they went to the front end after the flow's entry was gone). The client has started a new
         connection from the same port, so that one is dead: close it silently, without FlowClosed (which
