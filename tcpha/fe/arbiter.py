@@ -34,6 +34,8 @@ import socket
 import time
 from typing import Any, Callable
 
+from pyroute2 import IPRoute
+
 from tcpha.fe.pool import SparePolicy
 from tcpha.fe.runtime import start_runtime
 from tcpha.fe.upgrade import take_over
@@ -55,7 +57,6 @@ SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 def interface_holding(addr: str) -> str:
     """The name of the interface that holds `addr` (RuntimeError if none does)."""
-    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         for msg in ipr.get_addr(family=socket.AF_INET):
             if msg.get_attr("IFA_ADDRESS") == addr:
@@ -65,7 +66,6 @@ def interface_holding(addr: str) -> str:
 
 def lan_interface(config: Any) -> str:
     """The interface named by `interface`, else the one holding raddr, else the one routing to vaddr."""
-    from pyroute2 import IPRoute
     name = getattr(config, "interface", None)
     if name and name != "auto":
         return name
