@@ -16,9 +16,10 @@ import socket
 from typing import Any
 
 from tcpha import control
+from tcpha.config import register_rules
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.be.registrar")
-NOTICE = 25
 
 
 class _Session(asyncio.Protocol):
@@ -66,7 +67,6 @@ class _Session(asyncio.Protocol):
 
 class Registrar:
     def __init__(self, config: Any, *, app_port: int, mac: Any):
-        from tcpha.config import register_rules
         self.config = config
         self.authkey = config.authkey
         self.app_port = app_port
@@ -84,7 +84,6 @@ class Registrar:
     def update(self, config: Any, *, app_port: int) -> bool:
         """A reloaded config: new rules / application port, sent again on the live registration (the front
         end replaces what it had); True if sent now, else the next registration carries them."""
-        from tcpha.config import register_rules
         self.config = config
         self.rules = register_rules(config)
         self.app_port = app_port
@@ -135,3 +134,12 @@ class Registrar:
             s.send(control.Unregister(addr=self.config.raddr, port=int(self.config.port), reason="back end stopping"))
             s.transport.close()
             await asyncio.sleep(0)
+
+
+def start_registrar(be: Any) -> Any:
+    """The back end's Registrar, started, when `dregister` is on (else None)."""
+    if not getattr(be.config, "dregister", False):
+        return None
+    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
+    r.start()
+    return r

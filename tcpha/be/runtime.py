@@ -19,11 +19,16 @@ import signal
 import time
 from typing import Any
 
+from tcpha.be.registrar import start_registrar
+from tcpha.be.reload import BackEndReloader
+from tcpha.config.settings import in_force_form, settings_for
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
 
+__all__ = ["BackEndRuntime", "start_be_runtime", "start_registrar"]
+
 log = logging.getLogger("tcpha.be.runtime")
-NOTICE = 25
 
 
 class BackEndRuntime:
@@ -56,7 +61,6 @@ class BackEndRuntime:
         return asyncio.run_coroutine_threadsafe(call(), self.be.loop).result(5)
 
     def set_dbglevel(self, level: int) -> None:
-        from tcpha.config import dbglevel_to_logging
         self.dbglevel = level
         logging.getLogger().setLevel(dbglevel_to_logging(level))
         log.log(NOTICE, "dbglevel set to %d", level)
@@ -105,7 +109,6 @@ class BackEndRuntime:
         use it where there is one (the listening socket, the application address, the registrar, the TLS
         termination, the control plane, the metrics endpoint); else from the running config, which the back
         end reads at use (grace, sessiontimeout) and in which a reload keeps a restart-only option's value."""
-        from tcpha.config.settings import in_force_form, settings_for
 
         def read() -> dict[str, Any]:
             be = self.be
@@ -154,7 +157,6 @@ class _RegisteredRule:
 def start_be_runtime(be: Any) -> BackEndRuntime | None:
     """Control directory + registrar; control-directory problems are logged, never fatal."""
     try:   # SIGHUP: re-read the file and apply what can change live (tcpha.be.reload)
-        from tcpha.be.reload import BackEndReloader
         be.reloader = BackEndReloader(be)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, be.reloader.on_sighup)
     except (RuntimeError, ValueError):
@@ -166,12 +168,3 @@ def start_be_runtime(be: Any) -> BackEndRuntime | None:
         log.error("control directory %s not available: %s (running without control files)", be.config.rundir, e)
         rt = None  # type: ignore[assignment]
     return rt
-
-
-def start_registrar(be: Any) -> Any:
-    if not getattr(be.config, "dregister", False):
-        return None
-    from tcpha.be.registrar import Registrar
-    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
-    r.start()
-    return r

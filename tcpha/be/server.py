@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tcpha import control, repair, sockdiag
-from tcpha.be.relay import SpliceRelay
+from tcpha.fdpass import FDPASS_MAGIC
+from tcpha.relay import SpliceRelay
 from tcpha.be.tls import TlsTermination
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.be")
 
@@ -43,17 +45,6 @@ FLOWCLOSED_DELAY = 0.5
 # corrupt its stream). A front end that got Restored steers the flow within milliseconds.
 STEER_WAIT = 5.0
 NFT_TABLE = "tcpha_be"
-# Header of a same-host fd-passing message: magic, listening port of the front end (for logs).
-FDPASS_MAGIC = b"TCPHAFD1"
-NOTICE = 25
-
-
-def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
-    """redirectaddr 0.0.0.0 (the default) means the application on this host."""
-    host = redirectaddr or "0.0.0.0"
-    if host in ("0.0.0.0", "*"):
-        host = "127.0.0.1"
-    return host, int(redirectport)
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -273,7 +264,7 @@ class BackEnd:
         self.config = config
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.app_addr = app_address(config.redirectaddr, config.redirectport)
+        self.app_addr = config.app_address
         self.lan_mac: str | None = None
         self.maxclients: int = config.maxclients
         self.unix_path: str | None = config.unixpath
@@ -554,10 +545,9 @@ class BackEnd:
     def install_kernel_state(self) -> None:
         """The VIP as a /32 on lo, and ARP filtering so that this host never answers for it."""
         from tcpha import steering
-        from tcpha.fe.arbiter import interface_holding
         ifname = self.config.interface
         if not ifname or ifname == "auto":
-            ifname = interface_holding(self.config.raddr)
+            ifname = steering.interface_holding(self.config.raddr)
         try:
             with open(f"/sys/class/net/{ifname}/address") as f:
                 self.lan_mac = f.read().strip()

@@ -27,6 +27,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.be.tls")
 
 HANDSHAKE_TIMEOUT = 10.0     # a client that does not finish its handshake in this time is dropped
@@ -116,7 +118,7 @@ class TlsTermination:
         if not shared:
             # Without the shared cache: OpenSSL's own cache (this process only) and TLS 1.3 tickets.
             ctx.num_tickets = 1
-        log.log(25, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
+        log.log(NOTICE, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
                 cert, (f"shared through {cache}"
                        + (" over TLS" if _cache_setting(config, "sessioncachecafile") else "")
                        + (f", sealed with {getattr(config, 'sessionkeys', None)}"

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
-                               set_socket_attributes)
+from tcpha.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
+                           set_socket_attributes)
 from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, invalid, octal, strtoul
 from tcpha.distcache.address import AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore

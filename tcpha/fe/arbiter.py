@@ -25,22 +25,14 @@ import socket
 import time
 from typing import Any, Callable
 
+from tcpha.steering import interface_holding
+
 log = logging.getLogger("tcpha.fe")
 
 NFT_TABLE = "tcpha_fe"
 IP_FREEBIND = 15
 RESPAWN_MIN_INTERVAL = 1.0
 DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent nothing yet
-
-
-def interface_holding(addr: str) -> str:
-    """The name of the interface that holds `addr` (RuntimeError if none does)."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            if msg.get_attr("IFA_ADDRESS") == addr:
-                return ipr.get_links(msg["index"])[0].get_attr("IFLA_IFNAME")
-    raise RuntimeError(f"raddr {addr} is not an address of this host")
 
 
 def lan_interface(config: Any) -> str:

@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.fe.health")
-NOTICE = 25
 MAX_WEIGHT = 256
 
 

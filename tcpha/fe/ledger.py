@@ -20,8 +20,6 @@ from tcpha.metrics import WorkerMetrics
 
 log = logging.getLogger("tcpha.fe.handoff")
 
-LOCAL = "local"
-
 
 @dataclass(slots=True)
 class FlowRecord:

@@ -13,9 +13,10 @@ import logging
 import socket
 from typing import Any
 
-log = logging.getLogger("tcpha.fe.localnode")
+from tcpha.config import LOCAL_TARGET as LOCAL
+from tcpha.relay import SpliceRelay
 
-LOCAL = "local"
+log = logging.getLogger("tcpha.fe.localnode")
 
 
 def serve_locally(worker: Any, d: Any) -> bool:
@@ -23,7 +24,6 @@ def serve_locally(worker: Any, d: Any) -> bool:
     node = getattr(worker.config, "local_node", None)
     if node is None:
         return False
-    from tcpha.be.relay import SpliceRelay
     app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         app.settimeout(0.5)     # an application on this host: connected at once, or refused at once

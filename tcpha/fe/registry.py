@@ -18,9 +18,9 @@ import time
 from typing import Any
 
 from tcpha import control
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.fe.registry")
-NOTICE = 25
 KEEPALIVE_MISSES = 3
 
 

@@ -35,9 +35,9 @@ from typing import Any
 from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.fe.runtime")
-NOTICE = 25
 HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
 
 

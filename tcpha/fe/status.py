@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.fe.status")
-NOTICE = 25
 
 HISTORY_SECONDS = 600                     # the chart and the rates look this far back
 HANDOFF_OUTCOMES = ("handed_off", "passed", "local")

@@ -28,8 +28,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.fe.upgrade")
-NOTICE = 25
 
 
 @dataclass
