@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha.loglevels import NOTICE
+from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
+from tcpha.tls import session_cache_stats, share_sessions
 
 log = logging.getLogger("tcpha.be.tls")
 
@@ -55,7 +57,6 @@ def _cache_setting(config: Any, name: str) -> str | None:
 def cache_tls(config: Any):
     """The ClientTls for the sessioncache link, or None (plaintext); TlsSetupError (one line naming
     the setting) when the files cannot be used."""
-    from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
     try:
         return ClientTls.from_options(TlsOptions(*(_cache_setting(config, n) for n in _CACHE_TLS_SETTINGS.values())))
     except TlsError as exc:
@@ -84,7 +85,6 @@ class TlsTermination:
         """(lookups, hits) of the shared session cache: offered sessions looked up, and resumed."""
         if not self.shared:
             return 0, 0
-        from tcpha.tls import session_cache_stats
         stats = session_cache_stats(self.context) or {}
         return int(stats.get("lookups", 0)), int(stats.get("hits", 0))
 
@@ -108,7 +108,6 @@ class TlsTermination:
         cache = getattr(config, "sessioncache", None) or None
         shared = False
         if cache:
-            from tcpha.tls import share_sessions
             timeout = int(getattr(config, "sessiontimeout", 300) or 300)
             # False after one log line when the shim's self-checks fail: TLS still works, unshared.
             keys = getattr(config, "sessionkeys", None)

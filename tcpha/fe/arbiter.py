@@ -16,7 +16,6 @@ idle workers, 1 to 32 in all (tcpha.fe.pool.SparePolicy decides; docs/operations
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select

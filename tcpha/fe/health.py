@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha.loglevels import NOTICE
+from tcpha import control
 
 log = logging.getLogger("tcpha.fe.health")
 MAX_WEIGHT = 256
@@ -170,7 +171,6 @@ class _ControlProbe(asyncio.Protocol):
     """A persistent control connection used only for Ping/Pong."""
 
     def __init__(self, key: bytes, raddr: str, vip: str, on_flow_closed: Callable[[Any], None] | None = None):
-        from tcpha import control
         self.on_flow_closed = on_flow_closed
         self.control = control
         self.conn = control.ControlConnection(key, role="fe")

@@ -19,6 +19,8 @@ from typing import Any
 
 from tcpha import control
 from tcpha.loglevels import NOTICE
+from tcpha.config import compile_rule
+from tcpha.fe.health import CheckTarget
 
 log = logging.getLogger("tcpha.fe.registry")
 KEEPALIVE_MISSES = 3
@@ -118,7 +120,6 @@ class RegistrationListener:
             s.abort()
 
     def register(self, session: RegistrationSession, msg: Any) -> tuple[bool, str]:
-        from tcpha.config import compile_rule
         rt = self.runtime
         name = f"{msg.addr}:{msg.port}"
         if msg.addr != session.peer_ip:
@@ -144,7 +145,6 @@ class RegistrationListener:
         be.up = True
         rt.add_backend_files(name)
         if rt.prober is not None:
-            from tcpha.fe.health import CheckTarget
             rt.prober.add(CheckTarget(name, "tcp", msg.addr, int(msg.port), None, int(msg.app_port or 0)))
 
         async def tell() -> None:

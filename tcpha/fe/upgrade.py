@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpha.loglevels import NOTICE
+from tcpha import fdpass
+from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
+from tcpha.runtime.plane import socket_path
 
 log = logging.getLogger("tcpha.fe.upgrade")
 
@@ -43,9 +46,6 @@ class Takeover:
 
 def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
-    from tcpha import fdpass
-    from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
-    from tcpha.runtime.plane import socket_path
     rundir = str(config.rundir).rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
