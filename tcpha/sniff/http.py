@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 
 from .incomplete import NeedMore
 
-__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "normalise_path",
-           "error_response", "REASONS"]
+__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "normalise_path"]
 
 
 class HeadError(Exception):
@@ -359,19 +358,3 @@ def _body_framing(headers: list[tuple[bytes, bytes]], minor: int) -> tuple[int |
     if len(values) != 1:
         raise HeadError(400, "conflicting Content-Length values")
     return values.pop(), False
-
-
-REASONS = {
-    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-    431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
-
-
-def error_response(status: int, detail: str = "") -> bytes:
-    """The complete response the front end writes before closing: ``Connection: close``, a short text body."""
-    reason = REASONS.get(status, "Error")
-    body = f"{status} {reason}\n".encode("ascii") if not detail else f"{status} {reason}: {detail}\n".encode(
-        "ascii", "replace")
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("ascii") + body
