@@ -90,11 +90,11 @@ class TlsTermination:
 
     @classmethod
     def from_config(cls, config: Any) -> "TlsTermination | None":
-        cert = getattr(config, "tlscert", None)
+        cert = config.tlscert
         if not cert:
             return None
-        key = getattr(config, "tlskey", None) or None
-        ports = frozenset(int(p) for p in (getattr(config, "tlsports", None) or [443]))
+        key = config.tlskey
+        ports = frozenset(config.tlsports)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -105,12 +105,12 @@ class TlsTermination:
             raise TlsSetupError(f"tlscert {cert}" + (f" / tlskey {key}" if key else "") +
                                 f": cannot load the certificate and key: {e}") from None
         ctx.set_alpn_protocols(["http/1.1"])     # the relay speaks to an HTTP/1.1 application
-        cache = getattr(config, "sessioncache", None) or None
+        cache = config.sessioncache
         shared = False
         if cache:
-            timeout = int(getattr(config, "sessiontimeout", 300) or 300)
+            timeout = int(config.sessiontimeout)          # whole seconds: OpenSSL's session timeout
             # False after one log line when the shim's self-checks fail: TLS still works, unshared.
-            keys = getattr(config, "sessionkeys", None)
+            keys = config.sessionkeys
             shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout,
                                     sealer=keys.sealer() if keys is not None else None,
                                     tls=cache_tls(config))
@@ -120,8 +120,7 @@ class TlsTermination:
         log.log(NOTICE, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
                 cert, (f"shared through {cache}"
                        + (" over TLS" if _cache_setting(config, "sessioncachecafile") else "")
-                       + (f", sealed with {getattr(config, 'sessionkeys', None)}"
-                          if getattr(config, "sessionkeys", None) else ", not sealed"))
+                       + (f", sealed with {config.sessionkeys}" if config.sessionkeys else ", not sealed"))
                 if shared else "not shared (no sessioncache)" if not cache
                 else f"NOT shared (the shim refused; see above), cache {cache}")
         return cls(context=ctx, ports=ports, shared=shared, cache=cache)

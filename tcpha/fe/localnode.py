@@ -21,7 +21,7 @@ log = logging.getLogger("tcpha.fe.localnode")
 
 def serve_locally(worker: Any, d: Any) -> bool:
     """Relay Dispatch `d` to the local application; False when there is none or it cannot be reached."""
-    node = getattr(worker.config, "local_node", None)
+    node = worker.config.local_node
     if node is None:
         return False
     app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -110,8 +110,8 @@ class RegistrationListener:
     async def start(self) -> None:
         c = self.runtime.config
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: RegistrationSession(self), c.raddr, int(c.registerport), reuse_address=True)
-        log.info("accepting dregister back ends on %s:%d", c.raddr, int(c.registerport))
+            lambda: RegistrationSession(self), c.raddr, c.registerport, reuse_address=True)
+        log.info("accepting dregister back ends on %s:%d", c.raddr, c.registerport)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -46,7 +46,7 @@ class Takeover:
 
 def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
-    rundir = str(config.rundir).rstrip("/")
+    rundir = config.rundir.rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
