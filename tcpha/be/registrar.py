@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from typing import Any
 
 from tcpha import control
+from tcpha.be.handoff import backend_hello
 from tcpha.config import register_rules
 from tcpha.loglevels import NOTICE
 
@@ -34,9 +33,7 @@ class _Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         r = self.registrar
-        self.send(control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                                addr=r.config.raddr, port=r.config.port, mac=r.mac() or "",
-                                app_port=r.app_port, vaddr=r.config.vaddr))
+        self.send(backend_hello(r.config, mac=r.mac(), app_port=r.app_port))
         # Register goes once the front end's Hello is in (the frame keys need both nonces).
 
     def send(self, msg: Any) -> None:
@@ -136,8 +133,8 @@ class Registrar:
             await asyncio.sleep(0)
 
 
-def start_registrar(be: Any) -> Any:
-    """The back end's Registrar, started, when `dregister` is on (else None)."""
+def start_registrar(be: Any) -> Registrar | None:
+    """The back end's registrar when ``dregister`` is set (started), else None."""
     if not be.config.dregister:
         return None
     r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)

@@ -135,13 +135,11 @@ class BackEndReloader:
     def _apply(self, old: Any, new: Any, live: list[str], tls: Any) -> None:
         be = self.be
         be.config = new
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.config = new
         if "logfile" in live:
             setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
             logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
-            if getattr(be, "runtime", None) is not None:
+            if be.runtime is not None:
                 be.runtime.dbglevel = new.dbglevel
         be.maxclients = new.maxclients
         be.tls = tls
@@ -151,14 +149,12 @@ class BackEndReloader:
             log.log(NOTICE, "new connections are relayed to %s:%d", *be.app_addr)
             # The front end's health checker learnt the application port from our Hello on its control
             # connection: close those (they carry no handoffs) so that it reconnects and reads the new one.
-            for session in list(be.sessions):
-                if str(getattr(session, "node_id", "")).startswith("tcpha-fe health"):
-                    session.close()
+            be.handoffs.close_health_sessions()
         self._registration(old, new, live)
 
     def _registration(self, old: Any, new: Any, live: list[str]) -> None:
         be = self.be
-        registrar = getattr(be, "registrar", None)
+        registrar = be.registrar
         if any(c in live for c in _REGISTRATION):
             if registrar is not None:
                 asyncio.ensure_future(registrar.stop())          # Unregister from the old front end
@@ -167,5 +163,3 @@ class BackEndReloader:
             if registrar.update(new, app_port=be.app_addr[1]):
                 log.log(NOTICE, "registration with %s sent again (%d rules, application port %d)",
                         registrar.fe_name, len(registrar.rules), be.app_addr[1])
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.registrar = be.registrar

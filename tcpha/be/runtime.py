@@ -1,4 +1,4 @@
-"""The back end's control directory (RUNDIR, default /run/tcpha/be) and dynamic registration.
+"""The back end's control directory (RUNDIR, default /run/tcpha/be), and the SIGHUP reloader it starts.
 
     sys/unload     write 1: stop like SIGTERM
     sys/dbglevel   0-6
@@ -19,14 +19,13 @@ import signal
 import time
 from typing import Any
 
-from tcpha.be.registrar import start_registrar
 from tcpha.be.reload import BackEndReloader
 from tcpha.config.settings import in_force_form, settings_for
 from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
 
-__all__ = ["BackEndRuntime", "start_be_runtime", "start_registrar"]
+__all__ = ["BackEndRuntime", "start_be_runtime"]
 
 log = logging.getLogger("tcpha.be.runtime")
 
@@ -34,10 +33,8 @@ log = logging.getLogger("tcpha.be.runtime")
 class BackEndRuntime:
     def __init__(self, be: Any):
         self.be = be
-        self.config = be.config
         self.dbglevel = be.config.dbglevel
         self.started = time.time()
-        self.registrar: Any = None
         self.tree = ControlTree()
         t = self.tree
         t.add(ControlFile("sys/unload", lambda: "0", bool_setter(self.unload, "unload"), "write 1 to stop"))
@@ -46,8 +43,8 @@ class BackEndRuntime:
         t.add(ControlFile("conn", self.conn_text, None, "connections relayed now", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "state and counters", data=self.status_data))
         t.add(ControlFile("settings", self.settings_text, None, "options in force", data=self.settings_in_force))
-        self.plane = ControlPlane(rundir=self.config.rundir, tree=t, name="tcpha-be",
-                                  use_fuse=self.config.usefuse)
+        self.plane = ControlPlane(rundir=be.config.rundir, tree=t, name="tcpha-be",
+                                  use_fuse=be.config.usefuse)
 
     def start(self) -> None:
         self.plane.start()
@@ -98,8 +95,9 @@ class BackEndRuntime:
     def status_data(self) -> dict:
         s = self.be.stats
         reg = None
-        if self.registrar is not None:
-            reg = {"frontend": self.registrar.fe_name, "registered": self.registrar.registered}
+        registrar = self.be.registrar
+        if registrar is not None:
+            reg = {"frontend": registrar.fe_name, "registered": registrar.registered}
         return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1), "handoffs": s.handoffs,
                 "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
                 "active": s.active, "registration": reg}
@@ -124,7 +122,7 @@ class BackEndRuntime:
             server = getattr(be, "_server", None)
             if server is not None and server.sockets:
                 values["raddr"], values["port"] = server.sockets[0].getsockname()[:2]
-            registrar = getattr(be, "registrar", None)
+            registrar = be.registrar
             values["dregister"] = registrar is not None
             if registrar is not None:
                 values["feaddr"], _, feport = registrar.fe_name.rpartition(":")
@@ -155,7 +153,7 @@ class _RegisteredRule:
 
 
 def start_be_runtime(be: Any) -> BackEndRuntime | None:
-    """Control directory + registrar; control-directory problems are logged, never fatal."""
+    """The SIGHUP reloader and the control directory; control-directory problems are logged, never fatal."""
     try:   # SIGHUP: re-read the file and apply what can change live (tcpha.be.reload)
         be.reloader = BackEndReloader(be)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, be.reloader.on_sighup)

@@ -331,7 +331,7 @@ class Dispatch:
 
     def _rollback(self) -> None:
         try:
-            repair.release(self.sock)
+            repair.resume(self.sock)
         except OSError as e:
             # The connection cannot be taken back: it is lost for this client.
             self._thaw()
