@@ -49,7 +49,7 @@ def backend_hello(config: Any, *, mac: str | None, app_port: int) -> control.Hel
     """The back end's Hello, on its control sessions and on its registration (tcpha.be.registrar): who it
     is, where it listens for front ends, its LAN MAC, the application's port and its VIP."""
     return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                         addr=config.raddr, port=int(config.port), mac=mac or "", app_port=app_port,
+                         addr=config.raddr, port=config.port, mac=mac or "", app_port=app_port,
                          vaddr=config.vaddr)
 
 

@@ -38,6 +38,7 @@ from tcpha.fe.pool import SparePolicy
 from tcpha.fe.runtime import start_runtime
 from tcpha.fe.upgrade import take_over
 from tcpha.fe.worker import Worker
+from tcpha.loglevels import NOTICE
 from tcpha.steering import FlowSteering, VipAddress, interface_holding
 
 log = logging.getLogger("tcpha.fe")
@@ -56,10 +57,10 @@ SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 def lan_interface(config: Any) -> str:
     """The interface named by `interface`, else the one holding raddr, else the one routing to vaddr."""
     from pyroute2 import IPRoute
-    name = getattr(config, "interface", None)
+    name = config.interface
     if name and name != "auto":
         return name
-    raddr = getattr(config, "raddr", "0.0.0.0")
+    raddr = config.raddr
     if raddr and raddr != "0.0.0.0":
         return interface_holding(raddr)
     with IPRoute() as ipr:
@@ -114,7 +115,7 @@ class FrontEnd:
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
         return FlowSteering(table=self.table, ifname=self.ifname, vip=self.config.vaddr,
-                            ports=list(self.config.ports), flow_timeout=float(self.config.flowtimeout))
+                            ports=list(self.config.ports), flow_timeout=self.config.flowtimeout)
 
     def install(self) -> None:
         self.ifname = lan_interface(self.config)
@@ -123,10 +124,10 @@ class FrontEnd:
         self.steering = self.make_steering()
         self.steering.install()
         if getattr(self.steering, "adopted", False):
-            log.log(25, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
+            log.log(NOTICE, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
                     "%d handed-off flows", self.config.vaddr, self.ifname, self.table, self._entries())
         else:
-            log.log(25, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
+            log.log(NOTICE, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
                     self.ifname, self.table)
 
     def _entries(self) -> int:
@@ -145,7 +146,7 @@ class FrontEnd:
                 log.error("removing the %s failed: %s", what, e)
         self.steering = None
         self.vip_address = None
-        log.log(25, "kernel state removed")
+        log.log(NOTICE, "kernel state removed")
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -153,7 +154,7 @@ class FrontEnd:
         try:
             takeover = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
             self.install()
-            backlog = max(1024, int(self.config.maxclients) * 4)
+            backlog = max(1024, self.config.maxclients * 4)
             self.listeners = (takeover.listeners if takeover is not None
                               else listen_sockets(self.config.vaddr, list(self.config.ports), backlog))
         except Exception as e:
@@ -164,9 +165,9 @@ class FrontEnd:
         # The control socket changes hands at once; the predecessor releases its control directory
         # once it has exited.
         self.runtime = start_runtime(self, predecessor=takeover,
-                                     wait_free=(float(self.config.grace) + 10) if takeover is not None else 0)
+                                     wait_free=(self.config.grace + 10) if takeover is not None else 0)
         try:
-            if int(self.config.startservers) <= 1:
+            if self.config.startservers <= 1:
                 self._run_single()
             else:
                 self._run_arbiter()
@@ -177,7 +178,7 @@ class FrontEnd:
             for s, _ in self.listeners:
                 s.close()
             if self.handed_over:
-                log.log(25, "handed over to a new tcpha-fe: kernel state left to it")
+                log.log(NOTICE, "handed over to a new tcpha-fe: kernel state left to it")
             else:
                 self.remove()
         return 0
@@ -200,7 +201,7 @@ class FrontEnd:
     # -- arbiter ---------------------------------------------------------------------------------
     def _run_arbiter(self) -> None:
         self.install_signal_handlers()
-        n = int(self.config.startservers)
+        n = self.config.startservers
         for number in range(n):
             self._spawn(number)
         self.notify("READY=1")
@@ -282,7 +283,7 @@ class FrontEnd:
                 continue
             if pid in self._retiring:
                 self._retiring.discard(pid)
-                log.log(25, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
+                log.log(NOTICE, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
                 continue
             log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
             wait = self._last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
@@ -302,7 +303,7 @@ class FrontEnd:
                 os.kill(pid, stop_signal)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + float(getattr(self.config, "grace", 30) or 0) + 5
+        deadline = time.monotonic() + self.config.grace + 5
         while self.workers and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.02)
@@ -323,17 +324,17 @@ class FrontEnd:
             log.debug("worker pool: no answer from the workers: %s", e)
             return
         busy = {pid: n for pid, n in busy.items() if pid in self.workers and pid not in self._retiring}
-        policy = SparePolicy(int(self.config.minspareservers), int(self.config.maxspareservers))
+        policy = SparePolicy(self.config.minspareservers, self.config.maxspareservers)
         step = policy.decide(list(busy.values()))
         idle = sum(1 for n in busy.values() if n == 0)
         if step > 0:
             number = max(self.workers.values(), default=-1) + 1
-            log.log(25, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
                     idle, len(busy), policy.minspare, number)
             self._spawn(number)
         elif step < 0:
             pid = max(p for p, n in busy.items() if n == 0)
-            log.log(25, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
                     idle, len(busy), policy.maxspare, self.workers[pid], pid)
             self._retiring.add(pid)
             if not self.runtime.stop_worker(pid):
