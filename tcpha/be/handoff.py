@@ -26,7 +26,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from tcpha import control, repair, sockdiag
-from tcpha.be.relay import SpliceRelay
+from tcpha.loglevels import NOTICE
+from tcpha.relay import SpliceRelay
 
 if TYPE_CHECKING:
     from tcpha.be.server import BackEnd
@@ -42,22 +43,13 @@ FLOWCLOSED_DELAY = 0.5
 # restored socket is then closed silently, never relayed (two hosts answering one client would
 # corrupt its stream). A front end that got Restored steers the flow within milliseconds.
 STEER_WAIT = 5.0
-NOTICE = 25
-
-
-def app_address(redirectaddr: str, redirectport: int) -> tuple[str, int]:
-    """redirectaddr 0.0.0.0 (the default) means the application on this host."""
-    host = redirectaddr or "0.0.0.0"
-    if host in ("0.0.0.0", "*"):
-        host = "127.0.0.1"
-    return host, int(redirectport)
 
 
 def backend_hello(config: Any, *, mac: str | None, app_port: int) -> control.Hello:
     """The back end's Hello, on its control sessions and on its registration (tcpha.be.registrar): who it
     is, where it listens for front ends, its LAN MAC, the application's port and its VIP."""
     return control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                         addr=config.raddr, port=int(config.port), mac=mac or "", app_port=app_port,
+                         addr=config.raddr, port=config.port, mac=mac or "", app_port=app_port,
                          vaddr=config.vaddr)
 
 

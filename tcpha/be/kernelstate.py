@@ -15,11 +15,11 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from tcpha import steering
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.be")
 
 NFT_TABLE = "tcpha_be"
-NOTICE = 25
 
 
 def vip_held_elsewhere(vip: str) -> bool:
@@ -44,10 +44,9 @@ class KernelState:
 
     def install(self) -> None:
         """The VIP as a /32 on lo, and ARP filtering so that this host never answers for it."""
-        from tcpha.fe.arbiter import interface_holding
         ifname = self.interface
         if not ifname or ifname == "auto":
-            ifname = interface_holding(self.raddr)
+            ifname = steering.interface_holding(self.raddr)
         try:
             with open(f"/sys/class/net/{ifname}/address") as f:
                 self.lan_mac = f.read().strip()

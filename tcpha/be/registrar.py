@@ -16,9 +16,9 @@ from typing import Any
 from tcpha import control
 from tcpha.be.handoff import backend_hello
 from tcpha.config import register_rules
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.be.registrar")
-NOTICE = 25
 
 
 class _Session(asyncio.Protocol):
@@ -75,7 +75,7 @@ class Registrar:
         self.registered = False
 
     def register_message(self) -> Any:
-        return control.Register(addr=self.config.raddr, port=int(self.config.port), mac=self.mac() or "",
+        return control.Register(addr=self.config.raddr, port=self.config.port, mac=self.mac() or "",
                                 rules=tuple(self.rules), weight=1, app_port=self.app_port)
 
     def update(self, config: Any, *, app_port: int) -> bool:
@@ -97,10 +97,10 @@ class Registrar:
         loop = asyncio.get_running_loop()
         complained = False
         while True:
-            retry = float(self.config.registerretry)      # read each time: a reload may change it
+            retry = self.config.registerretry      # read each time: a reload may change it
             try:
                 _, session = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Session(self), self.config.feaddr, int(self.config.feport),
+                    lambda: _Session(self), self.config.feaddr, self.config.feport,
                     local_addr=(self.config.raddr, 0)), timeout=max(1.0, retry))
                 self.session = session
                 answer = await asyncio.wait_for(session.answer, timeout=5.0)
@@ -128,14 +128,14 @@ class Registrar:
             self._task.cancel()
         s = self.session
         if s is not None and s.transport is not None and not s.transport.is_closing():
-            s.send(control.Unregister(addr=self.config.raddr, port=int(self.config.port), reason="back end stopping"))
+            s.send(control.Unregister(addr=self.config.raddr, port=self.config.port, reason="back end stopping"))
             s.transport.close()
             await asyncio.sleep(0)
 
 
 def start_registrar(be: Any) -> Registrar | None:
     """The back end's registrar when ``dregister`` is set (started), else None."""
-    if not getattr(be.config, "dregister", False):
+    if not be.config.dregister:
         return None
     r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
     r.start()

@@ -43,14 +43,14 @@ import asyncio
 import logging
 from typing import Any
 
-from tcpha.be.handoff import app_address
 from tcpha.be.registrar import start_registrar
 from tcpha.be.tls import TlsSetupError, TlsTermination
-from tcpha.config import ConfigError, dbglevel_to_logging, load_be_config
+from tcpha.config import ConfigError, load_be_config
 from tcpha.config.settings import reload_plan
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
+from tcpha.service import sd_notify, setup_logging
 
 log = logging.getLogger("tcpha.be")
-NOTICE = 25
 
 # How live changes are applied (which of them is live is the settings table's to say).
 _TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys", "sessioncachecafile",
@@ -70,9 +70,7 @@ class BackEndReloader:
 
     def __init__(self, be: Any, notify: Any = None):
         self.be = be
-        if notify is None:
-            from tcpha.cli.service import sd_notify as notify
-        self.notify = notify
+        self.notify = sd_notify if notify is None else notify
         self._running = False
 
     def on_sighup(self) -> None:
@@ -138,7 +136,6 @@ class BackEndReloader:
         be = self.be
         be.config = new
         if "logfile" in live:
-            from tcpha.cli.service import setup_logging
             setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
             logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
@@ -148,7 +145,7 @@ class BackEndReloader:
         be.tls = tls
         app_moved = "redirectaddr" in live or "redirectport" in live
         if app_moved:
-            be.app_addr = app_address(new.redirectaddr, new.redirectport)
+            be.app_addr = new.app_address
             log.log(NOTICE, "new connections are relayed to %s:%d", *be.app_addr)
             # The front end's health checker learnt the application port from our Hello on its control
             # connection: close those (they carry no handoffs) so that it reconnects and reads the new one.

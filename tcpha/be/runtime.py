@@ -21,13 +21,14 @@ import time
 from typing import Any
 
 from tcpha.be.reload import BackEndReloader
-from tcpha.config import dbglevel_to_logging
 from tcpha.config.settings import in_force_form, settings_for
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
 
+__all__ = ["BackEndRuntime", "start_be_runtime"]
+
 log = logging.getLogger("tcpha.be.runtime")
-NOTICE = 25
 
 
 class BackEndRuntime:

@@ -17,15 +17,13 @@ import struct
 from typing import TYPE_CHECKING
 
 from tcpha import fdpass
-from tcpha.be.relay import SpliceRelay
+from tcpha.fdpass import FDPASS_MAGIC
+from tcpha.relay import SpliceRelay
 
 if TYPE_CHECKING:
     from tcpha.be.server import BackEnd
 
 log = logging.getLogger("tcpha.be")
-
-# Header of a same-host fd-passing message: magic, listening port of the front end (for logs).
-FDPASS_MAGIC = b"TCPHAFD1"
 
 
 class FdPassSession:

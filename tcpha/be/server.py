@@ -21,19 +21,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tcpha.be.handoff import ControlSession, HandoffReceiver, app_address
+from tcpha.be.handoff import ControlSession, HandoffReceiver
 from tcpha.be.kernelstate import KernelState, vip_held_elsewhere
-from tcpha.be.relay import SpliceRelay
 from tcpha.be.registrar import Registrar, start_registrar
 from tcpha.be.reload import BackEndReloader
 from tcpha.be.runtime import BackEndRuntime, start_be_runtime
 from tcpha.be.samehost import SameHostListener
 from tcpha.be.tls import TlsTermination
+from tcpha.loglevels import NOTICE
 from tcpha.metrics import MetricsServer, backend_exposition
+from tcpha.relay import SpliceRelay
 
 log = logging.getLogger("tcpha.be")
 
-NOTICE = 25
 
 
 @dataclass
@@ -52,7 +52,7 @@ class BackEnd:
         self.config = config
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.app_addr = app_address(config.redirectaddr, config.redirectport)
+        self.app_addr = config.app_address
         self.maxclients: int = config.maxclients
         self.unix_path: str | None = config.unixpath
         self.kernel = kernel

@@ -40,7 +40,8 @@ from tcpha.fe.pool import SparePolicy
 from tcpha.fe.runtime import start_runtime
 from tcpha.fe.upgrade import take_over
 from tcpha.fe.worker import Worker
-from tcpha.steering import FlowSteering, VipAddress
+from tcpha.loglevels import NOTICE
+from tcpha.steering import FlowSteering, VipAddress, interface_holding
 
 log = logging.getLogger("tcpha.fe")
 
@@ -55,21 +56,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 
-def interface_holding(addr: str) -> str:
-    """The name of the interface that holds `addr` (RuntimeError if none does)."""
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            if msg.get_attr("IFA_ADDRESS") == addr:
-                return ipr.get_links(msg["index"])[0].get_attr("IFLA_IFNAME")
-    raise RuntimeError(f"raddr {addr} is not an address of this host")
-
-
 def lan_interface(config: Any) -> str:
     """The interface named by `interface`, else the one holding raddr, else the one routing to vaddr."""
-    name = getattr(config, "interface", None)
+    name = config.interface
     if name and name != "auto":
         return name
-    raddr = getattr(config, "raddr", "0.0.0.0")
+    raddr = config.raddr
     if raddr and raddr != "0.0.0.0":
         return interface_holding(raddr)
     with IPRoute() as ipr:
@@ -124,7 +116,7 @@ class FrontEnd:
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
         return FlowSteering(table=self.table, ifname=self.ifname, vip=self.config.vaddr,
-                            ports=list(self.config.ports), flow_timeout=float(self.config.flowtimeout))
+                            ports=list(self.config.ports), flow_timeout=self.config.flowtimeout)
 
     def install(self) -> None:
         self.ifname = lan_interface(self.config)
@@ -133,10 +125,10 @@ class FrontEnd:
         self.steering = self.make_steering()
         self.steering.install()
         if getattr(self.steering, "adopted", False):
-            log.log(25, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
+            log.log(NOTICE, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
                     "%d handed-off flows", self.config.vaddr, self.ifname, self.table, self._entries())
         else:
-            log.log(25, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
+            log.log(NOTICE, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
                     self.ifname, self.table)
 
     def _entries(self) -> int:
@@ -155,7 +147,7 @@ class FrontEnd:
                 log.error("removing the %s failed: %s", what, e)
         self.steering = None
         self.vip_address = None
-        log.log(25, "kernel state removed")
+        log.log(NOTICE, "kernel state removed")
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -163,7 +155,7 @@ class FrontEnd:
         try:
             takeover = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
             self.install()
-            backlog = max(1024, int(self.config.maxclients) * 4)
+            backlog = max(1024, self.config.maxclients * 4)
             self.listeners = (takeover.listeners if takeover is not None
                               else listen_sockets(self.config.vaddr, list(self.config.ports), backlog))
         except Exception as e:
@@ -174,9 +166,9 @@ class FrontEnd:
         # The control socket changes hands at once; the predecessor releases its control directory
         # once it has exited.
         self.runtime = start_runtime(self, predecessor=takeover,
-                                     wait_free=(float(self.config.grace) + 10) if takeover is not None else 0)
+                                     wait_free=(self.config.grace + 10) if takeover is not None else 0)
         try:
-            if int(self.config.startservers) <= 1:
+            if self.config.startservers <= 1:
                 self._run_single()
             else:
                 self._run_arbiter()
@@ -187,7 +179,7 @@ class FrontEnd:
             for s, _ in self.listeners:
                 s.close()
             if self.handed_over:
-                log.log(25, "handed over to a new tcpha-fe: kernel state left to it")
+                log.log(NOTICE, "handed over to a new tcpha-fe: kernel state left to it")
             else:
                 self.remove()
         return 0
@@ -210,7 +202,7 @@ class FrontEnd:
     # -- arbiter ---------------------------------------------------------------------------------
     def _run_arbiter(self) -> None:
         self.install_signal_handlers()
-        n = int(self.config.startservers)
+        n = self.config.startservers
         for number in range(n):
             self._spawn(number)
         self.notify("READY=1")
@@ -292,7 +284,7 @@ class FrontEnd:
                 continue
             if pid in self._retiring:
                 self._retiring.discard(pid)
-                log.log(25, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
+                log.log(NOTICE, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
                 continue
             log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
             wait = self._last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
@@ -312,7 +304,7 @@ class FrontEnd:
                 os.kill(pid, stop_signal)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + float(getattr(self.config, "grace", 30) or 0) + 5
+        deadline = time.monotonic() + self.config.grace + 5
         while self.workers and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.02)
@@ -333,17 +325,17 @@ class FrontEnd:
             log.debug("worker pool: no answer from the workers: %s", e)
             return
         busy = {pid: n for pid, n in busy.items() if pid in self.workers and pid not in self._retiring}
-        policy = SparePolicy(int(self.config.minspareservers), int(self.config.maxspareservers))
+        policy = SparePolicy(self.config.minspareservers, self.config.maxspareservers)
         step = policy.decide(list(busy.values()))
         idle = sum(1 for n in busy.values() if n == 0)
         if step > 0:
             number = max(self.workers.values(), default=-1) + 1
-            log.log(25, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
                     idle, len(busy), policy.minspare, number)
             self._spawn(number)
         elif step < 0:
             pid = max(p for p, n in busy.items() if n == 0)
-            log.log(25, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
                     idle, len(busy), policy.maxspare, self.workers[pid], pid)
             self._retiring.add(pid)
             if not self.runtime.stop_worker(pid):

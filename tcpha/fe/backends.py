@@ -20,6 +20,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tcpha import control
+from tcpha.fdpass import FDPASS_MAGIC
+from tcpha.loglevels import NOTICE
 
 if TYPE_CHECKING:  # pragma: no cover
     from tcpha.fe.worker import Worker
@@ -28,8 +30,6 @@ log = logging.getLogger("tcpha.fe.backends")
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
-FDPASS_MAGIC = b"TCPHAFD1"           # must match tcpha.be.samehost.FDPASS_MAGIC
-NOTICE = 25
 
 
 class ControlLink(asyncio.Protocol):

@@ -28,19 +28,18 @@ import signal
 import time
 from typing import Any, Awaitable, Callable
 
-from tcpha.config import dbglevel_to_logging
 from tcpha.config.settings import in_force_form, settings_for
 from tcpha.fe.health import HealthProber, HealthTable
 from tcpha.fe.orphans import KernelFlows, OrphanTable
 from tcpha.fe.status import StatusHistory, build_status, sample_of
 from tcpha.fe.workerlinks import WorkerLink
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.metrics import WorkerMetrics, exposition
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
 from tcpha.steering import FlowKey
 
 log = logging.getLogger("tcpha.fe.runtime")
-NOTICE = 25
 
 
 def file_name(backend: str) -> str:

@@ -30,16 +30,12 @@ from typing import TYPE_CHECKING, Any
 from tcpha import repair
 from tcpha.fe.localnode import LOCAL, serve_locally
 from tcpha.fe.responses import error_response
+from tcpha.sniff.tls import HANDSHAKE_FAILURE_ALERT
 
 if TYPE_CHECKING:  # pragma: no cover
     from tcpha.fe.worker import Worker
 
 log = logging.getLogger("tcpha.fe.dispatch")
-
-try:
-    from tcpha.sniff.tls import HANDSHAKE_FAILURE_ALERT
-except ImportError:  # pragma: no cover - RFC 8446 6: alert record, fatal(2), handshake_failure(40)
-    HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 1, 0, 2, 2, 40))
 
 
 def _tls_default_facts() -> Any:
@@ -397,14 +393,6 @@ class Dispatch:
         w.stats.handoffs += 1
         w.ledger.handed_off(self, self.backend.name, outcome="passed")
         w.dispatch_done(self)
-
-    def _describe(self) -> str:
-        f = self.facts
-        if f is None:
-            return "-"
-        if f.uri is not None:
-            return f.uri.decode("latin-1")[:80]
-        return f"sni {f.sni}"
 
     # -- answering and closing here --------------------------------------------------------------
     def _answer(self, status: int, why: str) -> None:

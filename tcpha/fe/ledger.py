@@ -17,10 +17,10 @@ from typing import Any
 
 from tcpha.fe.balance import SmoothWRR
 from tcpha.metrics import WorkerMetrics
+from tcpha.fe.rules import RuleTable
+from tcpha.fe.status import printable_head
 
 log = logging.getLogger("tcpha.fe.handoff")
-
-LOCAL = "local"
 
 
 @dataclass(slots=True)
@@ -63,7 +63,6 @@ class ConnectionLedger:
             del self.flows[key]
 
     def set_rules(self, rules: list[Any]) -> None:
-        from tcpha.fe.rules import RuleTable
         by_target: dict[str, list[tuple[Any, Any, str]]] = {}
         for rule in rules:
             by_target.setdefault(rule.target, []).append((rule, RuleTable([rule]), rule_text(rule)))
@@ -176,7 +175,6 @@ class ConnectionLedger:
 
 def _peek_head(d: Any) -> str:
     """The start of what the client sent (still in the socket: it was only peeked), as printable text."""
-    from tcpha.fe.status import printable_head
     try:
         return printable_head(d.sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except (OSError, AttributeError):

@@ -15,13 +15,13 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
-from tcpha.config import ConfigError, dbglevel_to_logging, load_fe_config
+from tcpha.config import ConfigError, load_fe_config
 from tcpha.config.settings import reload_plan
 from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
 
 log = logging.getLogger("tcpha.fe.runtime")
-NOTICE = 25
 
 
 class Reload:

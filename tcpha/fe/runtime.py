@@ -80,7 +80,7 @@ class FrontEndRuntime(ControlFiles, WorkerLinks, Reload, Handover):
             self.metrics_server = StatusHttpServer(
                 tuple(c.metrics), metrics=self.metrics_text_async, status=self.status_document_async,
                 admin=self.page_admin,       # statsadmin is read at each request: a reload turns it on/off
-                key=lambda: self.config.authkey if getattr(self.config, "statsadmin", False) else None)
+                key=lambda: self.config.authkey if self.config.statsadmin else None)
             try:
                 await self.metrics_server.start()
             except OSError as e:
@@ -117,5 +117,5 @@ def start_runtime(fe: Any, *, wait_free: float = 0.0, predecessor: Any = None) -
         return rt
     except Exception as e:
         log.error("control directory %s not available: %s (running without control files, health checks "
-                  "and metrics)", getattr(fe.config, "rundir", "?"), e)
+                  "and metrics)", fe.config.rundir, e)
         return None

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from tcpha import fdpass
+from tcpha.loglevels import NOTICE
 from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
 from tcpha.runtime.plane import socket_path
 
 log = logging.getLogger("tcpha.fe.upgrade")
-NOTICE = 25
 HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
 
 
@@ -54,7 +54,7 @@ class Takeover:
 
 def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
-    rundir = str(config.rundir).rstrip("/")
+    rundir = config.rundir.rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)

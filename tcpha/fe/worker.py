@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha import control
-from tcpha.fe.backends import NOTICE, LocalBackend, RemoteBackend
+from tcpha.fe.backends import LocalBackend, RemoteBackend
 from tcpha.fe.dispatch import Dispatch
+from tcpha.loglevels import NOTICE
+from tcpha.sniff import http as sniff_http, tls as sniff_tls
+from tcpha.sniff.incomplete import NeedMore
 
 log = logging.getLogger("tcpha.fe.worker")
 
@@ -37,24 +40,10 @@ class WorkerStats:
     answered: dict[int, int] = field(default_factory=dict)
 
 
-class _NoHead(Exception):
-    status = 400
-
-
 def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException], ...], Any]:
     """The sniff-rules helper's parsers: (parse_request_head, looks_like_tls, parse_client_hello, errors, NeedMore)."""
-    from tcpha.sniff import http as sniff_http
-    from tcpha.sniff.incomplete import NeedMore
-    errors: list[type[BaseException]] = [sniff_http.HeadError]
-    try:
-        from tcpha.sniff import tls as sniff_tls
-        looks_like_tls = sniff_tls.looks_like_tls
-        parse_hello = sniff_tls.parse_client_hello
-        errors.append(getattr(sniff_tls, "TlsHelloError", _NoHead))
-    except ImportError:                                       # pragma: no cover - until tls sniffing lands
-        looks_like_tls = lambda buf: bool(buf) and buf[0] == 0x16  # noqa: E731
-        parse_hello = None
-    return sniff_http.parse_request_head, looks_like_tls, parse_hello, tuple(errors), NeedMore
+    return (sniff_http.parse_request_head, sniff_tls.looks_like_tls, sniff_tls.parse_client_hello,
+            (sniff_http.HeadError, sniff_tls.TlsHelloError), NeedMore)
 
 
 # The nft transactions run in the loop by default; TCPHA_STEERING_THREAD=1 runs them in the steering
@@ -634,10 +623,3 @@ class Worker:
         self.batch.close()
         log.info("%s: stopped (%d handoffs, %d refused, %d unmatched)", self.name, self.stats.handoffs,
                  self.stats.refused, self.stats.nomatch)
-
-
-def _kwargs(msg: Any) -> dict:
-    from dataclasses import fields, is_dataclass
-    if is_dataclass(msg):
-        return {f.name: getattr(msg, f.name) for f in fields(msg)}
-    return {}
