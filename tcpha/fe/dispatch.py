@@ -1,16 +1,18 @@
-"""One accepted connection on its way to a back end.
+"""One accepted connection on its way to a back end: the I/O of each step.
 
-Its states and their transitions are tcpha.control.handoff's (FeConnection, FE_TRANSITIONS): this module
-does the I/O of each step and feeds the state machine the events.
+The connection's states (PEEKING, ROUTING, FREEZING, HANDOFF_SENT, FORWARDING, STEERED, and the final
+PASSED, LOCAL, ANSWERED, CLOSED) and which event leads where are tcpha.control.handoff's table
+(FE_TRANSITIONS); each step here feeds the state machine its event (Dispatch.handoff). What a Dispatch
+uses of its worker is tcpha.fe.host.DispatchHost.
 
-    accepted -> peek (MSG_PEEK: the bytes stay in the socket) -> parse head / ClientHello
-      -> rules -> candidates in order
-         -> same host:  SCM_RIGHTS to the local tcpha-be                         -> done
-         -> other host: freeze flow, dump (repair mode), Handoff over a control link
-              -> Restored: forward flow to the back end's MAC, Steered, close silently -> done
-              -> Refused / timeout / link lost: release repair, thaw, next candidate
-         -> the local node (redirectaddr), for 'local' rules and what no back end takes
-      -> no candidate left / no rule matches: 503 written here, then close
+    peek (MSG_PEEK: the bytes stay in the socket), parse head / ClientHello, match the rules, then the
+    candidates in order:
+         same host:  SCM_RIGHTS to the local tcpha-be
+         other host: freeze flow, dump (repair mode), Handoff over a control link; Restored: forward the
+                     flow to the back end's MAC, Steered, close silently; Refused / timeout / link lost:
+                     release repair, thaw, next candidate
+         the local node (redirectaddr), for 'local' rules and what no back end takes
+      no candidate left / no rule matches: 503 written here, then close
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
     waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
     bad head -> 400/414; head not complete within peektimeout -> 408
