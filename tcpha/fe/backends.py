@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tcpha import control, fdpass, steering
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tcpha.fe.worker import Worker
+    from tcpha.fe.host import BackendHost
 
 log = logging.getLogger("tcpha.fe.backends")
 
@@ -216,7 +216,7 @@ class ControlLink(asyncio.Protocol):
 class RemoteBackend:
     kind = "tcp"
 
-    def __init__(self, worker: "Worker", host: str, port: int, connperbe: int):
+    def __init__(self, worker: "BackendHost", host: str, port: int, connperbe: int):
         self.worker = worker
         self.host = host
         self.port = port
@@ -297,7 +297,7 @@ class LocalBackend:
 
     kind = "unix"
 
-    def __init__(self, worker: "Worker", path: str):
+    def __init__(self, worker: "BackendHost", path: str):
         self.worker = worker
         self.path = path
         self.name = f"unix:{path}"
@@ -378,7 +378,7 @@ def backend_keys(spec: Any) -> list[str]:
     return [spec.name] if spec.kind == "unix" else [spec.name, spec.host]
 
 
-def build_backends(worker: "Worker", specs: list[Any], connperbe: int,
+def build_backends(worker: "BackendHost", specs: list[Any], connperbe: int,
                    known: dict[str, Any] | None = None) -> dict[str, Any]:
     """Back ends for the config's `server` lines, by each of their names (backend_keys). One `known`
     already under one of its names (a reload) is kept; a new one is made and, when `known` is given,

@@ -1,8 +1,8 @@
-"""What a Dispatch (tcpha.fe.dispatch) needs from the worker that accepted its connection, and the
-worker's head sniffer.
+"""What a Dispatch (tcpha.fe.dispatch) and the back ends with their control links (tcpha.fe.backends)
+need from their worker, and the worker's head sniffer.
 
-DispatchHost is the whole of it: a Dispatch touches nothing else of the worker (tcpha.fe.worker.Worker
-provides it). Keeping it this small keeps the handoff path readable: the steps of a connection are in
+DispatchHost and BackendHost are the whole of it: they touch nothing else of the worker
+(tcpha.fe.worker.Worker provides both), and neither module imports the worker. Keeping it this small keeps the handoff path readable: the steps of a connection are in
 dispatch.py, its states in tcpha.control.handoff, and the worker only accepts, counts and batches.
 """
 
@@ -89,3 +89,22 @@ class DispatchHost(Protocol):
     def head_done(self, d: Any) -> None: ...
 
     def dispatch_done(self, d: Any) -> None: ...
+
+
+class BackendHost(Protocol):
+    """The worker as its back ends and control links see it."""
+
+    loop: asyncio.AbstractEventLoop
+    config: Any                              # raddr: the source address of control connections
+    authkey: bytes
+    name: str
+    vip: str
+    ifname: str                              # where back ends' MAC addresses are looked up
+    handofftimeout: float
+    stats: Any
+    ledger: "ConnectionLedger"
+    handoffs: "FrontEndHandoffs[Any, Any]"   # which handoffs are open on a link, which fail with it
+
+    def on_control_message(self, link: Any, msg: Any) -> None: ...
+
+    def queue_flush(self, link: Any) -> None: ...

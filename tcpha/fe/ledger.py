@@ -17,6 +17,7 @@ from typing import Any
 
 from tcpha.control.handoff import flow_closed_applies
 from tcpha.fe.balance import SmoothWRR
+from tcpha.fe.rules import RuleTable
 from tcpha.metrics import WorkerMetrics
 
 log = logging.getLogger("tcpha.fe.handoff")
@@ -64,7 +65,6 @@ class ConnectionLedger:
             del self.flows[key]
 
     def set_rules(self, rules: list[Any]) -> None:
-        from tcpha.fe.rules import RuleTable
         by_target: dict[str, list[tuple[Any, Any, str]]] = {}
         for rule in rules:
             by_target.setdefault(rule.target, []).append((rule, RuleTable([rule]), rule_text(rule)))
