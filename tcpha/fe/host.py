@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tcpha.fe.rules import RequestFacts
 from tcpha.sniff import http as sniff_http
@@ -80,7 +80,7 @@ class DispatchHost(Protocol):
     handoffs: "FrontEndHandoffs[Any, Any]"   # xids and their states (tcpha.control.handoff)
     lingering: dict[int, Any]                # fd -> Dispatch draining after an answer
 
-    flow_key: Callable[[tuple[str, int], int], Any]
+    def flow_key(self, peer: tuple[str, int], lport: int) -> Any: ...
 
     def fail_handoff(self, xid: int, reason: str, event: "FeEvent") -> None: ...
 
