@@ -126,7 +126,7 @@ class SteeringBatch:
             return e
         return None
 
-    def _do_forward(self, flows: list[tuple[Any, str]]) -> Exception | None:
+    def _do_forward(self, flows: list[tuple[Any, str, int]]) -> Exception | None:
         try:
             self.worker.steering.forward_many(flows)
         except Exception as e:
