@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from typing import Any
 
 from tcpha import control
+from tcpha.be.handoff import backend_hello
 
 log = logging.getLogger("tcpha.be.registrar")
 NOTICE = 25
@@ -33,9 +32,7 @@ class _Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         r = self.registrar
-        self.send(control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                                addr=r.config.raddr, port=int(r.config.port), mac=r.mac() or "",
-                                app_port=r.app_port, vaddr=r.config.vaddr))
+        self.send(backend_hello(r.config, mac=r.mac(), app_port=r.app_port))
         # Register goes once the front end's Hello is in (the frame keys need both nonces).
 
     def send(self, msg: Any) -> None:
@@ -135,3 +132,12 @@ class Registrar:
             s.send(control.Unregister(addr=self.config.raddr, port=int(self.config.port), reason="back end stopping"))
             s.transport.close()
             await asyncio.sleep(0)
+
+
+def start_registrar(be: Any) -> Registrar | None:
+    """The back end's registrar when ``dregister`` is set (started), else None."""
+    if not getattr(be.config, "dregister", False):
+        return None
+    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
+    r.start()
+    return r

@@ -43,6 +43,10 @@ import asyncio
 import logging
 from typing import Any
 
+from tcpha.be.handoff import app_address
+from tcpha.be.registrar import start_registrar
+from tcpha.be.tls import TlsSetupError, TlsTermination
+
 log = logging.getLogger("tcpha.be")
 NOTICE = 25
 
@@ -111,7 +115,6 @@ class BackEndReloader:
         # Everything that can fail is prepared first: a failure leaves the running configuration alone.
         tls = be.tls
         if any(c in live for c in _TLS):
-            from tcpha.be.tls import TlsSetupError, TlsTermination
             try:
                 tls = await loop.run_in_executor(None, TlsTermination.from_config, new)
             except TlsSetupError as e:
@@ -132,18 +135,15 @@ class BackEndReloader:
         return True
 
     def _apply(self, old: Any, new: Any, live: list[str], tls: Any) -> None:
-        from tcpha.be.server import app_address
         be = self.be
         be.config = new
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.config = new
         if "logfile" in live:
             from tcpha.cli.service import setup_logging
             setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
             from tcpha.config import dbglevel_to_logging
             logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
-            if getattr(be, "runtime", None) is not None:
+            if be.runtime is not None:
                 be.runtime.dbglevel = new.dbglevel
         be.maxclients = new.maxclients
         be.tls = tls
@@ -153,15 +153,12 @@ class BackEndReloader:
             log.log(NOTICE, "new connections are relayed to %s:%d", *be.app_addr)
             # The front end's health checker learnt the application port from our Hello on its control
             # connection: close those (they carry no handoffs) so that it reconnects and reads the new one.
-            for session in list(be.sessions):
-                if str(getattr(session, "node_id", "")).startswith("tcpha-fe health"):
-                    session.close()
+            be.handoffs.close_health_sessions()
         self._registration(old, new, live)
 
     def _registration(self, old: Any, new: Any, live: list[str]) -> None:
-        from tcpha.be.runtime import start_registrar
         be = self.be
-        registrar = getattr(be, "registrar", None)
+        registrar = be.registrar
         if any(c in live for c in _REGISTRATION):
             if registrar is not None:
                 asyncio.ensure_future(registrar.stop())          # Unregister from the old front end
@@ -170,5 +167,3 @@ class BackEndReloader:
             if registrar.update(new, app_port=be.app_addr[1]):
                 log.log(NOTICE, "registration with %s sent again (%d rules, application port %d)",
                         registrar.fe_name, len(registrar.rules), be.app_addr[1])
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.registrar = be.registrar

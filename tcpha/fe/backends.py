@@ -32,7 +32,7 @@ log = logging.getLogger("tcpha.fe.backends")
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
-FDPASS_MAGIC = b"TCPHAFD1"           # must match tcpha.be.server.FDPASS_MAGIC
+FDPASS_MAGIC = b"TCPHAFD1"           # must match tcpha.be.samehost.FDPASS_MAGIC
 NOTICE = 25
 
 
@@ -186,7 +186,7 @@ class ControlLink(asyncio.Protocol):
 
     def close(self) -> "asyncio.Future[None] | None":
         """Close gracefully: write what is queued, then half-close (FIN) and go on reading until the
-        back end closes its side (it does once it has read our FIN: tcpha.be.server.ControlSession.
+        back end closes its side (it does once it has read our FIN: tcpha.be.handoff.ControlSession.
         eof_received). Closing outright while the back end's FlowClosed reports sit unread in our
         receive queue would make the kernel answer with RST (RFC 1122 4.2.2.13: close with unread
         data), and an RST may destroy our last frames, a Steered among them, before the back end has

@@ -10,7 +10,7 @@ uses of its worker is tcpha.fe.host.DispatchHost.
          same host:  SCM_RIGHTS to the local tcpha-be
          other host: freeze flow, dump (repair mode), Handoff over a control link; Restored: forward the
                      flow to the back end's MAC, Steered, close silently; Refused / timeout / link lost:
-                     release repair, thaw, next candidate
+                     resume (repair off), thaw, next candidate
          the local node (redirectaddr), for 'local' rules and what no back end takes
       no candidate left / no rule matches: 503 written here, then close
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
@@ -353,7 +353,7 @@ class Dispatch:
 
     def _rollback(self) -> None:
         try:
-            repair.release(self.sock)
+            repair.resume(self.sock)
         except OSError as e:
             # The connection cannot be taken back: it is lost for this client.
             self._thaw()

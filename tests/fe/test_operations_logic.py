@@ -16,7 +16,7 @@ from tcpha.fe.pool import SparePolicy
 from tcpha.metrics import LATENCY_BUCKETS, WorkerMetrics, exposition, parse_exposition
 from tcpha.runtime.ctlsock import answer
 from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
-from tests.production.conftest import wait_until
+from tests.support import wait_until
 
 
 # -- health -------------------------------------------------------------------------------------
