@@ -20,7 +20,8 @@ CLIENT = ("198.51.100.7", 40000)
 
 
 class FakeSession:
-    """What HandoffReceiver uses of a ControlSession: its peer, its handoffs, send() and abort()."""
+    """What HandoffReceiver uses of a ControlSession: its peer, its handoffs (the state machine's back-end
+    view), send() and abort()."""
 
     def __init__(self) -> None:
         self.peer = "203.0.113.1:5000"
