@@ -9,7 +9,9 @@
   kernel (splice). If the application cannot be reached the restored socket is closed silently
   (repair mode) and the answer is Refused, so the front end can try another back end.
 - Waiting for Steered: nothing goes to the client until the front end says the flow is steered here;
-  without Steered within STEER_WAIT the restored socket is dropped silently.
+  without Steered within STEER_WAIT the restored socket is dropped silently. Which handoffs of a
+  session wait for Steered, relay or are over is its BackEndHandoffs (tcpha.control.handoff, the back
+  end's view of the handoff state machine): ControlSession.handoffs.
 - The FlowClosed queue: when a relayed connection ends, FlowClosed goes back to the front end so that
   it removes the flow's steering entry (after FLOWCLOSED_DELAY: the client's last ACK must still reach
   us); with no front end connected it waits for the next Hello.
@@ -26,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from tcpha import control, repair, sockdiag
+from tcpha.control.handoff import BackEndHandoffs
 from tcpha.loglevels import NOTICE
 from tcpha.relay import SpliceRelay
 
@@ -125,7 +128,9 @@ class ControlSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.closed = False
-        self.unsteered: dict[int, tuple[SpliceRelay, asyncio.TimerHandle]] = {}
+        # The handoffs restored from this front end, waiting for its Steered (with their relay, held,
+        # and the STEER_WAIT timer) or relaying (tcpha.control.handoff: the back end's view).
+        self.handoffs: BackEndHandoffs[tuple[SpliceRelay, asyncio.TimerHandle]] = BackEndHandoffs()
         self.node_id = ""                 # from the front end's Hello ("tcpha-fe health ..." for its checker)
         self._out: list[bytes] = []         # frames not written yet (see send)
         self._feeding = False
@@ -203,7 +208,7 @@ class ControlSession(asyncio.Protocol):
         self.receiver.sessions.discard(self)
         self.flush()
         self.closed = True
-        for xid in list(self.unsteered):       # no Steered can come any more
+        for xid in self.handoffs.unsteered():  # no Steered can come any more
             self.receiver.not_steered(self, xid, "control connection closed before Steered")
         if self.transport is not None:
             self.transport.close()
@@ -213,7 +218,7 @@ class ControlSession(asyncio.Protocol):
         self.closed = True
         self._out.clear()
         self.receiver.sessions.discard(self)
-        for xid in list(self.unsteered):       # lost before Steered: the flow was not steered here
+        for xid in self.handoffs.unsteered():  # lost before Steered: the flow was not steered here
             self.receiver.not_steered(self, xid, "control connection lost before Steered")
         log.debug("control connection from %s closed%s", self.peer, f": {exc}" if exc else "")
 
@@ -274,6 +279,8 @@ class HandoffReceiver:
             return refuse("stopping")
         if len(self.backend.relays) >= self.backend.maxclients:
             return refuse(f"busy: {len(self.backend.relays)} connections (maxclients)")
+        if session.handoffs.state(xid) is not None:     # the front end gives each id once
+            return refuse(f"handoff id {xid} is already in use on this connection")
         try:
             state = repair.TcpState.from_bytes(msg.state)
         except Exception as e:
@@ -345,7 +352,7 @@ class HandoffReceiver:
         # until then the client's ACKs would hit the front end's freeze and we would wait an RTO.
         timer = self.backend.loop.call_later(STEER_WAIT, self.not_steered, session, xid,
                                              f"no Steered within {STEER_WAIT:g} s")
-        session.unsteered[xid] = (relay, timer)
+        session.handoffs.restored(xid, (relay, timer))
 
     def _discard_stale_relay(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
         """A relay of ours still holds a client socket on this 4-tuple (its client's last packets never
@@ -364,8 +371,8 @@ class HandoffReceiver:
         return False
 
     def _steered(self, session: ControlSession, xid: int) -> None:
-        entry = session.unsteered.pop(xid, None)
-        if entry is None:
+        entry = session.handoffs.steered(xid)
+        if entry is None:                 # not waiting: unknown, or given up (no Steered in time)
             return
         relay, timer = entry
         timer.cancel()
@@ -381,8 +388,8 @@ class HandoffReceiver:
                 log.debug("handoff %d: window probe after Steered failed: %s", xid, e)
 
     def not_steered(self, session: ControlSession, xid: int, why: str) -> None:
-        entry = session.unsteered.pop(xid, None)
-        if entry is None:
+        entry = session.handoffs.not_steered(xid)
+        if entry is None:                 # Steered came first
             return
         relay, timer = entry
         timer.cancel()
@@ -393,6 +400,9 @@ class HandoffReceiver:
     def _flow_closed(self, session: ControlSession, flow: tuple[str, int, str, int], relay: SpliceRelay,
                      xid: int = 0) -> None:
         self.backend.relay_ended(relay)
+        if xid and session.handoffs.state(xid) is not None:
+            # RELAYING -> CLOSED; a relay that ended before Steered waits for it (ENDED_UNSTEERED)
+            session.handoffs.flow_closed(xid)
         if getattr(relay, "discarded", False):
             return
         if log.isEnabledFor(logging.DEBUG):

@@ -12,6 +12,7 @@ import pytest
 from tcpha import control
 from tcpha.be.handoff import HandoffReceiver
 from tcpha.be.server import BackEndStats
+from tcpha.control.handoff import BackEndHandoffs
 from tcpha.repair import TcpState
 
 VIP = "192.0.2.10"
@@ -19,14 +20,15 @@ CLIENT = ("198.51.100.7", 40000)
 
 
 class FakeSession:
-    """What HandoffReceiver uses of a ControlSession: its peer, send() and abort()."""
+    """What HandoffReceiver uses of a ControlSession: its peer, its handoffs (the state machine's back-end
+    view), send() and abort()."""
 
     def __init__(self) -> None:
         self.peer = "203.0.113.1:5000"
         self.sent: list[Any] = []
         self.aborted = False
         self.node_id = ""
-        self.unsteered: dict = {}
+        self.handoffs: BackEndHandoffs = BackEndHandoffs()
 
     def send(self, msg: Any) -> bool:
         self.sent.append(msg)
