@@ -19,7 +19,6 @@ from tcpha.control.handoff import flow_closed_applies
 from tcpha.fe.balance import SmoothWRR
 from tcpha.fe.rules import RuleTable
 from tcpha.metrics import WorkerMetrics
-from tcpha.fe.rules import RuleTable
 from tcpha.fe.status import printable_head
 
 log = logging.getLogger("tcpha.fe.handoff")
