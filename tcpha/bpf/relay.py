@@ -234,6 +234,7 @@ class BpfRelay:
         self.closed = False
         self.held = False
         self.error: str | None = None
+        self.copied = 0                   # bytes of kernel directions that userspace had to copy itself
         self._client_cookie = _cookie(client)
         self._app_cookie = _cookie(app)
         self._inserted: list[bytes] = []
@@ -333,7 +334,9 @@ class BpfRelay:
             while d.pending:
                 n = d.dst.send(d.pending)
                 d.pending = d.pending[n:]
-                if not d.kernel:
+                if d.kernel:
+                    self.copied += n
+                else:
                     d.moved += n
         except (BlockingIOError, InterruptedError):
             self._want(d, read=False, write=True)       # no more reading until dst takes these
