@@ -4,13 +4,12 @@ Both sockets go into a SOCKHASH whose sk_skb programs (tcpha.bpf.programs) send 
 one socket out of the other (`bpf_sk_redirect_hash`, egress): the technique Cilium and Envoy use to bypass
 the loopback stack. No byte crosses into userspace; Python only sets a relay up and takes it down:
 
-- set-up: both sockets into `socks`, then `peers[client] = app` and `peers[app] = client`, then
-  SO_RCVLOWAT on each, which makes the kernel run the programs over bytes already queued (the request the
-  front end peeked at travels in the restored receive queue; without the kick it would wait for the
-  client's next segment). With start(hold_down=True) the client socket goes in at once (nothing can reach
-  it while the front end has the flow frozen) and the application socket at release(): so neither side
-  can ever receive a byte while its peer is missing (a redirect to a missing peer is not lost, the verdict
-  passes it to the socket's own queue, but it would then be read by userspace out of order).
+- set-up: `peers[client] = app` and `peers[app] = client`, then the application socket and the client
+  socket into `socks`, then SO_RCVLOWAT on each, which makes the kernel run the programs over bytes already
+  queued (the request the front end peeked at travels in the restored receive queue; without the kick it
+  would wait for the client's next segment). With start(hold_down=True) nothing joins the map before
+  release(). (A redirect to a peer not in the map is not lost, the verdict passes it to the socket's own
+  queue, but userspace would then have to copy it, and a later segment could overtake it: hence the order.)
 - EOF: a relayed socket never becomes readable for data, so readability means FIN or an error. On FIN
   from one side the relay waits until every byte that side sent has been written into the other socket
   (TCP_INFO byte counters: bytes received on the source against bytes queued on the destination; the
@@ -248,42 +247,45 @@ class BpfRelay:
         try:
             self.up.snapshot()
             self.down.snapshot()
-            self.held = hold_down
-            if hold_down:
-                self._insert(self.client, self._client_cookie)
-                return
-            self._open()
         except OSError as e:
             self._fail("set-up", e)
+            return
+        self.held = hold_down
+        if not hold_down:
+            self._open()
 
     def release(self) -> None:
-        """Start both directions held by start(hold_down=True)."""
+        """Start both directions held by start(hold_down=True), on the next turn of the loop: the caller
+        sends its window probe now (repair.announce: repair mode on and off), and a response the kernel
+        sent into the client socket while repair mode is on would be refused (EINVAL) and lost."""
         if not self.held or self.closed:
             return
         self.held = False
-        try:
-            self._open()
-        except OSError as e:
-            self._fail("set-up", e)
-
-    def _insert(self, sock: socket.socket, cookie: bytes) -> None:
-        self.path.insert(sock, cookie)
-        self._inserted.append(cookie)
+        self.loop.call_soon(self._open)
 
     def _open(self) -> None:
-        if self._app_cookie not in self._inserted:
-            self._insert(self.app, self._app_cookie)
-        if self._client_cookie not in self._inserted:
-            self._insert(self.client, self._client_cookie)
-        self.path.peers.update(self._app_cookie, self._client_cookie)
-        self._linked.append(self._app_cookie)
-        if self.up.kernel:
-            self.path.peers.update(self._client_cookie, self._app_cookie)
-            self._linked.append(self._client_cookie)
-        for sock in (self.client, self.app):
-            # tcp_set_rcvlowat() calls the socket's data_ready, now the sockmap's: bytes queued before
-            # the socket joined the map go through the programs now, in order, ahead of any new ones.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        """peers entries first, then the application socket, then the client socket: a segment reaching
+        a socket of the map whose peer is not in it yet would go to userspace (SK_PASS), and a later one
+        could overtake it through the kernel. Bytes reaching a socket before it joins the map wait in
+        its TCP queue and go through the programs at the kick below, in order."""
+        if self.closed:
+            return
+        try:
+            self.path.peers.update(self._app_cookie, self._client_cookie)
+            self._linked.append(self._app_cookie)
+            if self.up.kernel:
+                self.path.peers.update(self._client_cookie, self._app_cookie)
+                self._linked.append(self._client_cookie)
+            for sock, cookie in ((self.app, self._app_cookie), (self.client, self._client_cookie)):
+                self.path.insert(sock, cookie)
+                self._inserted.append(cookie)
+            for sock in (self.client, self.app):
+                # tcp_set_rcvlowat() calls the socket's data_ready, now the sockmap's: bytes queued
+                # before the socket joined the map go through the programs now, ahead of any new ones.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except OSError as e:
+            self._fail("set-up", e)
+            return
         for d in (self.up, self.down):
             self._want(d, read=True, write=False)
 
