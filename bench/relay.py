@@ -57,9 +57,12 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return outer, inner
 
 
-def endpoints(conns: list[tuple[socket.socket, socket.socket]], nbytes: int, direction: str, ready, go) -> None:
+def endpoints(conns: list[tuple[socket.socket, socket.socket]], relay_side: list[socket.socket], nbytes: int,
+              direction: str, ready, go) -> None:
     """Child process: per connection, the sender writes nbytes then shuts down, the receiver reads to EOF
     (and the other side of each connection shuts down at once so that both directions end)."""
+    for s in relay_side:              # the parent's: a copy here would keep a closed relay's socket open
+        s.close()
     payload = os.urandom(BLOCK)
     threads = []
 
@@ -106,7 +109,8 @@ def one_run(kind: str, nconn: int, nbytes: int, direction: str) -> dict[str, flo
         relays_socks.append((client, app))
     ctx = mp.get_context("fork")
     ready, go = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=endpoints, args=(conns, nbytes, direction, ready, go), daemon=True)
+    child = ctx.Process(target=endpoints, args=(conns, [s for p in relays_socks for s in p], nbytes, direction, ready, go),
+                        daemon=True)
     child.start()
     for peer, server in conns:
         peer.close()
@@ -138,6 +142,9 @@ def one_run(kind: str, nconn: int, nbytes: int, direction: str) -> dict[str, flo
         await done.wait()
         w1, b1, c1 = time.perf_counter(), machine_busy(), time.process_time()
         moved = sum(r.bytes_up + r.bytes_down for r in relays)
+        spurious = sum(getattr(r, "spurious_eof", 0) for r in relays)
+        if spurious:
+            print(f"  ({spurious} recv() returning 0 without a FIN)", flush=True)
         if path is not None:
             path.close()
         return w1 - w0, c1 - c0, moved, (b1 - b0) / os.sysconf("SC_CLK_TCK")

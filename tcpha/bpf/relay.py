@@ -31,6 +31,7 @@ import asyncio
 import errno
 import fcntl
 import logging
+import os
 import socket
 import struct
 import termios
@@ -46,7 +47,7 @@ log = logging.getLogger("tcpha.bpf.relay")
 SO_COOKIE = 57
 TCP_INFO = 11
 _TCPI = struct.Struct("<120xQQ")           # tcp_info: tcpi_bytes_acked at 120, tcpi_bytes_received at 128
-_TCPI_STATE_CLOSE = 7
+_TCPI_OPEN = (1, 4, 5)                     # ESTABLISHED, FIN_WAIT1, FIN_WAIT2: no FIN received yet
 CAPACITY = 262144                          # sockets in the map (two per relay)
 CHUNK = 256 * 1024                         # userspace reads (kernel_up=False, or bytes passed before set-up)
 DRAIN_FIRST = 0.001                        # EOF seen: first look at the destination's counters after this
@@ -233,6 +234,8 @@ class BpfRelay:
         self.closed = False
         self.held = False
         self.error: str | None = None
+        self.spurious_eof = 0
+        self.watched = 0                  # watchdog rounds (tests)
         self.copied = 0                   # bytes of kernel directions that userspace had to copy itself
         self._client_cookie = _cookie(client)
         self._app_cookie = _cookie(app)
@@ -317,6 +320,11 @@ class BpfRelay:
             self._fail(d.name, e)
             return
         if not data:
+            if d.src.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] in _TCPI_OPEN:
+                # recv() of a socket in a sockmap can return 0 while no FIN has arrived (its own queue
+                # empty for a moment): not the end; wait for the next readiness
+                self.spurious_eof += 1
+                return
             d.eof = True
             self._want(d, read=False, write=d.writing)
             if d.kernel:
@@ -398,12 +406,14 @@ class BpfRelay:
         self._watchdog = None
         if self.closed:
             return
+        self.watched += 1
         for d in (self.up, self.down):
             if d.eof:
+                # an RST sets the socket's error (state CLOSE alone is no sign: both FINs exchanged
+                # while the other direction still drains ends there too)
                 err = d.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                state = d.src.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
-                if err or state == _TCPI_STATE_CLOSE:
-                    self._fail(d.name, OSError(err or errno.ECONNRESET, "connection closed"))
+                if err:
+                    self._fail(d.name, OSError(err, os.strerror(err)))
                     return
         self._watchdog = self.loop.call_later(WATCHDOG, self._watch)
 

@@ -191,6 +191,28 @@ def test_half_close_passes_on_and_the_other_way_keeps_flowing(pairs, first):
     run(main())
 
 
+def test_a_response_still_draining_after_both_fins_arrives_whole(pairs, monkeypatch):
+    """The client shuts down first and then reads slowly; the application sends a large answer and
+    closes. Its socket then ends in state CLOSE (both FINs done) while the kernel still moves the
+    answer to the client: the watchdog must not take that for a failure (it did: half the bytes lost)."""
+    monkeypatch.setattr(bpf_relay, "WATCHDOG", 0.01)
+
+    async def main():
+        e = Ends(pairs)
+        e.relay.start()
+        e.peer.shutdown(socket.SHUT_WR)
+        assert await _recv_all(e.server) == b""
+        answer = os.urandom(BIG)
+        await _send(e.server, answer)                    # all of it left the application
+        start = e.relay.watched
+        while e.relay.watched < start + 5 and not e.relay.closed:
+            await asyncio.sleep(0.01)                    # watchdog rounds while the client reads nothing
+        assert await _recv_all(e.peer) == answer
+        await asyncio.wait_for(e.done.wait(), 30)
+        assert e.relay.error is None and _map_empty()
+    run(main())
+
+
 def test_an_rst_from_the_client_closes_both_sides_and_empties_the_maps(pairs):
     async def main():
         e = Ends(pairs)
