@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from tcpha import control, repair, sockdiag
 from tcpha.be.relay import SpliceRelay
+from tcpha.bpf.relay import choose_relay, relay_class
 from tcpha.be.tls import TlsTermination
 
 log = logging.getLogger("tcpha.be")
@@ -282,6 +283,7 @@ class BackEnd:
         self.sessions: set[ControlSession] = set()
         self.unsent_closed: list[Any] = []        # FlowClosed that found no control connection
         self.relays: set[SpliceRelay] = set()
+        self.relay_kind = "splice"                # relay = auto|bpf|splice, chosen in serve()
         self.stats = BackEndStats()
         self._server: asyncio.AbstractServer | None = None
         self._unix_listener: socket.socket | None = None
@@ -465,7 +467,7 @@ class BackEnd:
         if self.tls is not None and self.tls.wants(client):
             relay: Any = self.tls.relay(self.loop, client, app, on_done)
         else:
-            relay = SpliceRelay(self.loop, client, app, on_done)
+            relay = relay_class(self.relay_kind)(self.loop, client, app, on_done)
         relay.started = time.monotonic()     # for the conn table's age  # type: ignore[attr-defined]
         self.relays.add(relay)
         self.stats.active = len(self.relays)
@@ -622,6 +624,8 @@ class BackEnd:
                                                          backlog=1024)
             log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
                      host, self.config.port, *self.app_addr, self.vip)
+            self.relay_kind, why = choose_relay(self.config.relay)
+            log.info("relay: %s (%s)", self.relay_kind, why)
             if self.unix_path:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):
