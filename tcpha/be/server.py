@@ -625,7 +625,7 @@ class BackEnd:
             log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
                      host, self.config.port, *self.app_addr, self.vip)
             self.relay_kind, why = choose_relay(self.config.relay)
-            log.info("relay: %s (%s)", self.relay_kind, why)
+            log.log(NOTICE, "relay: %s (%s)", self.relay_kind, why)
             if self.unix_path:
                 self._listen_unix(self.unix_path)
             for sig in (signal.SIGTERM, signal.SIGINT):

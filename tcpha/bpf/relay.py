@@ -446,9 +446,7 @@ class BpfRelay:
                 d.moved = d.written()
             if d.drain_timer is not None:
                 d.drain_timer.cancel()
-            for fd_watch in ("reading", "writing"):
-                if getattr(d, fd_watch):
-                    self._want(d, read=False, write=False)
+            self._want(d, read=False, write=False)
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()

@@ -29,7 +29,7 @@ OTHER_VALUE = {
     "be": {"raddr": "10.77.0.12", "uaddr": "10.77.0.13", "vaddr": "10.77.0.101", "port": "667",
            "maxclients": "10", "redirectaddr": "127.0.0.2", "redirectport": "8081", "dregister": "1",
            "feaddr": "10.77.0.10", "feport": "81", "rule": "jpg$", "registerretry": "1",
-           "interface": "eth1", "unixpath": "/tmp/be.sock", "relay": "splice", "tlsports": "443 8443",
+           "interface": "eth1", "unixpath": "/tmp/be.sock", "relay": "auto", "tlsports": "443 8443",
            "sessiontimeout": "60", "rundir": "/tmp/x", "usefuse": "0", "logfile": "/tmp/x.log",
            "dbglevel": "4", "metrics": "9101", "grace": "5"},
 }

@@ -349,3 +349,39 @@ def test_close_by_the_owner_removes_both_sockets_from_the_maps(pairs):
         assert e.done.is_set() and _map_empty()
         assert await _recv_all(e.server) == b"" and await _recv_all(e.peer) == b""
     run(main())
+
+
+# --- through the daemons --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("relay", ["bpf", "splice"])
+def test_handoffs_through_the_back_end_with_each_relay(lab, relay):
+    """tcpha-fe and tcpha-be in the lab with `relay = bpf|splice`: the start-up line names the relay,
+    a 10 MB upload and a 20 MB download arrive byte-exact (the whole e2e suite runs under one relay
+    with TCPHA_LAB_RELAY=bpf|splice)."""
+    import json
+
+    from tcpha.lab.demo import LabDeployment
+    from tests.e2e.test_handoff import read_all, status_of
+
+    dep = LabDeployment(lab)
+    dep.origin_kind = "python"
+    dep.start(fe={"rules": [f"{lab.ip('be2')} ^/"]}, be={"relay": relay})
+    log = lab.log_path("be2", "tcpha-be")
+    line = wait_until(lambda: [x for x in log.read_text().splitlines() if "relay: " in x], what="relay log line")
+    assert f"relay: {relay} (relay = {relay}" in line[0], line
+
+    body = hashlib.shake_256(b"upload").digest(10 << 20)
+    s = dep.connect(timeout=30)
+    try:
+        s.sendall(f"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
+                  f"Connection: close\r\n\r\n".encode() + body)
+        raw = read_all(s, timeout=30)
+    finally:
+        s.close()
+    assert status_of(raw) == 200, raw[:200]
+    answer = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert (answer["bytes"], answer["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+
+    r = dep.request("/video/clip.mp4", timeout=60)
+    assert r.status == 200 and len(r.body) == dep.files["video/clip.mp4"]
+    assert hashlib.sha256(r.body).hexdigest() == dep.origins["be2"].sha256("video/clip.mp4")
