@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tcpha.be.relay import SpliceRelay  # noqa: E402
-from tcpha.bpf.relay import BpfRelay, SockmapPath  # noqa: E402
+from tcpha.bpf.relay import BpfRelay  # noqa: E402
 from tcpha.steering.netns import enter_netns  # noqa: E402
 
 BLOCK = 256 * 1024
@@ -128,13 +128,12 @@ def one_run(kind: str, nconn: int, nbytes: int, direction: str) -> dict[str, flo
             if not left:
                 done.set()
 
-        path = None if kind != "bpf-verdict" else SockmapPath(parser=False)
         relays = []
         for client, app in relays_socks:
             if kind == "splice":
                 relays.append(SpliceRelay(loop, client, app, finished))
             else:
-                relays.append(BpfRelay(loop, client, app, finished, path=path))
+                relays.append(BpfRelay(loop, client, app, finished))
         c0, b0, w0 = time.process_time(), machine_busy(), time.perf_counter()
         for r in relays:
             r.start()
@@ -145,8 +144,6 @@ def one_run(kind: str, nconn: int, nbytes: int, direction: str) -> dict[str, flo
         spurious = sum(getattr(r, "spurious_eof", 0) for r in relays)
         if spurious:
             print(f"  ({spurious} recv() returning 0 without a FIN)", flush=True)
-        if path is not None:
-            path.close()
         return w1 - w0, c1 - c0, moved, (b1 - b0) / os.sysconf("SC_CLK_TCK")
 
     wall, cpu, moved, busy = asyncio.run(relay_all())
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=1024, help="MiB per connection (default 1024)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--kinds", default="splice,bpf", help="relays to compare, comma-separated: splice, bpf, bpf-verdict")
+    ap.add_argument("--kinds", default="splice,bpf", help="relays to compare, comma-separated: splice, bpf")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "relay.md"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -196,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "(shared machine).",
         "",
         "Loopback TCP in a namespace: client <-> relay <-> application, as on a back end. Median of the runs.",
-        "`bpf`: stream parser + stream verdict (the relay's default); `bpf-verdict`: skb verdict without a",
-        "parser (Linux >= 5.13). CPU per GiB moved: the relay process (user+system), and the whole machine",
+        "`bpf`: sockhash with stream parser + stream verdict. CPU per GiB moved: the relay process (user+system),",
+        "and the whole machine",
         "(/proc/stat non-idle: relay, endpoints, softirq, kworkers; the endpoints cost the same in every row).",
         "",
         "| relay | connections | MiB each | direction | Gbit/s | relay process CPU s/GiB | machine CPU s/GiB |",

@@ -39,7 +39,7 @@ from typing import Callable
 
 from tcpha.bpf import programs
 from tcpha.bpf.syscall import (MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, NO_PREALLOC, PROG_TYPE_SK_SKB,
-                               SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, SK_SKB_VERDICT, BpfError, Map,
+                               SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, BpfError, Map,
                                Program)
 
 log = logging.getLogger("tcpha.bpf.relay")
@@ -76,20 +76,15 @@ def _counters(sock: socket.socket) -> tuple[int, int]:
 class SockmapPath:
     """The maps and programs all relays of a process share (created once; see programs.py)."""
 
-    def __init__(self, *, parser: bool = True, capacity: int = CAPACITY):
-        self.parser_mode = parser
+    def __init__(self, *, capacity: int = CAPACITY):
         self._objects: list = []
         try:
             self.socks = self._keep(Map(MAP_TYPE_SOCKHASH, 8, 8, capacity, "tcpha_socks"))
             self.peers = self._keep(Map(MAP_TYPE_HASH, 8, 8, capacity, "tcpha_peers", NO_PREALLOC))
-            verdict = self._keep(Program(PROG_TYPE_SK_SKB, programs.verdict(self.peers.fd, self.socks.fd),
-                                         "tcpha_verdict"))
-            if parser:
-                self._keep(Program(PROG_TYPE_SK_SKB, programs.parser(), "tcpha_parser")).attach(
-                    self.socks.fd, SK_SKB_STREAM_PARSER)
-                verdict.attach(self.socks.fd, SK_SKB_STREAM_VERDICT)
-            else:
-                verdict.attach(self.socks.fd, SK_SKB_VERDICT)
+            self._keep(Program(PROG_TYPE_SK_SKB, programs.parser(), "tcpha_parser")).attach(
+                self.socks.fd, SK_SKB_STREAM_PARSER)
+            self._keep(Program(PROG_TYPE_SK_SKB, programs.verdict(self.peers.fd, self.socks.fd),
+                               "tcpha_verdict")).attach(self.socks.fd, SK_SKB_STREAM_VERDICT)
         except BaseException:
             self.close()
             raise
