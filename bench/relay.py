@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the back end's relays: splice (tcpha.be.relay) against BPF sockmap (tcpha.bpf.relay).
+"""Benchmark the back end's relays: splice (tcpha.relay) against BPF sockmap (tcpha.bpf.relay).
 
 Run by hand as root (not in CI):  python3 bench/relay.py [--mb 1024] [--runs 3] [--out bench/results/relay.md]
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tcpha.be.relay import SpliceRelay  # noqa: E402
+from tcpha.relay import SpliceRelay  # noqa: E402
 from tcpha.bpf.relay import BpfRelay  # noqa: E402
 from tcpha.steering.netns import enter_netns  # noqa: E402
 

@@ -113,7 +113,7 @@ def main() -> int:
              "CPU time, best of three runs, one core).", "",
              "| operation | µs per call |", "| --- | ---: |"]
     lines += [f"| {name} | {us:.2f} |" for name, us in rows]
-    lines += ["", "The front end's budget is 150 µs of CPU per handed-off connection (issue 2); sniffing plus "
+    lines += ["", "The front end's budget is 150 µs of CPU per handed-off connection; sniffing plus "
               "matching uses the sum of one parse and one candidates() call."]
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["FdPassError", "send_fds", "recv_fds"]
+__all__ = ["FDPASS_MAGIC", "FdPassError", "send_fds", "recv_fds"]
+
+# Start of a same-host fd-passing message (front end -> local back end): this magic, then the listening
+# port of the front end (2 bytes, big endian; for logs), with the client socket attached.
+FDPASS_MAGIC = b"TCPHAFD1"
 
 
 class FdPassError(OSError):

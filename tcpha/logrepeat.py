@@ -130,7 +130,7 @@ class RepeatFilter(logging.Filter):
 
 
 def install(handler: logging.Handler, **kw: Any) -> RepeatFilter:
-    """Attach a RepeatFilter to `handler` (what tcpha.cli.service.setup_logging does for the daemons)."""
+    """Attach a RepeatFilter to `handler` (what tcpha.service.setup_logging does for the daemons)."""
     flt = RepeatFilter(**kw)
     handler.addFilter(flt)
     return flt

@@ -2,14 +2,21 @@
 
 Hand-written on the raw socket options because no maintained Python library wraps TCP_REPAIR (CRIU's
 libsoccr is C and GPL; we do not copy it). The sequence and its pitfalls are the ones recorded in
-docs/kernel.md, all verified on this kernel.
+docs/kernel.md, all verified on this kernel. Every TCP_REPAIR switch of tcpha happens in this module.
 
     state = dump(sock)           # FE, after the flow's packets are frozen; sock stays in repair mode
     blob = state.to_bytes()      # travels over the control channel
     new = restore(TcpState.from_bytes(blob))   # BE: an ESTABLISHED socket owning the same 4-tuple
-    discard(sock)                # FE, after the BE said "restored": close without FIN/RST
-    release(sock)                # FE, if the BE refused: repair off, the FE still owns the connection
+    discard(sock)                # FE, after the BE said "restored": close the dumped socket, no FIN/RST
+    resume(sock)                 # FE, if the BE refused: repair off, the FE still owns the connection
     announce(sock)               # BE, once the flow is steered to it: the client answers at once
+    silence(sock)                # BE, a live socket whose connection it gives up on: repair on for good,
+                                 # so that closing it sends no FIN or RST (the client is elsewhere)
+
+The names follow CRIU's libsoccr where it has the step: dump (its pause + save), restore, and resume
+(repair off: the connection goes on from this host). soccr's "release" (drop the handle, the socket stays
+in repair mode) has no function here: closing a dumped socket is discard(); silence() puts a live one
+back into repair mode first.
 
 Only ESTABLISHED connections can be moved: a socket in any other state makes dump() raise RepairError
 (and leaves it out of repair mode, as it was).
@@ -26,8 +33,9 @@ __all__ = [
     "RepairError",
     "TcpState",
     "dump",
-    "release",
+    "resume",
     "discard",
+    "silence",
     "restore",
     "announce",
 ]
@@ -305,8 +313,9 @@ def _repair_off(sock: socket.socket) -> None:
         pass
 
 
-def release(sock: socket.socket) -> None:
-    """Take a dumped socket out of repair mode: the connection goes on from this host (rollback)."""
+def resume(sock: socket.socket) -> None:
+    """Take a dumped socket out of repair mode: the connection goes on from this host (rollback; what
+    soccr calls resume)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
     except OSError as exc:
@@ -314,8 +323,22 @@ def release(sock: socket.socket) -> None:
 
 
 def discard(sock: socket.socket) -> None:
-    """Close a dumped socket silently: in repair mode the kernel sends no FIN or RST and keeps no TIME_WAIT."""
+    """Close a dumped socket silently: in repair mode the kernel sends no FIN or RST and keeps no TIME_WAIT.
+    For a socket not in repair mode, silence() it first."""
     sock.close()
+
+
+def silence(sock: socket.socket) -> None:
+    """Put a live socket into repair mode for good: from now on it sends nothing, and closing it sends no
+    FIN or RST and leaves no TIME_WAIT. For a connection that lives on elsewhere (or that its peer has
+    already replaced): its last owner must not disturb it. Needs CAP_NET_ADMIN, like every repair step.
+
+    Not needed for a dumped socket, and not done to one: it is in repair mode already, and switching
+    repair on again would undo dump()'s selection of the send queue (see dump())."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    except OSError as exc:
+        raise RepairError(exc.errno, f"TCP_REPAIR on: {exc.strerror}") from None
 
 
 def restore(state: TcpState, *, freebind: bool = True, announce: bool = True) -> socket.socket:

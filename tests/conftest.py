@@ -61,6 +61,15 @@ def lab(run_prefix):
         the_lab.down()
 
 
+@pytest.fixture
+def prod(lab):
+    """tcpha deployed in this test's lab, with its control directories (tests/deployment.py: Prod).
+    lab.down() stops every process; FUSE mounts die with their mount namespaces."""
+    from tests.deployment import Prod
+
+    return Prod(lab)
+
+
 @pytest.fixture(scope="module")
 def lab_module():
     """Like `lab`, shared by the tests of one module (they must not leave state the next test trips on)."""

@@ -3,9 +3,9 @@
     python bench/distcache/redis_backends.py [--ops 20000] [--out bench/results/distcache-redis.md]
 
 For each backend: dc_test -persistent with one client and with four clients (-clients 4) against one dc_server;
-for the cluster also four clients spread over two dc_servers sharing it. 512 sessions, random operations, as
-the issue's measurement. Results go to a Markdown table, with the machine's load average beside each run:
-every process (dc_test, dc_server, redis-server x6) shares the same two cores, so read the numbers with it.
+for the cluster also four clients spread over two dc_servers sharing it. 512 sessions, random operations.
+Results go to a Markdown table, with the machine's load average beside each run: every process (dc_test,
+dc_server, redis-server x6) shares the same two cores, so read the numbers with it.
 """
 
 from __future__ import annotations

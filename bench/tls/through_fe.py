@@ -125,7 +125,8 @@ def client_main(args: argparse.Namespace) -> int:
 def direct_main(args: argparse.Namespace) -> int:
     from tcpha.be.tls import TlsTermination
     cfg = SimpleNamespace(tlscert=args.cert, tlskey=args.key, tlsports=[DIRECT_PORT],
-                          sessioncache=args.cache or None, sessiontimeout=300)
+                          sessioncache=args.cache or None, sessiontimeout=300.0, sessionkeys=None,
+                          **{f"sessioncache{k}": None for k in ("cafile", "cert", "key", "checkhost")})
     term = TlsTermination.from_config(cfg)
     assert term is not None
 

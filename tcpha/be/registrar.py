@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from typing import Any
 
 from tcpha import control
+from tcpha.be.handoff import backend_hello
+from tcpha.config import register_rules
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.be.registrar")
-NOTICE = 25
 
 
 class _Session(asyncio.Protocol):
@@ -33,9 +33,7 @@ class _Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         r = self.registrar
-        self.send(control.Hello(node_id=f"tcpha-be {socket.gethostname()} pid {os.getpid()}",
-                                addr=r.config.raddr, port=int(r.config.port), mac=r.mac() or "",
-                                app_port=r.app_port, vaddr=r.config.vaddr))
+        self.send(backend_hello(r.config, mac=r.mac(), app_port=r.app_port))
         # Register goes once the front end's Hello is in (the frame keys need both nonces).
 
     def send(self, msg: Any) -> None:
@@ -66,7 +64,6 @@ class _Session(asyncio.Protocol):
 
 class Registrar:
     def __init__(self, config: Any, *, app_port: int, mac: Any):
-        from tcpha.config import register_rules
         self.config = config
         self.authkey = config.authkey
         self.app_port = app_port
@@ -78,13 +75,12 @@ class Registrar:
         self.registered = False
 
     def register_message(self) -> Any:
-        return control.Register(addr=self.config.raddr, port=int(self.config.port), mac=self.mac() or "",
+        return control.Register(addr=self.config.raddr, port=self.config.port, mac=self.mac() or "",
                                 rules=tuple(self.rules), weight=1, app_port=self.app_port)
 
     def update(self, config: Any, *, app_port: int) -> bool:
         """A reloaded config: new rules / application port, sent again on the live registration (the front
         end replaces what it had); True if sent now, else the next registration carries them."""
-        from tcpha.config import register_rules
         self.config = config
         self.rules = register_rules(config)
         self.app_port = app_port
@@ -101,10 +97,10 @@ class Registrar:
         loop = asyncio.get_running_loop()
         complained = False
         while True:
-            retry = float(self.config.registerretry)      # read each time: a reload may change it
+            retry = self.config.registerretry      # read each time: a reload may change it
             try:
                 _, session = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Session(self), self.config.feaddr, int(self.config.feport),
+                    lambda: _Session(self), self.config.feaddr, self.config.feport,
                     local_addr=(self.config.raddr, 0)), timeout=max(1.0, retry))
                 self.session = session
                 answer = await asyncio.wait_for(session.answer, timeout=5.0)
@@ -132,6 +128,15 @@ class Registrar:
             self._task.cancel()
         s = self.session
         if s is not None and s.transport is not None and not s.transport.is_closing():
-            s.send(control.Unregister(addr=self.config.raddr, port=int(self.config.port), reason="back end stopping"))
+            s.send(control.Unregister(addr=self.config.raddr, port=self.config.port, reason="back end stopping"))
             s.transport.close()
             await asyncio.sleep(0)
+
+
+def start_registrar(be: Any) -> Registrar | None:
+    """The back end's registrar when ``dregister`` is set (started), else None."""
+    if not be.config.dregister:
+        return None
+    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
+    r.start()
+    return r

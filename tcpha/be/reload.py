@@ -43,8 +43,14 @@ import asyncio
 import logging
 from typing import Any
 
+from tcpha.be.registrar import start_registrar
+from tcpha.be.tls import TlsSetupError, TlsTermination
+from tcpha.config import ConfigError, load_be_config
+from tcpha.config.settings import reload_plan
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
+from tcpha.service import sd_notify, setup_logging
+
 log = logging.getLogger("tcpha.be")
-NOTICE = 25
 
 # How live changes are applied (which of them is live is the settings table's to say).
 _TLS = ("tlscert", "tlskey", "tlsports", "sessioncache", "sessiontimeout", "sessionkeys", "sessioncachecafile",
@@ -55,7 +61,6 @@ _REGISTRATION = ("dregister", "feaddr", "feport")
 def plan(old: Any, new: Any) -> tuple[list[str], list[str]]:
     """(applied live, needs a restart): the attributes of the changed options of two loaded configs, as
     the settings table declares them (tcpha.config.settings.reload_plan)."""
-    from tcpha.config.settings import reload_plan
     live, restart = reload_plan("be", old, new)
     return [s.attr for s in live], [s.attr for s in restart]
 
@@ -65,9 +70,7 @@ class BackEndReloader:
 
     def __init__(self, be: Any, notify: Any = None):
         self.be = be
-        if notify is None:
-            from tcpha.cli.service import sd_notify as notify
-        self.notify = notify
+        self.notify = sd_notify if notify is None else notify
         self._running = False
 
     def on_sighup(self) -> None:
@@ -89,7 +92,6 @@ class BackEndReloader:
             self.notify("READY=1")
 
     async def _reload(self) -> bool:
-        from tcpha.config import ConfigError, load_be_config
         be = self.be
         old = be.config
         loop = asyncio.get_running_loop()
@@ -111,7 +113,6 @@ class BackEndReloader:
         # Everything that can fail is prepared first: a failure leaves the running configuration alone.
         tls = be.tls
         if any(c in live for c in _TLS):
-            from tcpha.be.tls import TlsSetupError, TlsTermination
             try:
                 tls = await loop.run_in_executor(None, TlsTermination.from_config, new)
             except TlsSetupError as e:
@@ -132,36 +133,28 @@ class BackEndReloader:
         return True
 
     def _apply(self, old: Any, new: Any, live: list[str], tls: Any) -> None:
-        from tcpha.be.server import app_address
         be = self.be
         be.config = new
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.config = new
         if "logfile" in live:
-            from tcpha.cli.service import setup_logging
             setup_logging(new.dbglevel, new.logfile, "tcpha-be")
         if "dbglevel" in live or "logfile" in live:
-            from tcpha.config import dbglevel_to_logging
             logging.getLogger().setLevel(dbglevel_to_logging(new.dbglevel))
-            if getattr(be, "runtime", None) is not None:
+            if be.runtime is not None:
                 be.runtime.dbglevel = new.dbglevel
         be.maxclients = new.maxclients
         be.tls = tls
         app_moved = "redirectaddr" in live or "redirectport" in live
         if app_moved:
-            be.app_addr = app_address(new.redirectaddr, new.redirectport)
+            be.app_addr = new.app_address
             log.log(NOTICE, "new connections are relayed to %s:%d", *be.app_addr)
             # The front end's health checker learnt the application port from our Hello on its control
             # connection: close those (they carry no handoffs) so that it reconnects and reads the new one.
-            for session in list(be.sessions):
-                if str(getattr(session, "node_id", "")).startswith("tcpha-fe health"):
-                    session.close()
+            be.handoffs.close_health_sessions()
         self._registration(old, new, live)
 
     def _registration(self, old: Any, new: Any, live: list[str]) -> None:
-        from tcpha.be.runtime import start_registrar
         be = self.be
-        registrar = getattr(be, "registrar", None)
+        registrar = be.registrar
         if any(c in live for c in _REGISTRATION):
             if registrar is not None:
                 asyncio.ensure_future(registrar.stop())          # Unregister from the old front end
@@ -170,5 +163,3 @@ class BackEndReloader:
             if registrar.update(new, app_port=be.app_addr[1]):
                 log.log(NOTICE, "registration with %s sent again (%d rules, application port %d)",
                         registrar.fe_name, len(registrar.rules), be.app_addr[1])
-        if getattr(be, "runtime", None) is not None:
-            be.runtime.registrar = be.registrar

@@ -1,4 +1,4 @@
-"""The back end's control directory (RUNDIR, default /run/tcpha/be) and dynamic registration.
+"""The back end's control directory (RUNDIR, default /run/tcpha/be), and the SIGHUP reloader it starts.
 
     sys/unload     write 1: stop like SIGTERM
     sys/dbglevel   0-6
@@ -13,26 +13,29 @@ objects are made in its event loop (``run_coroutine_threadsafe``), never from th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import time
 from typing import Any
 
+from tcpha.be.reload import BackEndReloader
+from tcpha.config.settings import in_force_form, settings_for
+from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, bool_setter, int_setter
 
+__all__ = ["BackEndRuntime", "start_be_runtime"]
+
 log = logging.getLogger("tcpha.be.runtime")
-NOTICE = 25
 
 
 class BackEndRuntime:
     def __init__(self, be: Any):
         self.be = be
-        self.config = be.config
         self.dbglevel = be.config.dbglevel
         self.started = time.time()
-        self.registrar: Any = None
         self.tree = ControlTree()
         t = self.tree
         t.add(ControlFile("sys/unload", lambda: "0", bool_setter(self.unload, "unload"), "write 1 to stop"))
@@ -41,8 +44,8 @@ class BackEndRuntime:
         t.add(ControlFile("conn", self.conn_text, None, "connections relayed now", data=self.conn_rows))
         t.add(ControlFile("status", self.status_text, None, "state and counters", data=self.status_data))
         t.add(ControlFile("settings", self.settings_text, None, "options in force", data=self.settings_in_force))
-        self.plane = ControlPlane(rundir=self.config.rundir, tree=t, name="tcpha-be",
-                                  use_fuse=self.config.usefuse)
+        self.plane = ControlPlane(rundir=be.config.rundir, tree=t, name="tcpha-be",
+                                  use_fuse=be.config.usefuse)
 
     def start(self) -> None:
         self.plane.start()
@@ -56,7 +59,6 @@ class BackEndRuntime:
         return asyncio.run_coroutine_threadsafe(call(), self.be.loop).result(5)
 
     def set_dbglevel(self, level: int) -> None:
-        from tcpha.config import dbglevel_to_logging
         self.dbglevel = level
         logging.getLogger().setLevel(dbglevel_to_logging(level))
         log.log(NOTICE, "dbglevel set to %d", level)
@@ -94,8 +96,9 @@ class BackEndRuntime:
     def status_data(self) -> dict:
         s = self.be.stats
         reg = None
-        if self.registrar is not None:
-            reg = {"frontend": self.registrar.fe_name, "registered": self.registrar.registered}
+        registrar = self.be.registrar
+        if registrar is not None:
+            reg = {"frontend": registrar.fe_name, "registered": registrar.registered}
         return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1), "handoffs": s.handoffs,
                 "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
                 "active": s.active, "registration": reg}
@@ -105,7 +108,6 @@ class BackEndRuntime:
         use it where there is one (the listening socket, the application address, the registrar, the TLS
         termination, the control plane, the metrics endpoint); else from the running config, which the back
         end reads at use (grace, sessiontimeout) and in which a reload keeps a restart-only option's value."""
-        from tcpha.config.settings import in_force_form, settings_for
 
         def read() -> dict[str, Any]:
             be = self.be
@@ -121,7 +123,7 @@ class BackEndRuntime:
             server = getattr(be, "_server", None)
             if server is not None and server.sockets:
                 values["raddr"], values["port"] = server.sockets[0].getsockname()[:2]
-            registrar = getattr(be, "registrar", None)
+            registrar = be.registrar
             values["dregister"] = registrar is not None
             if registrar is not None:
                 values["feaddr"], _, feport = registrar.fe_name.rpartition(":")
@@ -133,7 +135,6 @@ class BackEndRuntime:
         return self._in_loop(read)
 
     def settings_text(self) -> str:
-        import json
         return "\n".join(f"{name} = {json.dumps(value)}" for name, value in self.settings_in_force().items())
 
     def status_text(self) -> str:
@@ -152,9 +153,8 @@ class _RegisteredRule:
 
 
 def start_be_runtime(be: Any) -> BackEndRuntime | None:
-    """Control directory + registrar; control-directory problems are logged, never fatal."""
+    """The SIGHUP reloader and the control directory; control-directory problems are logged, never fatal."""
     try:   # SIGHUP: re-read the file and apply what can change live (tcpha.be.reload)
-        from tcpha.be.reload import BackEndReloader
         be.reloader = BackEndReloader(be)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, be.reloader.on_sighup)
     except (RuntimeError, ValueError):
@@ -166,12 +166,3 @@ def start_be_runtime(be: Any) -> BackEndRuntime | None:
         log.error("control directory %s not available: %s (running without control files)", be.config.rundir, e)
         rt = None  # type: ignore[assignment]
     return rt
-
-
-def start_registrar(be: Any) -> Any:
-    if not getattr(be.config, "dregister", False):
-        return None
-    from tcpha.be.registrar import Registrar
-    r = Registrar(be.config, app_port=be.app_addr[1], mac=lambda: be.lan_mac)
-    r.start()
-    return r

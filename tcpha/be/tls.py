@@ -27,6 +27,10 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tcpha.loglevels import NOTICE
+from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
+from tcpha.tls import session_cache_stats, share_sessions
+
 log = logging.getLogger("tcpha.be.tls")
 
 HANDSHAKE_TIMEOUT = 10.0     # a client that does not finish its handshake in this time is dropped
@@ -53,7 +57,6 @@ def _cache_setting(config: Any, name: str) -> str | None:
 def cache_tls(config: Any):
     """The ClientTls for the sessioncache link, or None (plaintext); TlsSetupError (one line naming
     the setting) when the files cannot be used."""
-    from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
     try:
         return ClientTls.from_options(TlsOptions(*(_cache_setting(config, n) for n in _CACHE_TLS_SETTINGS.values())))
     except TlsError as exc:
@@ -82,17 +85,16 @@ class TlsTermination:
         """(lookups, hits) of the shared session cache: offered sessions looked up, and resumed."""
         if not self.shared:
             return 0, 0
-        from tcpha.tls import session_cache_stats
         stats = session_cache_stats(self.context) or {}
         return int(stats.get("lookups", 0)), int(stats.get("hits", 0))
 
     @classmethod
     def from_config(cls, config: Any) -> "TlsTermination | None":
-        cert = getattr(config, "tlscert", None)
+        cert = config.tlscert
         if not cert:
             return None
-        key = getattr(config, "tlskey", None) or None
-        ports = frozenset(int(p) for p in (getattr(config, "tlsports", None) or [443]))
+        key = config.tlskey
+        ports = frozenset(config.tlsports)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -103,24 +105,22 @@ class TlsTermination:
             raise TlsSetupError(f"tlscert {cert}" + (f" / tlskey {key}" if key else "") +
                                 f": cannot load the certificate and key: {e}") from None
         ctx.set_alpn_protocols(["http/1.1"])     # the relay speaks to an HTTP/1.1 application
-        cache = getattr(config, "sessioncache", None) or None
+        cache = config.sessioncache
         shared = False
         if cache:
-            from tcpha.tls import share_sessions
-            timeout = int(getattr(config, "sessiontimeout", 300) or 300)
+            timeout = int(config.sessiontimeout)          # whole seconds: OpenSSL's session timeout
             # False after one log line when the shim's self-checks fail: TLS still works, unshared.
-            keys = getattr(config, "sessionkeys", None)
+            keys = config.sessionkeys
             shared = share_sessions(ctx, cache, timeout=CACHE_LOOKUP_TIMEOUT, session_timeout=timeout,
                                     sealer=keys.sealer() if keys is not None else None,
                                     tls=cache_tls(config))
         if not shared:
             # Without the shared cache: OpenSSL's own cache (this process only) and TLS 1.3 tickets.
             ctx.num_tickets = 1
-        log.log(25, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
+        log.log(NOTICE, "TLS terminated on VIP port(s) %s with %s; sessions %s", " ".join(map(str, sorted(ports))),
                 cert, (f"shared through {cache}"
                        + (" over TLS" if _cache_setting(config, "sessioncachecafile") else "")
-                       + (f", sealed with {getattr(config, 'sessionkeys', None)}"
-                          if getattr(config, "sessionkeys", None) else ", not sealed"))
+                       + (f", sealed with {config.sessionkeys}" if config.sessionkeys else ", not sealed"))
                 if shared else "not shared (no sessioncache)" if not cache
                 else f"NOT shared (the shim refused; see above), cache {cache}")
         return cls(context=ctx, ports=ports, shared=shared, cache=cache)

@@ -41,6 +41,7 @@ from tcpha.bpf import programs
 from tcpha.bpf.syscall import (MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, NO_PREALLOC, PROG_TYPE_SK_SKB,
                                SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, BpfError, Map,
                                Program)
+from tcpha.relay import SpliceRelay
 
 log = logging.getLogger("tcpha.bpf.relay")
 
@@ -150,7 +151,6 @@ def relay_class(name: str) -> type:
     """The class for a name returned by choose_relay()."""
     if name == "bpf":
         return BpfRelay
-    from tcpha.be.relay import SpliceRelay
     return SpliceRelay
 
 

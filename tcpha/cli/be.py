@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from tcpha.cli.service import DaemonStart, sd_notify
+from tcpha.be.server import BackEnd
+from tcpha.cli.service import DaemonStart
+from tcpha.config import load_be_config
+from tcpha.service import sd_notify
 
 DEFAULT_CONFIG = "/etc/tcpha/tcphabe.conf"
 
@@ -17,13 +20,11 @@ def daemon_start() -> DaemonStart:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tcpha.config import load_be_config
     start = daemon_start()
     args = start.parser.parse_args(argv)
     code = start.load(args, load_be_config)
     if code is not None:
         return code
-    from tcpha.be.server import BackEnd
     be = BackEnd(start.config)
     be.on_ready = lambda: sd_notify("READY=1")
     try:

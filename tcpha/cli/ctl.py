@@ -14,9 +14,11 @@ import json
 import os
 import sys
 
+from tcpha.runtime.ctlsock import request
+from tcpha.runtime.plane import socket_path
+
 
 def socket_for(rundir: str) -> str:
-    from tcpha.runtime.plane import socket_path
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
         if os.path.exists(path):
             return path
@@ -42,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tcpha.runtime.ctlsock import request
     args = build_parser().parse_args(argv)
     rundir = args.rundir or ("/run/tcpha/be" if args.be else "/run/tcpha/fe")
     sock = args.socket or socket_for(rundir)

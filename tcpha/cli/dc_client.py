@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
-                               set_socket_attributes)
-from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, octal, strtoul
-from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
+from tcpha.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
+                           set_socket_attributes)
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, octal, strtoul
+from tcpha.distcache.address import DC_NAME, AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.agent import Agent
 from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
 

@@ -18,14 +18,15 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from tcpha.cli.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
-                               set_socket_attributes)
-from tcpha.cli.dcoptions import DAEMON_USAGE, DC_NAME, UsageError, invalid, octal, strtoul
-from tcpha.distcache.address import AddressError, listen_socket, parse_address
+from tcpha.service import (daemonize, drop_privileges, event_loop_factory, raise_nofile_limit,
+                           set_socket_attributes)
+from tcpha.cli.dcoptions import DAEMON_USAGE, UsageError, invalid, octal, strtoul
+from tcpha.distcache.address import DC_NAME, AddressError, listen_socket, parse_address
 from tcpha.distcache.persist import PersistentStore
 from tcpha.distcache.server import DistcacheServer
 from tcpha.distcache.store import DEFAULT_SESSIONS, SessionStore
 from tcpha.distcache.tls import TlsError, TlsOptions, server_context
+from tcpha.distcache.placement import PlacementError, check_cluster_placement, parse_dc_map
 
 # Imported at start, not when -backend is read: after -user the interpreter's files may be unreadable.
 try:
@@ -327,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
 def _check_placement(s: Settings) -> int:
     """dc_server -backend redis-cluster://... -check-placement -dc-map MAP: one line per primary,
     exit 0 when every primary has a replica in another data center, 1 otherwise (or on an error)."""
-    from tcpha.distcache.placement import PlacementError, check_cluster_placement, parse_dc_map
     try:
         if s.dc_map is None:
             raise PlacementError("-check-placement needs -dc-map host:port=DC,... (or -dc-map @FILE)")

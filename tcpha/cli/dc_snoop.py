@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from tcpha.cli.service import event_loop_factory
+from tcpha.service import event_loop_factory
 from tcpha.distcache.address import AddressError, listen_socket, parse_address, resolve
 from tcpha.distcache.snoop import Snooper
 from tcpha.distcache.tls import CLIENT_OPTIONS as TLS_OPTIONS, ClientTls, TlsError, TlsOptions

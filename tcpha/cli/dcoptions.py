@@ -3,11 +3,6 @@ the error type and the value conversions, with the original's messages."""
 
 from __future__ import annotations
 
-import re
-
-# A data center name (-dc NAME, ADDR,dc=NAME, -dc-map host:port=NAME).
-DC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
 
 # The last lines of the option list in the original usage texts of dc_server and dc_client (identical in both).
 DAEMON_USAGE = [

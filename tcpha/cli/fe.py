@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from tcpha.cli.service import DaemonStart, sd_notify
+from tcpha.cli.service import DaemonStart
+from tcpha.config import load_fe_config
+from tcpha.fe.arbiter import FrontEnd
+from tcpha.service import sd_notify
 
 DEFAULT_CONFIG = "/etc/tcpha/tcphafe.conf"
 
@@ -17,14 +20,12 @@ def daemon_start() -> DaemonStart:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tcpha.config import load_fe_config
     start = daemon_start()
     args = start.parser.parse_args(argv)
     code = start.load(args, load_fe_config,
                       lambda c: f" ({len(c.servers)} servers, {len(c.rules)} rules)")
     if code is not None:
         return code
-    from tcpha.fe.arbiter import FrontEnd
     config = start.config
     try:
         fe = FrontEnd(config)

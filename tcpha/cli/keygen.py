@@ -16,6 +16,9 @@ import os
 import secrets
 import sys
 
+from tcpha.config import read_authkey
+from tcpha.fe.status import admin_token
+
 KEY_BYTES = 32
 
 
@@ -55,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the status page's write-mode token derived from the existing key file PATH")
     args = parser.parse_args(argv)
     if args.statsadmin_token:
-        from tcpha.config import read_authkey
-        from tcpha.fe.status import admin_token
         try:
             print(admin_token(read_authkey(args.path)))
         except ValueError as exc:

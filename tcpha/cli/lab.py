@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tcpha.lab.netns import LabError, NamespaceLab, lab_namespaces, pids_in_netns, remove_prefix
 from tcpha.lab.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology, make_topology
+from tcpha.lab.demo import run_demo
 
 PROG = "tcpha-lab"
 
@@ -230,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tcpha.lab.demo import run_demo
     return run_demo(keep=args.keep, cache_backend=args.cache_backend)
 
 

@@ -19,34 +19,13 @@ import sys
 import textwrap
 
 from tcpha.config.settings import GROUPS, LIVE, OBSOLETE, Setting, settings_for
+from tcpha.loglevels import DBGLEVELS, dbglevel_to_logging
 
 __all__ = ["help_epilog", "add_help", "dbglevel_to_logging", "detail_file", "configuration_md",
            "generated_files", "write_all", "DBGLEVELS"]
 
 FILE_NAMES = {"fe": "tcphafe.conf", "be": "tcphabe.conf"}
 DAEMONS = {"fe": "tcpha-fe", "be": "tcpha-be"}
-
-# dbglevel (TCPHA's 0-6) -> logging level. 25 and 5 are the NOTICE and TRACE levels tcpha adds.
-NOTICE = 25
-TRACE = 5
-DBGLEVELS = {
-    0: (logging.CRITICAL, "critical: only what stops the daemon"),
-    1: (logging.ERROR, "errors"),
-    2: (logging.WARNING, "warnings: back ends down, refused handoffs, bad control messages"),
-    3: (NOTICE, "notices: start, stop, reload, back ends added/removed/up/down (default)"),
-    4: (logging.INFO, "info: one line per handoff (client, back end, rule, timing)"),
-    5: (logging.DEBUG, "debug"),
-    6: (TRACE, "trace: every step of every connection"),
-}
-
-
-def dbglevel_to_logging(dbglevel: int) -> int:
-    """The logging level for a dbglevel (0-6); registers the NOTICE and TRACE level names."""
-    if logging.getLevelName(NOTICE) != "NOTICE":
-        logging.addLevelName(NOTICE, "NOTICE")
-        logging.addLevelName(TRACE, "TRACE")
-    return DBGLEVELS[max(0, min(6, dbglevel))][0]
-
 
 RULES_TEXT = (
     "Rules (tcphafe.conf): 'rule = ADDR REGEX' sends a connection to the server ADDR when REGEX is found "
@@ -249,7 +228,6 @@ def configuration_md() -> str:
         "| dbglevel | logging level | what is logged |",
         "| --- | --- | --- |",
     ]
-    dbglevel_to_logging(0)  # registers the NOTICE and TRACE names
     for level, (log_level, text) in DBGLEVELS.items():
         out.append(f"| {level} | {logging.getLevelName(log_level)} ({log_level}) | {text} |")
     for component in ("fe", "be"):

@@ -75,13 +75,6 @@ class Setting:
         return self.type(self.default)
 
 
-def _both(name: str, type_: t.Parser, default: str | None, validator: t.Validator, doc: str,
-          **kw: Any) -> tuple[Setting, Setting]:
-    """One declaration for an option that both daemons read with the same meaning."""
-    return (Setting(name, type_, default, validator, doc, section="fe", **kw),
-            Setting(name, type_, default, validator, doc, section="be", **kw))
-
-
 _any = t.no_check
 _count = t.in_range(1, 100000)
 _timeout = t.in_range(0.001, 86400)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from tcpha.tls.sealing import SessionKeyFile, session_key_file
+from tcpha.distcache.address import AddressError, parse_address
 
 Parser = Callable[[str], Any]
 Validator = Callable[[Any], None]
@@ -193,7 +194,6 @@ def distcache_address(value: str) -> str | None:
     """A distcache address (``UNIX:/path``, ``IP:host:port``), or ``none``."""
     if value.lower() in ("none", "off", "-"):
         return None
-    from tcpha.distcache.address import AddressError, parse_address
     try:
         addr = parse_address(value)
     except AddressError as exc:

@@ -25,12 +25,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
 
 __all__ = ["AddressError", "Address", "parse_address", "listen_socket", "connect_socket", "resolve",
-           "UNIX_PATH_MAX"]
+           "UNIX_PATH_MAX", "DC_NAME"]
+
+# A data center name, as given with an address (-dc NAME, ADDR,dc=NAME, -dc-map host:port=NAME).
+DC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # sun_path is 108 bytes on Linux and needs a terminating NUL for a pathname socket.
 UNIX_PATH_MAX = 107

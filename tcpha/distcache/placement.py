@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from tcpha.cli.dcoptions import DC_NAME
+from tcpha.distcache.address import DC_NAME
+from tcpha.distcache.redis_store import BackendURLError, _split_url, _tls_options, url_without_password
 
 __all__ = ["PlacementError", "PlacementReport", "ClusterNodeInfo", "parse_dc_map", "parse_cluster_nodes",
            "check_placement", "check_cluster_placement"]
@@ -145,7 +146,6 @@ def check_placement(nodes: list[ClusterNodeInfo], dc_map: dict[str, str]) -> Pla
 
 def check_cluster_placement(url: str, dc_map: dict[str, str], timeout: float = 5.0) -> PlacementReport:
     """Read CLUSTER NODES from the first node of a redis-cluster:// (rediss-cluster://) URL that answers."""
-    from tcpha.distcache.redis_store import BackendURLError, _split_url, _tls_options, url_without_password
     if not url.split("://", 1)[0].endswith("-cluster"):
         raise PlacementError(f"-check-placement needs -backend redis-cluster:// or rediss-cluster://, "
                              f"not {url_without_password(url)!r}")

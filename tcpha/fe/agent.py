@@ -21,13 +21,21 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tcpha.config import compile_rule, dbglevel_to_logging, load_fe_config
+from tcpha.config.reference import DBGLEVELS
+from tcpha.config.settings import in_force_form, settings_for
+from tcpha.fe.backends import RemoteBackend, build_backends
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tcpha.fe.worker import Worker
 
 log = logging.getLogger("tcpha.fe.agent")
 
 
 class WorkerAgent:
-    def __init__(self, worker: Any, sock: socket.socket):
+    def __init__(self, worker: "Worker", sock: socket.socket):
         self.worker = worker
         self.sock = sock
         self.buf = b""
@@ -81,7 +89,6 @@ class WorkerAgent:
                 ledger.weights = {str(k): int(v) for k, v in req["weights"].items()}
             return {"ok": True}
         if op == "dbglevel":
-            from tcpha.config import dbglevel_to_logging
             logging.getLogger().setLevel(dbglevel_to_logging(int(req["level"])))
             w.log_connections = logging.getLogger("tcpha.fe.handoff").isEnabledFor(logging.INFO)
             return {"ok": True}
@@ -113,9 +120,6 @@ class WorkerAgent:
         return {"error": f"unknown op {op!r}"}
 
     def _add_backend(self, req: dict) -> dict:
-        from tcpha.config import compile_rule
-        from tcpha.fe.backends import RemoteBackend
-        from tcpha.fe.rules import RuleTable
         w = self.worker
         name = req["name"]
         rules = [compile_rule(name, f, p) for f, p in req.get("rules", [])]
@@ -123,17 +127,14 @@ class WorkerAgent:
             be = RemoteBackend(w, req["host"], int(req["port"]), w.config.connperbe)
             w.backends[name] = be
             be.start()
-        w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name] + rules
-        w.rules = RuleTable(list(w.config.rules) + w.dynamic_rules)
-        w.ledger.set_rules(list(w.config.rules) + w.dynamic_rules)
+        w.dynamic_rules = [r for r in w.dynamic_rules if r.target != name] + rules
+        w.set_rules(w.config.rules)
         return {"ok": True}
 
     def _remove_backend(self, name: str) -> dict:
-        from tcpha.fe.rules import RuleTable
         w = self.worker
-        w.dynamic_rules = [r for r in getattr(w, "dynamic_rules", []) if r.target != name]
-        w.rules = RuleTable(list(w.config.rules) + w.dynamic_rules)
-        w.ledger.set_rules(list(w.config.rules) + w.dynamic_rules)
+        w.dynamic_rules = [r for r in w.dynamic_rules if r.target != name]
+        w.set_rules(w.config.rules)
         be = w.backends.pop(name, None)
         if be is not None and be not in w.backends.values():
             be.close()
@@ -142,11 +143,9 @@ class WorkerAgent:
     def _settings_in_force(self) -> dict[str, Any]:
         """The values of the options this worker applies, read from the objects that use them (not from
         its config), in tcpha.config.settings.in_force_form."""
-        from tcpha.config.reference import DBGLEVELS
-        from tcpha.config.settings import in_force_form, settings_for
         w = self.worker
         level = logging.getLogger().getEffectiveLevel()
-        dynamic = {r.target for r in getattr(w, "dynamic_rules", [])}
+        dynamic = {r.target for r in w.dynamic_rules}
         values: dict[str, Any] = {
             "peekmax": w.peekmax, "peektimeout": w.peektimeout, "handofftimeout": w.handofftimeout,
             "maxclients": w.maxclients, "grace": w.grace, "authkey": w.authkey, "vaddr": w.vip,
@@ -163,26 +162,12 @@ class WorkerAgent:
     def _reload(self, path: str, keep: list[str]) -> dict:
         """Apply a changed config file in place: rules, back ends, timeouts; nothing is dropped
         (connections being dispatched finish with the objects they hold)."""
-        from tcpha.config import load_fe_config
-        from tcpha.fe.backends import LocalBackend, RemoteBackend
-        from tcpha.fe.rules import RuleTable
         w = self.worker
         new = load_fe_config(path)
         for k in keep:
             setattr(new, k, getattr(w.config, k))
-        wanted: dict[str, Any] = {}
-        for spec in new.servers:
-            keys = [f"unix:{spec.path}"] if spec.kind == "unix" else [f"{spec.host}:{spec.port}", spec.host]
-            be = None
-            for k in keys:
-                be = be or w.backends.get(k)
-            if be is None:
-                be = (LocalBackend(w, spec.path) if spec.kind == "unix"
-                      else RemoteBackend(w, spec.host, spec.port, new.connperbe))
-                be.start()
-            for k in keys:
-                wanted.setdefault(k, be)
-        dynamic = {r.target for r in getattr(w, "dynamic_rules", [])}
+        wanted = build_backends(w, new.servers, new.connperbe, known=w.backends)   # new ones started
+        dynamic = {r.target for r in w.dynamic_rules}
         for k, be in list(w.backends.items()):
             if k not in wanted and k not in dynamic:
                 del w.backends[k]
@@ -191,12 +176,10 @@ class WorkerAgent:
         w.backends.update(wanted)
         w.config = new
         w.authkey = new.authkey          # control connections made from now on (reconnects, new back ends)
-        w.peekmax = new.peekmax
+        w.sniffer.peekmax = new.peekmax
         w.peektimeout = new.peektimeout
         w.handofftimeout = new.handofftimeout
         w.maxclients = new.maxclients
         w.grace = new.grace
-        rules = list(new.rules) + list(getattr(w, "dynamic_rules", []))
-        w.rules = RuleTable(rules)
-        w.ledger.set_rules(rules)
+        w.set_rules(new.rules)
         return {"ok": True}

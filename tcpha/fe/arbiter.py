@@ -4,19 +4,28 @@ The arbiter
 1. finds the LAN interface (`interface`, else the one holding `raddr`, else the route to `vaddr`),
 2. installs the VIP on it and the flow-steering table (FlowSteering.install adopts what a crashed
    predecessor left under the same table name: its handed-off flows keep working throughout),
-3. opens the listening sockets on vaddr:port(s),
-4. forks `startservers` workers that inherit the listening sockets (startservers = 1 runs the one
-   worker in this process), replaces a worker that dies, and
+3. opens the listening sockets on vaddr:port(s), or takes over those of a running predecessor
+   (seamless upgrade, tcpha.fe.upgrade), and starts the runtime (tcpha.fe.runtime: control files,
+   health checks, metrics, the links to the workers),
+4. forks `startservers` workers that inherit the listening sockets, replaces a worker that dies, and
 5. on SIGTERM/SIGINT stops the workers (they stop accepting and finish what they are dispatching),
    waits until the handed-off flows are gone or `grace` has passed, and removes the kernel state.
 
-The pool is dynamic: `startservers` at start, then kept between `minspareservers` and `maxspareservers`
-idle workers, 1 to 32 in all (tcpha.fe.pool.SparePolicy decides; docs/operations.md, "Workers and limits").
+The worker pool is dynamic: `startservers` workers at start; then once a second the arbiter asks every
+worker over its runtime link how many connections it is dispatching, and starts one more worker when
+fewer than `minspareservers` are idle (32 workers at most) or stops an idle one when more than
+`maxspareservers` are (never the last one), one step per second (tcpha.fe.pool.SparePolicy decides;
+docs/operations.md, "Workers and limits"). Without the runtime (control directory unavailable) the pool
+stays as started. With `startservers = 1` there is no arbiter: the one worker runs in this process.
+
+Signals, as gunicorn's Arbiter: the handler of a signal in SIGNALS only queues it and wakes the main
+loop, which runs `handle_<name>` (SIG_NAMES) once per tick for each queued signal: SIGTERM and SIGINT
+stop, SIGHUP reloads the config file (tcpha.fe.reload), SIGCHLD reaps and replaces dead workers.
 """
 
 from __future__ import annotations
 
-import errno
+import ctypes
 import logging
 import os
 import select
@@ -25,6 +34,15 @@ import socket
 import time
 from typing import Any, Callable
 
+from pyroute2 import IPRoute
+
+from tcpha.fe.pool import SparePolicy
+from tcpha.fe.runtime import start_runtime
+from tcpha.fe.upgrade import take_over
+from tcpha.fe.worker import Worker
+from tcpha.loglevels import NOTICE
+from tcpha.steering import FlowSteering, VipAddress, interface_holding
+
 log = logging.getLogger("tcpha.fe")
 
 NFT_TABLE = "tcpha_fe"
@@ -32,24 +50,18 @@ IP_FREEBIND = 15
 RESPAWN_MIN_INTERVAL = 1.0
 DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent nothing yet
 
-
-def interface_holding(addr: str) -> str:
-    """The name of the interface that holds `addr` (RuntimeError if none does)."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            if msg.get_attr("IFA_ADDRESS") == addr:
-                return ipr.get_links(msg["index"])[0].get_attr("IFLA_IFNAME")
-    raise RuntimeError(f"raddr {addr} is not an address of this host")
+# The signals the arbiter handles, in the order a tick handles them; SIG_NAMES[sig] names the handler
+# (SIGHUP -> FrontEnd.handle_hup). A worker restores their default (SIGHUP: ignored).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 
 def lan_interface(config: Any) -> str:
     """The interface named by `interface`, else the one holding raddr, else the one routing to vaddr."""
-    from pyroute2 import IPRoute
-    name = getattr(config, "interface", None)
+    name = config.interface
     if name and name != "auto":
         return name
-    raddr = getattr(config, "raddr", "0.0.0.0")
+    raddr = config.raddr
     if raddr and raddr != "0.0.0.0":
         return interface_holding(raddr)
     with IPRoute() as ipr:
@@ -92,8 +104,10 @@ class FrontEnd:
         self.steering: Any = None
         self.listeners: list[tuple[socket.socket, int]] = []
         self.workers: dict[int, int] = {}          # pid -> worker number
-        self._stop = False
         self._wakeup_r = -1
+        self.sig_queue: list[int] = []  # signals received, not yet handled (FrontEnd.queue_signal)
+        self.stopping = False           # SIGTERM/SIGINT or a handover: the main loop ends
+        self._last_spawn: dict[int, float] = {}    # worker number -> when it was last started
         self.notify: Callable[[str], None] = lambda state: None
         self.runtime: Any = None        # tcpha.fe.runtime: control files, health checks, metrics
         self.handed_over = False        # seamless upgrade: a successor owns the kernel state now
@@ -101,22 +115,20 @@ class FrontEnd:
 
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
-        from tcpha.steering import FlowSteering
         return FlowSteering(table=self.table, ifname=self.ifname, vip=self.config.vaddr,
-                            ports=list(self.config.ports), flow_timeout=float(self.config.flowtimeout))
+                            ports=list(self.config.ports), flow_timeout=self.config.flowtimeout)
 
     def install(self) -> None:
-        from tcpha.steering import VipAddress
         self.ifname = lan_interface(self.config)
         self.vip_address = VipAddress(self.config.vaddr, self.ifname)
         self.vip_address.add()
         self.steering = self.make_steering()
         self.steering.install()
         if getattr(self.steering, "adopted", False):
-            log.log(25, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
+            log.log(NOTICE, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "
                     "%d handed-off flows", self.config.vaddr, self.ifname, self.table, self._entries())
         else:
-            log.log(25, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
+            log.log(NOTICE, "kernel state installed: VIP %s on %s, steering table %s", self.config.vaddr,
                     self.ifname, self.table)
 
     def _entries(self) -> int:
@@ -135,17 +147,15 @@ class FrontEnd:
                 log.error("removing the %s failed: %s", what, e)
         self.steering = None
         self.vip_address = None
-        log.log(25, "kernel state removed")
+        log.log(NOTICE, "kernel state removed")
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:
-        from tcpha.fe.runtime import start_runtime
-        from tcpha.fe.upgrade import take_over
         takeover = None
         try:
             takeover = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
             self.install()
-            backlog = max(1024, int(self.config.maxclients) * 4)
+            backlog = max(1024, self.config.maxclients * 4)
             self.listeners = (takeover.listeners if takeover is not None
                               else listen_sockets(self.config.vaddr, list(self.config.ports), backlog))
         except Exception as e:
@@ -156,9 +166,9 @@ class FrontEnd:
         # The control socket changes hands at once; the predecessor releases its control directory
         # once it has exited.
         self.runtime = start_runtime(self, predecessor=takeover,
-                                     wait_free=(float(self.config.grace) + 10) if takeover is not None else 0)
+                                     wait_free=(self.config.grace + 10) if takeover is not None else 0)
         try:
-            if int(self.config.startservers) <= 1:
+            if self.config.startservers <= 1:
                 self._run_single()
             else:
                 self._run_arbiter()
@@ -169,13 +179,12 @@ class FrontEnd:
             for s, _ in self.listeners:
                 s.close()
             if self.handed_over:
-                log.log(25, "handed over to a new tcpha-fe: kernel state left to it")
+                log.log(NOTICE, "handed over to a new tcpha-fe: kernel state left to it")
             else:
                 self.remove()
         return 0
 
     def _make_worker(self, number: int, steering: Any) -> Any:
-        from tcpha.fe.worker import Worker
         return Worker(self.config, self.listeners, steering, ifname=self.ifname, name=f"worker {number}")
 
     def _run_single(self) -> None:
@@ -185,62 +194,107 @@ class FrontEnd:
             ours, theirs = self.runtime.worker_socketpair()
             worker.runtime_sock = theirs
             self.runtime.attach_worker(os.getpid(), ours)
-            signal.signal(signal.SIGHUP, lambda signum, frame: self.runtime.reload())
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.handle_hup())
         else:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.run()
 
     # -- arbiter ---------------------------------------------------------------------------------
     def _run_arbiter(self) -> None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wakeup_r = r
-        signal.set_wakeup_fd(w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-        self._pending: list[int] = []
-        n = int(self.config.startservers)
+        self.install_signal_handlers()
+        n = self.config.startservers
         for number in range(n):
             self._spawn(number)
         self.notify("READY=1")
         log.info("arbiter %d: %d workers", os.getpid(), n)
-        last_spawn: dict[int, float] = {}
-        while True:
-            try:
-                select.select([r], [], [], 1.0)
-            except InterruptedError:
-                pass
-            try:
-                os.read(r, 512)
-            except BlockingIOError:
-                pass
-            sigs, self._pending = self._pending, []
-            if signal.SIGTERM in sigs or signal.SIGINT in sigs:
-                break
-            if signal.SIGHUP in sigs:
-                if self.runtime is not None:
-                    self.runtime.reload()
-                else:
-                    log.warning("SIGHUP: no runtime (control directory unavailable); configuration unchanged")
-            for pid, number, status in self._reap():
-                if self.handed_over:
-                    # A seamless upgrade asked the workers to stop: their exits are expected, and a
-                    # replacement would accept on the listening sockets the successor now owns.
-                    log.info("worker %d (pid %d) stopped (%s): handed over", number, pid, status)
-                    continue
-                if pid in self._retiring:
-                    self._retiring.discard(pid)
-                    log.log(25, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
-                    continue
-                log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
-                wait = last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                last_spawn[number] = time.monotonic()
-                self._spawn(number)
+        while not self.stopping:
+            self.tick()
+        self.stop_workers()
+
+    def install_signal_handlers(self) -> None:
+        """Each signal of SIGNALS only queues itself and wakes the main loop (signal.set_wakeup_fd);
+        the loop runs its handler (`handle_hup`, ...) outside the signal's context."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_r = r
+        signal.set_wakeup_fd(w)
+        for sig in SIGNALS:
+            signal.signal(sig, self.queue_signal)
+
+    def queue_signal(self, signum: int, frame: Any) -> None:
+        self.sig_queue.append(signum)
+
+    def tick(self) -> None:
+        """One turn of the main loop: wait for a signal (1 s at most), run the queued signals' handlers,
+        reap and replace dead workers, and resize the pool (tcpha.fe.pool) when no signal is waiting."""
+        try:
+            select.select([self._wakeup_r], [], [], 1.0)
+        except InterruptedError:
+            pass
+        try:
+            os.read(self._wakeup_r, 512)
+        except BlockingIOError:
+            pass
+        self.handle_signals()
+        if self.stopping:
+            return
+        self.reap_workers()         # every tick, not only on SIGCHLD: one lost among others costs nothing
+        if self.handed_over:
+            self.stopping = True
+            return
+        if self.runtime is not None and not self.sig_queue:
+            self._adjust_pool()
+
+    def handle_signals(self) -> None:
+        """Run the handler of each signal queued since the last tick, once however often it came, in
+        the order of SIGNALS: a stop first, and nothing after it (no reload or respawn in vain)."""
+        queued, self.sig_queue = set(self.sig_queue), []
+        for sig in SIGNALS:
+            if sig in queued and not self.stopping:
+                handler = getattr(self, f"handle_{SIG_NAMES[sig]}")
+                handler()
+
+    def handle_term(self) -> None:
+        """SIGTERM: stop. The workers stop accepting and finish what they dispatch, then wait for their
+        handed-off flows (`grace` at most); the kernel state is removed (not after a handover)."""
+        self.stopping = True
+
+    def handle_int(self) -> None:
+        """SIGINT (Ctrl-C): as SIGTERM."""
+        self.stopping = True
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload the config file (tcpha.fe.reload), in the control plane's thread."""
+        if self.runtime is not None:
+            self.runtime.reload()
+        else:
+            log.warning("SIGHUP: no runtime (control directory unavailable); configuration unchanged")
+
+    def handle_chld(self) -> None:
+        """SIGCHLD: a worker exited: reap it, and start a new one in its place."""
+        self.reap_workers()
+
+    def reap_workers(self) -> None:
+        """Reap the workers that exited; replace each (at most once per RESPAWN_MIN_INTERVAL per worker
+        number) unless it was a surplus one the pool stopped or the front end was handed over."""
+        for pid, number, status in self._reap():
             if self.handed_over:
-                break
-            if self.runtime is not None and not self._pending:
-                self._adjust_pool()
+                # A seamless upgrade asked the workers to stop: their exits are expected, and a
+                # replacement would accept on the listening sockets the successor now owns.
+                log.info("worker %d (pid %d) stopped (%s): handed over", number, pid, status)
+                continue
+            if pid in self._retiring:
+                self._retiring.discard(pid)
+                log.log(NOTICE, "worker %d (pid %d) stopped (%s): surplus idle worker", number, pid, status)
+                continue
+            log.error("worker %d (pid %d) exited (%s); starting a new one", number, pid, status)
+            wait = self._last_spawn.get(number, 0) + RESPAWN_MIN_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_spawn[number] = time.monotonic()
+            self._spawn(number)
+
+    def stop_workers(self) -> None:
+        """Tell every worker to stop, wait `grace` (+5 s) for them to exit, then kill what is left."""
         # After a handover, workers the takeover request did not reach (one being started at that
         # moment) must not wait for the handed-off flows either: SIGUSR2 (see Worker.serve).
         stop_signal = signal.SIGUSR2 if self.handed_over else signal.SIGTERM
@@ -250,7 +304,7 @@ class FrontEnd:
                 os.kill(pid, stop_signal)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + float(getattr(self.config, "grace", 30) or 0) + 5
+        deadline = time.monotonic() + self.config.grace + 5
         while self.workers and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.02)
@@ -265,24 +319,23 @@ class FrontEnd:
 
     def _adjust_pool(self) -> None:
         """Keep idle workers between minspareservers and maxspareservers (tcpha.fe.pool), one step a tick."""
-        from tcpha.fe.pool import SparePolicy
         try:
             busy = self.runtime.busy_per_worker()
         except Exception as e:
             log.debug("worker pool: no answer from the workers: %s", e)
             return
         busy = {pid: n for pid, n in busy.items() if pid in self.workers and pid not in self._retiring}
-        policy = SparePolicy(int(self.config.minspareservers), int(self.config.maxspareservers))
+        policy = SparePolicy(self.config.minspareservers, self.config.maxspareservers)
         step = policy.decide(list(busy.values()))
         idle = sum(1 for n in busy.values() if n == 0)
         if step > 0:
             number = max(self.workers.values(), default=-1) + 1
-            log.log(25, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (< minspareservers %d): starting worker %d",
                     idle, len(busy), policy.minspare, number)
             self._spawn(number)
         elif step < 0:
             pid = max(p for p, n in busy.items() if n == 0)
-            log.log(25, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
+            log.log(NOTICE, "worker pool: %d of %d workers idle (> maxspareservers %d): stopping worker %d (pid %d)",
                     idle, len(busy), policy.maxspare, self.workers[pid], pid)
             self._retiring.add(pid)
             if not self.runtime.stop_worker(pid):
@@ -290,9 +343,6 @@ class FrontEnd:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._pending.append(signum)
 
     def _reap(self) -> list[tuple[int, int, str]]:
         out = []
@@ -332,7 +382,7 @@ class FrontEnd:
         code = 0
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads go through the arbiter
             _die_with_parent()
@@ -396,7 +446,6 @@ def _die_with_parent() -> None:
     """PR_SET_PDEATHSIG: a worker whose arbiter died (kill -9) is told with SIGTERM; it notices that its
     parent changed and stops at once, without waiting for handed-off flows (Worker._on_stop_signal)."""
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except Exception:  # pragma: no cover

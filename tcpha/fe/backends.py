@@ -7,6 +7,10 @@ on it are failed at once so that their connections fall through to the next back
 
 LocalBackend: a tcpha-be on this host (`server = unix:/PATH`); accepted sockets are passed to it
 with SCM_RIGHTS over a persistent UNIX stream connection (no TCP state transfer, no steering).
+
+build_backends makes both from the config's `server` lines, for a worker starting and for a reload.
+Which handoffs are open on a control link is the worker's FrontEndHandoffs' to say
+(tcpha.control.handoff), not the link's.
 """
 
 from __future__ import annotations
@@ -19,17 +23,17 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tcpha import control
+from tcpha import control, fdpass, steering
+from tcpha.fdpass import FDPASS_MAGIC
+from tcpha.loglevels import NOTICE
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tcpha.fe.worker import Worker
+    from tcpha.fe.host import BackendHost
 
 log = logging.getLogger("tcpha.fe.backends")
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
-FDPASS_MAGIC = b"TCPHAFD1"           # must match tcpha.be.server.FDPASS_MAGIC
-NOTICE = 25
 
 
 class ControlLink(asyncio.Protocol):
@@ -43,7 +47,6 @@ class ControlLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.up = False
         self.closing = False
-        self.pending: set[int] = set()          # xids of handoffs waiting on this link
         self.delay = RECONNECT_MIN
         self._timer: asyncio.TimerHandle | None = None
         self._connecting = False
@@ -151,14 +154,13 @@ class ControlLink(asyncio.Protocol):
         was_up = self.up
         self.up = False
         self.transport = None
-        self._out.clear()                       # the pending handoffs fail below
+        self._out.clear()                       # the handoffs waiting on it fail below
         self.backend.link_down(self)
         if was_up and not self.closing:
             log.warning("back end %s: control connection %d lost%s", self.backend.name, self.index,
                         f": {exc}" if exc else "")
-        for xid in list(self.pending):
-            self.worker.fail_handoff(xid, "control connection lost")
-        self.pending.clear()
+        for d in self.worker.handoffs.link_lost(self):
+            d.refused("control connection lost")
         self._retry()
 
     @property
@@ -166,11 +168,10 @@ class ControlLink(asyncio.Protocol):
         """Frames can still be written (a closing link takes no new handoff but finishes its own)."""
         return self.transport is not None and not self._eof_sent
 
-    def handoff_done(self, xid: int) -> None:
+    def handoff_over(self) -> None:
         """A handoff sent on this link is over (Steered sent, refused or failed): a close waiting for
         the link's handoffs to finish goes on when it was the last."""
-        self.pending.discard(xid)
-        if self.gone is not None and not self.pending and not self._eof_sent:
+        if self.gone is not None and not self._eof_sent and not self.worker.handoffs.open_on(self):
             self._half_close()
 
     def _half_close(self) -> None:
@@ -185,12 +186,12 @@ class ControlLink(asyncio.Protocol):
 
     def close(self) -> "asyncio.Future[None] | None":
         """Close gracefully: write what is queued, then half-close (FIN) and go on reading until the
-        back end closes its side (it does once it has read our FIN: tcpha.be.server.ControlSession.
+        back end closes its side (it does once it has read our FIN: tcpha.be.handoff.ControlSession.
         eof_received). Closing outright while the back end's FlowClosed reports sit unread in our
         receive queue would make the kernel answer with RST (RFC 1122 4.2.2.13: close with unread
         data), and an RST may destroy our last frames, a Steered among them, before the back end has
         read them. Handoffs already sent on the link finish first (their Restored is read, their Steered
-        written: handoff_done); no new one starts on it. Returns a future done when the connection is
+        written: handoff_over); no new one starts on it. Returns a future done when the connection is
         gone (None if it is already)."""
         self.closing = True
         if self._timer is not None:
@@ -203,7 +204,7 @@ class ControlLink(asyncio.Protocol):
             return None
         if self.gone is None:
             self.gone = self.worker.loop.create_future()
-            if not self.pending:
+            if not self.worker.handoffs.open_on(self):
                 self._half_close()
         return self.gone
 
@@ -215,7 +216,7 @@ class ControlLink(asyncio.Protocol):
 class RemoteBackend:
     kind = "tcp"
 
-    def __init__(self, worker: "Worker", host: str, port: int, connperbe: int):
+    def __init__(self, worker: "BackendHost", host: str, port: int, connperbe: int):
         self.worker = worker
         self.host = host
         self.port = port
@@ -267,7 +268,6 @@ class RemoteBackend:
 
     def resolve_mac(self) -> str | None:
         """The back end's MAC on the LAN (the control connection made the kernel resolve it)."""
-        from tcpha import steering
         try:
             self.mac = steering.neighbour_mac(self.host, self.worker.ifname)
         except Exception as e:
@@ -297,7 +297,7 @@ class LocalBackend:
 
     kind = "unix"
 
-    def __init__(self, worker: "Worker", path: str):
+    def __init__(self, worker: "BackendHost", path: str):
         self.worker = worker
         self.path = path
         self.name = f"unix:{path}"
@@ -354,7 +354,6 @@ class LocalBackend:
 
     def pass_socket(self, client: socket.socket, lport: int) -> bool:
         """Send the client socket to the local back end; True when it has left this process."""
-        from tcpha import fdpass
         if self.sock is None and not self._connect():
             return False
         assert self.sock is not None
@@ -372,3 +371,27 @@ class LocalBackend:
 
     def close(self) -> None:
         self._drop()
+
+
+def backend_keys(spec: Any) -> list[str]:
+    """The names rules may give a `server` line: HOST:PORT (or unix:/PATH), and HOST alone."""
+    return [spec.name] if spec.kind == "unix" else [spec.name, spec.host]
+
+
+def build_backends(worker: "BackendHost", specs: list[Any], connperbe: int,
+                   known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Back ends for the config's `server` lines, by each of their names (backend_keys). One `known`
+    already under one of its names (a reload) is kept; a new one is made and, when `known` is given,
+    started (a worker starts its back ends itself when it starts serving)."""
+    table: dict[str, Any] = {}
+    for spec in specs:
+        keys = backend_keys(spec)
+        be = next((known[k] for k in keys if known is not None and k in known), None)
+        if be is None:
+            be = (LocalBackend(worker, spec.path) if spec.kind == "unix"
+                  else RemoteBackend(worker, spec.host, int(spec.port), int(connperbe)))
+            if known is not None:
+                be.start()
+        for key in keys:
+            table.setdefault(key, be)
+    return table

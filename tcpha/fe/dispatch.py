@@ -1,13 +1,18 @@
-"""One accepted connection on its way to a back end.
+"""One accepted connection on its way to a back end: the I/O of each step.
 
-    accepted -> peek (MSG_PEEK: the bytes stay in the socket) -> parse head / ClientHello
-      -> rules -> candidates in order
-         -> same host:  SCM_RIGHTS to the local tcpha-be                         -> done
-         -> other host: freeze flow, dump (repair mode), Handoff over a control link
-              -> Restored: forward flow to the back end's MAC, Steered, close silently -> done
-              -> Refused / timeout / link lost: release repair, thaw, next candidate
-         -> the local node (redirectaddr), for 'local' rules and what no back end takes
-      -> no candidate left / no rule matches: 503 written here, then close
+The connection's states (PEEKING, ROUTING, FREEZING, HANDOFF_SENT, FORWARDING, STEERED, and the final
+PASSED, LOCAL, ANSWERED, CLOSED) and which event leads where are tcpha.control.handoff's table
+(FE_TRANSITIONS); each step here feeds the state machine its event (Dispatch.handoff). What a Dispatch
+uses of its worker is tcpha.fe.host.DispatchHost.
+
+    peek (MSG_PEEK: the bytes stay in the socket), parse head / ClientHello, match the rules, then the
+    candidates in order:
+         same host:  SCM_RIGHTS to the local tcpha-be
+         other host: freeze flow, dump (repair mode), Handoff over a control link; Restored: forward the
+                     flow to the back end's MAC, Steered, close silently; Refused / timeout / link lost:
+                     resume (repair off), thaw, next candidate
+         the local node (redirectaddr), for 'local' rules and what no back end takes
+      no candidate left / no rule matches: 503 written here, then close
     freeze and forward are nft transactions batched by the worker (SteeringBatch): the connection
     waits for them in frozen() / forwarded(); a half-closed connection is never frozen (_movable)
     bad head -> 400/414; head not complete within peektimeout -> 408
@@ -27,24 +32,21 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tcpha import repair
+from tcpha import control, repair
+from tcpha.control.handoff import FeConnection, FeEvent
 from tcpha.fe.localnode import LOCAL, serve_locally
 from tcpha.fe.responses import error_response
+from tcpha.fe.rules import RequestFacts
+from tcpha.sniff.tls import HANDSHAKE_FAILURE_ALERT
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tcpha.fe.worker import Worker
+    from tcpha.fe.host import DispatchHost
 
 log = logging.getLogger("tcpha.fe.dispatch")
 
-try:
-    from tcpha.sniff.tls import HANDSHAKE_FAILURE_ALERT
-except ImportError:  # pragma: no cover - RFC 8446 6: alert record, fatal(2), handshake_failure(40)
-    HANDSHAKE_FAILURE_ALERT = bytes((21, 3, 1, 0, 2, 2, 40))
 
-
-def _tls_default_facts() -> Any:
+def _tls_default_facts() -> RequestFacts:
     """What a TLS connection whose ClientHello could not be read is matched as (docs/rules.md): no SNI, no ALPN."""
-    from tcpha.fe.rules import RequestFacts
     return RequestFacts.from_client_hello(None)
 
 TCP_INFO = 11
@@ -54,10 +56,10 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
-                 "next_index", "xid", "link", "backend", "flow", "facts", "reading", "finished",
+                 "next_index", "handoff", "link", "backend", "flow", "facts", "reading", "finished",
                  "lowat", "rule", "pools", "waiting")
 
-    def __init__(self, worker: "Worker", sock: socket.socket, peer: tuple[str, int], lport: int):
+    def __init__(self, worker: "DispatchHost", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
         self.sock = sock
         self.fd = sock.fileno()
@@ -68,7 +70,7 @@ class Dispatch:
         self.peeked = 0
         self.candidates: list[str] = []
         self.next_index = 0
-        self.xid = 0
+        self.handoff = FeConnection()     # the state machine: state and latest xid
         self.link: Any = None
         self.backend: Any = None
         self.flow: Any = None
@@ -91,9 +93,10 @@ class Dispatch:
         self._peek(woken=True)
 
     def _peek(self, woken: bool) -> None:
-        w = self.worker
+        sniffer = self.worker.sniffer
+        peekmax = sniffer.peekmax
         try:
-            buf = self.sock.recv(w.peekmax, socket.MSG_PEEK)
+            buf = self.sock.recv(peekmax, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             self._want_read()
             return
@@ -103,15 +106,15 @@ class Dispatch:
         if not buf:
             self._close("closed by the client before sending a request")
             return
-        if woken and len(buf) == self.peeked and len(buf) < w.peekmax:
+        if woken and len(buf) == self.peeked and len(buf) < peekmax:
             # Readable, yet nothing new: the client sent FIN (or an error) with an incomplete head.
             self._close("client closed with an incomplete request head")
             return
         self.peeked = len(buf)
-        tls = w.is_tls(buf)
+        tls = sniffer.is_tls(buf)
         try:
-            facts = w.facts_of(buf)
-        except w.head_errors as e:
+            facts = sniffer.facts_of(buf)
+        except sniffer.errors as e:
             if tls:      # docs/rules.md: an unreadable ClientHello is routed as one without SNI/ALPN
                 self._route(_tls_default_facts(), f"unreadable TLS ClientHello ({e})")
             else:
@@ -125,11 +128,11 @@ class Dispatch:
                 self._answer(400, f"unreadable request head: {e}")
             return
         if facts is None:                                        # NeedMore
-            if len(buf) >= w.peekmax:
+            if len(buf) >= peekmax:
                 if tls:
-                    self._route(_tls_default_facts(), f"TLS ClientHello longer than peekmax {w.peekmax}")
+                    self._route(_tls_default_facts(), f"TLS ClientHello longer than peekmax {peekmax}")
                 else:
-                    self._answer(400, f"request head longer than peekmax {w.peekmax}")
+                    self._answer(400, f"request head longer than peekmax {peekmax}")
                 return
             self._set_lowat(len(buf) + 1)
             self._want_read()
@@ -158,6 +161,7 @@ class Dispatch:
     def _route(self, facts: Any, why: str | None) -> None:
         """Match the rules and hand off to the first candidate; `why`: the facts are the TLS default."""
         w = self.worker
+        self.handoff.handle(FeEvent.HEAD_READ)
         self._stop_reading()
         if self.timer is not None:
             self.timer.cancel()
@@ -174,7 +178,7 @@ class Dispatch:
             self.candidates = w.rules.candidates(facts)
         if not self.candidates:
             w.stats.nomatch += 1
-            if serve_locally(w, self):                # the local node takes what no rule matches
+            if self._serve_locally():                 # the local node takes what no rule matches
                 return
             if facts.uri is None:
                 self._tls_refuse(f"no rule matches (sni {facts.sni!r})")
@@ -211,7 +215,7 @@ class Dispatch:
     def _peek_timeout(self) -> None:
         self.timer = None
         self._stop_reading()
-        if self.worker.is_tls_fd_peek(self.sock):
+        if self.worker.sniffer.is_tls_socket(self.sock):
             self._set_lowat(1)
             self._tls_late()
         else:
@@ -223,7 +227,7 @@ class Dispatch:
         the TLS default (docs/rules.md). Never an HTTP answer: the client speaks TLS."""
         w = self.worker
         try:
-            facts = w.facts_of(self.sock.recv(w.peekmax, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            facts = w.sniffer.facts_of(self.sock.recv(w.sniffer.peekmax, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except Exception:                                   # nothing readable now, or unparsable
             facts = None
         if facts is not None:
@@ -242,7 +246,7 @@ class Dispatch:
             target = self.candidates[self.next_index]
             self.next_index += 1
             if target == LOCAL:                       # a rule naming the front end itself
-                if serve_locally(w, self):
+                if self._serve_locally():
                     return
                 continue
             if not w.ledger.accepts(target):          # down (health checks), weight 0 or draining
@@ -255,6 +259,7 @@ class Dispatch:
                 if self.lowat != 1:
                     self._set_lowat(1)          # the socket itself travels: leave it as accepted
                 if backend.pass_socket(self.sock, self.lport):
+                    self.handoff.handle(FeEvent.PASS)
                     self.backend = backend
                     self._finish_local()
                     return
@@ -270,15 +275,22 @@ class Dispatch:
                 self.flow = w.flow_key(self.peer, self.lport)
             self.backend = backend
             self.link = link
+            self.handoff.handle(FeEvent.FREEZE)
             w.batch.freeze(self)
             return
         w.stats.unavailable += 1
-        if LOCAL not in self.candidates and serve_locally(w, self):   # all matching back ends out
+        if LOCAL not in self.candidates and self._serve_locally():   # all matching back ends out
             return
         if self.facts is not None and self.facts.uri is None:          # TLS: an alert, not an HTTP 503
             self._tls_refuse(f"no back end available among {', '.join(self.candidates)}")
             return
         self._answer(503, f"no back end available among {', '.join(self.candidates)}")
+
+    def _serve_locally(self) -> bool:
+        if serve_locally(self.worker, self):
+            self.handoff.handle(FeEvent.SERVE_LOCALLY)
+            return True
+        return False
 
     def _movable(self) -> bool:
         """Only an ESTABLISHED connection can be rebuilt elsewhere with TCP_REPAIR; one the client has
@@ -299,43 +311,49 @@ class Dispatch:
         """Step 2 (the flow is frozen): dump the socket, send the state, wait for the answer."""
         w = self.worker
         if error is not None:
+            self.handoff.handle(FeEvent.FREEZE_FAILED)
             log.error("freezing %s:%d failed: %s", self.peer[0], self.peer[1], error)
             self._next_candidate()
             return
         link = self.link
         if not link.up:
+            self.handoff.handle(FeEvent.NOT_SENT)
             self._thaw()
             self._next_candidate()
             return
         try:
             state = repair.dump(self.sock)
         except OSError as e:
+            self.handoff.handle(FeEvent.NOT_SENT)
             self._thaw()
             log.warning("%s:%d: dump failed: %s", self.peer[0], self.peer[1], e)
             self._next_candidate()
             return
-        self.xid = xid = w.new_xid()
+        self.handoff.xid = xid = w.handoffs.new_xid()
+        flow = self.flow
         try:
-            link.send(w.handoff_message(xid, state, self.flow, self.peeked))
+            link.send(control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
+                                      vip=flow.vip, vport=flow.vport, peeked_len=self.peeked,
+                                      state=state.to_bytes()))
         except Exception as e:
+            self.handoff.handle(FeEvent.NOT_SENT)
             log.warning("back end %s: sending handoff failed: %s", self.backend.name, e)
             self._rollback()
             if not self.finished:
                 self._next_candidate()
             return
-        w.pending[xid] = self
-        link.pending.add(xid)
-        self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out")
+        w.handoffs.sent(self.handoff, xid, link, self)
+        self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out", FeEvent.TIMEOUT)
 
     def _thaw(self) -> None:
         try:
-            self.worker.steering.thaw(self.flow)
+            self.worker.batch.thaw(self.flow)
         except Exception as e:
             log.error("thawing %s:%d failed: %s", self.peer[0], self.peer[1], e)
 
     def _rollback(self) -> None:
         try:
-            repair.release(self.sock)
+            repair.resume(self.sock)
         except OSError as e:
             # The connection cannot be taken back: it is lost for this client.
             self._thaw()
@@ -344,7 +362,7 @@ class Dispatch:
         self._thaw()
 
     def restored(self) -> None:
-        """The back end rebuilt the connection: steer the flow there and let go silently."""
+        """The back end rebuilt the connection (FORWARDING): steer the flow there and let go silently."""
         w = self.worker
         if self.timer is not None:
             self.timer.cancel()
@@ -359,14 +377,16 @@ class Dispatch:
             # Steered, drops its restored copy silently) and try the next candidate.
             log.error("forwarding %s:%d to %s failed: %s; taken back", self.peer[0], self.peer[1],
                       self.backend.name, error)
-            self.link.handoff_done(self.xid)
+            w.handoffs.forward_failed(self.handoff)
+            self.link.handoff_over()
             self._rollback()
             if not self.finished:
                 self._next_candidate()
             return
+        w.handoffs.steered(self.handoff)
         if self.link.can_send:
-            self.link.send(w.steered_message(self.xid))
-        self.link.handoff_done(self.xid)
+            self.link.send(control.Steered(xid=self.handoff.xid))
+        self.link.handoff_over()
         repair.discard(self.sock)
         self.finished = True
         self.backend.handoffs += 1
@@ -375,12 +395,13 @@ class Dispatch:
         w.dispatch_done(self)
 
     def refused(self, reason: str) -> None:
-        """The back end refused, the link dropped or the answer did not come in time: take the connection back."""
+        """The back end refused, the link dropped or the answer did not come in time (the state machine
+        is back in ROUTING: FrontEndHandoffs.failed): take the connection back."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.link is not None:
-            self.link.handoff_done(self.xid)
+            self.link.handoff_over()
         self.backend.refused += 1
         self.worker.stats.refused += 1
         self.worker.ledger.refused(self, self.backend.name, self.backend.name)
@@ -397,14 +418,6 @@ class Dispatch:
         w.stats.handoffs += 1
         w.ledger.handed_off(self, self.backend.name, outcome="passed")
         w.dispatch_done(self)
-
-    def _describe(self) -> str:
-        f = self.facts
-        if f is None:
-            return "-"
-        if f.uri is not None:
-            return f.uri.decode("latin-1")[:80]
-        return f"sni {f.sni}"
 
     # -- answering and closing here --------------------------------------------------------------
     def _answer(self, status: int, why: str) -> None:
@@ -429,6 +442,7 @@ class Dispatch:
         except OSError:
             self._close(None)
             return
+        self.handoff.handle(FeEvent.ANSWER)
         self.finished = True
         w.dispatch_done(self)           # no longer counts against maxclients
         w.lingering[self.fd] = self
@@ -453,6 +467,7 @@ class Dispatch:
         except OSError:
             self._close(None)
             return
+        self.handoff.handle(FeEvent.ANSWER)
         self.finished = True
         w.dispatch_done(self)
         w.lingering[self.fd] = self
@@ -497,6 +512,8 @@ class Dispatch:
             self.sock.close()
         except OSError:
             pass
+        if not self.handoff.final:
+            self.handoff.handle(FeEvent.CLOSE)
         if not self.finished:
             self.finished = True
             self.worker.dispatch_done(self)

@@ -35,8 +35,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tcpha.loglevels import NOTICE
+from tcpha import control
+
 log = logging.getLogger("tcpha.fe.health")
-NOTICE = 25
 MAX_WEIGHT = 256
 
 
@@ -169,7 +171,6 @@ class _ControlProbe(asyncio.Protocol):
     """A persistent control connection used only for Ping/Pong."""
 
     def __init__(self, key: bytes, raddr: str, vip: str, on_flow_closed: Callable[[Any], None] | None = None):
-        from tcpha import control
         self.on_flow_closed = on_flow_closed
         self.control = control
         self.conn = control.ControlConnection(key, role="fe")

@@ -15,12 +15,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from tcpha.control.handoff import flow_closed_applies
 from tcpha.fe.balance import SmoothWRR
+from tcpha.fe.rules import RuleTable
 from tcpha.metrics import WorkerMetrics
+from tcpha.fe.rules import RuleTable
+from tcpha.fe.status import printable_head
 
 log = logging.getLogger("tcpha.fe.handoff")
-
-LOCAL = "local"
 
 
 @dataclass(slots=True)
@@ -63,7 +65,6 @@ class ConnectionLedger:
             del self.flows[key]
 
     def set_rules(self, rules: list[Any]) -> None:
-        from tcpha.fe.rules import RuleTable
         by_target: dict[str, list[tuple[Any, Any, str]]] = {}
         for rule in rules:
             by_target.setdefault(rule.target, []).append((rule, RuleTable([rule]), rule_text(rule)))
@@ -116,7 +117,7 @@ class ConnectionLedger:
                 self.prune()
             self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
                 d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
-                state="local" if outcome == "local" else "handed-off", relay=relay, xid=getattr(d, "xid", 0) or 0)
+                state="local" if outcome == "local" else "handed-off", relay=relay, xid=d.handoff.xid)
         if log.isEnabledFor(logging.INFO):
             log.info("%s:%d -> %s rule %s %s in %.0f us", d.peer[0], d.peer[1], backend, rule,
                      "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
@@ -137,7 +138,7 @@ class ConnectionLedger:
         this 4-tuple (the client reused its port) is stale and leaves the newer record alone."""
         key = (client_ip, client_port, vport)
         record = self.flows.get(key)
-        if record is not None and (not xid or not record.xid or record.xid == xid):
+        if record is not None and flow_closed_applies(record.xid, xid):
             del self.flows[key]
 
     def local_closed(self, key: tuple[str, int, int]) -> None:
@@ -149,7 +150,7 @@ class ConnectionLedger:
         mono = time.perf_counter()
         rows = []
         for d in list(self.dispatching.values()):
-            state = "handing-off" if getattr(d, "xid", 0) and getattr(d, "backend", None) else "reading"
+            state = d.handoff.table_state          # tcpha.control.handoff: reading / handing-off
             be = getattr(d, "backend", None)
             rows.append({"client": f"{d.peer[0]}:{d.peer[1]}", "vport": d.lport,
                          "backend": be.name if be is not None else "-", "rule": "-", "state": state,
@@ -176,7 +177,6 @@ class ConnectionLedger:
 
 def _peek_head(d: Any) -> str:
     """The start of what the client sent (still in the socket: it was only peeked), as printable text."""
-    from tcpha.fe.status import printable_head
     try:
         return printable_head(d.sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except (OSError, AttributeError):

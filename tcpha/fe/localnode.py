@@ -13,17 +13,17 @@ import logging
 import socket
 from typing import Any
 
-log = logging.getLogger("tcpha.fe.localnode")
+from tcpha.config import LOCAL_TARGET as LOCAL
+from tcpha.relay import SpliceRelay
 
-LOCAL = "local"
+log = logging.getLogger("tcpha.fe.localnode")
 
 
 def serve_locally(worker: Any, d: Any) -> bool:
     """Relay Dispatch `d` to the local application; False when there is none or it cannot be reached."""
-    node = getattr(worker.config, "local_node", None)
+    node = worker.config.local_node
     if node is None:
         return False
-    from tcpha.be.relay import SpliceRelay
     app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         app.settimeout(0.5)     # an application on this host: connected at once, or refused at once

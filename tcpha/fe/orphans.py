@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.fe.runtime")
-NOTICE = 25
 
 ORPHANED = "forwarded (orphaned)"
 _CLAIMING = ("handed-off", "draining")

@@ -18,9 +18,11 @@ import time
 from typing import Any
 
 from tcpha import control
+from tcpha.loglevels import NOTICE
+from tcpha.config import compile_rule
+from tcpha.fe.health import CheckTarget
 
 log = logging.getLogger("tcpha.fe.registry")
-NOTICE = 25
 KEEPALIVE_MISSES = 3
 
 
@@ -108,8 +110,8 @@ class RegistrationListener:
     async def start(self) -> None:
         c = self.runtime.config
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: RegistrationSession(self), c.raddr, int(c.registerport), reuse_address=True)
-        log.info("accepting dregister back ends on %s:%d", c.raddr, int(c.registerport))
+            lambda: RegistrationSession(self), c.raddr, c.registerport, reuse_address=True)
+        log.info("accepting dregister back ends on %s:%d", c.raddr, c.registerport)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -118,7 +120,6 @@ class RegistrationListener:
             s.abort()
 
     def register(self, session: RegistrationSession, msg: Any) -> tuple[bool, str]:
-        from tcpha.config import compile_rule
         rt = self.runtime
         name = f"{msg.addr}:{msg.port}"
         if msg.addr != session.peer_ip:
@@ -144,7 +145,6 @@ class RegistrationListener:
         be.up = True
         rt.add_backend_files(name)
         if rt.prober is not None:
-            from tcpha.fe.health import CheckTarget
             rt.prober.add(CheckTarget(name, "tcp", msg.addr, int(msg.port), None, int(msg.app_port or 0)))
 
         async def tell() -> None:

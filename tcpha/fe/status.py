@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
+from tcpha.loglevels import NOTICE
+
 log = logging.getLogger("tcpha.fe.status")
-NOTICE = 25
 
 HISTORY_SECONDS = 600                     # the chart and the rates look this far back
 HANDOFF_OUTCOMES = ("handed_off", "passed", "local")
@@ -175,7 +176,7 @@ def build_status(*, pid: int, started: float, config: Any, health: list[dict[str
         # TLS is terminated by the back ends; each reports its shared session cache's counters in its
         # health check's Pong. None until one has looked a session up.
         "tls_session_cache": _session_cache(backends),
-        "statsadmin": bool(getattr(config, "statsadmin", False)),
+        "statsadmin": config.statsadmin,
     }
 
 

@@ -17,6 +17,11 @@
 A control socket whose listener was created by a process that is gone (the arbiter was killed and
 processes it left behind still hold the socket) is no predecessor: the new process starts afresh
 instead of waiting for an answer that never comes.
+
+`take_over` is the new process's side; `Handover`, one of the parts FrontEndRuntime
+(tcpha.fe.runtime) is composed of, is the old process's: it answers ``takeover`` and
+``control_socket_taken`` on its control socket, and its stop waits (HANDOVER_WAIT at most) until the
+successor's control socket has replaced its own, so that there is never a moment without one.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
+
+from tcpha import fdpass
+from tcpha.loglevels import NOTICE
+from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
+from tcpha.runtime.plane import socket_path
 
 log = logging.getLogger("tcpha.fe.upgrade")
-NOTICE = 25
+HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
 
 
 @dataclass
@@ -42,10 +54,7 @@ class Takeover:
 
 def take_over(config: Any, timeout: float = 5.0) -> Takeover | None:
     """The listening sockets of a running front end on the same rundir, or None when there is none."""
-    from tcpha import fdpass
-    from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
-    from tcpha.runtime.plane import socket_path
-    rundir = str(config.rundir).rstrip("/")
+    rundir = config.rundir.rstrip("/")
     for path in (socket_path(rundir), os.path.join(rundir, "ctl.sock")):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
@@ -143,3 +152,55 @@ def _same_front_end(s: socket.socket, config: Any) -> bool:
                     config.rundir, pid)
         return False
     return True
+
+
+class Handover:
+    """The old front end's side of a seamless upgrade: the control-socket ops ``takeover`` and
+    ``control_socket_taken``. Uses the runtime's front end (its listening sockets; `handed_over` is set
+    here) and worker links (tcpha.fe.workerlinks)."""
+
+    fe: Any                             # tcpha.fe.arbiter.FrontEnd
+    ask_all: Callable[..., Awaitable[list[dict]]]      # tcpha.fe.workerlinks.WorkerLinks
+
+    def __init__(self) -> None:
+        # A seamless upgrade: set when the successor's control socket has replaced ours (stop waits
+        # for it, so that there is never a moment without one).
+        self.control_socket_taken = threading.Event()
+
+    def handover_ops(self) -> dict[str, Callable[[dict, Any], Awaitable[dict]]]:
+        """The control socket's extra ops (tcpha.runtime.plane.ControlPlane extra_ops)."""
+        return {"takeover": self._op_takeover, "control_socket_taken": self._op_control_socket_taken}
+
+    def wait_for_successor(self) -> None:
+        """Before the control plane stops: after a handover, wait until the successor's control
+        socket has replaced ours (HANDOVER_WAIT at most)."""
+        if getattr(self.fe, "handed_over", False) and not self.control_socket_taken.wait(HANDOVER_WAIT):
+            log.warning("upgrade: the new tcpha-fe did not confirm it took over the control socket within %g s",
+                        HANDOVER_WAIT)
+
+    async def _op_takeover(self, request: dict, writer: Any) -> dict:
+        """A new tcpha-fe asks for our listening sockets (seamless upgrade): they travel over the
+        control socket with SCM_RIGHTS; then we stop like on unload, leaving the kernel state to it."""
+        listeners = list(self.fe.listeners)
+        sock = writer.get_extra_info("socket")
+        ports = [p for _, p in listeners]
+        msg = json.dumps({"ok": True, "ports": ports, "pid": os.getpid()}).encode() + b"\n"
+        raw = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            raw.setblocking(True)
+            fdpass.send_fds(raw, msg, [s.fileno() for s, _ in listeners])
+        finally:
+            raw.close()
+        log.log(NOTICE, "upgrade: listening sockets (ports %s) handed to a new tcpha-fe; stopping and leaving "
+                "the kernel state to it", " ".join(map(str, ports)))
+        self.fe.handed_over = True
+        # Workers stop accepting and finish what they dispatch, without waiting for handed-off flows
+        # (the successor's control connections receive their FlowClosed).
+        await self.ask_all("stop", wait_flows=False)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return None  # type: ignore[return-value]
+
+    async def _op_control_socket_taken(self, request: dict, writer: Any) -> dict:
+        """The successor of a takeover has renamed its control socket over ours: we may close ours."""
+        self.control_socket_taken.set()
+        return None  # type: ignore[return-value]

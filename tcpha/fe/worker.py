@@ -14,12 +14,20 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tcpha import control
-from tcpha.fe.backends import NOTICE, LocalBackend, RemoteBackend
+from tcpha.control.handoff import FeEvent, FrontEndHandoffs
+from tcpha.fe.agent import WorkerAgent
+from tcpha.fe.backends import build_backends
 from tcpha.fe.dispatch import Dispatch
+from tcpha.fe.host import HeadSniffer
+from tcpha.fe.ledger import ConnectionLedger
+from tcpha.fe.rules import RuleTable
+from tcpha.loglevels import NOTICE
+from tcpha.steering import FlowKey
 
 log = logging.getLogger("tcpha.fe.worker")
 
@@ -35,26 +43,6 @@ class WorkerStats:
     flows_closed_stale: int = 0      # FlowClosed of an earlier connection on a reused 4-tuple: entry kept
     control_errors: int = 0
     answered: dict[int, int] = field(default_factory=dict)
-
-
-class _NoHead(Exception):
-    status = 400
-
-
-def _sniffers() -> tuple[Callable, Callable, Callable, tuple[type[BaseException], ...], Any]:
-    """The sniff-rules helper's parsers: (parse_request_head, looks_like_tls, parse_client_hello, errors, NeedMore)."""
-    from tcpha.sniff import http as sniff_http
-    from tcpha.sniff.incomplete import NeedMore
-    errors: list[type[BaseException]] = [sniff_http.HeadError]
-    try:
-        from tcpha.sniff import tls as sniff_tls
-        looks_like_tls = sniff_tls.looks_like_tls
-        parse_hello = sniff_tls.parse_client_hello
-        errors.append(getattr(sniff_tls, "TlsHelloError", _NoHead))
-    except ImportError:                                       # pragma: no cover - until tls sniffing lands
-        looks_like_tls = lambda buf: bool(buf) and buf[0] == 0x16  # noqa: E731
-        parse_hello = None
-    return sniff_http.parse_request_head, looks_like_tls, parse_hello, tuple(errors), NeedMore
 
 
 # The nft transactions run in the loop by default; TCPHA_STEERING_THREAD=1 runs them in the steering
@@ -93,7 +81,6 @@ class SteeringBatch:
     UNFORWARD_DELAY = 0.02
 
     def __init__(self, worker: "Worker"):
-        from concurrent.futures import ThreadPoolExecutor
         self.worker = worker
         self.freezing: list[Dispatch] = []
         self.forwarding: list[Dispatch] = []
@@ -114,6 +101,10 @@ class SteeringBatch:
         if not self._forward_at and not self._busy["forward"]:
             self._forward_at = True
             self.worker.loop.call_soon(self._flush_forward)
+
+    def thaw(self, flow: Any) -> None:
+        """Let a frozen flow's packets reach our socket again (at once: the connection is taken back)."""
+        self.worker.steering.thaw(flow)
 
     def unforward(self, flow: Any, xid: int = 0) -> None:
         """Remove a closed flow's entry, unless it now holds another handoff than `xid` (0: any)."""
@@ -136,7 +127,7 @@ class SteeringBatch:
             return e
         return None
 
-    def _do_forward(self, flows: list[tuple[Any, str]]) -> Exception | None:
+    def _do_forward(self, flows: list[tuple[Any, str, int]]) -> Exception | None:
         try:
             self.worker.steering.forward_many(flows)
         except Exception as e:
@@ -199,7 +190,7 @@ class SteeringBatch:
         self._busy["freeze"] = self._busy["forward"] = True
         self.transactions += 1
         freezes = [d.flow for d in freezing]
-        forwards = [(d.flow, d.backend.mac, d.xid) for d in forwarding]
+        forwards = [(d.flow, d.backend.mac, d.handoff.xid) for d in forwarding]
         try:
             self.worker.steering.freeze_forward(freezes, forwards)
             fwd_error = freeze_error = None
@@ -228,7 +219,7 @@ class SteeringBatch:
             self._flush_both()
             return
         batch, self.forwarding = self.forwarding, []
-        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.xid) for d in batch], batch,
+        self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.handoff.xid) for d in batch], batch,
                      Dispatch.forwarded)
 
     def _flush_unforward(self) -> None:
@@ -254,7 +245,6 @@ class SteeringBatch:
 class Worker:
     def __init__(self, config: Any, listeners: list[tuple[socket.socket, int]], steering: Any, *,
                  ifname: str, name: str = "worker"):
-        from tcpha.fe.rules import RequestFacts, RuleTable
         self.config = config
         self.listeners = listeners
         self.steering = steering
@@ -262,24 +252,23 @@ class Worker:
         self.name = name
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.peekmax = int(config.peekmax)
+        self.sniffer = HeadSniffer(int(config.peekmax))
         self.peektimeout = float(config.peektimeout)
         self.handofftimeout = float(config.handofftimeout)
         self.maxclients = int(config.maxclients)
         self.grace = float(getattr(config, "grace", 30) or 0)
+        self.dynamic_rules: list[Any] = []      # rules of back ends registered at run time (tcpha.fe.agent)
         self.rules = RuleTable(config.rules)
-        self._facts_cls = RequestFacts
-        (self._parse_head, self.is_tls, self._parse_hello, self.head_errors,
-         self._need_more) = _sniffers()
-        self.backends: dict[str, Any] = {}
+        self.backends: dict[str, Any] = build_backends(self, config.servers, int(config.connperbe))
         self.batch = SteeringBatch(self)
         self.stats = WorkerStats()
-        from tcpha.fe.ledger import ConnectionLedger
         # Connections, flows, counters and the health gate, read and written by the control plane
         # through `runtime_sock` (tcpha.fe.agent).
         self.ledger = ConnectionLedger(list(config.rules), float(getattr(config, "flowtimeout", 3600) or 3600))
         self.runtime_sock: socket.socket | None = None
-        self.pending: dict[int, Dispatch] = {}
+        # The handoffs' states and ids (tcpha.control.handoff): which wait for an answer, which are open
+        # on each control link. Ids are unique per worker: the pid in the high bits.
+        self.handoffs: FrontEndHandoffs[Dispatch, Any] = FrontEndHandoffs((os.getpid() & 0xFFFF) << 32)
         self._unflushed: list[Any] = []          # control links with queued frames (ControlLink.send)
         self._flush_at = False
         self.lingering: dict[int, Dispatch] = {}
@@ -292,7 +281,6 @@ class Worker:
         self.heads_max = heads_budget(self.maxclients)
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self._xid = (os.getpid() & 0xFFFF) << 32
         self._stopping: asyncio.Event | None = None
         self.log_connections = log.isEnabledFor(logging.INFO)
         self.on_ready: Callable[[], None] | None = None
@@ -302,68 +290,20 @@ class Worker:
         self.wait_flows = True
         self._orphan_logged = False
         self._dead_flows_logged = False
-        from tcpha.steering import FlowKey
-        self._flow_key = FlowKey
-        self._build_backends()
 
-    # -- configuration ---------------------------------------------------------------------------
-    def _build_backends(self) -> None:
-        connperbe = int(self.config.connperbe)
-        for spec in self.config.servers:
-            if spec.kind == "unix":
-                be: Any = LocalBackend(self, spec.path)
-                keys = [spec.name]
-            else:
-                be = RemoteBackend(self, spec.host, int(spec.port), connperbe)
-                keys = [spec.name, spec.host]
-            for key in keys:
-                self.backends.setdefault(key, be)
+    @property
+    def peekmax(self) -> int:
+        return self.sniffer.peekmax
 
-    # -- sniffing --------------------------------------------------------------------------------
-    def facts_of(self, buf: bytes) -> Any:
-        """RequestFacts for the peeked bytes, None while more is needed; raises a head error (HTTP).
-
-        A ClientHello that cannot be read (malformed, longer than peekmax) is routed like one
-        without SNI and ALPN (tcpha.fe.rules): TLS clients get no HTTP error page.
-        """
-        facts = self._facts_cls
-        if self.is_tls(buf):
-            if self._parse_hello is None:
-                return facts.from_client_hello(None)
-            try:
-                hello = self._parse_hello(buf, self.peekmax)
-            except self.head_errors:
-                return facts.from_client_hello(None)
-            if hello is self._need_more:
-                if len(buf) >= self.peekmax:
-                    return facts.from_client_hello(None)
-                return None
-            return facts.from_client_hello(hello)
-        head = self._parse_head(buf, self.peekmax)
-        if head is self._need_more:
-            return None
-        return facts.from_request_head(head)
-
-    def is_tls_fd_peek(self, sock: socket.socket) -> bool:
-        try:
-            return self.is_tls(sock.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:
-            return False
+    def set_rules(self, static: list[Any]) -> None:
+        """The rules in force: the config file's `static` ones, then those of registered back ends."""
+        rules = list(static) + self.dynamic_rules
+        self.rules = RuleTable(rules)
+        self.ledger.set_rules(rules)
 
     # -- handoffs --------------------------------------------------------------------------------
-    def new_xid(self) -> int:
-        self._xid += 1
-        return self._xid
-
     def flow_key(self, peer: tuple[str, int], lport: int) -> Any:
-        return self._flow_key(client_ip=peer[0], client_port=peer[1], vip=self.vip, vport=lport)
-
-    def handoff_message(self, xid: int, state: Any, flow: Any, peeked: int) -> Any:
-        return control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
-                               vip=flow.vip, vport=flow.vport, peeked_len=peeked, state=state.to_bytes())
-
-    def steered_message(self, xid: int) -> Any:
-        return control.Steered(xid=xid)
+        return FlowKey(client_ip=peer[0], client_port=peer[1], vip=self.vip, vport=lport)
 
     def queue_flush(self, link: Any) -> None:
         self._unflushed.append(link)
@@ -378,25 +318,27 @@ class Worker:
         for link in links:
             link.flush()
 
-    def fail_handoff(self, xid: int, reason: str) -> None:
-        d = self.pending.pop(xid, None)
+    def fail_handoff(self, xid: int, reason: str, event: FeEvent) -> None:
+        """Refused, timed out or link lost (`event`): the connection of `xid`, if it still waits for an
+        answer, is taken back."""
+        d = self.handoffs.failed(xid, event)
         if d is not None:
             d.refused(reason)
 
     def on_control_message(self, link: Any, msg: Any) -> None:
         if isinstance(msg, control.Restored):
-            d = self.pending.pop(msg.xid, None)
+            d = self.handoffs.restored(msg.xid)
             if d is not None:
                 d.restored()
             else:
                 log.error("back end %s: 'restored' for unknown or timed-out handoff %d", link.backend.name, msg.xid)
         elif isinstance(msg, control.Refused):
-            self.fail_handoff(msg.xid, msg.reason)
+            self.fail_handoff(msg.xid, msg.reason, FeEvent.REFUSED)
         elif isinstance(msg, control.FlowClosed):
             self.stats.flows_closed += 1
             self.ledger.flow_closed(msg.client_ip, msg.client_port, msg.vport, msg.bytes_in, msg.bytes_out,
                                     msg.xid)
-            self.batch.unforward(self._flow_key(client_ip=msg.client_ip, client_port=msg.client_port,
+            self.batch.unforward(FlowKey(client_ip=msg.client_ip, client_port=msg.client_port,
                                                 vip=msg.vip, vport=msg.vport), msg.xid)
         elif isinstance(msg, control.Ping):
             if link.up:
@@ -497,7 +439,6 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         if self.runtime_sock is not None:
-            from tcpha.fe.agent import WorkerAgent
             WorkerAgent(self, self.runtime_sock).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
@@ -601,7 +542,7 @@ class Worker:
         """Stop accepting; let connections being dispatched finish (at most `grace` seconds)."""
         self._close_listeners()
         deadline = time.monotonic() + self.grace
-        while (self.inflight or self.pending) and time.monotonic() < deadline:
+        while (self.inflight or self.handoffs.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.inflight:
             log.warning("%s: %d connections still being dispatched at stop", self.name, self.inflight)
@@ -634,10 +575,3 @@ class Worker:
         self.batch.close()
         log.info("%s: stopped (%d handoffs, %d refused, %d unmatched)", self.name, self.stats.handoffs,
                  self.stats.refused, self.stats.nomatch)
-
-
-def _kwargs(msg: Any) -> dict:
-    from dataclasses import fields, is_dataclass
-    if is_dataclass(msg):
-        return {f.name: getattr(msg, f.name) for f in fields(msg)}
-    return {}

@@ -1,220 +1,29 @@
-"""tcpha deployed in the namespace lab: configs, key, daemons, origins, and a small HTTP client.
-
-    dep = LabDeployment(lab)                 # lab: an up NamespaceLab
-    dep.start()                              # origins on the back ends, tcpha-be on each, tcpha-fe
-    r = dep.request("/img/a.jpg")            # from the client host, through the VIP
-    r.status, r.backend, len(r.body)
-
-`tcpha-lab demo` (run_demo) uses it to print a table of URIs, the back end that answered, the bytes
-the client received and the bytes the front end's LAN interface transmitted.
-
-Configs are written from conf/lab/*.conf (the samples an operator reads) with the lab's addresses
-and a fresh key; tests override options with keyword dicts.
+"""`tcpha-lab demo`: bring up a lab, deploy tcpha with the sample configs (tcpha/lab/deploy.py), send
+requests, and print a table of URIs, the back end that answered, the bytes the client received and the
+bytes the front end's LAN interface transmitted; then the TLS demonstration (tcpha/lab/tls_demo.py).
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import secrets
-import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .http import BACKEND_HEADER, LabHttpServer, start_http
+from tcpha.config import ConfigError, load_fe_config
+
+from .deploy import (APP_PORT, CONTROL_PORT, DEMO_FILES, VPORT, LabDeployment, Response, be_config_text,
+                     fe_config_text, write_key)
+from .forward import expose
 from .netns import LabError, NamespaceLab
+from .tls_demo import TlsLab, run_tls_demo, sample_tls_configs
+from .topology import DEFAULT_TOPOLOGY
 
-APP_PORT = 8080
-CONTROL_PORT = 666
-VPORT = 80
-DEMO_FILES: dict[str, int] = {
-    "index.html": 512,
-    "1k.bin": 1024,
-    "100k.bin": 100 * 1024,
-    "1m.bin": 1 << 20,
-    "img/logo.jpg": 30_000,
-    "img/photo.jpg": 2 * 1024 * 1024,
-    "video/clip.mp4": 20 * 1024 * 1024,
-    "api/status.json": 200,
-}
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def backend(self) -> str | None:
-        return self.headers.get(BACKEND_HEADER.lower())
-
-
-def fe_config_text(lab: NamespaceLab, key_path: str, *, servers: list[str] | None = None,
-                   rules: list[str] | None = None, **options: Any) -> str:
-    """tcphafe.conf for the lab: every back end as a server; default rules jpg -> be1, rest -> be2."""
-    bes = [h for h in lab.topology.hosts if h.role == "be"]
-    if servers is None:
-        servers = [f"{h.lan_ip} {CONTROL_PORT}" for h in bes]
-    if rules is None:
-        rules = [f"{bes[0].lan_ip} jpg$", f"{bes[-1].lan_ip} .*"]
-    values: dict[str, Any] = {
-        "raddr": lab.ip("fe"), "vaddr": lab.topology.vip, "port": VPORT, "startservers": 1,
-        "connperbe": 2, "authkey": key_path, "peektimeout": 2, "dbglevel": 3, "grace": 2,
-        # control files and sockets of this lab's daemons stay in its scratch directory: labs run
-        # side by side share the file system, not /run/tcpha
-        "rundir": str(lab.workdir / "tcpha" / "run-fe"),
-    }
-    values.update(options)
-    lines = ["# written by tcpha.lab.demo"]
-    lines += [f"{k} = {v}" for k, v in values.items() if v is not None]
-    lines += [f"server = {s}" for s in servers]
-    lines += [f"rule = {r}" for r in rules]
-    return "\n".join(lines) + "\n"
-
-
-def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) -> str:
-    ip = lab.ip(host)
-    values: dict[str, Any] = {
-        "raddr": ip, "uaddr": ip, "vaddr": lab.topology.vip, "port": CONTROL_PORT,
-        "redirectaddr": "0.0.0.0", "redirectport": APP_PORT, "authkey": key_path, "dbglevel": 3,
-        "grace": 1, "rundir": str(lab.workdir / "tcpha" / f"run-be-{host}"),
-        "relay": os.environ.get("TCPHA_LAB_RELAY"),   # the e2e suite under one relay: auto|bpf|splice
-    }
-    values.update(options)
-    lines = ["# written by tcpha.lab.demo"] + [f"{k} = {v}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def write_key(path: Path) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return path
-
-
-@dataclass
-class LabDeployment:
-    lab: NamespaceLab
-    files: dict[str, int] = field(default_factory=lambda: dict(DEMO_FILES))
-    origin_kind: str = "auto"
-    origin_access_log: bool = False     # nginx origins log each request (LabHttpServer.access_entries)
-    origins: dict[str, LabHttpServer] = field(default_factory=dict)
-    fe_proc: Any = None
-    be_procs: dict[str, Any] = field(default_factory=dict)
-    dir: Path = field(init=False)
-    key: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.dir = self.lab.workdir / "tcpha"
-        self.dir.mkdir(exist_ok=True)
-        self.key = write_key(self.dir / "authkey")
-
-    @property
-    def vip(self) -> str:
-        return self.lab.topology.vip
-
-    @property
-    def backends(self) -> list[str]:
-        return [h.name for h in self.lab.topology.hosts if h.role == "be"]
-
-    # -- processes -------------------------------------------------------------------------------
-    def python(self, module: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", module, *args]
-
-    def start_origins(self, **kw: Any) -> None:
-        for name in self.backends:
-            if name not in self.origins:
-                self.origins[name] = start_http(self.lab, name, port=APP_PORT, files=self.files,
-                                                kind=kw.get("kind", self.origin_kind),
-                                                access_log=self.origin_access_log)
-
-    def copy_config(self, template: Path, name: str) -> Path:
-        """A sample config copied next to this deployment's key (its 'authkey = authkey' is relative),
-        with its control files in the lab's scratch directory."""
-        conf = self.dir / name
-        text = template.read_text()
-        if not any(line.strip().startswith("rundir") for line in text.splitlines()):
-            text += f"\n# added by tcpha-lab demo\nrundir = {self.dir / ('run-' + Path(name).stem)}\n"
-        conf.write_text(text)
-        return conf
-
-    def start_backend(self, host: str, template: Path | None = None, **options: Any) -> Any:
-        conf = self.dir / f"tcphabe-{host}.conf"
-        if template is not None:
-            self.copy_config(template, conf.name)
-        else:
-            conf.write_text(be_config_text(self.lab, host, str(self.key), **options))
-        proc = self.lab.spawn(host, self.python("tcpha.be", "-c", str(conf)), name="tcpha-be",
-                              ready_tcp=(self.lab.ip(host), int(options.get("port", CONTROL_PORT))),
-                              timeout=15)
-        self.be_procs[host] = proc
-        return proc
-
-    def write_fe_config(self, **options: Any) -> Path:
-        conf = self.dir / "tcphafe.conf"
-        conf.write_text(fe_config_text(self.lab, str(self.key), **options))
-        return conf
-
-    def start_fe(self, wait: bool = True, template: Path | None = None, **options: Any) -> Any:
-        conf = (self.copy_config(template, "tcphafe.conf") if template is not None
-                else self.write_fe_config(**options))
-        self.fe_proc = self.lab.spawn("fe", self.python("tcpha.fe", "-c", str(conf)), name="tcpha-fe",
-                                      timeout=15)
-        if wait:
-            self.wait_fe_ready()
-        return self.fe_proc
-
-    def wait_fe_ready(self, timeout: float = 15.0, path: str = "/whoami") -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | str = "no answer"
-        while time.monotonic() < deadline:
-            if self.fe_proc is not None and self.fe_proc.poll() is not None:
-                raise LabError(f"tcpha-fe exited with status {self.fe_proc.returncode}: "
-                               f"{self.lab.log_tail('fe', 'tcpha-fe')}")
-            try:
-                r = self.request(path, timeout=2)
-                if r.status == 200:
-                    return
-                last = f"status {r.status}"
-            except OSError as e:
-                last = e
-            time.sleep(0.05)
-        raise LabError(f"tcpha-fe not answering through {self.vip}:{VPORT} within {timeout:g}s ({last}): "
-                       f"{self.lab.log_tail('fe', 'tcpha-fe')}")
-
-    def stop_fe(self) -> int | None:
-        if self.fe_proc is None:
-            return None
-        rc = self.lab.stop(self.fe_proc, grace=15)
-        self.fe_proc = None
-        return rc
-
-    def start(self, fe: dict[str, Any] | None = None, be: dict[str, Any] | None = None) -> None:
-        self.start_origins()
-        for host in self.backends:
-            self.start_backend(host, **(be or {}))
-        self.start_fe(**(fe or {}))
-
-    # -- client ----------------------------------------------------------------------------------
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        return self.lab.connect("client", self.vip, VPORT, timeout=timeout)
-
-    def request(self, path: str, *, method: str = "GET", body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 10.0) -> Response:
-        """One request on a new connection from the client host through the VIP."""
-        conn = http.client.HTTPConnection(self.vip, VPORT, timeout=timeout)
-        conn.sock = self.connect(timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-        finally:
-            conn.close()
+# What tests and tools import from here (the deployment lives in tcpha/lab/deploy.py).
+__all__ = ["APP_PORT", "CONTROL_PORT", "DEMO_FILES", "VPORT", "LabDeployment", "Response", "be_config_text",
+           "fe_config_text", "write_key", "DEMO_URIS", "sample_configs", "run_demo", "main"]
 
 
 # -- tcpha-lab demo ------------------------------------------------------------------------------
@@ -233,7 +42,6 @@ def _start_with_tls(dep: LabDeployment, out, cache_backend: str = "memory") -> A
     """Deploy with TLS on port 443 as well (tcpha.lab.tls_demo: certificate, dc_server on the cache
     host, TLS-terminating back ends); None, with one line said, when that part cannot run here."""
     try:
-        from .tls_demo import TlsLab, sample_tls_configs
         tls = TlsLab(dep, cache_backend=cache_backend)
         tls.start(templates=sample_tls_configs() is not None)
         return tls
@@ -250,8 +58,6 @@ def _start_with_tls(dep: LabDeployment, out, cache_backend: str = "memory") -> A
 def _expose_status_page(dep: LabDeployment) -> str | None:
     """The front end's status page (its `metrics` address) made reachable from the root namespace by a
     forwarder living in the lab (tcpha.lab.forward; tcpha-lab down stops it). None when it is off."""
-    from tcpha.config import ConfigError, load_fe_config
-    from .forward import expose
     try:
         addr = load_fe_config(str(dep.dir / "tcphafe.conf")).metrics
     except (ConfigError, OSError):
@@ -267,7 +73,6 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: 
              cache_backend: str = "memory") -> int:
     """Bring up a lab, deploy tcpha with the sample configs, send requests, print the table (and the
     TLS demonstration: a session made on be1 resumed on be2)."""
-    from .topology import DEFAULT_TOPOLOGY
     out = out or sys.stdout
     prefix = prefix or ("d" + secrets.token_hex(2) + str(os.getpid() % 10))
     lab = NamespaceLab(DEFAULT_TOPOLOGY, prefix)
@@ -317,7 +122,6 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: 
               f"ends straight to the client", file=out)
         status = 0
         if tls is not None:
-            from .tls_demo import run_tls_demo
             status = run_tls_demo(tls, out, started=True)
         if keep:
             url = _expose_status_page(dep)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from typing import Any
 
+from tcpha.lab.netns import LabError, _setns
+
 NETNS_DIR = "/run/netns"
 
 
@@ -64,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         listener.bind((host, int(port)))
         listener.listen(64)
-        from tcpha.lab.netns import _setns
         fd = os.open(os.path.join(NETNS_DIR, a.netns), os.O_RDONLY | os.O_CLOEXEC)
         _setns(fd)             # single-threaded here: the whole process moves; the listener stays behind
         os.close(fd)
@@ -96,7 +97,6 @@ def expose(lab: Any, host: str, addr: str, port: int, listen: str = "127.0.0.1:0
     if not line.isdigit():
         err = proc.stderr.read() if proc.poll() is not None else "no port reported"
         lab.stop(proc, grace=1)
-        from tcpha.lab.netns import LabError
         raise LabError(f"forwarder to {host} {addr}:{port}: {err.strip() or 'failed'}")
     proc.stdout.close()
     proc.stderr.close()

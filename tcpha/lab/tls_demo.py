@@ -14,7 +14,10 @@ cache as the dc_client on the back end's own loopback (IP:127.0.0.1:9002: every 
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .netns import LabError
+from tcpha.distcache.redis_cluster import RedisTls
+
+from .deploy import LabDeployment
+from .netns import LabError, NamespaceLab
+from .services import start_dc_client, start_dc_server, start_redis_cluster
+from .topology import DEFAULT_TOPOLOGY
 
 TLS_VPORT = 443
 CACHE_PORT = 9002            # dc_client on each back end's loopback
@@ -91,12 +99,10 @@ class TlsLab:
         return self.dep.lab
 
     def start_cache(self) -> None:
-        from .services import start_dc_client, start_dc_server, start_redis_cluster
         args: list[str] = []
         if self.cache_backend == "redis-cluster":
             # The lab's Redis nodes speak TLS on every link (clients, replication, cluster bus), with a
             # certificate for the cache host's address that dc_server checks (docs/redis.md).
-            from tcpha.distcache.redis_cluster import RedisTls
             tls_dir = self.dep.dir / "redis-tls"
             tls_dir.mkdir(parents=True, exist_ok=True)
             cert, key = make_cert(tls_dir, names=["cache"], vip=self.lab.ip("cache"))
@@ -109,7 +115,6 @@ class TlsLab:
                                                   listen=f"IP:127.0.0.1:{CACHE_PORT}")
 
     def restart_dc_server(self) -> None:
-        from .services import start_dc_server
         redis = self.services.get("redis")
         self.services["dc_server"] = start_dc_server(
             self.lab, args=["-backend", redis.address + "&socket_timeout=1"] if redis else None)
@@ -202,13 +207,6 @@ def run_tls_demo(dep: Any, out=None, *, started: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone: bring up a lab, deploy tcpha with TLS, run the demonstration, tear down."""
-    import argparse
-    import os
-    import secrets
-
-    from .demo import LabDeployment
-    from .netns import NamespaceLab
-    from .topology import DEFAULT_TOPOLOGY
     argparse.ArgumentParser(prog="python -m tcpha.lab.tls_demo", description=__doc__.split("\n")[0]).parse_args(argv)
     lab = NamespaceLab(DEFAULT_TOPOLOGY, "s" + secrets.token_hex(2) + str(os.getpid() % 10))
     try:

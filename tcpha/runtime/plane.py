@@ -27,9 +27,9 @@ from tcpha.runtime.ctlsock import ControlSocketServer, process_alive, request
 from tcpha.runtime.fusefs import FuseMount, detach_stale_mount, fuse_available
 from tcpha.runtime.mirror import MirrorDirectory
 from tcpha.runtime.tree import ControlTree
+from tcpha.loglevels import NOTICE
 
 log = logging.getLogger("tcpha.runtime")
-NOTICE = 25
 
 
 def socket_path(rundir: str) -> str:

@@ -5,11 +5,11 @@ says how to refuse the connection (:class:`HeadError` carries an HTTP status; :c
 ClientHello is unreadable, which the front end routes like a ClientHello without SNI, see docs/rules.md).
 """
 
-from tcpha.sniff.http import HeadError, RequestHead, error_response, parse_request_head, target_path
+from tcpha.sniff.http import HeadError, RequestHead, parse_request_head, target_path
 from tcpha.sniff.incomplete import NeedMore
 from tcpha.sniff.tls import (HANDSHAKE_FAILURE_ALERT, ClientHello, TlsHelloError, alert_record, looks_like_tls,
                              parse_client_hello)
 
-__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "error_response",
+__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path",
            "TlsHelloError", "ClientHello", "looks_like_tls", "parse_client_hello", "alert_record",
            "HANDSHAKE_FAILURE_ALERT"]

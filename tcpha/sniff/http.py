@@ -16,15 +16,15 @@ framing, to choose a back end and to refuse what a back end must never see. So t
 Refusals raise :class:`HeadError` carrying the status the front end writes back before closing:
 
 ====== ==========================================================================================================
-400    malformed head (any of the above), and a head longer than ``max_size`` (issue 2: "an over-long head gets
-       400"; nginx answers 400 "Request Header Or Cookie Too Large" for the same case)
+400    malformed head (any of the above), and a head longer than ``max_size`` (nginx answers 400 "Request
+       Header Or Cookie Too Large" for the same case)
 414    the request-line alone does not fit in ``max_size`` (nginx and RFC 9110 §15.5.15: URI Too Long)
 501    a transfer coding we do not know (RFC 9112 §6.1: "SHOULD respond with 501 (Not Implemented)")
 505    an HTTP major version other than 1, e.g. the HTTP/2 prior-knowledge preface ``PRI * HTTP/2.0``
 408    never raised here: the parser has no clock; the front end answers 408 when its head timer expires
 ====== ==========================================================================================================
 
-Rules match on the *normalised* target (issue 17, item 6), never on the bytes as sent: a rule written for
+Rules match on the *normalised* target (docs/rules.md), never on the bytes as sent: a rule written for
 ``jpg$`` must see what the back end's server (nginx) will serve, or ``/a%2Ejpg`` and ``/x/../a.jpg`` walk around
 it. :attr:`RequestHead.path` is the path as nginx's ``$uri`` has it (:func:`normalise_path`: every ``%XX``
 decoded once, ``//`` merged, ``.`` and ``..`` segments removed); :attr:`RequestHead.target` is that path followed by
@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 
 from .incomplete import NeedMore
 
-__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "normalise_path",
-           "error_response", "REASONS"]
+__all__ = ["NeedMore", "HeadError", "RequestHead", "parse_request_head", "target_path", "normalise_path"]
 
 
 class HeadError(Exception):
@@ -359,19 +358,3 @@ def _body_framing(headers: list[tuple[bytes, bytes]], minor: int) -> tuple[int |
     if len(values) != 1:
         raise HeadError(400, "conflicting Content-Length values")
     return values.pop(), False
-
-
-REASONS = {
-    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-    431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
-
-
-def error_response(status: int, detail: str = "") -> bytes:
-    """The complete response the front end writes before closing: ``Connection: close``, a short text body."""
-    reason = REASONS.get(status, "Error")
-    body = f"{status} {reason}\n".encode("ascii") if not detail else f"{status} {reason}: {detail}\n".encode(
-        "ascii", "replace")
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("ascii") + body

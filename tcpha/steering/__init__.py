@@ -3,13 +3,13 @@
 No policy here: the daemons decide, these classes only install, adopt and remove kernel objects.
 """
 
-from .address import ADDRESS_PROTO, AddressError, VipAddress
+from .address import ADDRESS_PROTO, AddressError, VipAddress, interface_holding
 from .arp import ArpFilter, ArpFilterError
 from .flows import FlowKey, FlowSteering, SteeringError
 from .neighbour import NeighbourError, neighbour_mac
 
 __all__ = [
-    "ADDRESS_PROTO", "AddressError", "VipAddress",
+    "ADDRESS_PROTO", "AddressError", "VipAddress", "interface_holding",
     "ArpFilter", "ArpFilterError",
     "FlowKey", "FlowSteering", "SteeringError",
     "NeighbourError", "neighbour_mac",

@@ -21,13 +21,22 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VipAddress", "AddressError", "ADDRESS_PROTO"]
+__all__ = ["VipAddress", "AddressError", "ADDRESS_PROTO", "interface_holding"]
 
 ADDRESS_PROTO = 0x7C  # our mark in IFA_PROTO (user values are free above the kernel's 0..3)
 
 
 class AddressError(RuntimeError):
     """Adding or removing the VIP failed; str(e) is one clear line."""
+
+
+def interface_holding(addr: str) -> str:
+    """The name of the interface that holds `addr` (RuntimeError if none does)."""
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            if msg.get_attr("IFA_ADDRESS") == addr:
+                return ipr.get_links(msg["index"])[0].get_attr("IFLA_IFNAME")
+    raise RuntimeError(f"raddr {addr} is not an address of this host")
 
 
 class VipAddress:

@@ -27,7 +27,6 @@ it comes back.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import select
@@ -43,6 +42,7 @@ from tcpha.distcache.address import AddressError, connect_socket, parse_address
 from tcpha.distcache.client import DistcacheError, encode_request, next_uid
 from tcpha.distcache.codec import MessageReader, Op, ProtocolError, encode_add_payload
 from tcpha.distcache.tls import ClientTls, describe_error
+from tcpha.distcache import client as dc
 
 from . import openssl
 from .openssl import LibSSL, ShimError
@@ -231,8 +231,6 @@ class DistcacheSessions:
     """
 
     def __init__(self, address: str, timeout: float, pool_size: int = 8, tls: ClientTls | None = None) -> None:
-        from tcpha.distcache import client as dc
-        from tcpha.distcache.address import AddressError, parse_address
 
         try:
             addr = parse_address(address)

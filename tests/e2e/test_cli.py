@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tcpha.cli.service import PidFile, sd_notify
+from tcpha.service import PidFile, sd_notify
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:

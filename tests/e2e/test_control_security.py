@@ -164,7 +164,7 @@ def test_forged_replayed_and_malformed_control_traffic_is_refused(fresh):
     assert restored_sockets(dep, 40002) == 1
     # ... and, since its front end never said Steered (as when it took the connection back after
     # its handofftimeout), it is dropped silently after STEER_WAIT instead of answering the client
-    from tcpha.be.server import STEER_WAIT
+    from tcpha.be.handoff import STEER_WAIT
     deadline = time.monotonic() + STEER_WAIT + 5
     while restored_sockets(dep, 40002) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -50,7 +50,7 @@ import pytest
 
 from tcpha.lab.http import file_content, start_http
 from tcpha.lab.netns import lab_namespaces, pids_in_netns
-from tests.production.conftest import Prod, fe_workers
+from tests.deployment import Prod, fe_workers
 from tests.support import wait_until
 
 pytestmark = pytest.mark.netns

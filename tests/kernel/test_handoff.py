@@ -187,7 +187,7 @@ def test_rollback_keeps_connection_on_fe(handoff_lab, client_capture):
         state = repair.dump(conn)
         assert state.recv_queue == req
         # ... the back end "refused": take the connection back.
-        repair.release(conn)
+        repair.resume(conn)
         h.steering.thaw(flow)
         assert h.steering.frozen_entries() == 0
         # ... and the retransmitted bytes now reach the FE, after the request, exactly once.
@@ -348,8 +348,8 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     """The back end closed an earlier connection first and the client's FIN never reached it (its steering
     entry was already gone): the back end still holds that socket in FIN-WAIT-2, and repair-mode connect()
     on the same 4-tuple fails with EADDRNOTAVAIL when the client reuses its port. The back end's restore
-    destroys the dead socket and goes on (tcpha.be.server.restore_handed_off, tcpha.sockdiag)."""
-    from tcpha.be.server import restore_handed_off
+    destroys the dead socket and goes on (tcpha.be.handoff.restore_handed_off, tcpha.sockdiag)."""
+    from tcpha.be.handoff import restore_handed_off
     h = handoff_lab
     port = fixed_client_port(h.lab)
 

@@ -111,7 +111,7 @@ def test_loopback_dump_restore_keeps_the_stream():
 
 
 @pytest.mark.netns
-def test_release_rolls_back():
+def test_resume_rolls_back():
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname(), timeout=5)
     server, _ = listener.accept()
@@ -120,10 +120,33 @@ def test_release_rolls_back():
         client.sendall(b"hi")
         assert server.recv(2, socket.MSG_PEEK | socket.MSG_WAITALL) == b"hi"
         repair.dump(server)
-        repair.release(server)
+        repair.resume(server)
         assert server.recv(2) == b"hi"
         server.sendall(b"back")
         assert client.recv(4) == b"back"
+    finally:
+        client.close()
+        server.close()
+        listener.close()
+
+
+@pytest.mark.netns
+def test_silence_then_close_sends_no_fin():
+    """A silenced live socket closes without a FIN: the peer sees no end of stream; what it sends next
+    finds no socket and is answered with RST (the back end's way to let go of a connection that lives
+    on elsewhere: tcpha/be/handoff.py)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    try:
+        server.sendall(b"before")
+        assert client.recv(6, socket.MSG_WAITALL) == b"before"
+        repair.silence(server)
+        server.close()
+        client.sendall(b"after")
+        # A FIN would make this recv return b"" (end of stream) before any RST.
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
     finally:
         client.close()
         server.close()

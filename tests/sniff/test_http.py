@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tcpha.sniff.http import HeadError, NeedMore, RequestHead, error_response, parse_request_head, target_path
+from tcpha.fe.responses import error_response
+from tcpha.sniff.http import HeadError, NeedMore, RequestHead, parse_request_head, target_path
 
 MAX = 16384
 
@@ -338,9 +339,10 @@ def test_target_path(uri, path):
 
 
 def test_error_response_is_valid_http():
-    raw = error_response(503, "no rule matches")
+    # The answer the front end writes itself (tcpha/fe/responses.py) when no back end takes a request.
+    raw = error_response(503)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b"Connection: close" in head
     assert f"Content-Length: {len(body)}".encode() in head
-    assert body.startswith(b"503 Service Unavailable")
+    assert b"503 Service Unavailable" in body

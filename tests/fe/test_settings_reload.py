@@ -12,8 +12,8 @@ import pytest
 from tcpha.lab.demo import DEMO_FILES, write_key
 from tcpha.lab.http import file_content
 from tcpha.metrics import parse_exposition
-from tests.production.conftest import wait_until
-from tests.production.test_health import backend_status
+from tests.support import wait_until
+from tests.fe.test_health import backend_status
 
 pytestmark = pytest.mark.netns
 
@@ -249,7 +249,7 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
     log_path = prod.lab.log_path("be2", "tcpha-be")
     old = load_be_config(str(conf))
     subnet = prod.lab.ip("be2").rsplit(".", 1)[0]
-    changed = {   # every option of tcphabe.conf but the TLS files (tests/production/test_be_reload.py)
+    changed = {   # every option of tcphabe.conf but the TLS files (tests/be/test_reload.py)
         "raddr": f"{subnet}.240", "uaddr": f"{subnet}.241", "vaddr": f"{subnet}.242", "port": 667,
         "maxclients": 10, "redirectaddr": "127.0.0.2", "redirectport": 8081, "dregister": 1,
         "feaddr": prod.lab.ip("fe"), "feport": 81, "rule": "jpg$", "registerretry": 1, "interface": "eth9",
@@ -259,7 +259,7 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
     }
     conf.write_text(be_config_text(prod.lab, "be2", str(prod.dep.key), **changed))
     new = load_be_config(str(conf))
-    # the TLS files and the session cache's (TLS) settings: tests/production/test_be_reload.py, tests/tls
+    # the TLS files and the session cache's (TLS) settings: tests/be/test_reload.py, tests/tls
     skip = {"tlscert", "tlskey", "sessioncache", "sessionkeys", "sessioncachecafile", "sessioncachecert",
             "sessioncachekey", "sessioncachecheckhost"}
     assert {s.name for s in BE_SETTINGS} - skip == set(changed)

@@ -11,7 +11,7 @@ import pytest
 
 from tcpha.lab.http import start_http
 from tcpha.lab.demo import APP_PORT
-from tests.production.conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

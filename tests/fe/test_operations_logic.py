@@ -16,7 +16,7 @@ from tcpha.fe.pool import SparePolicy
 from tcpha.metrics import LATENCY_BUCKETS, WorkerMetrics, exposition, parse_exposition
 from tcpha.runtime.ctlsock import answer
 from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
-from tests.production.conftest import wait_until
+from tests.support import wait_until
 
 
 # -- health -------------------------------------------------------------------------------------
@@ -284,17 +284,22 @@ def test_ledger_rule_states_and_pruning():
     from tcpha.fe.ledger import ConnectionLedger
     from tcpha.fe.rules import RequestFacts
 
+    from tcpha.control.handoff import FeConnection, FeEvent
+
     class D:                                        # what the ledger reads of a Dispatch
         def __init__(self, port, uri):
             self.peer, self.lport, self.t0 = ("10.0.0.9", port), 80, 0.0
             self.facts = RequestFacts(uri=uri, host=b"x", sni=None)
-            self.xid, self.backend, self.peeked = 0, None, 40
+            self.handoff, self.backend, self.peeked = FeConnection(), None, 40
 
     rules = [compile_rule("a:1", "uri", "jpg$"), compile_rule("b:1", "uri", "^/api/"), compile_rule("a:1", "uri", ".*")]
     ledger = ConnectionLedger(rules, flow_timeout=100)
     d1, d2 = D(1000, b"/x.jpg"), D(1001, b"/index.html")
     ledger.started(d1)
     assert [r["state"] for r in ledger.conn_rows()] == ["reading"]
+    for event in (FeEvent.HEAD_READ, FeEvent.FREEZE, FeEvent.HANDOFF_SENT):   # the state machine's state
+        d1.handoff.handle(event)
+    assert [r["state"] for r in ledger.conn_rows()] == ["handing-off"]
     ledger.handed_off(d1, "a:1")
     ledger.ended(d1)
     ledger.handed_off(d2, "a:1")                    # the fallback rule '.*' is the one that matched

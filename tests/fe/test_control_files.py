@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.production.conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -1,5 +1,6 @@
-"""Fixtures for the production tests (issue 4): tcpha deployed in a namespace lab of its own, with the
-control directories under the lab's scratch directory (never /run/tcpha: tests run side by side)."""
+"""tcpha deployed in a namespace lab of its own for the operations tests (tests/fe, tests/be, the soak):
+the control directories under the lab's scratch directory (never /run/tcpha: tests run side by side).
+The `prod` fixture (tests/conftest.py) gives a Prod."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import pytest
-
 from tcpha.lab.demo import LabDeployment
-from tests.support import wait_until
 
 
 def fe_workers(prod) -> list[int]:
@@ -90,13 +88,6 @@ class Prod:
             return p.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-
-
-@pytest.fixture
-def prod(lab):
-    p = Prod(lab)
-    yield p
-    # lab.down() (the lab fixture) stops every process; FUSE mounts die with their mount namespaces.
 
 
 @dataclass

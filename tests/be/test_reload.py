@@ -11,7 +11,8 @@ import pytest
 
 from tcpha.lab.demo import DEMO_FILES, be_config_text
 from tcpha.lab.http import start_http
-from tests.production.conftest import Load, wait_until
+from tests.deployment import Load
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -13,7 +13,8 @@ import pytest
 
 from tcpha.fe.orphans import ORPHANED, OrphanTable
 from tcpha.steering import FlowKey
-from tests.production.conftest import fe_workers, wait_until
+from tests.deployment import fe_workers
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

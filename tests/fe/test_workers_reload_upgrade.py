@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from tests.production.conftest import Load, fe_workers, wait_until
+from tests.deployment import Load, fe_workers
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -11,7 +11,8 @@ import pytest
 
 from tcpha.lab.http import start_http
 from tcpha.lab.demo import APP_PORT
-from tests.production.conftest import Load, wait_until
+from tests.deployment import Load
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

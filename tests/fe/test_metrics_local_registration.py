@@ -11,7 +11,8 @@ import pytest
 
 from tcpha.lab.http import start_http
 from tcpha.metrics import parse_exposition
-from tests.production.conftest import fe_workers, wait_until
+from tests.deployment import fe_workers
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

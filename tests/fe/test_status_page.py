@@ -21,7 +21,7 @@ import pytest
 
 from tcpha.lab.forward import expose
 from tcpha.lab.http import start_http
-from tests.production.conftest import Prod
+from tests.deployment import Prod
 from tests.support import wait_until
 
 pytestmark = pytest.mark.netns

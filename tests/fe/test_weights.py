@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from tests.production.conftest import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

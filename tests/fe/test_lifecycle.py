@@ -16,7 +16,8 @@ import pytest
 
 from tcpha.cli.ctl import socket_for
 from tcpha.runtime.ctlsock import request
-from tests.production.conftest import fe_workers, wait_until
+from tests.deployment import fe_workers
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 

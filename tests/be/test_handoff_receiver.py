@@ -1,0 +1,112 @@
+"""tcpha.be.handoff.HandoffReceiver without root or sockets: what the back end answers to a front end's
+Hello, Ping and Handoff before anything touches the kernel (each refusal happens before repair.restore)."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tcpha import control
+from tcpha.be.handoff import HandoffReceiver
+from tcpha.be.server import BackEndStats
+from tcpha.control.handoff import BackEndHandoffs
+from tcpha.repair import TcpState
+
+VIP = "192.0.2.10"
+CLIENT = ("198.51.100.7", 40000)
+
+
+class FakeSession:
+    """What HandoffReceiver uses of a ControlSession: its peer, its handoffs (the state machine's back-end
+    view), send() and abort()."""
+
+    def __init__(self) -> None:
+        self.peer = "203.0.113.1:5000"
+        self.sent: list[Any] = []
+        self.aborted = False
+        self.node_id = ""
+        self.handoffs: BackEndHandoffs = BackEndHandoffs()
+
+    def send(self, msg: Any) -> bool:
+        self.sent.append(msg)
+        return True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _backend(**overrides: Any) -> SimpleNamespace:
+    be = SimpleNamespace(config=SimpleNamespace(raddr="203.0.113.2", port=5000, vaddr=VIP), authkey=b"k" * 32,
+                         vip=VIP, app_addr=("127.0.0.1", 8080), maxclients=10, stopping=False,
+                         stats=BackEndStats(), relays=set(), loop=None, tls=None, lan_mac=None)
+    for name, value in overrides.items():
+        setattr(be, name, value)
+    return be
+
+
+def _handoff(local_ip: str = VIP, *, vport: int = 80, client: tuple[str, int] = CLIENT,
+             state: bytes | None = None) -> control.Handoff:
+    if state is None:
+        state = TcpState(family=socket.AF_INET, local=(local_ip, 80), peer=CLIENT, snd_seq=1, rcv_seq=2,
+                         mss=1460).to_bytes()
+    return control.Handoff(xid=7, client_ip=client[0], client_port=client[1], vip=VIP, vport=vport,
+                           peeked_len=0, state=state)
+
+
+@pytest.mark.parametrize("backend, handoff, reason", [
+    (dict(stopping=True), {}, "stopping"),
+    (dict(maxclients=0), {}, "busy: 0 connections (maxclients)"),
+    ({}, dict(state=b"\x01\x04"), "malformed TCP state: TCP state too short"),
+    ({}, dict(local_ip="192.0.2.99"), f"local address 192.0.2.99 is not this back end's VIP {VIP}"),
+    ({}, dict(vport=443), "the TCP state does not match the handoff's flow"),
+    ({}, dict(client=(CLIENT[0], CLIENT[1] + 1)), "the TCP state does not match the handoff's flow"),
+], ids=["stopping", "busy", "malformed", "not-our-vip", "other-port", "other-client"])
+def test_a_handoff_is_refused_before_any_restore(backend, handoff, reason):
+    be = _backend(**backend)
+    session = FakeSession()
+    HandoffReceiver(be).on_message(session, _handoff(**handoff))
+    assert len(session.sent) == 1
+    answer = session.sent[0]
+    assert isinstance(answer, control.Refused) and answer.xid == 7
+    assert answer.reason.startswith(reason), answer.reason
+    assert (be.stats.refused, be.stats.handoffs, be.relays) == (1, 0, set())
+
+
+def test_a_hello_for_another_vip_drops_the_session():
+    receiver = HandoffReceiver(_backend())
+    session = FakeSession()
+    receiver.unsent_closed.append(control.FlowClosed(client_ip=CLIENT[0], client_port=CLIENT[1], vip=VIP, vport=80))
+    receiver.on_message(session, control.Hello(node_id="tcpha-fe x", vaddr="192.0.2.99"))
+    assert session.aborted and session.sent == []
+    assert len(receiver.unsent_closed) == 1          # kept for a front end of ours
+
+
+def test_the_first_hello_of_our_front_end_takes_the_queued_flowclosed():
+    receiver = HandoffReceiver(_backend())
+    closed = [control.FlowClosed(client_ip=CLIENT[0], client_port=port, vip=VIP, vport=80) for port in (1, 2)]
+    receiver.unsent_closed.extend(closed)
+    session = FakeSession()
+    receiver.on_message(session, control.Hello(node_id="tcpha-fe worker 1", vaddr=VIP))
+    assert not session.aborted and session.node_id == "tcpha-fe worker 1"
+    assert session.sent == closed and receiver.unsent_closed == []
+
+
+def test_health_sessions_and_only_those_are_closed():
+    receiver = HandoffReceiver(_backend())
+    health, worker = FakeSession(), FakeSession()
+    health.node_id, worker.node_id = "tcpha-fe health checker", "tcpha-fe worker 1"
+    closed = []
+    health.close = lambda: closed.append("health")          # type: ignore[attr-defined]
+    worker.close = lambda: closed.append("worker")          # type: ignore[attr-defined]
+    receiver.sessions.update((health, worker))
+    receiver.close_health_sessions()
+    assert closed == ["health"]
+
+
+def test_ping_is_answered_with_no_session_counters_without_tls():
+    session = FakeSession()
+    HandoffReceiver(_backend()).on_message(session, control.Ping(token=42))
+    assert session.sent == [control.Pong(token=42, session_lookups=0, session_hits=0)]
