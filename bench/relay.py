@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, nconn, mb, direction, med in rows:
         lines.append(f"| {kind} | {nconn} | {mb} | {direction} | {med['gbps']:.2f} | "
                      f"{med['relay_s_per_gib']:.3f} | {med['machine_s_per_gib']:.3f} |")
+    if load > (os.cpu_count() or 1):
+        lines += ["", f"Load average {load:.1f} on {os.cpu_count()} CPUs: the machine was saturated by other work, so the",
+                  "machine column is about CPUs x wall time per GiB, not the relays' cost; the relay-process column",
+                  "holds (with bpf the copying runs in softirq and kworkers, charged to no process)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"written: {args.out}")
     return 0

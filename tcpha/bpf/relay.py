@@ -426,12 +426,7 @@ class BpfRelay:
     def bytes_down(self) -> int:
         return self.down.written()
 
-    def describe(self) -> str:
-        try:
-            peer = self.client.getpeername()
-            return f"{peer[0]}:{peer[1]}"
-        except OSError:
-            return "?"
+    describe = SpliceRelay.describe          # "client address:port", "?" once closed
 
     def close(self, *, reset: bool = False) -> None:
         if self.closed:
