@@ -48,7 +48,6 @@ log = logging.getLogger("tcpha.bpf.relay")
 SO_COOKIE = 57
 TCP_INFO = 11
 _TCPI = struct.Struct("<120xQQ")           # tcp_info: tcpi_bytes_acked at 120, tcpi_bytes_received at 128
-_TCPI_OPEN = (1, 4, 5)                     # ESTABLISHED, FIN_WAIT1, FIN_WAIT2: no FIN received yet
 CAPACITY = 262144                          # sockets in the map (two per relay)
 CHUNK = 256 * 1024                         # userspace reads (kernel_up=False, or bytes passed before set-up)
 DRAIN_FIRST = 0.001                        # EOF seen: first look at the destination's counters after this
@@ -229,7 +228,6 @@ class BpfRelay:
         self.closed = False
         self.held = False
         self.error: str | None = None
-        self.spurious_eof = 0
         self.watched = 0                  # watchdog rounds (tests)
         self.copied = 0                   # bytes of kernel directions that userspace had to copy itself
         self._client_cookie = _cookie(client)
@@ -315,11 +313,6 @@ class BpfRelay:
             self._fail(d.name, e)
             return
         if not data:
-            if d.src.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] in _TCPI_OPEN:
-                # recv() of a socket in a sockmap can return 0 while no FIN has arrived (its own queue
-                # empty for a moment): not the end; wait for the next readiness
-                self.spurious_eof += 1
-                return
             d.eof = True
             self._want(d, read=False, write=d.writing)
             if d.kernel:
@@ -426,7 +419,12 @@ class BpfRelay:
     def bytes_down(self) -> int:
         return self.down.written()
 
-    describe = SpliceRelay.describe          # "client address:port", "?" once closed
+    def describe(self) -> str:
+        try:
+            host, port = self.client.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "?"
 
     def close(self, *, reset: bool = False) -> None:
         if self.closed:

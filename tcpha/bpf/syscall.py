@@ -71,7 +71,7 @@ def _bpf(cmd: int, attr: ctypes.Array, what: str) -> int:
     return ret
 
 
-def _attr(*fields: tuple[int, str, int]) -> ctypes.Array:
+def _attr(*fields: tuple[int, str, int | bytes]) -> ctypes.Array:
     """A zeroed bpf_attr with (offset, struct format, value) fields packed in."""
     buf = ctypes.create_string_buffer(ATTR_SIZE)
     for offset, fmt, value in fields:
@@ -90,8 +90,7 @@ class Map:
                  flags: int = 0):
         # map_type, key_size, value_size, max_entries, map_flags at 0..16; map_name[16] at 28
         attr = _attr((0, "I", map_type), (4, "I", key_size), (8, "I", value_size), (12, "I", max_entries),
-                     (16, "I", flags))
-        attr[28:28 + min(len(name), 15)] = name.encode()[:15]
+                     (16, "I", flags), (28, "16s", name.encode()[:15]))
         self.fd = _bpf(MAP_CREATE, attr, f"creating BPF map {name!r} (type {map_type})")
         self.key_size = key_size
         self.value_size = value_size
@@ -171,8 +170,7 @@ class Program:
             attr = _attr((0, "I", prog_type), (4, "I", len(code) // 8), (8, "Q", _addr(insns)),
                          (16, "Q", _addr(lic)), (24, "I", log_level),
                          (28, "I", LOG_SIZE if logbuf is not None else 0), (32, "Q", _addr(logbuf)),
-                         (68, "I", expected_attach_type))
-            attr[48:48 + min(len(name), 15)] = name.encode()[:15]
+                         (68, "I", expected_attach_type), (48, "16s", name.encode()[:15]))
             return _bpf(PROG_LOAD, attr, f"loading BPF program {name!r}")
 
         try:
