@@ -26,7 +26,7 @@ SIZES = {4: _W, 2: _H, 1: _B, 8: _DW}
 # source of the second operand: immediate or register
 _K, _X = 0x00, 0x08
 # ALU operations
-_ADD, _MOV = 0x00, 0xb0
+_ADD, _LSH, _RSH, _AND, _MOV = 0x00, 0x60, 0x70, 0x50, 0xb0
 # jump operations
 _JA, _JEQ, _JNE, _CALL, _EXIT = 0x00, 0x10, 0x50, 0x80, 0x90
 _IMM, _MEM = 0x00, 0x60
@@ -52,6 +52,21 @@ def add_imm(dst: int, imm: int) -> bytes:
     return _insn(_ALU64 | _ADD | _K, dst, imm=imm)
 
 
+def and_imm(dst: int, imm: int) -> bytes:
+    """dst &= imm"""
+    return _insn(_ALU64 | _AND | _K, dst, imm=imm)
+
+
+def lsh_imm(dst: int, imm: int) -> bytes:
+    """dst <<= imm"""
+    return _insn(_ALU64 | _LSH | _K, dst, imm=imm)
+
+
+def rsh_imm(dst: int, imm: int) -> bytes:
+    """dst >>= imm (logical)"""
+    return _insn(_ALU64 | _RSH | _K, dst, imm=imm)
+
+
 def load(size: int, dst: int, src: int, off: int) -> bytes:
     """dst = *(u<size*8> *)(src + off)"""
     return _insn(_LDX | _MEM | SIZES[size], dst, src, off)
@@ -65,6 +80,16 @@ def store(size: int, dst: int, off: int, src: int) -> bytes:
 def jeq_imm(dst: int, imm: int, off: int) -> bytes:
     """if dst == imm: skip `off` instructions"""
     return _insn(_JMP | _JEQ | _K, dst, off=off, imm=imm)
+
+
+def jne_imm(dst: int, imm: int, off: int) -> bytes:
+    """if dst != imm: skip `off` instructions"""
+    return _insn(_JMP | _JNE | _K, dst, off=off, imm=imm)
+
+
+def ja(off: int) -> bytes:
+    """skip `off` instructions"""
+    return _insn(_JMP | _JA, off=off)
 
 
 def call(helper: int) -> bytes:
@@ -86,3 +111,35 @@ def count(code: bytes) -> int:
     """Number of instruction slots in assembled code."""
     assert len(code) % 8 == 0
     return len(code) // 8
+
+
+class Jump:
+    """A conditional or plain jump to a label, resolved by assemble(): `Jump("pass", jne_imm, R0, 0)`."""
+
+    def __init__(self, label: str, op=None, dst: int = 0, imm: int = 0):
+        self.label, self.op, self.dst, self.imm = label, op, dst, imm
+
+    def encode(self, off: int) -> bytes:
+        return ja(off) if self.op is None else self.op(self.dst, self.imm, off)
+
+
+def assemble(items: list) -> bytes:
+    """Join instructions (bytes), labels (str: the position of the next instruction) and Jumps."""
+    where: dict[str, int] = {}
+    pos = 0
+    for item in items:
+        if isinstance(item, str):
+            where[item] = pos
+        else:
+            pos += 1 if isinstance(item, Jump) else count(item)
+    out, pos = [], 0
+    for item in items:
+        if isinstance(item, str):
+            continue
+        if isinstance(item, Jump):
+            pos += 1
+            out.append(item.encode(where[item.label] - pos))
+        else:
+            pos += count(item)
+            out.append(item)
+    return b"".join(out)

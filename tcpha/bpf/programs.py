@@ -1,4 +1,4 @@
-"""The relay's two sk_skb programs and the maps they use, assembled with tcpha.bpf.asm.
+"""The relay's two sk_skb programs (and, at the end, the front end's tc steering program) and the maps they use, assembled with tcpha.bpf.asm.
 
 Maps (one set per process, shared by all its relays):
 - `socks` (SOCKHASH, key: socket cookie u64): every relayed socket. Inserting a socket attaches the
@@ -19,8 +19,10 @@ Programs:
 
 from __future__ import annotations
 
+import struct
+
 from tcpha.bpf import asm
-from tcpha.bpf.asm import R0, R1, R2, R3, R4, R6, R10
+from tcpha.bpf.asm import R0, R1, R2, R3, R4, R5, R6, R7, R10
 
 HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_GET_SOCKET_COOKIE = 46
@@ -60,3 +62,88 @@ def verdict(peers_fd: int, socks_fd: int) -> bytes:
         asm.jeq_imm(R0, 0, sum(asm.count(i) for i in redirect)),
     ]
     return b"".join(head + redirect + lookup_failed)
+
+
+# -- the front end's flow steering (tc ingress, cls_bpf direct-action) ---------------------------------
+# `flows` (HASH, 16-byte key, FLOW_VALUE): the key is tcpha.steering.FlowKey.key(), client ip, client port,
+# VIP, port, each in a 4-byte slot, network order; the value:
+#
+#     u64 last_seen    bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last forwarded packet, or of the
+#                      update from userspace; the sweeper expires idle entries by it
+#     u64 handoff      the id of the handoff that made the entry (0: none)
+#     u32 state        FLOW_FROZEN (drop) or FLOW_FORWARD
+#     u32 ifindex      forward: the interface whose egress the frame is redirected to
+#     u8  macs[12]     forward: destination MAC (the back end's) then source MAC (the interface's own)
+#
+# The program, for each frame received on the interface:
+#
+#     not IPv4/TCP, or a non-first fragment, or no flows[key]   -> TC_ACT_UNSPEC (on to the stack)
+#     SYN set: delete flows[key]                                -> TC_ACT_UNSPEC (a new connection is the FE's)
+#     FLOW_FROZEN                                               -> TC_ACT_SHOT (the client retransmits)
+#     FLOW_FORWARD: last_seen = now; rewrite both MACs; bpf_redirect(ifindex, egress)
+#
+# exactly what the nft table of tcpha.steering.flows does (no TTL or checksum change: only the MACs).
+HELPER_MAP_DELETE_ELEM = 3
+HELPER_KTIME_GET_NS = 5
+HELPER_SKB_STORE_BYTES = 9
+HELPER_REDIRECT = 23
+HELPER_SKB_LOAD_BYTES = 26
+TC_ACT_UNSPEC, TC_ACT_SHOT = -1, 2
+FLOW_FROZEN, FLOW_FORWARD = 0, 1
+FLOW_KEY_SIZE = 16
+FLOW_VALUE = struct.Struct("<QQII6s6s4x")      # last_seen, handoff, state, ifindex, dst MAC, src MAC
+_LAST, _STATE, _IFINDEX, _MACS = 0, 16, 20, 24
+# stack layout (offsets from r10): Ethernet + IPv4 header (34 bytes) at -58 so that the addresses are
+# 4-byte aligned; the first 16 bytes of the TCP header at -80; the key at -16.
+_ETH, _TCP, _KEY = -58, -80, -16
+
+
+def steering(flows_fd: int) -> bytes:
+    J = asm.Jump
+    return asm.assemble([
+        asm.mov(R6, R1),                                    # skb, kept across calls
+        asm.mov(R1, R6), asm.mov_imm(R2, 0), asm.mov(R3, R10), asm.add_imm(R3, _ETH), asm.mov_imm(R4, 34),
+        asm.call(HELPER_SKB_LOAD_BYTES),                    # Ethernet + IPv4 header onto the stack
+        J("pass", asm.jne_imm, R0, 0),
+        asm.load(2, R1, R10, _ETH + 12),                    # ethertype, network order read little-endian
+        J("pass", asm.jne_imm, R1, 0x0008),                 # not IPv4
+        asm.load(1, R1, R10, _ETH + 14),                    # version | IHL
+        asm.mov(R2, R1), asm.rsh_imm(R2, 4),
+        J("pass", asm.jne_imm, R2, 4),
+        asm.load(1, R2, R10, _ETH + 23),                    # protocol
+        J("pass", asm.jne_imm, R2, 6),                      # not TCP
+        asm.load(2, R2, R10, _ETH + 20),                    # flags | fragment offset
+        asm.and_imm(R2, 0xff1f),                            # the offset (little-endian view)
+        J("pass", asm.jne_imm, R2, 0),                      # a later fragment: no TCP header in it
+        asm.and_imm(R1, 0x0f), asm.lsh_imm(R1, 2), asm.add_imm(R1, 14),   # TCP header offset
+        asm.mov(R2, R1), asm.mov(R1, R6), asm.mov(R3, R10), asm.add_imm(R3, _TCP), asm.mov_imm(R4, 16),
+        asm.call(HELPER_SKB_LOAD_BYTES),
+        J("pass", asm.jne_imm, R0, 0),
+        asm.load(4, R1, R10, _ETH + 26), asm.store(4, R10, _KEY, R1),        # client ip
+        asm.load(2, R1, R10, _TCP), asm.store(4, R10, _KEY + 4, R1),         # client port (+2 zero bytes)
+        asm.load(4, R1, R10, _ETH + 30), asm.store(4, R10, _KEY + 8, R1),    # VIP
+        asm.load(2, R1, R10, _TCP + 2), asm.store(4, R10, _KEY + 12, R1),    # port
+        asm.ld_map_fd(R1, flows_fd), asm.mov(R2, R10), asm.add_imm(R2, _KEY),
+        asm.call(HELPER_MAP_LOOKUP_ELEM),
+        J("pass", asm.jeq_imm, R0, 0),
+        asm.mov(R7, R0),                                    # the entry, kept across calls
+        asm.load(1, R1, R10, _TCP + 13), asm.and_imm(R1, 0x02),
+        J("syn", asm.jne_imm, R1, 0),
+        asm.load(4, R1, R7, _STATE),
+        J("drop", asm.jne_imm, R1, FLOW_FORWARD),
+        asm.call(HELPER_KTIME_GET_NS), asm.store(8, R7, _LAST, R0),
+        asm.mov(R1, R6), asm.mov_imm(R2, 0), asm.mov(R3, R7), asm.add_imm(R3, _MACS), asm.mov_imm(R4, 12),
+        asm.mov_imm(R5, 0),
+        asm.call(HELPER_SKB_STORE_BYTES),
+        J("drop", asm.jne_imm, R0, 0),
+        asm.load(4, R1, R7, _IFINDEX), asm.mov_imm(R2, 0),  # flags 0: the egress of ifindex
+        asm.call(HELPER_REDIRECT),                          # TC_ACT_REDIRECT
+        asm.exit_(),
+        "syn",
+        asm.ld_map_fd(R1, flows_fd), asm.mov(R2, R10), asm.add_imm(R2, _KEY),
+        asm.call(HELPER_MAP_DELETE_ELEM),
+        "pass",
+        asm.mov_imm(R0, TC_ACT_UNSPEC), asm.exit_(),
+        "drop",
+        asm.mov_imm(R0, TC_ACT_SHOT), asm.exit_(),
+    ])

@@ -27,10 +27,11 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280}
 # commands
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = range(6)
 PROG_ATTACH, PROG_DETACH = 8, 9
+PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD = 13, 14, 15
 # map types
 MAP_TYPE_HASH, MAP_TYPE_SOCKMAP, MAP_TYPE_SOCKHASH = 1, 15, 18
 # program types
-PROG_TYPE_SK_SKB = 14
+PROG_TYPE_SCHED_CLS, PROG_TYPE_SK_SKB = 3, 14
 # attach types
 SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, SK_SKB_VERDICT = 4, 5, 38
 # map update flags
@@ -96,6 +97,24 @@ class Map:
         self.value_size = value_size
         self.name = name
 
+    @classmethod
+    def by_id(cls, map_id: int) -> "Map":
+        """Open an existing map (e.g. one a program uses, see prog_map_ids) by its id."""
+        fd = _bpf(MAP_GET_FD_BY_ID, _attr((0, "I", map_id)), f"opening BPF map id {map_id}")
+        try:
+            info = ctypes.create_string_buffer(_MAP_INFO.size)
+            _bpf(OBJ_GET_INFO_BY_FD, _attr((0, "I", fd), (4, "I", _MAP_INFO.size), (8, "Q", _addr(info))),
+                 f"reading BPF map id {map_id}")
+        except BaseException:
+            os.close(fd)
+            raise
+        map_type, _id, key_size, value_size, max_entries, flags, name = _MAP_INFO.unpack(info.raw)
+        self = cls.__new__(cls)
+        self.fd, self.key_size, self.value_size = fd, key_size, value_size
+        self.name = name.rstrip(b"\0").decode(errors="replace")
+        self.map_type, self.max_entries, self.flags = map_type, max_entries, flags
+        return self
+
     def _elem(self, cmd: int, key: bytes, value, flags: int, what: str) -> None:
         if len(key) != self.key_size:
             raise ValueError(f"map {self.name}: key of {len(key)} bytes, not {self.key_size}")
@@ -150,6 +169,27 @@ class Map:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16]
+_MAP_INFO = struct.Struct("<6I16s")
+# struct bpf_prog_info up to name[16]: nr_map_ids at 52, map_ids (pointer) at 56
+_PROG_INFO_SIZE = 80
+
+
+def prog_map_ids(prog_id: int) -> list[int]:
+    """The ids of the maps a loaded program uses (found by its id, e.g. from a tc filter dump)."""
+    fd = _bpf(PROG_GET_FD_BY_ID, _attr((0, "I", prog_id)), f"opening BPF program id {prog_id}")
+    try:
+        ids = (ctypes.c_uint32 * 16)()
+        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+        struct.pack_into("<IQ", info, 52, 16, ctypes.addressof(ids))
+        _bpf(OBJ_GET_INFO_BY_FD, _attr((0, "I", fd), (4, "I", _PROG_INFO_SIZE), (8, "Q", _addr(info))),
+             f"reading BPF program id {prog_id}")
+        n = struct.unpack_from("<I", info, 52)[0]
+        return list(ids[:min(n, 16)])
+    finally:
+        os.close(fd)
 
 
 class Program:

@@ -41,7 +41,7 @@ from tcpha.fe.runtime import start_runtime
 from tcpha.fe.upgrade import take_over
 from tcpha.fe.worker import Worker
 from tcpha.loglevels import NOTICE
-from tcpha.steering import FlowSteering, VipAddress, interface_holding
+from tcpha.steering import VipAddress, interface_holding, make_flow_steering
 
 log = logging.getLogger("tcpha.fe")
 
@@ -115,8 +115,9 @@ class FrontEnd:
 
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
-        return FlowSteering(table=self.table, ifname=self.ifname, vip=self.config.vaddr,
-                            ports=list(self.config.ports), flow_timeout=self.config.flowtimeout)
+        return make_flow_steering(getattr(self.config, "steering", "nft"), table=self.table, ifname=self.ifname,
+                                  vip=self.config.vaddr, ports=list(self.config.ports),
+                                  flow_timeout=self.config.flowtimeout)
 
     def install(self) -> None:
         self.ifname = lan_interface(self.config)

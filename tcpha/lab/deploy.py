@@ -67,6 +67,7 @@ def fe_config_text(lab: NamespaceLab, key_path: str, *, servers: list[str] | Non
         # control files and sockets of this lab's daemons stay in its scratch directory: labs run
         # side by side share the file system, not /run/tcpha
         "rundir": str(lab.workdir / "tcpha" / "run-fe"),
+        "steering": os.environ.get("TCPHA_LAB_STEERING"),   # the e2e suite under one steering: auto|bpf|nft
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"]
