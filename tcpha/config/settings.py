@@ -173,7 +173,7 @@ FE_SETTINGS: list[Setting] = [
             "safety timeout of a steering entry whose end the back end never reported",
             section="fe", group="handoff", metavar="SECONDS", reload=RESTART),
     Setting("steering", t.choice("auto", "bpf", "nft"), "auto", _any,
-            "how handed-off flows reach their back end: nft (netdev table) or bpf (tc ingress program); auto: bpf if the kernel can",
+            "steering of handed-off flows: nft (netdev table) or bpf (tc ingress program); auto: bpf if the kernel can",
             section="fe", group="handoff", metavar="auto|bpf|nft", reload=RESTART),
     Setting("dtcinterval", t.seconds, "2", t.in_range(0, 3600),
             "seconds between health checks of each back end; 0: off", section="fe", group="health",

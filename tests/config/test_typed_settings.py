@@ -22,7 +22,7 @@ OTHER_VALUE = {
            "minspareservers": "1", "maxclients": "100", "connperbe": "3", "redirectaddr": "10.77.0.10",
            "redirectport": "8081", "server": "10.77.0.11 666", "rule": "10.77.0.11 jpg$",
            "registerport": "81", "interface": "eth1", "peekmax": "8k", "peektimeout": "5",
-           "handofftimeout": "1", "flowtimeout": "60", "dtcinterval": "3", "healthcheck": "http",
+           "handofftimeout": "1", "flowtimeout": "60", "steering": "nft", "dtcinterval": "3", "healthcheck": "http",
            "healthpath": "/up", "healthport": "8080", "healthtimeout": "0.5", "rise": "3", "fall": "2",
            "rundir": "/tmp/x", "usefuse": "0", "logfile": "/tmp/x.log", "dbglevel": "4",
            "metrics": "9100", "grace": "5", "vaddr": "10.77.0.101", "statsadmin": "on"},
