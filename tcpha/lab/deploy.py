@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tcpha.steering import make_flow_steering
+
 from .http import BACKEND_HEADER, LabHttpServer, start_http
 from .netns import LabError, NamespaceLab
 
@@ -88,6 +90,20 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
     values.update(options)
     lines = ["# written by tcpha.lab.demo"] + [f"{k} = {v}" for k, v in values.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def fe_steering(lab: NamespaceLab, vip: str, method: str, *args: Any) -> Any:
+    """Call `method` on a handle of the lab FE's steering table (the daemon's: table tcpha_fe), of the
+    kind its daemon chose (TCPHA_LAB_STEERING, else auto: the same choice on the same kernel)."""
+    mode = os.environ.get("TCPHA_LAB_STEERING") or "auto"
+
+    def run() -> Any:
+        steering = make_flow_steering(mode, table="tcpha_fe", ifname=lab.ifname("fe"), vip=vip, ports=[VPORT])
+        try:
+            return getattr(steering, method)(*args)
+        finally:
+            steering.close()
+    return lab.call("fe", run)
 
 
 def write_key(path: Path) -> Path:

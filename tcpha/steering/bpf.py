@@ -31,12 +31,14 @@ remove() deletes the filter, and the clsact qdisc when no other filter is left o
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from pyroute2 import IPRoute
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = ["BpfFlowSteering", "bpf_steering_possible"]
 
 MAP_SIZE = 1 << 20
+SWEEP_DUTY = 20                    # pause between sweeps: at least this many times the last sweep's length
 TC_INGRESS = 0xFFFFFFF2            # clsact's ingress hook (parent ffff:fff2)
 TCA_OPTIONS, TCA_BPF_NAME, TCA_BPF_ID = 2, 7, 11
 FILTER_PRIO = 0xC0DE               # our filter's tc priority (one filter of ours per interface)
@@ -97,6 +100,20 @@ def _attrs(raw: bytes, pos: int) -> list[tuple[int, bytes]]:
         out.append((kind & 0x3FFF, raw[pos + 4:pos + length]))
         pos += (length + 3) & ~3
     return out
+
+
+def _outside_event_loop(fn):
+    """Run `fn` in a helper thread when this thread runs an asyncio loop: pyroute2 0.9's synchronous
+    IPRoute drives an event loop of its own, which cannot run inside a running one (a worker's)."""
+    def wrapper(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 class BpfFlowSteering:
@@ -170,6 +187,7 @@ class BpfFlowSteering:
                         self.filter_name, self.ifname, exc)
         return None
 
+    @_outside_event_loop
     def install(self) -> None:
         """Attach the program, or adopt the filter and map a crashed predecessor left (its entries keep working)."""
         with self._ipr() as ipr:
@@ -207,6 +225,7 @@ class BpfFlowSteering:
                      self.ifname, self.entries())
         self._start_sweeper()
 
+    @_outside_event_loop
     def remove(self) -> None:
         """Detach the filter (and the clsact qdisc if nothing else uses it). Idempotent."""
         self._stop_sweeper()
@@ -236,6 +255,7 @@ class BpfFlowSteering:
         except NetlinkError:
             return []
 
+    @_outside_event_loop
     def installed(self) -> bool:
         with self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=self.ifname)
@@ -264,12 +284,17 @@ class BpfFlowSteering:
             thread.join(timeout=5)
 
     def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.sweep_interval):
+        wait = self.sweep_interval
+        while not self._stop.wait(wait):
+            started = time.monotonic()
             try:
                 self.sweep()
             except Exception as exc:             # the map closed under us at stop, or a kernel error
                 if not self._stop.is_set():
                     log.warning("expiring idle steering entries failed: %s", exc)
+            # a sweep is one bpf() call per entry: with many entries, sweep less often (at most ~5% of a
+            # CPU; expiry is a safety net, its precision does not matter)
+            wait = max(self.sweep_interval, (time.monotonic() - started) * SWEEP_DUTY)
 
     def sweep(self, now_ns: int | None = None) -> int:
         """Remove entries idle past their timeout; returns how many."""
@@ -295,6 +320,7 @@ class BpfFlowSteering:
         assert self._flows is not None
         return self._flows
 
+    @_outside_event_loop
     def _open_installed(self) -> None:
         """A handle made without install() (a worker, the control plane): open the installed map."""
         with self._ipr() as ipr:
@@ -320,6 +346,7 @@ class BpfFlowSteering:
 
     def _value(self, state: int, mac: bytes = b"\0" * 6, xid: int = 0) -> bytes:
         if not self._macs:
+            self._map()                          # a handle without install(): finds ifindex and MAC too
             self._macs = _mac_bytes(self.mac or "00:00:00:00:00:00")
         return FLOW_VALUE.pack(time.monotonic_ns(), xid, state, self.ifindex, mac, self._macs)
 

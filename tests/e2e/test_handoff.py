@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tcpha.lab.demo import VPORT
+from tcpha.lab.deploy import fe_steering
 from tests.support import fixed_client_port, wait_until
 
 pytestmark = pytest.mark.netns
@@ -52,13 +53,7 @@ def header(raw: bytes, name: bytes) -> bytes | None:
 
 
 def steering_entries(dep) -> int:
-    from tcpha.steering import FlowSteering
-    lab = dep.lab
-
-    def count() -> int:
-        s = FlowSteering(table="tcpha_fe", ifname=lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
-        return int(s.entries())
-    return lab.call("fe", count)
+    return int(fe_steering(dep.lab, dep.vip, "entries"))
 
 
 # -- routing ------------------------------------------------------------------------------------
@@ -305,15 +300,7 @@ def test_10mb_upload_partly_in_flight_at_handoff_arrives_exact(fresh, first_part
 # -- a client reusing its port ------------------------------------------------------------------
 
 def _forwarded(dep) -> dict:
-    from tcpha.steering import FlowSteering
-
-    def read() -> dict:
-        s = FlowSteering(table="tcpha_fe", ifname=dep.lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
-        try:
-            return s.forwarded()
-        finally:
-            s.close()
-    return dep.lab.call("fe", read)
+    return fe_steering(dep.lab, dep.vip, "forwarded")
 
 
 def _from_port(dep, port: int) -> socket.socket:

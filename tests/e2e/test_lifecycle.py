@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tcpha.lab.demo import VPORT
+from tcpha.lab.deploy import fe_steering
 from tcpha.lab.http import start_http
 
 pytestmark = pytest.mark.netns
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.netns
 BIG = "video/clip.mp4"
 
 
-def nft_tables(lab, host: str) -> str:
-    return lab.run(host, ["nft", "list", "tables"], capture_output=True, text=True).stdout
+def steering_installed(dep) -> bool:
+    """The FE's steering table (nft table tcpha_fe, or the tc program: the kind the daemon chose) is there."""
+    return bool(fe_steering(dep.lab, dep.vip, "installed"))
 
 
 def fe_has_vip(dep) -> bool:
@@ -63,7 +64,7 @@ def test_kill9_mid_download_restart_adopts_and_stop_cleans_up(fresh):
     dep = fresh
     lab = dep.lab
     dep.start()
-    assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+    assert fe_has_vip(dep) and steering_installed(dep)
 
     s, digest, got = start_download(dep, BIG)
     try:
@@ -71,7 +72,7 @@ def test_kill9_mid_download_restart_adopts_and_stop_cleans_up(fresh):
         os.kill(dep.fe_proc.pid, signal.SIGKILL)           # the whole front end, no clean-up
         dep.fe_proc.wait(10)
         # the kernel state outlives the process: the flow is steered in the kernel
-        assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+        assert fe_has_vip(dep) and steering_installed(dep)
         got = read_some(s, digest, got, 4 << 20)
 
         # a new front end adopts the table instead of replacing it: the download still runs
@@ -88,7 +89,7 @@ def test_kill9_mid_download_restart_adopts_and_stop_cleans_up(fresh):
     rc = dep.stop_fe()
     assert rc == 0
     assert not fe_has_vip(dep)
-    assert "tcpha_fe" not in nft_tables(lab, "fe")
+    assert not steering_installed(dep)
 
 
 def test_refusal_and_lost_back_end_fall_through_to_the_next(fresh):
@@ -138,11 +139,9 @@ def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
         assert dep.request("/whoami").body == b"fe\n"
     log = lab.log_path("fe", "tcpha-fe").read_text()
     assert f"-> unix:{path}" in log
-    assert "tcpha_fe" in nft_tables(lab, "fe")
+    assert steering_installed(dep)
     # no flow was steered: the passed sockets never left this host
-    from tcpha.steering import FlowSteering
-    steering = FlowSteering(table="tcpha_fe", ifname=lab.ifname("fe"), vip=dep.vip, ports=[VPORT])
-    assert lab.call("fe", steering.entries) == 0
+    assert fe_steering(lab, dep.vip, "entries") == 0
 
 
 def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fresh):
@@ -241,7 +240,7 @@ def test_sigterm_waits_for_handed_off_flows_before_removing_kernel_state(fresh):
         else:
             pytest.fail("the front end still accepts after SIGTERM")
         assert dep.fe_proc.poll() is None
-        assert fe_has_vip(dep) and "tcpha_fe" in nft_tables(lab, "fe")
+        assert fe_has_vip(dep) and steering_installed(dep)
         got = read_rest(s, digest, got)
     finally:
         s.close()
@@ -251,4 +250,4 @@ def test_sigterm_waits_for_handed_off_flows_before_removing_kernel_state(fresh):
     t0 = time.monotonic()
     assert dep.fe_proc.wait(15) == 0
     assert time.monotonic() - t0 < 15
-    assert not fe_has_vip(dep) and "tcpha_fe" not in nft_tables(lab, "fe")
+    assert not fe_has_vip(dep) and not steering_installed(dep)

@@ -217,3 +217,15 @@ def test_remove_keeps_a_clsact_someone_else_uses(pair, steering):
     steering.remove()
     out = subprocess.run(["tc", "-n", pair, "filter", "show", "dev", "fe0", "ingress"], capture_output=True, text=True).stdout
     assert "bytecode" in out and "tcpha" not in out
+
+
+def test_a_handle_without_install_forwards_with_the_interface_and_its_mac(pair, wire, steering):
+    """A forked worker's handle: never installed, its first call is a forward."""
+    worker = BpfFlowSteering(table="unit", ifname="fe0", vip=VIP, ports=[80], netns=pair)
+    try:
+        worker.forward(FlowKey(PEER, 40012, VIP, 80), BE_MAC)
+        wire.send(_frame(wire, _fe_mac(pair), 40012))
+        got = wire.frames()
+        assert [f[:12] for f in got] == [bytes.fromhex((BE_MAC + _fe_mac(pair)).replace(":", ""))]
+    finally:
+        worker.close()
