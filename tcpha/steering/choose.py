@@ -5,8 +5,9 @@
 - auto: bpf when this kernel loads the steering program (checked once, at start), else nft.
 
 Both have the same interface and survive a front-end kill -9 (the next process adopts the kernel state).
-Switching between them across a restart leaves the other kind's flows to its own kernel object until
-their flowtimeout: both filters see the packets (tc ingress runs before the nft ingress hook).
+auto keeps nft when a predecessor's nft table is there (it adopts it, flows and all). Switching kinds
+explicitly across a restart leaves the other kind's flows to its own kernel object until their
+flowtimeout (tc ingress runs before the nft ingress hook; both see the packets).
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ def make_flow_steering(mode: str, **kwargs: Any) -> Any:
     """The steering object for `mode` (not installed yet: install() it, or use it as a handle on what is
     installed). The choice is made, and logged, once per process."""
     if mode not in _decided:
-        _decided[mode] = _decide(mode)
+        _decided[mode] = _decide(mode, kwargs)
         log.log(NOTICE, "flow steering: %s", _decided[mode][1])
     kind = _decided[mode][0]
     return BpfFlowSteering(**kwargs) if kind == "bpf" else FlowSteering(**kwargs)
 
 
-def _decide(mode: str) -> tuple[str, str]:
+def _decide(mode: str, kwargs: dict[str, Any]) -> tuple[str, str]:
     if mode not in STEERING_MODES:
         raise SteeringError(f"steering must be one of {', '.join(STEERING_MODES)}, not {mode!r}")
     if mode == "nft":
@@ -50,5 +51,18 @@ def _decide(mode: str) -> tuple[str, str]:
             raise SteeringError(f"steering = bpf, but this kernel refuses the steering program: {why_not}")
         return "bpf", "bpf (steering = bpf)"
     if why_not is None:
+        if _nft_table_left(kwargs):
+            return "nft", "nft (steering = auto: adopting the nft table a predecessor left, with its flows)"
         return "bpf", "bpf (steering = auto: the kernel loads the tc program)"
     return "nft", f"nft (steering = auto: no BPF steering here: {why_not})"
+
+
+def _nft_table_left(kwargs: dict[str, Any]) -> bool:
+    """A predecessor's nft steering table is there (its flows stay with it when auto keeps nft)."""
+    nft = FlowSteering(**kwargs)
+    try:
+        return nft.installed()
+    except Exception:                    # no nftables here: nothing to adopt
+        return False
+    finally:
+        nft.close()

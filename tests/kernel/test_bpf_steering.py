@@ -229,3 +229,17 @@ def test_a_handle_without_install_forwards_with_the_interface_and_its_mac(pair, 
         assert [f[:12] for f in got] == [bytes.fromhex((BE_MAC + _fe_mac(pair)).replace(":", ""))]
     finally:
         worker.close()
+
+
+def test_auto_keeps_the_nft_table_a_predecessor_left(pair):
+    from tcpha.steering import FlowSteering, choose
+    kwargs = dict(table="autokeep", ifname="fe0", vip=VIP, ports=[80], netns=pair)
+    assert choose._decide("auto", kwargs)[0] == "bpf"
+    nft = FlowSteering(**kwargs)
+    nft.install()
+    try:
+        kind, why = choose._decide("auto", kwargs)
+        assert kind == "nft" and "predecessor" in why
+    finally:
+        nft.remove()
+        nft.close()
