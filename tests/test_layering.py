@@ -209,3 +209,12 @@ def test_checker_sees_each_kind_of_import(tmp_path):
 def test_checker_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_module_is_on_the_architecture_page():
+    """docs/architecture.md lists every module of the package with one line (a new module is added there)."""
+    page = (PACKAGE_DIR.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PACKAGE_DIR.parent)) for p in sorted(PACKAGE_DIR.rglob("*.py"))
+               if p.name != "__main__.py" and (p.name != "__init__.py" or ast.get_docstring(ast.parse(p.read_text())))
+               and f"`{p.relative_to(PACKAGE_DIR.parent)}`" not in page]
+    assert not missing, f"not on docs/architecture.md: {', '.join(missing)}"
