@@ -1,6 +1,6 @@
 """The package's layering, read from the source with `ast` (no import is executed, no root needed).
 
-The rules (issue 10, item 2): the front end (tcpha.fe) and the back end (tcpha.be) are siblings on a
+The rules: the front end (tcpha.fe) and the back end (tcpha.be) are siblings on a
 shared floor, so neither imports the other; library code never imports the command line (tcpha.cli;
 a package's ``__main__`` module, ``python -m tcpha.fe``, is command line itself and may);
 the module graph of top-level imports has no cycle; and a tcpha import inside a function is allowed

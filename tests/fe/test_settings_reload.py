@@ -1,4 +1,4 @@
-"""Settings that do what they say (issue 17 point 8, issue 10 point 4): the back end's `grace` and `metrics`,
+"""Settings that do what they say: the back end's `grace` and `metrics`,
 a front-end `authkey` change reaching every control connection it makes, and each option's declared reload
 mode being what a reload does."""
 
