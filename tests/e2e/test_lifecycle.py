@@ -90,6 +90,8 @@ def test_kill9_mid_download_restart_adopts_and_stop_cleans_up(fresh):
     assert rc == 0
     assert not fe_has_vip(dep)
     assert not steering_installed(dep)
+    # no tc qdisc or filter left behind either (steering = bpf attaches a clsact qdisc)
+    assert "clsact" not in dep.lab.run("fe", ["tc", "qdisc", "show"], capture_output=True, text=True).stdout
 
 
 def test_refusal_and_lost_back_end_fall_through_to_the_next(fresh):
