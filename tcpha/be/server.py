@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tcpha.be.appsource import AppSource
 from tcpha.be.handoff import ControlSession, HandoffReceiver
 from tcpha.be.kernelstate import KernelState, vip_held_elsewhere
 from tcpha.be.registrar import Registrar, start_registrar
@@ -72,6 +73,8 @@ class BackEnd:
         self.runtime: BackEndRuntime | None = None      # control directory (tcpha.be.runtime)
         self.registrar: Registrar | None = None         # dregister (tcpha.be.registrar)
         self.reloader: BackEndReloader | None = None    # SIGHUP (tcpha.be.reload)
+        # Where application connections come from (appsource; tcpha.be.appsource): set up by run().
+        self.appsource = AppSource()
 
     def start_relay(self, client: socket.socket, app: socket.socket,
                     on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
@@ -119,6 +122,9 @@ class BackEnd:
         if self.kernel:
             self.kernel_state.install()
         try:
+            self.appsource = AppSource.start(self.config.appsource, self.app_addr)
+            log.log(NOTICE, "application connections %s%s", self.appsource.describe(),
+                    f"; PROXY protocol {self.config.appproxy} header first" if self.config.appproxy != "off" else "")
             profile = os.environ.get("TCPHA_PROFILE")       # bench/handoff: where the CPU goes
             if profile:
                 prof = cProfile.Profile()
@@ -129,6 +135,7 @@ class BackEnd:
             else:
                 asyncio.run(self.serve())
         finally:
+            self.appsource.stop()
             if self.kernel:
                 self.kernel_state.remove()
 

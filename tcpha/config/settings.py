@@ -221,6 +221,13 @@ BE_SETTINGS: list[Setting] = [
             section="be", metavar="ADDR", reload=LIVE),
     Setting("redirectport", t.port, "80", _any,
             "application port handed-off connections are relayed to", section="be", metavar="PORT", reload=LIVE),
+    Setting("appsource", t.choice("auto", "transparent", "local"), "auto", _any,
+            "application connections from: transparent (client's address), local (ours); auto: transparent "
+            "if it works", section="be", group="handoff",
+            metavar="auto|transparent|local", reload=RESTART),
+    Setting("appproxy", t.choice("off", "v1", "v2"), "off", _any,
+            "PROXY protocol header (v1 text, v2 binary) with the client's and the VIP's address, first to "
+            "the application", section="be", group="handoff", metavar="off|v1|v2", reload=LIVE),
     Setting("dregister", t.boolean, "0", _any,
             "1: register with the front end at feaddr:feport, with this file's rules",
             section="be", metavar="0|1", reload=LIVE),
