@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -126,6 +127,44 @@ class RoutingPolicy:
         return removed
 
 
+# A NETLINK_SOCK_DIAG lookup of one TCP socket by its 4-tuple (no dump): is the application already
+# connected to this client address and port (the client reached the application directly from that port)?
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NO_CLASH_STATES = (6, 10)           # TCP_TIME_WAIT (a new SYN may reuse it), TCP_LISTEN (no connection)
+
+
+class SocketLookup:
+    """One netlink socket asking the kernel for the state of the TCP socket local <-> remote."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+        self._sock.settimeout(1.0)
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def state(self, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+        """The TCP state of the socket bound to `local` and connected to `remote` (the kernel's lookup
+        falls back to a listener on `local`), None if there is none."""
+        self._seq += 1
+        sockid = struct.pack("!HH4s12x4s12x", local[1], remote[1], socket.inet_aton(local[0]),
+                             socket.inet_aton(remote[0])) + struct.pack("=I", 0) + b"\xff" * 8
+        req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+        hdr = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, 1, self._seq, 0)
+        self._sock.send(hdr + req)
+        while True:
+            data = self._sock.recv(8192)
+            _, kind, _, seq, _ = struct.unpack_from("=IHHII", data)
+            if seq != self._seq:
+                continue
+            if kind == _NLMSG_ERROR:
+                return None
+            return data[17]          # inet_diag_msg.idiag_state, after the 16-byte header and the family
+
+
 def _transparent_socket(source: tuple[str, int]) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -189,6 +228,7 @@ class AppSource:
         self.policy: RoutingPolicy | None = None
         self.fallbacks = 0          # transparent connections made from our own address (client port in use)
         self._local: dict[str, bool] = {}
+        self._lookup: SocketLookup | None = None
 
     @property
     def transparent(self) -> bool:
@@ -230,6 +270,9 @@ class AppSource:
         return f"from this host's address ({self.reason})"
 
     def stop(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
+            self._lookup = None
         if self.policy is not None:
             try:
                 self.policy.remove()
@@ -243,12 +286,29 @@ class AppSource:
             known = self._local[ip] = is_local_address(ip)
         return known
 
+    def _app_connected_to(self, client: tuple[str, int], app_addr: tuple[str, int]) -> bool:
+        """True when the application already has a connection with client:port (the client reached it
+        directly from that port: our SYN from the same 4-tuple would land in that connection). Only an
+        application address outside 127/8 can be reached by a client; the lookup is not made otherwise."""
+        if ipaddress.ip_address(app_addr[0]).is_loopback:
+            return False
+        try:
+            if self._lookup is None:
+                self._lookup = SocketLookup()
+            state = self._lookup.state(app_addr, client)
+        except OSError as e:
+            log.debug("socket lookup %s:%d <-> %s:%d failed: %s", *app_addr, *client, e)
+            return False
+        return state is not None and state not in _NO_CLASH_STATES
+
     def connect(self, client: tuple[str, int] | None, app_addr: tuple[str, int]) -> tuple[socket.socket, int]:
         """A non-blocking socket connecting to `app_addr`, from `client` when transparent (and possible),
         and connect_ex's result (0, EINPROGRESS, or the error)."""
         if self.transparent and client is not None and self._app_is_local(app_addr[0]):
             sock: socket.socket | None = None
             try:
+                if self._app_connected_to(client, app_addr):
+                    raise OSError(errno.EADDRINUSE, "the client is connected to the application from that port")
                 sock = _transparent_socket((client[0], client[1]))
                 sock.setblocking(False)
                 rc = sock.connect_ex(app_addr)
