@@ -4,8 +4,8 @@ UNIX seqpacket socket (SCM_RIGHTS) instead of moving them with TCP_REPAIR.
 SameHostListener owns the socket at `unixpath` (mode 0600; only root or our own user may connect);
 each connection from a front end is an FdPassSession, whose messages are FDPASS_MAGIC followed by the
 front end's listening port, with one client socket each. adopt_client connects a passed socket to the
-application (from the client's address when transparent, with a PROXY header when appproxy is set: as
-a handed-off one, tcpha.be.appsource) and relays it like a handed-off one (no FlowClosed: no steering entry points here).
+application (from the client's address when transparent, with a PROXY header when appproxy is set:
+tcpha.be.appsource) and relays it like a handed-off one (no FlowClosed: no steering entry points here).
 """
 
 from __future__ import annotations

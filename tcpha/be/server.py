@@ -123,8 +123,9 @@ class BackEnd:
             self.kernel_state.install()
         try:
             self.appsource = AppSource.start(self.config.appsource, self.app_addr)
+            proxy = self.config.appproxy
             log.log(NOTICE, "application connections %s%s", self.appsource.describe(),
-                    f"; PROXY protocol {self.config.appproxy} header first" if self.config.appproxy != "off" else "")
+                    f"; PROXY protocol {proxy} header first" if proxy != "off" else "")
             profile = os.environ.get("TCPHA_PROFILE")       # bench/handoff: where the CPU goes
             if profile:
                 prof = cProfile.Profile()
