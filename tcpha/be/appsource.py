@@ -11,8 +11,8 @@
       opened it (ours; a SYN from the network carries none), so its SYN-ACK and every later packet are
       routed with it (before any firewall hook: this works for 127.0.0.1 too, where a reply rerouted
       by a firewall mark would already have failed its first route lookup);
-    * `ip rule fwmark APPSOURCE_MARK lookup APPSOURCE_TABLE` (priority RULE_PRIORITY), and in that table `local 0.0.0.0/0 dev lo`: a marked packet to any address is
-      delivered here, where the transparent socket is its established socket.
+    * `ip rule fwmark APPSOURCE_MARK lookup APPSOURCE_TABLE` (priority RULE_PRIORITY), and in that
+      table `local 0.0.0.0/0 dev lo`: a marked packet to any address is delivered here, where the transparent socket is its established socket.
   No conntrack, no per-packet firewall rule: nothing costs anything per packet, and the rule and route
   are installed once at start and removed at stop (pyroute2, never a subprocess per connection). A
   start after a kill -9 removes the rules and routes the dead process left (its fwmark and table) and
@@ -265,8 +265,8 @@ class AppSource:
 
     def describe(self) -> str:
         if self.transparent:
-            return (f"from the client's address and port (transparent: {self.reason}; fwmark 0x{APPSOURCE_MARK:x}, "
-                    f"rule priority {RULE_PRIORITY}, table {APPSOURCE_TABLE})")
+            return (f"from the client's address and port (transparent: {self.reason}; "
+                    f"fwmark 0x{APPSOURCE_MARK:x}, rule priority {RULE_PRIORITY}, table {APPSOURCE_TABLE})")
         return f"from this host's address ({self.reason})"
 
     def stop(self) -> None:

@@ -7,8 +7,8 @@
   (restore_handed_off: TCP_REPAIR, an earlier socket on the same 4-tuple moved out of the way),
   connect to the application at redirectaddr:redirectport (from the client's address when
   transparent, tcpha.be.appsource; with a PROXY header first when appproxy is set), answer Restored;
-  the back end relays in the kernel (splice). If the application cannot be reached the restored socket is closed silently
-  (repair mode) and the answer is Refused, so the front end can try another back end.
+  the back end relays in the kernel (splice). If the application cannot be reached the restored socket
+  is closed silently (repair mode) and the answer is Refused, so the front end can try another back end.
 - Waiting for Steered: nothing goes to the client until the front end says the flow is steered here;
   without Steered within STEER_WAIT the restored socket is dropped silently. Which handoffs of a
   session wait for Steered, relay or are over is its BackEndHandoffs (tcpha.control.handoff, the back

@@ -157,7 +157,8 @@ class SameHostListener:
             rc = app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if writable else errno.ETIMEDOUT
         try:
             if rc:
-                raise OSError(rc, f"application at {be.app_addr[0]}:{be.app_addr[1]} unreachable: {os.strerror(rc)}")
+                raise OSError(rc, f"application at {be.app_addr[0]}:{be.app_addr[1]} unreachable: "
+                                  f"{os.strerror(rc)}")
             app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if be.config.appproxy != "off":      # the client's and the VIP's addresses, first
                 send_proxy_header(app, be.config.appproxy, peer, local)
