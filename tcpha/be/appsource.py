@@ -12,7 +12,8 @@
       routed with it (before any firewall hook: this works for 127.0.0.1 too, where a reply rerouted
       by a firewall mark would already have failed its first route lookup);
     * `ip rule fwmark APPSOURCE_MARK lookup APPSOURCE_TABLE` (priority RULE_PRIORITY), and in that
-      table `local 0.0.0.0/0 dev lo`: a marked packet to any address is delivered here, where the transparent socket is its established socket.
+      table `local 0.0.0.0/0 dev lo`: a marked packet to any address is delivered here, where the
+      transparent socket is its established socket.
   No conntrack, no per-packet firewall rule: nothing costs anything per packet, and the rule and route
   are installed once at start and removed at stop (pyroute2, never a subprocess per connection). A
   start after a kill -9 removes the rules and routes the dead process left (its fwmark and table) and
