@@ -182,7 +182,7 @@ class BackEnd:
         registrar = self.registrar
         return backend_exposition(handoffs=s.handoffs, refused=s.refused, fdpassed=s.fdpassed,
                                   control_errors=s.control_errors, relayed=len(self.relays),
-                                  front_ends=len(self.sessions),
+                                  front_ends=len(self.sessions), appsource_fallbacks=self.appsource.fallbacks,
                                   registered=None if registrar is None else bool(registrar.registered))
 
     async def _finish_relays(self) -> None:

@@ -105,3 +105,10 @@ def test_daemon_says_which_mode_and_survives_kill_9(lab):
     assert _ours(lab, "be1") == (1, 1)
     assert lab.stop(dep.be_procs.pop("be1"), grace=15) == 0
     assert _ours(lab, "be1") == (0, 0)
+
+
+def test_fallbacks_are_exported_for_prometheus():
+    from tcpha.metrics import backend_exposition
+    text = backend_exposition(handoffs=0, refused=0, fdpassed=0, control_errors=0, relayed=0, front_ends=0,
+                              registered=None, appsource_fallbacks=3)
+    assert "\ntcpha_be_appsource_fallbacks_total 3\n" in text
