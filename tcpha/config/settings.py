@@ -228,6 +228,9 @@ BE_SETTINGS: list[Setting] = [
     Setting("appproxy", t.choice("off", "v1", "v2"), "off", _any,
             "PROXY protocol header (v1 text, v2 binary) with the client's and the VIP's address, first to "
             "the application", section="be", group="handoff", metavar="off|v1|v2", reload=LIVE),
+    Setting("relay", t.choice("auto", "bpf", "splice"), "splice", _any,
+            "splice, or bpf: the kernel relays (no back-pressure yet, docs/kernel.md); auto: bpf if the kernel can",
+            section="be", group="handoff", metavar="auto|bpf|splice", reload=RESTART),
     Setting("dregister", t.boolean, "0", _any,
             "1: register with the front end at feaddr:feport, with this file's rules",
             section="be", metavar="0|1", reload=LIVE),
