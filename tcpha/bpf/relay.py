@@ -41,7 +41,7 @@ from tcpha.bpf import programs
 from tcpha.bpf.syscall import (MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, NO_PREALLOC, PROG_TYPE_SK_SKB,
                                SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, BpfError, Map,
                                Program)
-from tcpha.relay import SpliceRelay
+from tcpha.relay import SpliceRelay, close_sockets, peer_text
 
 log = logging.getLogger("tcpha.bpf.relay")
 
@@ -420,11 +420,7 @@ class BpfRelay:
         return self.down.written()
 
     def describe(self) -> str:
-        try:
-            host, port = self.client.getpeername()[:2]
-            return f"{host}:{port}"
-        except OSError:
-            return "?"
+        return peer_text(self.client)
 
     def close(self, *, reset: bool = False) -> None:
         if self.closed:
@@ -447,10 +443,6 @@ class BpfRelay:
             log.warning("relay %s: removing it from the BPF maps: %s", self.describe(), e)
         self._linked.clear()
         self._inserted.clear()
-        for s in (self.client, self.app):
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_sockets(self.client, self.app)
         if self.on_done is not None:
             self.on_done(self)
