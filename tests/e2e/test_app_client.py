@@ -1,4 +1,4 @@
-"""The application sees the client (issue 14, item 3): nginx's own access log on the back end shows the
+"""The application sees the client: nginx's own access log on the back end shows the
 client's address and port, for plain HTTP and for TLS terminated by tcpha-be, on a handed-off connection
 and on a same-host (fd passing) one, in each way tcpha-be can say it:
 
