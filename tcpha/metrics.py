@@ -195,7 +195,8 @@ def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 
 
 def backend_exposition(*, handoffs: int, refused: int, fdpassed: int, control_errors: int, relayed: int,
-                       front_ends: int, registered: bool | None, prefix: str = "tcpha_be") -> str:
+                       front_ends: int, registered: bool | None, appsource_fallbacks: int = 0,
+                       prefix: str = "tcpha_be") -> str:
     """The text a scrape of tcpha-be's ``metrics`` endpoint returns (one process: its own counters)."""
     rows = [
         ("handoffs_total", "counter", "Handed-off connections restored here.", handoffs),
@@ -205,6 +206,8 @@ def backend_exposition(*, handoffs: int, refused: int, fdpassed: int, control_er
         ("control_errors_total", "counter", "Control-channel errors (bad MAC, replay, malformed).", control_errors),
         ("relayed_connections", "gauge", "Connections being relayed to the application now.", relayed),
         ("control_connections", "gauge", "Control connections from front ends now.", front_ends),
+        ("appsource_fallbacks_total", "counter", "Transparent application connections made from this host's "
+         "address (the client's port was in use towards the application).", appsource_fallbacks),
     ]
     if registered is not None:
         rows.append(("registered", "gauge", "1 when the dregister registration is accepted by the front end.",

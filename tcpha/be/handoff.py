@@ -5,9 +5,10 @@
   before anything else happens: a forged Handoff never reaches repair.restore.
 - HandoffReceiver.on_handoff: refuse a state whose local address is not our VIP, restore the socket
   (restore_handed_off: TCP_REPAIR, an earlier socket on the same 4-tuple moved out of the way),
-  connect to the application at redirectaddr:redirectport, answer Restored; the back end relays in the
-  kernel (splice). If the application cannot be reached the restored socket is closed silently
-  (repair mode) and the answer is Refused, so the front end can try another back end.
+  connect to the application at redirectaddr:redirectport (from the client's address when
+  transparent, tcpha.be.appsource; with a PROXY header first when appproxy is set), answer Restored;
+  the back end relays in the kernel (splice). If the application cannot be reached the restored socket
+  is closed silently (repair mode) and the answer is Refused, so the front end can try another back end.
 - Waiting for Steered: nothing goes to the client until the front end says the flow is steered here;
   without Steered within STEER_WAIT the restored socket is dropped silently. Which handoffs of a
   session wait for Steered, relay or are over is its BackEndHandoffs (tcpha.control.handoff, the back
@@ -28,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from tcpha import control, repair, sockdiag
+from tcpha.be.appsource import send_proxy_header
 from tcpha.control.handoff import BackEndHandoffs
 from tcpha.loglevels import NOTICE
 from tcpha.relay import SpliceRelay
@@ -300,13 +302,13 @@ class HandoffReceiver:
             return refuse(f"restore failed: {e}")
         peer = state.peer
         app_addr = self.backend.app_addr
-        app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        app.setblocking(False)
-        rc = app.connect_ex(app_addr)
+        # From the client's address and port when transparent (tcpha.be.appsource), else our own.
+        app, rc = self.backend.appsource.connect((peer[0], peer[1]), app_addr)
         if rc in (errno.EINPROGRESS, errno.EAGAIN) and _connected(app):
             rc = 0      # loopback: the handshake completed inside connect() itself
+        vip = (state.local[0], state.local[1])
         if rc == 0:
-            self._handoff_done(session, xid, client, app, peer, t0)
+            self._handoff_done(session, xid, client, app, peer, vip, t0)
         elif rc in (errno.EINPROGRESS, errno.EAGAIN):
             # Localhost connects complete at once in practice; wait for writability otherwise.
             timer: asyncio.TimerHandle | None = None
@@ -319,7 +321,7 @@ class HandoffReceiver:
                 if err:
                     failed(os.strerror(err))
                 else:
-                    self._handoff_done(session, xid, client, app, peer, t0)
+                    self._handoff_done(session, xid, client, app, peer, vip, t0)
 
             def failed(why: str) -> None:
                 try:
@@ -338,8 +340,21 @@ class HandoffReceiver:
             refuse(f"application at {app_addr[0]}:{app_addr[1]} unreachable: {os.strerror(rc)}")
 
     def _handoff_done(self, session: ControlSession, xid: int, client: socket.socket,
-                      app: socket.socket, peer: tuple[str, int], t0: float) -> None:
+                      app: socket.socket, peer: tuple[str, int], vip: tuple[str, int], t0: float) -> None:
         app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proxy = self.backend.config.appproxy
+        if proxy != "off":
+            # The client's and the VIP's addresses, before any byte of the client's (appproxy).
+            try:
+                send_proxy_header(app, proxy, (peer[0], peer[1]), vip)
+            except OSError as e:
+                app.close()
+                discard_silently(client)
+                self.backend.stats.refused += 1
+                log.warning("handoff %d from %s refused: PROXY header to the application: %s", xid, session.peer,
+                            e.strerror or e)
+                session.send(control.Refused(xid=xid, reason=f"PROXY header not written: {e.strerror or e}"))
+                return
         session.send(control.Restored(xid=xid))
         self.backend.stats.handoffs += 1
         if log.isEnabledFor(logging.INFO):

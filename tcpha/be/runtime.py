@@ -101,7 +101,8 @@ class BackEndRuntime:
             reg = {"frontend": registrar.fe_name, "registered": registrar.registered}
         return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1), "handoffs": s.handoffs,
                 "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
-                "active": s.active, "registration": reg}
+                "active": s.active, "registration": reg, "appsource": self.be.appsource.mode,
+                "appsource_fallbacks": self.be.appsource.fallbacks}
 
     def settings_in_force(self) -> dict[str, Any]:
         """Every option's value in force, in tcpha.config.settings.in_force_form: read from the objects that

@@ -4,7 +4,8 @@ UNIX seqpacket socket (SCM_RIGHTS) instead of moving them with TCP_REPAIR.
 SameHostListener owns the socket at `unixpath` (mode 0600; only root or our own user may connect);
 each connection from a front end is an FdPassSession, whose messages are FDPASS_MAGIC followed by the
 front end's listening port, with one client socket each. adopt_client connects a passed socket to the
-application and relays it like a handed-off one (no FlowClosed: no steering entry points here).
+application (from the client's address when transparent, with a PROXY header when appproxy is set:
+tcpha.be.appsource) and relays it like a handed-off one (no FlowClosed: no steering entry points here).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from typing import TYPE_CHECKING
 
 from tcpha import fdpass
+from tcpha.be.appsource import client_address, send_proxy_header
 from tcpha.fdpass import FDPASS_MAGIC
 from tcpha.relay import SpliceRelay
 
@@ -140,17 +143,30 @@ class SameHostListener:
             log.warning("passed connection dropped: busy (maxclients %d)", be.maxclients)
             client.close()
             return
-        app = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            app.settimeout(1.0)     # loopback connect: immediate, or refused at once
-            app.connect(be.app_addr)
+            peer, local = client_address(client), client.getsockname()[:2]
         except OSError as e:
-            log.warning("passed connection dropped: application at %s:%d unreachable: %s",
-                        *be.app_addr, e)
+            log.warning("passed connection dropped: %s", e)
+            client.close()
+            return
+        # From the client's address and port when transparent (tcpha.be.appsource), else our own.
+        app, rc = be.appsource.connect(peer, be.app_addr)
+        if rc in (errno.EINPROGRESS, errno.EAGAIN):
+            # loopback connect: immediate, or refused at once
+            _, writable, _ = select.select([], [app], [], 1.0)
+            rc = app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if writable else errno.ETIMEDOUT
+        try:
+            if rc:
+                raise OSError(rc, f"application at {be.app_addr[0]}:{be.app_addr[1]} unreachable: "
+                                  f"{os.strerror(rc)}")
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if be.config.appproxy != "off":      # the client's and the VIP's addresses, first
+                send_proxy_header(app, be.config.appproxy, peer, local)
+        except OSError as e:
+            log.warning("passed connection dropped: %s", e.strerror or e)
             app.close()
             client.close()
             return
-        app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         be.stats.fdpassed += 1
         be.start_relay(client, app, self._relay_done)
 

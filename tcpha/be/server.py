@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tcpha.be.appsource import AppSource
 from tcpha.be.handoff import ControlSession, HandoffReceiver
 from tcpha.be.kernelstate import KernelState, vip_held_elsewhere
 from tcpha.be.registrar import Registrar, start_registrar
@@ -74,6 +75,8 @@ class BackEnd:
         self.runtime: BackEndRuntime | None = None      # control directory (tcpha.be.runtime)
         self.registrar: Registrar | None = None         # dregister (tcpha.be.registrar)
         self.reloader: BackEndReloader | None = None    # SIGHUP (tcpha.be.reload)
+        # Where application connections come from (appsource; tcpha.be.appsource): set up by run().
+        self.appsource = AppSource()
 
     def start_relay(self, client: socket.socket, app: socket.socket,
                     on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
@@ -121,6 +124,10 @@ class BackEnd:
         if self.kernel:
             self.kernel_state.install()
         try:
+            self.appsource = AppSource.start(self.config.appsource, self.app_addr)
+            proxy = self.config.appproxy
+            log.log(NOTICE, "application connections %s%s", self.appsource.describe(),
+                    f"; PROXY protocol {proxy} header first" if proxy != "off" else "")
             profile = os.environ.get("TCPHA_PROFILE")       # bench/handoff: where the CPU goes
             if profile:
                 prof = cProfile.Profile()
@@ -131,6 +138,7 @@ class BackEnd:
             else:
                 asyncio.run(self.serve())
         finally:
+            self.appsource.stop()
             if self.kernel:
                 self.kernel_state.remove()
 
@@ -178,7 +186,7 @@ class BackEnd:
         registrar = self.registrar
         return backend_exposition(handoffs=s.handoffs, refused=s.refused, fdpassed=s.fdpassed,
                                   control_errors=s.control_errors, relayed=len(self.relays),
-                                  front_ends=len(self.sessions),
+                                  front_ends=len(self.sessions), appsource_fallbacks=self.appsource.fallbacks,
                                   registered=None if registrar is None else bool(registrar.registered))
 
     async def _finish_relays(self) -> None:

@@ -224,6 +224,13 @@ BE_SETTINGS: list[Setting] = [
             section="be", metavar="ADDR", reload=LIVE),
     Setting("redirectport", t.port, "80", _any,
             "application port handed-off connections are relayed to", section="be", metavar="PORT", reload=LIVE),
+    Setting("appsource", t.choice("auto", "transparent", "local"), "auto", _any,
+            "application connections from: transparent (client's address), local (ours); auto: transparent "
+            "if it works", section="be", group="handoff",
+            metavar="auto|transparent|local", reload=RESTART),
+    Setting("appproxy", t.choice("off", "v1", "v2"), "off", _any,
+            "PROXY protocol header (v1 text, v2 binary) with the client's and the VIP's address, first to "
+            "the application", section="be", group="handoff", metavar="off|v1|v2", reload=LIVE),
     Setting("relay", t.choice("auto", "bpf", "splice"), "splice", _any,
             "splice, or bpf: the kernel relays (no back-pressure yet, docs/kernel.md); auto: bpf if the kernel can",
             section="be", group="handoff", metavar="auto|bpf|splice", reload=RESTART),

@@ -124,14 +124,20 @@ class LabHttpServer:
 
 def start_http(lab: NamespaceLab, host: str, *, port: int = 8080, addr: str = "0.0.0.0",
                files: dict[str, int] | None = None, kind: str = "auto", name: str | None = None,
-               timeout: float = 10.0, access_log: bool = False, uploads_port: int | None = None) -> LabHttpServer:
+               timeout: float = 10.0, access_log: bool = False, uploads_port: int | None = None,
+               proxy_protocol: bool = False) -> LabHttpServer:
     """Start an origin server in `host`'s namespace, serving `files` (path -> size), and wait until it
     accepts connections. kind: "nginx" ("auto": always nginx) or "python". access_log (nginx only): log
     every request to LabHttpServer.access_log.
 
     uploads_port (nginx only): nginx also answers POST/PUT under /upload/, passing them (streamed, any
     size) to the python server started on 127.0.0.1:uploads_port, which answers with the body's sha256;
-    so one origin serves both downloads (nginx's sendfile) and byte-checkable uploads."""
+    so one origin serves both downloads (nginx's sendfile) and byte-checkable uploads.
+
+    proxy_protocol (nginx only): the listener expects a PROXY protocol header first (`listen ...
+    proxy_protocol`; tcpha-be's appproxy) and takes the client's address from it (`set_real_ip_from` the
+    loopback and this host's address, `real_ip_header proxy_protocol`): the access log's remote_addr is
+    then the client's, proxy_protocol_addr what the header said."""
     if kind == "auto":      # a real server, always: a missing nginx is an install fault, not a reason to swap
         kind = "nginx"
     if kind not in ("nginx", "python"):
@@ -164,9 +170,12 @@ def start_http(lab: NamespaceLab, host: str, *, port: int = 8080, addr: str = "0
                                             str(root), "--listen", f"127.0.0.1:{uploads_port}"],
                                      name=f"python-{label}-uploads", ready_tcp=("127.0.0.1", uploads_port),
                                      timeout=timeout)
+    if proxy_protocol and kind != "nginx":
+        raise ValueError("proxy_protocol is for kind='nginx'")
     if kind == "nginx":
         conf = base / "nginx.conf"
-        conf.write_text(_nginx_conf(base, root, host, addr, port, access_log, uploads_port))
+        conf.write_text(_nginx_conf(base, root, host, addr, port, access_log, uploads_port,
+                                    real_ip_from=[probe, "127.0.0.0/8"] if proxy_protocol else None))
         argv = ["nginx", "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf), "-g", "daemon off;"]
     else:
         argv = [sys.executable, "-m", "tcpha.lab.httpapp", "--name", host, "--root", str(root),
@@ -177,15 +186,24 @@ def start_http(lab: NamespaceLab, host: str, *, port: int = 8080, addr: str = "0
 
 
 def _nginx_conf(base: Path, root: Path, host: str, addr: str, port: int, access_log: bool = False,
-                uploads_port: int | None = None) -> str:
+                uploads_port: int | None = None, real_ip_from: list[str] | None = None) -> str:
     tmp = base / "tmp"
     tmp.mkdir(exist_ok=True)
     listen = f"{addr}:{port}" if addr not in ("", "0.0.0.0") else str(port)
     log = "access_log off;"
     if access_log:
+        # Who nginx saw as the client: remote_addr/remote_port (the peer, or what realip took from a
+        # PROXY header), proxy_protocol_addr/proxy_protocol_port (the header as received; empty without).
         log = ("log_format tcpha_lab escape=json '{\"host\":\"$host\",\"uri\":\"$uri\",\"args\":\"$args\",'\n"
-               "        '\"request_uri\":\"$request_uri\",\"status\":$status}';\n"
+               "        '\"request_uri\":\"$request_uri\",\"status\":$status,'\n"
+               "        '\"remote_addr\":\"$remote_addr\",\"remote_port\":\"$remote_port\",'\n"
+               "        '\"realip_remote_addr\":\"$realip_remote_addr\",'\n"
+               "        '\"proxy_protocol_addr\":\"$proxy_protocol_addr\",'\n"
+               "        '\"proxy_protocol_port\":\"$proxy_protocol_port\"}';\n"
                f"    access_log {base}/access.log tcpha_lab;")
+    if real_ip_from:
+        listen += " proxy_protocol"
+        log += "".join(f"\n    set_real_ip_from {a};" for a in real_ip_from) + "\n    real_ip_header proxy_protocol;"
     uploads = "" if uploads_port is None else f"""
         location /upload/ {{
             client_max_body_size 0;

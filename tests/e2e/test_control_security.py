@@ -80,7 +80,10 @@ class Peer:
 
 
 def restored_sockets(dep, client_port: int) -> int:
-    out = dep.lab.run("be1", ["ss", "-Htn", "state", "established", f"dst {dep.lab.ip('client')}:{client_port}"],
+    # src VIP: the restored client socket (with appsource transparent, the application's socket of the
+    # connection from client:port is also established towards the client's address)
+    out = dep.lab.run("be1", ["ss", "-Htn", "state", "established", f"dst {dep.lab.ip('client')}:{client_port}",
+                              f"src {dep.vip}"],
                       capture_output=True, text=True).stdout
     return len([l for l in out.splitlines() if l.strip()])
 

@@ -253,7 +253,8 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
     subnet = prod.lab.ip("be2").rsplit(".", 1)[0]
     changed = {   # every option of tcphabe.conf but the TLS files (tests/be/test_reload.py)
         "raddr": f"{subnet}.240", "uaddr": f"{subnet}.241", "vaddr": f"{subnet}.242", "port": 667,
-        "maxclients": 10, "redirectaddr": "127.0.0.2", "redirectport": 8081, "dregister": 1,
+        "maxclients": 10, "redirectaddr": "127.0.0.2", "redirectport": 8081, "appsource": "local", "appproxy": "v1",
+        "relay": "auto", "dregister": 1,
         "feaddr": prod.lab.ip("fe"), "feport": 81, "rule": "jpg$", "registerretry": 1, "interface": "eth9",
         "unixpath": str(prod.lab.workdir / "be2.sock"), "authkey": str(_other_key(prod)),
         "tlsports": "443 8443", "sessiontimeout": 60, "rundir": str(prod.lab.workdir / "run-be2-2"),
