@@ -1,6 +1,13 @@
 """bench/handoff: wrk through tcpha, through HAProxy with the same rules, and directly to a back end.
 
     sudo python3 bench/handoff/run.py [--duration 5] [--connections 32] [--out bench/results/handoff.md]
+    sudo python3 bench/handoff/run.py --fe-only [--repeat 3] [--profile /tmp/fe.prof]
+
+--fe-only measures only the front end's handoff path (bench/results/fe-profile.md): 1 KiB through tcpha
+at --connections and at 128 clients, --repeat times, printing req/s and FE CPU per handoff (no direct,
+HAProxy or latency rows). --profile PREFIX runs the front end's worker under cProfile (TCPHA_PROFILE:
+tcpha.fe.worker) and prints its top functions after the run; the profiler's own cost inflates the CPU
+figures of such a run, so measure with and without it apart.
 
 Runs in a namespace lab of its own (removed at the end): client, fe, be1, be2; nginx on the back ends
 (port 8080); a new connection per request (`Connection: close`), 1 KiB, 100 KiB and 1 MiB responses.
@@ -13,7 +20,10 @@ and its numbers depend on the machine): results go to the file named by --out.
 from __future__ import annotations
 
 import argparse
+import glob
+import io
 import os
+import pstats
 import re
 import secrets
 import sys
@@ -119,10 +129,17 @@ def run(args: argparse.Namespace) -> str:
         dep.start_origins(kind="nginx")
         for host in dep.backends:
             dep.start_backend(host, dbglevel=2)
-        dep.start_fe(dbglevel=2, startservers=1, maxclients=1024)
+        if args.profile:                       # the front end only: the back ends are already running
+            os.environ["TCPHA_PROFILE"] = args.profile
+        try:
+            dep.start_fe(dbglevel=2, startservers=1, maxclients=1024)
+        finally:
+            os.environ.pop("TCPHA_PROFILE", None)
         bench = Bench(lab, dep, args.duration, args.connections)
         be2 = lab.ip("be2")
         fe_pid = dep.fe_proc.pid
+        if args.fe_only:
+            return fe_only(args, bench, dep, fe_pid)
 
         for label, name in SIZES:
             rows.append((label, "direct", bench.wrk(f"http://{be2}:{APP_PORT}/{name}")))
@@ -183,13 +200,40 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(out) + "\n"
 
 
+def fe_only(args: argparse.Namespace, bench: Bench, dep: LabDeployment, fe_pid: int) -> str:
+    """1 KiB handoffs at --connections and at 128 clients, --repeat times: req/s and FE CPU per handoff."""
+    load = os.getloadavg()
+    lines = [f"fe-only {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
+             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
+    for i in range(args.repeat):
+        for c in (args.connections, 128):
+            r = bench.wrk(f"http://{dep.vip}/1k.bin", connections=c, pids=[fe_pid])
+            lines.append(f"  run {i + 1} c{c}: {r['rps']:.0f} req/s, FE CPU {r['cpu_per_req_us']:.0f} us/handoff, "
+                         f"{r['errors']} errors")
+    dep.stop_fe()
+    if args.profile:
+        for path in sorted(glob.glob(f"{args.profile}.*")):
+            for key in ("tottime", "cumulative"):
+                lines.append(f"-- {path} by {key}")
+                buf = io.StringIO()
+                pstats.Stats(path, stream=buf).strip_dirs().sort_stats(key).print_stats(30)
+                lines.append(buf.getvalue())
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "handoff.md"))
+    p.add_argument("--fe-only", action="store_true", help="only the front end's 1 KiB handoff rows, printed")
+    p.add_argument("--repeat", type=int, default=1, help="--fe-only: how many times to measure")
+    p.add_argument("--profile", metavar="PREFIX", help="cProfile the front-end worker into PREFIX.<pid>")
     args = p.parse_args(argv)
     text = run(args)
+    if args.fe_only:
+        print(text)
+        return 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
