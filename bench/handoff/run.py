@@ -80,7 +80,8 @@ def parse_wrk(out: str) -> dict:
     }
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], system: list[float] | None = None) -> float:
+    """User+system CPU seconds of pids and their children; the system part is added to system[0]."""
     total = 0.0
     for pid in pids:
         try:
@@ -92,6 +93,8 @@ def cpu_seconds(pids: list[int]) -> float:
             try:
                 t = q.cpu_times()
                 total += t.user + t.system
+                if system is not None:
+                    system[0] += t.system
             except psutil.NoSuchProcess:
                 pass
     return total
@@ -107,11 +110,13 @@ class Bench:
     def wrk(self, url: str, connections: int | None = None, pids: list[int] = ()) -> dict:
         c = connections or self.connections
         argv = ["wrk", "-t1", f"-c{c}", f"-d{self.duration}s", "--latency", "-H", "Connection: close", url]
-        before = cpu_seconds(list(pids))
+        sys_before, sys_after = [0.0], [0.0]
+        before = cpu_seconds(list(pids), sys_before)
         out = self.lab.run("client", argv, capture_output=True, text=True, timeout=self.duration + 60).stdout
-        used = cpu_seconds(list(pids)) - before
+        used = cpu_seconds(list(pids), sys_after) - before
         r = parse_wrk(out)
         r["cpu"] = used
+        r["cpu_sys"] = sys_after[0] - sys_before[0]
         gb = r["mbs"] * self.duration / 1000 if r["mbs"] == r["mbs"] else 0
         r["cpu_per_gb"] = used / gb if gb and pids else float("nan")
         r["cpu_per_req_us"] = used / r["requests"] * 1e6 if r["requests"] and pids else float("nan")
@@ -208,8 +213,9 @@ def fe_only(args: argparse.Namespace, bench: Bench, dep: LabDeployment, fe_pid: 
     for i in range(args.repeat):
         for c in (args.connections, 128):
             r = bench.wrk(f"http://{dep.vip}/1k.bin", connections=c, pids=[fe_pid])
-            lines.append(f"  run {i + 1} c{c}: {r['rps']:.0f} req/s, FE CPU {r['cpu_per_req_us']:.0f} us/handoff, "
-                         f"{r['errors']} errors")
+            sys_us = r["cpu_sys"] / r["requests"] * 1e6 if r["requests"] else float("nan")
+            lines.append(f"  run {i + 1} c{c}: {r['rps']:.0f} req/s, FE CPU {r['cpu_per_req_us']:.0f} us/handoff "
+                         f"({sys_us:.0f} us system), {r['errors']} errors, load {os.getloadavg()[0]:.1f}")
     dep.stop_fe()
     if args.profile:
         for path in sorted(glob.glob(f"{args.profile}.*")):
