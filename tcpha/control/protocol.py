@@ -80,10 +80,10 @@ def _derive(key: bytes, *parts: bytes) -> bytes:
     return hmac.digest(key, b"".join(parts), "sha256")
 
 
-def _mac(key: bytes, data: bytes | memoryview) -> bytes:
+def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
     # One C call (OpenSSL's one-shot HMAC): on the handoff path (four frames a handoff) cheaper than
     # copying a keyed HMAC object and updating it through hmac.HMAC's Python methods.
-    return hmac.digest(key, data, "sha256")
+    return hmac.digest(key, parts[0] if len(parts) == 1 else b"".join(parts), "sha256")
 
 
 class ControlConnection:
