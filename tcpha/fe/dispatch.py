@@ -113,7 +113,7 @@ class Dispatch:
         self.peeked = len(buf)
         tls = sniffer.is_tls(buf)
         try:
-            facts = sniffer.facts_of(buf)
+            facts = sniffer.facts_of(buf, tls)
         except sniffer.errors as e:
             if tls:      # docs/rules.md: an unreadable ClientHello is routed as one without SNI/ALPN
                 self._route(_tls_default_facts(), f"unreadable TLS ClientHello ({e})")
@@ -343,7 +343,7 @@ class Dispatch:
                 self._next_candidate()
             return
         w.handoffs.sent(self.handoff, xid, link, self)
-        self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out", FeEvent.TIMEOUT)
+        w.handoff_deadline(xid)          # "timed out" (fail_handoff) unless answered within handofftimeout
 
     def _thaw(self) -> None:
         try:
@@ -363,11 +363,7 @@ class Dispatch:
 
     def restored(self) -> None:
         """The back end rebuilt the connection (FORWARDING): steer the flow there and let go silently."""
-        w = self.worker
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        w.batch.forward(self)          # batched per loop iteration, like the freezes
+        self.worker.batch.forward(self)          # batched per loop iteration, like the freezes
 
     def forwarded(self, error: Exception | None) -> None:
         """Step 3 (the flow now goes to the back end): tell it, and let go of our socket silently."""
