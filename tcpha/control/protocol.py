@@ -199,21 +199,26 @@ class ControlConnection:
         buf = self._buffer
         buf += data
         messages: list[Any] = []
-        while len(buf) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buf)
-            limit = self.max_message if self.peer_hello is not None else HELLO_MAX
-            if length > limit:  # R5: refuse before buffering
-                raise ControlError(f"frame of {length} bytes exceeds the {limit}-byte limit")
-            if length < _MIN_FRAME:
-                raise ControlError(f"frame of {length} bytes is shorter than a header and MAC")
-            end = _LENGTH.size + length
-            if len(buf) < end:
-                break
-            # A copy, not a view: a view kept alive by an exception's traceback would pin the
-            # bytearray (BufferError on resize).
-            frame = bytes(buf[:end])
-            del buf[:end]
-            messages.append(self._open(frame))
+        size = len(buf)
+        pos = 0           # the frames of one read are cut out by position, and removed from buf at once
+        try:
+            while size - pos >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(buf, pos)
+                limit = self.max_message if self.peer_hello is not None else HELLO_MAX
+                if length > limit:  # R5: refuse before buffering
+                    raise ControlError(f"frame of {length} bytes exceeds the {limit}-byte limit")
+                if length < _MIN_FRAME:
+                    raise ControlError(f"frame of {length} bytes is shorter than a header and MAC")
+                end = pos + _LENGTH.size + length
+                if size < end:
+                    break
+                # A copy, not a view: a view kept alive by an exception's traceback would pin the
+                # bytearray (BufferError on resize).
+                frame = bytes(buf[pos:end])
+                pos = end
+                messages.append(self._open(frame))
+        finally:
+            del buf[:pos]
         return messages
 
     def _open(self, frame: bytes) -> Any:

@@ -409,12 +409,17 @@ class Worker:
         self.heads_waiting -= 1
 
     def _accept(self, lsock: socket.socket, lport: int) -> None:
-        loop_accept = lsock.accept
+        # socket.accept() without its wrapper: the wrapper asks the listener its family, type (enum
+        # conversions) and timeout again for every connection.
+        raw_accept = lsock._accept          # type: ignore[attr-defined]
+        family, kind, proto = lsock.family, lsock.type, lsock.proto
+        new_socket = socket.socket
         for _ in range(ACCEPT_BATCH):
             if not self._may_accept():
                 break
             try:
-                sock, peer = loop_accept()
+                fd, peer = raw_accept()
+                sock = new_socket(family, kind, proto, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
