@@ -49,6 +49,10 @@ def _tls_default_facts() -> RequestFacts:
     """What a TLS connection whose ClientHello could not be read is matched as (docs/rules.md): no SNI, no ALPN."""
     return RequestFacts.from_client_hello(None)
 
+# What a connection not routed yet has as candidates and pools: one shared empty list, never modified
+# (_route gives each connection lists of its own), not two new lists per accepted connection.
+_NO_CANDIDATES: list = []
+
 TCP_INFO = 11
 TCP_CLOSE_WAIT = 8
 LINGER = 2.0             # after writing an error answer: how long to wait for the client's FIN
@@ -68,7 +72,7 @@ class Dispatch:
         self.t0 = time.perf_counter()
         self.timer: Any = None
         self.peeked = 0
-        self.candidates: list[str] = []
+        self.candidates: list[str] = _NO_CANDIDATES      # a list of its own once routed (_route)
         self.next_index = 0
         self.handoff = FeConnection()     # the state machine: state and latest xid
         self.link: Any = None
@@ -79,7 +83,7 @@ class Dispatch:
         self.finished = False
         self.lowat = 1
         self.rule: str | None = None
-        self.pools: list[tuple[int, int, tuple[str, ...]]] = []    # rule pools: (start, end, pool) spans
+        self.pools: list[tuple[int, int, tuple[str, ...]]] = _NO_CANDIDATES  # rule pools: (start, end, pool) spans
         self.waiting = False     # waiting for more of the request head: not counted against maxclients
 
     # -- peeking ---------------------------------------------------------------------------------
