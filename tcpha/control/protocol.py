@@ -42,6 +42,7 @@ because every such frame is checked against R3 and R4 first.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import os
 import struct
@@ -80,10 +81,39 @@ def _derive(key: bytes, *parts: bytes) -> bytes:
     return hmac.digest(key, b"".join(parts), "sha256")
 
 
-def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
-    # One C call (OpenSSL's one-shot HMAC): on the handoff path (four frames a handoff) cheaper than
-    # copying a keyed HMAC object and updating it through hmac.HMAC's Python methods.
-    return hmac.digest(key, parts[0] if len(parts) == 1 else b"".join(parts), "sha256")
+_SHA256_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))     # RFC 2104's inner and outer pads, as bytes.translate tables
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+class _MacKey:
+    """HMAC-SHA256 (RFC 2104, the same bytes as ``hmac.digest(key, data, "sha256")``) under one key.
+
+    The hash states of the padded key (inner and outer) are computed once per key; a frame's MAC is then
+    two copies of them and a few C calls. On the handoff path (four frames a handoff) this costs about
+    half of ``hmac.digest`` (which sets the key up again each time) or of copying an ``hmac.HMAC``
+    (measured: bench/results/fe-profile.md).
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+def _mac(key: _MacKey, *parts: bytes | memoryview) -> bytes:
+    return key.digest(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
 class ControlConnection:
@@ -117,10 +147,10 @@ class ControlConnection:
         self.peer_hello: Hello | None = None
         self.authenticated = False          # True once a frame bound to both nonces verified
         self._key = key
-        self._hello_send_key = _derive(key, _LABEL_HELLO, role.encode())
-        self._hello_recv_key = _derive(key, _LABEL_HELLO, self.peer_role.encode())
-        self._send_key: bytes | None = None       # the MAC keys of R3, once the peer's Hello arrived
-        self._recv_key: bytes | None = None
+        self._hello_send_key = _MacKey(_derive(key, _LABEL_HELLO, role.encode()))
+        self._hello_recv_key = _MacKey(_derive(key, _LABEL_HELLO, self.peer_role.encode()))
+        self._send_key: _MacKey | None = None       # the MAC keys of R3, once the peer's Hello arrived
+        self._recv_key: _MacKey | None = None
         self._send_seq = 0
         self._recv_seq = 0
         self._hello_sent = False
@@ -161,14 +191,14 @@ class ControlConnection:
             raise ValueError(f"a {self.role} does not send {type(msg).__name__}")
         return self._frame(msg, self._send_key, self.max_message)
 
-    def _frame(self, msg: Any, key: bytes, limit: int) -> bytes:
+    def _frame(self, msg: Any, key: _MacKey, limit: int) -> bytes:
         payload = encode_payload(msg)
         length = _HEADER.size + len(payload) + MAC_SIZE
         if length > limit:
             raise PayloadError(f"{type(msg).__name__} of {length} bytes exceeds the {limit}-byte limit")
         body = _LENGTH_HEADER.pack(length, VERSION, msg.TYPE, self._send_seq) + payload
         self._send_seq += 1
-        return body + _mac(key, body)
+        return body + key.digest(body)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -227,7 +257,7 @@ class ControlConnection:
         first = self.peer_hello is None
         key = self._hello_recv_key if first else self._recv_key
         assert key is not None
-        expected = _mac(key, memoryview(frame)[:body_end])
+        expected = key.digest(memoryview(frame)[:body_end])
         if not hmac.compare_digest(expected, frame[body_end:]):  # R1 (R2 for a Hello, R3 after)
             if first:
                 raise ControlError("bad MAC on the peer's Hello (wrong authkey, or not a tcpha peer)")
@@ -263,5 +293,6 @@ class ControlConnection:
             raise ControlError("peer's nonce equals ours (a reflected Hello)")
         self.peer_hello = hello
         # R3: keys for everything after the Hellos, bound to both fresh nonces and the direction.
-        self._send_key = _derive(self._key, _LABEL_DATA, self.role.encode(), self.nonce, hello.nonce)
-        self._recv_key = _derive(self._key, _LABEL_DATA, self.peer_role.encode(), hello.nonce, self.nonce)
+        self._send_key = _MacKey(_derive(self._key, _LABEL_DATA, self.role.encode(), self.nonce, hello.nonce))
+        self._recv_key = _MacKey(_derive(self._key, _LABEL_DATA, self.peer_role.encode(), hello.nonce,
+                                         self.nonce))
