@@ -218,11 +218,14 @@ def _ip_text(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def dump(sock: socket.socket) -> TcpState:
+def dump(sock: socket.socket, *, local: tuple[str, int] | None = None,
+         peer: tuple[str, int] | None = None) -> TcpState:
     """Read the state of an ESTABLISHED connection; the socket is left in repair mode.
 
     Call it only after the flow's incoming packets are stopped (frozen): a segment that the socket
-    accepted after its queues were read would be acknowledged to the client and lost.
+    accepted after its queues were read would be acknowledged to the client and lost. `local` and
+    `peer`: the connection's addresses when the caller knows them already (accept() gave the peer, the
+    listener's address is the local one), else they are asked of the socket.
     """
     fd = sock.fileno()
     info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_HEAD.size)
@@ -273,8 +276,10 @@ def dump(sock: socket.socket) -> TcpState:
         else:
             raise RepairError(0, "the connection's queues kept changing during the dump "
                                  "(packets still reaching the socket: is the flow frozen?)")
-        local = sock.getsockname()
-        peer = sock.getpeername()
+        if local is None:
+            local = sock.getsockname()
+        if peer is None:
+            peer = sock.getpeername()
     except RepairError:
         _repair_off(sock)
         raise

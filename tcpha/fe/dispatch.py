@@ -325,8 +325,10 @@ class Dispatch:
             self._thaw()
             self._next_candidate()
             return
+        flow = self.flow
         try:
-            state = repair.dump(self.sock)
+            # the addresses are known: the listener's (the VIP and port) and accept()'s peer
+            state = repair.dump(self.sock, local=(flow.vip, flow.vport), peer=self.peer)
         except OSError as e:
             self.handoff.handle(FeEvent.NOT_SENT)
             self._thaw()
@@ -334,7 +336,6 @@ class Dispatch:
             self._next_candidate()
             return
         self.handoff.xid = xid = w.handoffs.new_xid()
-        flow = self.flow
         try:
             link.send(control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
                                       vip=flow.vip, vport=flow.vport, peeked_len=self.peeked,
