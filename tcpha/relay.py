@@ -31,6 +31,24 @@ PIPE_POOL = 256
 _PIPES: list[tuple[int, int]] = []
 
 
+def peer_text(sock: socket.socket) -> str:
+    """A relay's name in log lines: its client's address, or "?" once the socket is gone."""
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def close_sockets(*socks: socket.socket) -> None:
+    """Close a relay's two sockets; one already closed or reset is no error at the end of a relay."""
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
 def _take_pipe() -> tuple[int, int]:
     if _PIPES:
         return _PIPES.pop()
@@ -197,11 +215,7 @@ class SpliceRelay:
             self.close()
 
     def describe(self) -> str:
-        try:
-            peer = self.client.getpeername()
-            return f"{peer[0]}:{peer[1]}"
-        except OSError:
-            return "?"
+        return peer_text(self.client)
 
     def close(self, *, reset: bool = False) -> None:
         if self.closed:
@@ -209,10 +223,6 @@ class SpliceRelay:
         self.closed = True
         for d in (self.up, self.down):
             d.close()
-        for s in (self.client, self.app):
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_sockets(self.client, self.app)
         if self.on_done is not None:
             self.on_done(self)

@@ -1,6 +1,6 @@
 """The package's layering, read from the source with `ast` (no import is executed, no root needed).
 
-The rules (issue 10, item 2): the front end (tcpha.fe) and the back end (tcpha.be) are siblings on a
+The rules: the front end (tcpha.fe) and the back end (tcpha.be) are siblings on a
 shared floor, so neither imports the other; library code never imports the command line (tcpha.cli;
 a package's ``__main__`` module, ``python -m tcpha.fe``, is command line itself and may);
 the module graph of top-level imports has no cycle; and a tcpha import inside a function is allowed
@@ -209,3 +209,12 @@ def test_checker_sees_each_kind_of_import(tmp_path):
 def test_checker_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_module_is_on_the_architecture_page():
+    """docs/architecture.md lists every module of the package with one line (a new module is added there)."""
+    page = (PACKAGE_DIR.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PACKAGE_DIR.parent)) for p in sorted(PACKAGE_DIR.rglob("*.py"))
+               if p.name != "__main__.py" and (p.name != "__init__.py" or ast.get_docstring(ast.parse(p.read_text())))
+               and f"`{p.relative_to(PACKAGE_DIR.parent)}`" not in page]
+    assert not missing, f"not on docs/architecture.md: {', '.join(missing)}"

@@ -30,6 +30,7 @@ from tcpha.be.samehost import SameHostListener
 from tcpha.be.tls import TlsTermination
 from tcpha.loglevels import NOTICE
 from tcpha.metrics import MetricsServer, backend_exposition
+from tcpha.bpf.relay import choose_relay, relay_class
 from tcpha.relay import SpliceRelay
 
 log = logging.getLogger("tcpha.be")
@@ -59,6 +60,7 @@ class BackEnd:
         self.loop: asyncio.AbstractEventLoop | None = None  # type: ignore[assignment]
         self.handoffs = HandoffReceiver(self)     # control sessions, handoffs, FlowClosed (tcpha.be.handoff)
         self.relays: set[SpliceRelay] = set()
+        self.relay_kind = "splice"                # relay = auto|bpf|splice, chosen in serve()
         self.stats = BackEndStats()
         self._server: asyncio.AbstractServer | None = None
         self.samehost: SameHostListener | None = None
@@ -79,7 +81,7 @@ class BackEnd:
         if self.tls is not None and self.tls.wants(client):
             relay: Any = self.tls.relay(self.loop, client, app, on_done)
         else:
-            relay = SpliceRelay(self.loop, client, app, on_done)
+            relay = relay_class(self.relay_kind)(self.loop, client, app, on_done)
         relay.started = time.monotonic()     # for the conn table's age  # type: ignore[attr-defined]
         self.relays.add(relay)
         self.stats.active = len(self.relays)
@@ -142,6 +144,8 @@ class BackEnd:
                                                          backlog=1024)
             log.info("listening for front ends on %s:%d; application at %s:%d; VIP %s",
                      host, self.config.port, *self.app_addr, self.vip)
+            self.relay_kind, why = choose_relay(self.config.relay)
+            log.log(NOTICE, "relay: %s (%s)", self.relay_kind, why)
             if self.unix_path:
                 self.samehost = SameHostListener(self, self.unix_path)
                 self.samehost.listen()

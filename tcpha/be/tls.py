@@ -27,8 +27,9 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tcpha.loglevels import NOTICE
 from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
+from tcpha.loglevels import NOTICE
+from tcpha.relay import close_sockets
 from tcpha.tls import session_cache_stats, share_sessions
 
 log = logging.getLogger("tcpha.be.tls")
@@ -202,11 +203,7 @@ class TlsRelay:
             self._timer.cancel()
             self._timer = None
         self._set_watch(cr=False, cw=False, ar=False, aw=False)
-        for s in (self.sock, self.app):
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_sockets(self.sock, self.app)
         if self.on_done is not None:
             self.on_done(self)
 

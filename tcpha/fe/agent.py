@@ -23,10 +23,10 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from tcpha.config import compile_rule, dbglevel_to_logging, load_fe_config
-from tcpha.config.reference import DBGLEVELS
+from tcpha.config import compile_rule, load_fe_config
 from tcpha.config.settings import in_force_form, settings_for
 from tcpha.fe.backends import RemoteBackend, build_backends
+from tcpha.loglevels import DBGLEVELS, dbglevel_to_logging
 
 if TYPE_CHECKING:  # pragma: no cover
     from tcpha.fe.worker import Worker

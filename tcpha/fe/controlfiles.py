@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tcpha.config.settings import in_force_form, settings_for
 from tcpha.fe.health import HealthProber, HealthTable
@@ -39,6 +39,9 @@ from tcpha.runtime.plane import ControlPlane
 from tcpha.runtime.tree import ControlFile, ControlTree, WriteRefused, bool_setter, float_setter, int_setter
 from tcpha.steering import FlowKey
 
+if TYPE_CHECKING:
+    from tcpha.fe.arbiter import FrontEnd     # for types only: the arbiter imports the runtime
+
 log = logging.getLogger("tcpha.fe.runtime")
 
 
@@ -50,7 +53,7 @@ class ControlFiles:
     """The control tree, its knobs and its reads. Uses the runtime's front end (tcpha.fe.arbiter), its
     config, health table and prober, plane, worker links, registry and metrics endpoint."""
 
-    fe: Any                             # tcpha.fe.arbiter.FrontEnd
+    fe: FrontEnd
     config: Any
     health: HealthTable
     prober: HealthProber | None
@@ -72,7 +75,7 @@ class ControlFiles:
         self._steering_size: tuple[float, int | None] = (0.0, None)
         self.orphans = OrphanTable()
         self.kernel_flows = KernelFlows(
-            lambda: fe.make_steering() if getattr(fe, "steering", None) is not None else None)
+            lambda: fe.make_steering() if fe.steering is not None else None)
         self.tree = ControlTree()
         self._build_tree()
 
@@ -234,7 +237,7 @@ class ControlFiles:
         values.update({"rise": self.health.rise, "fall": self.health.fall, "dbglevel": self.dbglevel,
                        "dtcinterval": self.dtcinterval, "rundir": self.plane.rundir, "usefuse": self.plane.use_fuse,
                        "server": [name for name, be in self.health.backends.items() if not be.dynamic],
-                       "port": [port for _, port in getattr(self.fe, "listeners", [])] or values["port"]})
+                       "port": [port for _, port in self.fe.listeners] or values["port"]})
         if self.prober is not None:
             p = self.prober
             values.update({"dtcinterval": p.interval, "healthtimeout": p.timeout, "healthcheck": p.kind,

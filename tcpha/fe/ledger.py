@@ -18,9 +18,8 @@ from typing import Any
 from tcpha.control.handoff import flow_closed_applies
 from tcpha.fe.balance import SmoothWRR
 from tcpha.fe.rules import RuleTable
-from tcpha.metrics import WorkerMetrics
-from tcpha.fe.rules import RuleTable
 from tcpha.fe.status import printable_head
+from tcpha.metrics import WorkerMetrics
 
 log = logging.getLogger("tcpha.fe.handoff")
 

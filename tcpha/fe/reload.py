@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tcpha.config import ConfigError, load_fe_config
 from tcpha.config.settings import reload_plan
 from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
 from tcpha.loglevels import NOTICE, dbglevel_to_logging
 from tcpha.runtime.plane import ControlPlane
+
+if TYPE_CHECKING:
+    from tcpha.fe.arbiter import FrontEnd     # for types only: the arbiter imports the runtime
 
 log = logging.getLogger("tcpha.fe.runtime")
 
@@ -28,7 +31,7 @@ class Reload:
     """Applies a re-read config file. Uses the runtime's front end, config, health table and prober,
     plane, worker links (tcpha.fe.workerlinks) and control files (tcpha.fe.controlfiles)."""
 
-    fe: Any                             # tcpha.fe.arbiter.FrontEnd
+    fe: FrontEnd
     config: Any
     health: HealthTable
     prober: HealthProber | None
@@ -44,7 +47,7 @@ class Reload:
         self.plane.call_soon(lambda: asyncio.ensure_future(self._reload()))
 
     async def _reload(self) -> None:
-        notify = getattr(self.fe, "notify", lambda state: None)
+        notify = self.fe.notify
         notify("RELOADING=1")
         try:
             try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tcpha.fe.controlfiles import ControlFiles
 from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
@@ -30,11 +30,14 @@ from tcpha.fe.upgrade import Handover
 from tcpha.fe.workerlinks import WorkerLinks
 from tcpha.runtime.plane import ControlPlane
 
+if TYPE_CHECKING:
+    from tcpha.fe.arbiter import FrontEnd     # for types only: the arbiter imports the runtime
+
 log = logging.getLogger("tcpha.fe.runtime")
 
 
 class FrontEndRuntime(ControlFiles, WorkerLinks, Reload, Handover):
-    def __init__(self, fe: Any):
+    def __init__(self, fe: FrontEnd):
         self.fe = fe
         self.config = config = fe.config
         self.health = HealthTable(config.rise, config.fall)
@@ -108,7 +111,7 @@ class FrontEndRuntime(ControlFiles, WorkerLinks, Reload, Handover):
         self.kernel_flows.close()
 
 
-def start_runtime(fe: Any, *, wait_free: float = 0.0, predecessor: Any = None) -> FrontEndRuntime | None:
+def start_runtime(fe: FrontEnd, *, wait_free: float = 0.0, predecessor: Any = None) -> FrontEndRuntime | None:
     """The front end's runtime, started; None (and one error line) when the control directory cannot
     be served: the front end keeps serving clients without it."""
     try:

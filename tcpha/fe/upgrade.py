@@ -33,12 +33,15 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tcpha import fdpass
 from tcpha.loglevels import NOTICE
 from tcpha.runtime.ctlsock import listener_pid, prepare_socket, process_alive
 from tcpha.runtime.plane import socket_path
+
+if TYPE_CHECKING:
+    from tcpha.fe.arbiter import FrontEnd     # for types only: the arbiter imports the runtime
 
 log = logging.getLogger("tcpha.fe.upgrade")
 HANDOVER_WAIT = 5.0     # seconds a handed-over front end waits for its successor's control socket
@@ -159,7 +162,7 @@ class Handover:
     ``control_socket_taken``. Uses the runtime's front end (its listening sockets; `handed_over` is set
     here) and worker links (tcpha.fe.workerlinks)."""
 
-    fe: Any                             # tcpha.fe.arbiter.FrontEnd
+    fe: FrontEnd
     ask_all: Callable[..., Awaitable[list[dict]]]      # tcpha.fe.workerlinks.WorkerLinks
 
     def __init__(self) -> None:
@@ -174,7 +177,7 @@ class Handover:
     def wait_for_successor(self) -> None:
         """Before the control plane stops: after a handover, wait until the successor's control
         socket has replaced ours (HANDOVER_WAIT at most)."""
-        if getattr(self.fe, "handed_over", False) and not self.control_socket_taken.wait(HANDOVER_WAIT):
+        if self.fe.handed_over and not self.control_socket_taken.wait(HANDOVER_WAIT):
             log.warning("upgrade: the new tcpha-fe did not confirm it took over the control socket within %g s",
                         HANDOVER_WAIT)
 

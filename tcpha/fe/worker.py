@@ -253,19 +253,19 @@ class Worker:
         self.name = name
         self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
-        self.sniffer = HeadSniffer(int(config.peekmax))
-        self.peektimeout = float(config.peektimeout)
-        self.handofftimeout = float(config.handofftimeout)
-        self.maxclients = int(config.maxclients)
-        self.grace = float(getattr(config, "grace", 30) or 0)
+        self.sniffer = HeadSniffer(config.peekmax)
+        self.peektimeout = config.peektimeout
+        self.handofftimeout = config.handofftimeout
+        self.maxclients = config.maxclients
+        self.grace = config.grace
         self.dynamic_rules: list[Any] = []      # rules of back ends registered at run time (tcpha.fe.agent)
         self.rules = RuleTable(config.rules)
-        self.backends: dict[str, Any] = build_backends(self, config.servers, int(config.connperbe))
+        self.backends: dict[str, Any] = build_backends(self, config.servers, config.connperbe)
         self.batch = SteeringBatch(self)
         self.stats = WorkerStats()
         # Connections, flows, counters and the health gate, read and written by the control plane
         # through `runtime_sock` (tcpha.fe.agent).
-        self.ledger = ConnectionLedger(list(config.rules), float(getattr(config, "flowtimeout", 3600) or 3600))
+        self.ledger = ConnectionLedger(list(config.rules), config.flowtimeout)
         self.runtime_sock: socket.socket | None = None
         # The handoffs' states and ids (tcpha.control.handoff): which wait for an answer, which are open
         # on each control link. Ids are unique per worker: the pid in the high bits.
@@ -529,7 +529,7 @@ class Worker:
         if self._arbiter_gone():
             self._close_listeners()
         elif self._stopping.is_set() and self.wait_flows:
-            log.log(25, "%s: stop signal again: not waiting for handed-off flows", self.name)
+            log.log(NOTICE, "%s: stop signal again: not waiting for handed-off flows", self.name)
             self.wait_flows = False
         self._stopping.set()
 
@@ -574,7 +574,7 @@ class Worker:
         awaited = sum(1 for mac in forwarded.values() if mac.lower() in live)
         if awaited < len(forwarded) and not self._dead_flows_logged:
             self._dead_flows_logged = True
-            log.log(25, "%s: %d handed-off flows belong to back ends that are down: not waited for",
+            log.log(NOTICE, "%s: %d handed-off flows belong to back ends that are down: not waited for",
                     self.name, len(forwarded) - awaited)
         return awaited
 
@@ -607,7 +607,7 @@ class Worker:
         # A dead arbiter, a second stop signal or a back end that is down cut the wait short.
         flows = self._awaited_flows() if self._keep_waiting_for_flows() else 0
         if flows > 0:
-            log.log(25, "%s: waiting up to %.0f s for %d handed-off flows to end", self.name,
+            log.log(NOTICE, "%s: waiting up to %.0f s for %d handed-off flows to end", self.name,
                     max(0.0, deadline - time.monotonic()), flows)
         while flows > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

@@ -82,6 +82,7 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
         "raddr": ip, "uaddr": ip, "vaddr": lab.topology.vip, "port": CONTROL_PORT,
         "redirectaddr": "0.0.0.0", "redirectport": APP_PORT, "authkey": key_path, "dbglevel": 3,
         "grace": 1, "rundir": str(lab.workdir / "tcpha" / f"run-be-{host}"),
+        "relay": os.environ.get("TCPHA_LAB_RELAY"),   # the e2e suite under one relay: auto|bpf|splice
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"] + [f"{k} = {v}" for k, v in values.items() if v is not None]

@@ -13,8 +13,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from tcpha.distcache.client import DistcacheClient, DistcacheError
 
 from .netns import LabError, NamespaceLab
 
@@ -56,9 +59,11 @@ def start_dc_server(lab: NamespaceLab, host: str = "cache", *, port: int = DC_SE
 
 
 def start_dc_client(lab: NamespaceLab, host: str, server: str, *, listen: str | None = None,
-                    args: list[str] | None = None, timeout: float = 10.0) -> LabService:
+                    args: list[str] | None = None, timeout: float = 10.0,
+                    wait_upstream: bool = True) -> LabService:
     """dc_client on `host` forwarding to `server`; by default it listens on a UNIX socket in the lab's
-    scratch directory (UNIX sockets are per file system, not per namespace, so the path is unique)."""
+    scratch directory (UNIX sockets are per file system, not per namespace, so the path is unique).
+    Ready when it answers from its cache server (wait_upstream=False: when it listens)."""
     if listen is None:
         sock_dir = lab.workdir / "scache"
         sock_dir.mkdir(exist_ok=True)
@@ -73,7 +78,32 @@ def start_dc_client(lab: NamespaceLab, host: str, server: str, *, listen: str | 
                          timeout=timeout)
     else:
         raise LabError(f"dc_client listen address {listen!r}: use UNIX:PATH or IP:ADDR:PORT")
-    return LabService(host=host, address=listen, proc=proc, lab=lab)
+    service = LabService(host=host, address=listen, proc=proc, lab=lab)
+    if wait_upstream:
+        _wait_agent_connected(service, timeout)
+    return service
+
+
+def _wait_agent_connected(agent: LabService, timeout: float) -> None:
+    """Until the agent has its cache server: it listens before its first connection upstream is made,
+    and answers a request in between with an empty reply (the original's rule, as when the server is
+    down), which a client counts as a failed store or lookup."""
+    def probe() -> bool:
+        with DistcacheClient(agent.address, timeout=1.0) as c:
+            c.has(b"tcpha-lab-agent-ready")
+        return True
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            agent.lab.call(agent.host, probe)
+            return
+        except DistcacheError as e:
+            if time.monotonic() > deadline or not agent.running():
+                agent.stop()
+                raise LabError(f"{agent.host}: dc_client has no cache server after {timeout:g} s ({e}): "
+                               f"{agent.lab.log_tail(agent.host, 'dc_client')}") from None
+            time.sleep(0.02)
 
 
 def start_redis_cluster(lab: NamespaceLab, host: str = "cache", *, base_port: int = REDIS_BASE_PORT,

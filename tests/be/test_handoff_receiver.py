@@ -12,7 +12,7 @@ import pytest
 from tcpha import control
 from tcpha.be.handoff import HandoffReceiver
 from tcpha.be.server import BackEndStats
-from tcpha.control.handoff import BackEndHandoffs
+from tcpha.control.handoff import BackEndHandoffs, BeState
 from tcpha.repair import TcpState
 
 VIP = "192.0.2.10"
@@ -28,7 +28,7 @@ class FakeSession:
         self.sent: list[Any] = []
         self.aborted = False
         self.node_id = ""
-        self.handoffs: BackEndHandoffs = BackEndHandoffs()
+        self.handoffs: BackEndHandoffs = BackEndHandoffs()    # the state machine's back-end view
 
     def send(self, msg: Any) -> bool:
         self.sent.append(msg)
@@ -110,3 +110,77 @@ def test_ping_is_answered_with_no_session_counters_without_tls():
     session = FakeSession()
     HandoffReceiver(_backend()).on_message(session, control.Ping(token=42))
     assert session.sent == [control.Pong(token=42, session_lookups=0, session_hits=0)]
+
+
+# -- Steered and giving up, through the state machine's back-end view (tcpha.control.handoff) ---------
+
+class FakeRelay:
+    client = None
+    closed = False
+    discarded = False
+
+    def __init__(self) -> None:
+        self.released = self.closes = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+    def close(self) -> None:
+        self.closes += 1
+        self.closed = True
+
+
+class FakeTimer:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _restored(session: FakeSession, xid: int = 7) -> tuple[FakeRelay, FakeTimer]:
+    relay, timer = FakeRelay(), FakeTimer()
+    session.handoffs.restored(xid, (relay, timer))
+    return relay, timer
+
+
+def test_a_handoff_reusing_an_id_in_use_is_refused_before_any_restore():
+    be = _backend()
+    session = FakeSession()
+    relay, timer = _restored(session)
+    HandoffReceiver(be).on_message(session, _handoff())
+    assert [type(m) for m in session.sent] == [control.Refused]
+    assert session.sent[0].reason == "handoff id 7 is already in use on this connection"
+    assert session.handoffs.state(7) is BeState.RESTORED and not timer.cancelled and relay.closes == 0
+
+
+def test_steered_releases_the_held_relay_once():
+    receiver = HandoffReceiver(_backend())
+    session = FakeSession()
+    relay, timer = _restored(session)
+    receiver.on_message(session, control.Steered(xid=7))
+    assert (relay.released, timer.cancelled, session.handoffs.state(7)) == (1, True, BeState.RELAYING)
+    receiver.on_message(session, control.Steered(xid=7))        # a duplicate: nothing
+    receiver.on_message(session, control.Steered(xid=8))        # never restored here: nothing
+    assert relay.released == 1 and session.sent == []
+    receiver.not_steered(session, 7, "too late")                 # the STEER_WAIT timer, had it run
+    assert relay.closes == 0 and not relay.discarded
+
+
+def test_no_steered_in_time_drops_the_copy_and_a_late_steered_is_ignored():
+    receiver = HandoffReceiver(_backend())
+    session = FakeSession()
+    relay, timer = _restored(session)
+    receiver.not_steered(session, 7, "no Steered within 5 s")
+    assert (relay.discarded, relay.closes, timer.cancelled, session.handoffs.state(7)) == (True, 1, True, None)
+    receiver.on_message(session, control.Steered(xid=7))
+    assert relay.released == 0
+
+
+def test_the_end_of_a_relay_closes_its_handoff():
+    ended = []
+    receiver = HandoffReceiver(_backend(relay_ended=ended.append, loop=SimpleNamespace(call_later=lambda *a: None)))
+    session = FakeSession()
+    relay, _ = _restored(session)
+    receiver.on_message(session, control.Steered(xid=7))
+    receiver._flow_closed(session, (CLIENT[0], CLIENT[1], VIP, 80), relay, 7)
+    assert ended == [relay] and session.handoffs.state(7) is None and len(session.handoffs) == 0

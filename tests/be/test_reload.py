@@ -1,4 +1,4 @@
-"""tcpha-be SIGHUP (issue 4 point 8 for the back end): the file is re-read, what can change live is applied to
+"""tcpha-be SIGHUP: the file is re-read, what can change live is applied to
 new connections with nothing dropped, what cannot is reported and kept, a broken file is refused."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ OTHER_VALUE = {
     "be": {"raddr": "10.77.0.12", "uaddr": "10.77.0.13", "vaddr": "10.77.0.101", "port": "667",
            "maxclients": "10", "redirectaddr": "127.0.0.2", "redirectport": "8081", "dregister": "1",
            "feaddr": "10.77.0.10", "feport": "81", "rule": "jpg$", "registerretry": "1",
-           "interface": "eth1", "unixpath": "/tmp/be.sock", "tlsports": "443 8443",
+           "interface": "eth1", "unixpath": "/tmp/be.sock", "relay": "auto", "tlsports": "443 8443",
            "sessiontimeout": "60", "rundir": "/tmp/x", "usefuse": "0", "logfile": "/tmp/x.log",
            "dbglevel": "4", "metrics": "9101", "grace": "5"},
 }
@@ -131,7 +131,8 @@ def test_the_two_daemons_have_no_hand_kept_lists():
     assert not hasattr(be_reload, "NEEDS_RESTART")
     # the back end's plan is the table's
     assert [s.name for s in settings_for("be") if s.reload == RESTART] == \
-        ["raddr", "uaddr", "vaddr", "port", "interface", "unixpath", "authkey", "rundir", "usefuse", "metrics"]
+        ["raddr", "uaddr", "vaddr", "port", "relay", "interface", "unixpath", "authkey", "rundir", "usefuse",
+         "metrics"]
 
 
 def test_obsolete_back_end_options_load_with_one_warning_line(write_conf, keyfile):

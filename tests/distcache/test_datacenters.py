@@ -1,4 +1,4 @@
-"""Data centers (issue 12, part 1): dc_client -dc NAME prefers the dc_servers of its own data center
+"""Data centers: dc_client -dc NAME prefers the dc_servers of its own data center
 (-server ADDR,dc=NAME), fails over to the other data center when all of its own are down, and returns
 when one of them is back; counters on SIGHUP show where every operation went.
 

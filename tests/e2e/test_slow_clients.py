@@ -1,4 +1,4 @@
-"""Slow and idle clients do not stall everyone (issue 17 item 9): 10,000 connections held open to the
+"""Slow and idle clients do not stall everyone: 10,000 connections held open to the
 VIP, half idle and half with an unfinished request head (slowloris), while a normal request is answered;
 the held ones get 408 at peektimeout, and the front end's log collapses the 408 flood."""
 

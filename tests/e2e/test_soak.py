@@ -1,4 +1,4 @@
-"""A short soak (issue 17): mixed traffic through the front end while everything around it is disturbed.
+"""A short soak: mixed traffic through the front end while everything around it is disturbed.
 
 For one to two minutes, client threads run sessions through the VIP: downloads and uploads of 1 KiB to
 20 MB (nginx serves the files; uploads are answered by the lab's python server behind it with the body's

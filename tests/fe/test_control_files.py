@@ -1,4 +1,4 @@
-"""Control files of the running daemons (issue 4 point 1, 3, 7): reads show the value in force, writes take
+"""Control files of the running daemons: reads show the value in force, writes take
 effect, invalid writes are refused to the writer; tcpha-ctl does the same over the control socket."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Health detection (issue 4 point 2): a back end that fails is taken out within one interval + 1 s, the rules
+"""Health detection: a back end that fails is taken out within one interval + 1 s, the rules
 fall through to the next back end, no request fails after detection, and it is put back when it recovers."""
 
 from __future__ import annotations

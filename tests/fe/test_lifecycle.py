@@ -1,4 +1,4 @@
-"""The front end's process life cycle as an operator meets it (issue 17, points 1-4): the control socket
+"""The front end's process life cycle as an operator meets it: the control socket
 through a seamless upgrade, workers left by a killed arbiter, a restart while they finish, and a stop
 that does not wait for flows whose back end is dead."""
 

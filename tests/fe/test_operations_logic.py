@@ -1,4 +1,4 @@
-"""Sans-I/O parts of issue 4: health damping, the spare-worker policy, control-file parsing, the control
+"""Sans-I/O parts of the operations features: health damping, the spare-worker policy, control-file parsing, the control
 socket's answers, metrics exposition; and the two control-directory mechanisms on a scratch path."""
 
 from __future__ import annotations

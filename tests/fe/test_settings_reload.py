@@ -1,4 +1,4 @@
-"""Settings that do what they say (issue 17 point 8, issue 10 point 4): the back end's `grace` and `metrics`,
+"""Settings that do what they say: the back end's `grace` and `metrics`,
 a front-end `authkey` change reaching every control connection it makes, and each option's declared reload
 mode being what a reload does."""
 
@@ -256,6 +256,7 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
         "unixpath": str(prod.lab.workdir / "be2.sock"), "authkey": str(_other_key(prod)),
         "tlsports": "443 8443", "sessiontimeout": 60, "rundir": str(prod.lab.workdir / "run-be2-2"),
         "usefuse": 0, "logfile": str(prod.lab.workdir / "be2-2.log"), "dbglevel": 4, "metrics": 9122, "grace": 5,
+        "relay": "auto" if old.relay != "auto" else "splice",
     }
     conf.write_text(be_config_text(prod.lab, "be2", str(prod.dep.key), **changed))
     new = load_be_config(str(conf))

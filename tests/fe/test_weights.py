@@ -1,4 +1,4 @@
-"""Weights split traffic (issue 4 point 3, as an HAProxy/LVS operator expects): a rule naming several back ends
+"""Weights split traffic (as an HAProxy/LVS operator expects): a rule naming several back ends
 (``rule = ADDR,ADDR REGEX``) sends each connection to one of them by smooth weighted round robin; weights
 change live through the control files and SIGHUP; weight 0 still means no new handoffs."""
 

@@ -1,4 +1,4 @@
-"""Adversarial client packets inside the freeze window of a handoff (issue 17, "Also add").
+"""Adversarial client packets inside the freeze window of a handoff.
 
 The freeze window is the time between the front end's freeze (the flow's packets are dropped in its
 kernel) and the steering to the back end's restored socket. The tests drive the same steps as the

@@ -353,8 +353,8 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     h = handoff_lab
     port = fixed_client_port(h.lab)
 
-    def socket_states() -> str:
-        return h.lab.run("be1", ["ss", "-Htan", f"dport = :{port}"], capture_output=True, text=True).stdout
+    def socket_states(*extra: str) -> str:
+        return h.lab.run("be1", ["ss", "-Htan", *extra, f"dport = :{port}"], capture_output=True, text=True).stdout
 
     def until(cond, timeout: float = 5.0) -> bool:       # a kernel state change: no event to wait on
         deadline = time.monotonic() + timeout
@@ -367,6 +367,7 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     client = _connect_from_port(h, port)
     conn = h.accept_request(client, b"GET /old HTTP/1.0\r\n\r\n")
     be_sock_old, flow, _ = h.hand_off(conn, "be1")
+    old_ino = os.fstat(be_sock_old.fileno()).st_ino
     be_sock_old.recv(65536)
     be_sock_old.shutdown(socket.SHUT_WR)              # the back end closes first ...
     assert client.recv(1) == b""
@@ -376,6 +377,7 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
     # be_sock stays open, as a relay waiting for the client's end would keep it (an orphaned FIN-WAIT-2
     # socket is a timewait mini-socket, which does not block a repair-mode connect)
     assert "FIN-WAIT-2" in socket_states()
+    assert f"ino:{old_ino} " in socket_states("-e")      # what the check after the restore looks for
 
     client = _connect_from_port(h, port)
     try:
@@ -396,7 +398,9 @@ def test_restore_over_an_old_fin_wait_socket_of_the_same_client_port(handoff_lab
         be_sock.sendall(h.http_response(b"new"))
         be_sock.shutdown(socket.SHUT_WR)
         assert h.read_http_response(client)[1] == b"new"
-        assert "FIN-WAIT-2" not in socket_states()
+        # the old socket is gone from the kernel's tables (by its inode: the new socket has the same
+        # 4-tuple and reaches FIN-WAIT-2 itself as soon as the client ACKs its FIN)
+        assert f"ino:{old_ino} " not in socket_states("-e") + " "
         with pytest.raises(OSError):                        # the old socket is gone
             be_sock_old.send(b"x")
     finally:

@@ -1,4 +1,4 @@
-"""Data centers over one shared Redis (issue 12, part 1): a dc_server in "east" and one in "west" on the
+"""Data centers over one shared Redis: a dc_server in "east" and one in "west" on the
 same Redis, a dc_client in each data center.  Sessions added through east's agent while east is up are
 resumed (found) through the same agent after east's dc_server is killed -- served by west's dc_server,
 as the counters show -- and the agent returns to east once east's dc_server is back."""

@@ -1,4 +1,4 @@
-"""Redis Cluster placement across data centers (issue 12, part 1): the lab's two-data-center cluster
+"""Redis Cluster placement across data centers: the lab's two-data-center cluster
 (LocalRedisCluster(datacenters=("east", "west"))) gives every primary a replica in the other data center,
 and ``dc_server -check-placement -dc-map ...`` passes it, reports a primary whose replicas are all in its
 own data center (or that has no healthy replica), and refuses an incomplete or malformed map."""

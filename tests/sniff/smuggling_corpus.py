@@ -1,4 +1,4 @@
-"""The request-smuggling and rule-evasion corpus (issue 17), shared by the parser's unit tests
+"""The request-smuggling and rule-evasion corpus, shared by the parser's unit tests
 (tests/sniff/test_smuggling.py) and the end-to-end test through the lab's nginx back ends
 (tests/e2e/test_request_parsing.py).
 

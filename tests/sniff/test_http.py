@@ -123,7 +123,7 @@ def test_leading_empty_lines_count_in_head_len():
     assert parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").leading == 0
 
 
-# -- the path rules see: normalised as nginx resolves it (issue 17, item 6; docs/rules.md) -------------------------
+# -- the path rules see: normalised as nginx resolves it (docs/rules.md) -------------------------
 
 @pytest.mark.parametrize("target,path,rule_target", [
     (b"/a%2Ejpg", b"/a.jpg", b"/a.jpg"),

@@ -185,7 +185,7 @@ def test_unknown_field_refused():
         RuleTable([RuleSpec("a", "cookie", "x", re.compile(b"x"), 7)])
 
 
-# -- what uri rules see of a parsed request: the normalised path (issue 17, item 6) -------------------------------
+# -- what uri rules see of a parsed request: the normalised path -------------------------------
 
 ISSUE = table(("BE2", r"\.jpg$"), ("BE1", ".*"))
 

@@ -1,4 +1,4 @@
-"""TLS end to end (issue 5): SNI routing at the front end, termination on the back ends, sessions made on
+"""TLS end to end: SNI routing at the front end, termination on the back ends, sessions made on
 one back end resumed on the other through distcache, a cache outage, and malformed ClientHellos."""
 
 from __future__ import annotations
