@@ -81,35 +81,21 @@ def _derive(key: bytes, *parts: bytes) -> bytes:
     return hmac.digest(key, b"".join(parts), "sha256")
 
 
-_SHA256_BLOCK = 64
-_IPAD = bytes(x ^ 0x36 for x in range(256))     # RFC 2104's inner and outer pads, as bytes.translate tables
-_OPAD = bytes(x ^ 0x5C for x in range(256))
-
-
 class _MacKey:
-    """HMAC-SHA256 (RFC 2104, the same bytes as ``hmac.digest(key, data, "sha256")``) under one key.
+    """HMAC-SHA256 under one key (RFC 2104, through the standard library's hmac).
 
-    The hash states of the padded key (inner and outer) are computed once per key; a frame's MAC is then
-    two copies of them and a few C calls. On the handoff path (four frames a handoff) this costs about
-    half of ``hmac.digest`` (which sets the key up again each time) or of copying an ``hmac.HMAC``
-    (measured: bench/results/fe-profile.md).
-    """
+    The keyed state is set up once per key and copied per frame: on the handoff path (four frames a
+    handoff) that costs about half of ``hmac.digest``, which sets the key up again each time."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_base",)
 
     def __init__(self, key: bytes) -> None:
-        if len(key) > _SHA256_BLOCK:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(_SHA256_BLOCK, b"\0")
-        self._inner = hashlib.sha256(key.translate(_IPAD))
-        self._outer = hashlib.sha256(key.translate(_OPAD))
+        self._base = hmac.new(key, digestmod=hashlib.sha256)
 
     def digest(self, data: bytes | memoryview) -> bytes:
-        inner = self._inner.copy()
-        inner.update(data)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        h = self._base.copy()
+        h.update(data)
+        return h.digest()
 
 
 def _mac(key: _MacKey, *parts: bytes | memoryview) -> bytes:
