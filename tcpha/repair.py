@@ -218,18 +218,14 @@ def _ip_text(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def _ioctl_int(fd: int, request: int, step: str) -> int:
-    try:
-        return _INT.unpack(fcntl.ioctl(fd, request, _IOCTL_BUF))[0]
-    except OSError as exc:
-        raise RepairError(exc.errno, f"{step}: {exc.strerror}") from None
-
-
-def dump(sock: socket.socket) -> TcpState:
+def dump(sock: socket.socket, *, local: tuple[str, int] | None = None,
+         peer: tuple[str, int] | None = None) -> TcpState:
     """Read the state of an ESTABLISHED connection; the socket is left in repair mode.
 
     Call it only after the flow's incoming packets are stopped (frozen): a segment that the socket
-    accepted after its queues were read would be acknowledged to the client and lost.
+    accepted after its queues were read would be acknowledged to the client and lost. `local` and
+    `peer`: the connection's addresses when the caller knows them already (accept() gave the peer, the
+    listener's address is the local one), else they are asked of the socket.
     """
     fd = sock.fileno()
     info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCPI_HEAD.size)
@@ -256,10 +252,12 @@ def dump(sock: socket.socket) -> TcpState:
         # A segment that passed the freeze just before it took effect may still be processed during the
         # dump (repair mode does not stop reception), and an ACK may shrink the send queue: read until two
         # looks at the queue lengths agree with what was read in between.
+        # (the ioctls called directly, without a helper per call: the dump is on every handoff's path)
+        ioctl, buf, unpack = fcntl.ioctl, _IOCTL_BUF, _INT.unpack
         for _attempt in range(DUMP_ATTEMPTS):
-            inq = _ioctl_int(fd, SIOCINQ, "SIOCINQ")
-            outq = _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
-            unsent = _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
+            inq = unpack(ioctl(fd, SIOCINQ, buf))[0]
+            outq = unpack(ioctl(fd, SIOCOUTQ, buf))[0]
+            unsent = unpack(ioctl(fd, SIOCOUTQNSD, buf))[0]
             snd_seq = _U32.unpack(getsockopt(tcp, TCP_QUEUE_SEQ, 4))[0]  # send queue selected
             send_queue = sock.recv(outq, peek) if outq else b""
             setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
@@ -271,15 +269,17 @@ def dump(sock: socket.socket) -> TcpState:
             except OSError:
                 window = None  # kernel without TCP_REPAIR_WINDOW (< 4.8): the peer re-advertises it
             if (len(recv_queue) == inq and len(send_queue) == outq
-                    and _ioctl_int(fd, SIOCINQ, "SIOCINQ") == inq
-                    and _ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ") == outq
-                    and _ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD") == unsent):
+                    and unpack(ioctl(fd, SIOCINQ, buf))[0] == inq
+                    and unpack(ioctl(fd, SIOCOUTQ, buf))[0] == outq
+                    and unpack(ioctl(fd, SIOCOUTQNSD, buf))[0] == unsent):
                 break
         else:
             raise RepairError(0, "the connection's queues kept changing during the dump "
                                  "(packets still reaching the socket: is the flow frozen?)")
-        local = sock.getsockname()
-        peer = sock.getpeername()
+        if local is None:
+            local = sock.getsockname()
+        if peer is None:
+            peer = sock.getpeername()
     except RepairError:
         _repair_off(sock)
         raise

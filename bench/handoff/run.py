@@ -1,6 +1,13 @@
 """bench/handoff: wrk through tcpha, through HAProxy with the same rules, and directly to a back end.
 
     sudo python3 bench/handoff/run.py [--duration 5] [--connections 32] [--out bench/results/handoff.md]
+    sudo python3 bench/handoff/run.py --fe-only [--repeat 3] [--profile /tmp/fe.prof]
+
+--fe-only measures only the front end's handoff path (bench/results/fe-profile.md): 1 KiB through tcpha
+at --connections and at 128 clients, --repeat times, printing req/s and FE CPU per handoff (no direct,
+HAProxy or latency rows). --profile PREFIX runs the front end's worker under cProfile (TCPHA_PROFILE:
+tcpha.fe.worker) and prints its top functions after the run; the profiler's own cost inflates the CPU
+figures of such a run, so measure with and without it apart.
 
 Runs in a namespace lab of its own (removed at the end): client, fe, be1, be2; nginx on the back ends
 (port 8080); a new connection per request (`Connection: close`), 1 KiB, 100 KiB and 1 MiB responses.
@@ -13,7 +20,10 @@ and its numbers depend on the machine): results go to the file named by --out.
 from __future__ import annotations
 
 import argparse
+import glob
+import io
 import os
+import pstats
 import re
 import secrets
 import sys
@@ -70,7 +80,8 @@ def parse_wrk(out: str) -> dict:
     }
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], system: list[float] | None = None) -> float:
+    """User+system CPU seconds of pids and their children; the system part is added to system[0]."""
     total = 0.0
     for pid in pids:
         try:
@@ -82,6 +93,8 @@ def cpu_seconds(pids: list[int]) -> float:
             try:
                 t = q.cpu_times()
                 total += t.user + t.system
+                if system is not None:
+                    system[0] += t.system
             except psutil.NoSuchProcess:
                 pass
     return total
@@ -97,11 +110,13 @@ class Bench:
     def wrk(self, url: str, connections: int | None = None, pids: list[int] = ()) -> dict:
         c = connections or self.connections
         argv = ["wrk", "-t1", f"-c{c}", f"-d{self.duration}s", "--latency", "-H", "Connection: close", url]
-        before = cpu_seconds(list(pids))
+        sys_before, sys_after = [0.0], [0.0]
+        before = cpu_seconds(list(pids), sys_before)
         out = self.lab.run("client", argv, capture_output=True, text=True, timeout=self.duration + 60).stdout
-        used = cpu_seconds(list(pids)) - before
+        used = cpu_seconds(list(pids), sys_after) - before
         r = parse_wrk(out)
         r["cpu"] = used
+        r["cpu_sys"] = sys_after[0] - sys_before[0]
         gb = r["mbs"] * self.duration / 1000 if r["mbs"] == r["mbs"] else 0
         r["cpu_per_gb"] = used / gb if gb and pids else float("nan")
         r["cpu_per_req_us"] = used / r["requests"] * 1e6 if r["requests"] and pids else float("nan")
@@ -119,10 +134,17 @@ def run(args: argparse.Namespace) -> str:
         dep.start_origins(kind="nginx")
         for host in dep.backends:
             dep.start_backend(host, dbglevel=2)
-        dep.start_fe(dbglevel=2, startservers=1, maxclients=1024)
+        if args.profile:                       # the front end only: the back ends are already running
+            os.environ["TCPHA_PROFILE"] = args.profile
+        try:
+            dep.start_fe(dbglevel=2, startservers=1, maxclients=1024)
+        finally:
+            os.environ.pop("TCPHA_PROFILE", None)
         bench = Bench(lab, dep, args.duration, args.connections)
         be2 = lab.ip("be2")
         fe_pid = dep.fe_proc.pid
+        if args.fe_only:
+            return fe_only(args, bench, dep, fe_pid)
 
         for label, name in SIZES:
             rows.append((label, "direct", bench.wrk(f"http://{be2}:{APP_PORT}/{name}")))
@@ -183,13 +205,41 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(out) + "\n"
 
 
+def fe_only(args: argparse.Namespace, bench: Bench, dep: LabDeployment, fe_pid: int) -> str:
+    """1 KiB handoffs at --connections and at 128 clients, --repeat times: req/s and FE CPU per handoff."""
+    load = os.getloadavg()
+    lines = [f"fe-only {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
+             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
+    for i in range(args.repeat):
+        for c in (args.connections, 128):
+            r = bench.wrk(f"http://{dep.vip}/1k.bin", connections=c, pids=[fe_pid])
+            sys_us = r["cpu_sys"] / r["requests"] * 1e6 if r["requests"] else float("nan")
+            lines.append(f"  run {i + 1} c{c}: {r['rps']:.0f} req/s, FE CPU {r['cpu_per_req_us']:.0f} us/handoff "
+                         f"({sys_us:.0f} us system), {r['errors']} errors, load {os.getloadavg()[0]:.1f}")
+    dep.stop_fe()
+    if args.profile:
+        for path in sorted(glob.glob(f"{args.profile}.*")):
+            for key in ("tottime", "cumulative"):
+                lines.append(f"-- {path} by {key}")
+                buf = io.StringIO()
+                pstats.Stats(path, stream=buf).strip_dirs().sort_stats(key).print_stats(30)
+                lines.append(buf.getvalue())
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "handoff.md"))
+    p.add_argument("--fe-only", action="store_true", help="only the front end's 1 KiB handoff rows, printed")
+    p.add_argument("--repeat", type=int, default=1, help="--fe-only: how many times to measure")
+    p.add_argument("--profile", metavar="PREFIX", help="cProfile the front-end worker into PREFIX.<pid>")
     args = p.parse_args(argv)
     text = run(args)
+    if args.fe_only:
+        print(text)
+        return 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -64,6 +64,9 @@ class HandoffProtocolError(Exception):
 # -- the front end -------------------------------------------------------------------------------
 
 class FeState(enum.Enum):
+    # Members are singletons compared by identity: hash them so too (in C), not by Enum's Python-level
+    # hash of the name: every step of every handoff looks its state and event up in FE_TRANSITIONS.
+    __hash__ = object.__hash__
     PEEKING = "peeking"            # accepted; the request head / ClientHello is being peeked
     ROUTING = "routing"            # head read; between candidates
     FREEZING = "freezing"          # a back end on another host chosen; its freeze is queued
@@ -78,6 +81,7 @@ class FeState(enum.Enum):
 
 
 class FeEvent(enum.Enum):
+    __hash__ = object.__hash__     # as FeState's
     HEAD_READ = enum.auto()
     PASS = enum.auto()
     SERVE_LOCALLY = enum.auto()

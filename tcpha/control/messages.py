@@ -32,6 +32,7 @@ Steered        fe    xid's flow is now steered to the BE: it may send to the cli
 from __future__ import annotations
 
 import dataclasses
+import operator
 import socket
 import struct
 from dataclasses import dataclass
@@ -191,6 +192,18 @@ class _Segment:
     kinds: tuple[str, ...]
     fixed: struct.Struct | None   # None: one variable-length field (str, bytes, pairs)
     optional: bool = False        # part of the message's OPTIONAL_TAIL: may be absent at the payload's end
+    # Worked out once here, not per message (the handoff path encodes and decodes four frames a handoff):
+    get: Any = None               # operator.attrgetter of the names (a tuple of values when several)
+    ips: tuple[int, ...] = ()     # positions of the "ip" kinds in a fixed segment
+    bools: tuple[int, ...] = ()   # positions of the "bool" kinds
+    label: str = ""               # "Class.name/name" for error messages
+
+
+def _segment(cls: type, names: tuple[str, ...], kinds: tuple[str, ...], fixed: struct.Struct | None,
+             optional: bool) -> _Segment:
+    return _Segment(names, kinds, fixed, optional, operator.attrgetter(*names),
+                    tuple(i for i, k in enumerate(kinds) if k == "ip"),
+                    tuple(i for i, k in enumerate(kinds) if k == "bool"), f"{cls.__name__}.{'/'.join(names)}")
 
 
 def _segments(cls: type) -> tuple[_Segment, ...]:
@@ -204,7 +217,7 @@ def _segments(cls: type) -> tuple[_Segment, ...]:
     def flush() -> None:
         if run:
             fmt = ">" + "".join(_FIXED[kind] for _, kind in run)
-            segments.append(_Segment(tuple(n for n, _ in run), tuple(k for _, k in run), struct.Struct(fmt),
+            segments.append(_segment(cls, tuple(n for n, _ in run), tuple(k for _, k in run), struct.Struct(fmt),
                                      run[0][0] in optional_tail))
             run.clear()
 
@@ -212,13 +225,13 @@ def _segments(cls: type) -> tuple[_Segment, ...]:
         kind = _kind(f.name, str(f.type))
         if f.name in optional_tail:
             flush()       # each optional field its own segment: it is there or not as a whole
-            segments.append(_Segment((f.name,), (kind,), struct.Struct(">" + _FIXED[kind]) if kind in _FIXED
+            segments.append(_segment(cls, (f.name,), (kind,), struct.Struct(">" + _FIXED[kind]) if kind in _FIXED
                                      else None, True))
         elif kind in _FIXED:
             run.append((f.name, kind))
         else:
             flush()
-            segments.append(_Segment((f.name,), (kind,), None))
+            segments.append(_segment(cls, (f.name,), (kind,), None, False))
     flush()
     return tuple(segments)
 
@@ -226,6 +239,17 @@ def _segments(cls: type) -> tuple[_Segment, ...]:
 _SCHEMAS: dict[type, tuple[_Segment, ...]] = {cls: _segments(cls) for cls in MESSAGE_TYPES.values()}
 _DEFAULTS: dict[type, dict[str, Any]] = {cls: {f.name: f.default for f in dataclasses.fields(cls)}
                                          for cls in MESSAGE_TYPES.values()}
+# Per type code: the class and its schema (one lookup per decoded frame).
+_DECODERS: dict[int, tuple[type, tuple[_Segment, ...]]] = {code: (cls, _SCHEMAS[cls])
+                                                            for code, cls in MESSAGE_TYPES.items()}
+# A message made of fixed-size fields only, none of them optional, IP or bool (Restored, Steered, Ping):
+# its whole payload is one struct.
+_PLAIN: dict[type, _Segment] = {cls: schema[0] for cls, schema in _SCHEMAS.items()
+                                if len(schema) == 1 and schema[0].fixed is not None and not schema[0].optional
+                                     and not schema[0].ips and not schema[0].bools}
+_AF_INET = socket.AF_INET
+_inet_pton = socket.inet_pton
+_inet_ntop = socket.inet_ntop
 
 
 def _put_str(out: list[bytes], value: str) -> None:
@@ -236,33 +260,44 @@ def _put_str(out: list[bytes], value: str) -> None:
     out.append(raw)
 
 
-def _fixed_value(kind: str, value: Any) -> Any:
-    if kind == "ip":
-        return socket.inet_pton(socket.AF_INET, value)
-    if kind == "bool":
-        return 1 if value else 0
-    return value
-
-
 def encode_payload(msg: Any) -> bytes:
     """The payload bytes of a message; PayloadError if a field does not fit its kind."""
-    schema = _SCHEMAS.get(type(msg))
+    cls = type(msg)
+    plain = _PLAIN.get(cls)
+    if plain is not None:
+        try:
+            if len(plain.names) == 1:
+                return plain.fixed.pack(plain.get(msg))
+            return plain.fixed.pack(*plain.get(msg))
+        except (struct.error, TypeError, AttributeError, ValueError):
+            pass          # the general path below says what does not fit
+    schema = _SCHEMAS.get(cls)
     if schema is None:
-        raise PayloadError(f"not a control message: {type(msg).__name__}")
+        raise PayloadError(f"not a control message: {cls.__name__}")
     out: list[bytes] = []
     # Optional tail fields still at their defaults at the end are left out: the message is then exactly
     # what a peer that predates them sends and expects (its decoder wants the payload's exact length).
-    while schema and schema[-1].optional and all(getattr(msg, n) == _DEFAULTS[type(msg)][n]
-                                                 for n in schema[-1].names):
-        schema = schema[:-1]
+    if schema[-1].optional:
+        defaults = _DEFAULTS[cls]
+        while schema and schema[-1].optional and all(getattr(msg, n) == defaults[n] for n in schema[-1].names):
+            schema = schema[:-1]
     for seg in schema:
         try:
-            if seg.fixed is not None:
-                out.append(seg.fixed.pack(*[_fixed_value(kind, getattr(msg, name))
-                                            for name, kind in zip(seg.names, seg.kinds)]))
+            fixed = seg.fixed
+            if fixed is not None:
+                values = seg.get(msg)
+                if len(seg.names) == 1:
+                    values = [values]
+                elif seg.ips or seg.bools:
+                    values = list(values)
+                for i in seg.ips:
+                    values[i] = _inet_pton(_AF_INET, values[i])
+                for i in seg.bools:
+                    values[i] = 1 if values[i] else 0
+                out.append(fixed.pack(*values))
                 continue
-            name, kind = seg.names[0], seg.kinds[0]
-            value = getattr(msg, name)
+            kind = seg.kinds[0]
+            value = seg.get(msg)
             if kind == "str":
                 _put_str(out, value)
             elif kind == "bytes":
@@ -274,10 +309,10 @@ def encode_payload(msg: Any) -> bytes:
                     _put_str(out, first)
                     _put_str(out, second)
         except PayloadError as exc:
-            raise PayloadError(f"{type(msg).__name__}.{'/'.join(seg.names)}: {exc}") from None
+            raise PayloadError(f"{seg.label}: {exc}") from None
         except (struct.error, OSError, TypeError, AttributeError, ValueError):
             shown = {n: getattr(msg, n, None) for n in seg.names}
-            raise PayloadError(f"{type(msg).__name__}.{'/'.join(seg.names)}: cannot encode {shown!r}") from None
+            raise PayloadError(f"{seg.label}: cannot encode {shown!r}") from None
     return b"".join(out)
 
 
@@ -296,41 +331,48 @@ def _take_str(data: memoryview, pos: int) -> tuple[str, int]:
 
 def decode_payload(type_code: int, payload: memoryview | bytes) -> Any:
     """The message of a type code and payload; PayloadError if it does not decode exactly."""
-    cls = MESSAGE_TYPES.get(type_code)
-    if cls is None:
+    found = _DECODERS.get(type_code)
+    if found is None:
         raise PayloadError(f"unknown message type {type_code}")
+    cls, schema = found
     data = memoryview(payload)
+    size = len(data)
     pos = 0
-    values: dict[str, Any] = {}
-    for seg in _SCHEMAS[cls]:
-        if seg.optional and pos == len(data):
+    values: list[Any] = []      # in field order: the fields of an absent optional tail keep their defaults
+    for seg in schema:
+        if seg.optional and pos == size:
             break         # an older peer's message: the optional tail keeps its defaults
-        if seg.fixed is not None:
-            if pos + seg.fixed.size > len(data):
+        fixed = seg.fixed
+        if fixed is not None:
+            end = pos + fixed.size
+            if end > size:
                 raise PayloadError("payload ends early")
-            for name, kind, raw in zip(seg.names, seg.kinds, seg.fixed.unpack_from(data, pos)):
-                if kind == "ip":
-                    raw = socket.inet_ntop(socket.AF_INET, raw)
-                elif kind == "bool":
-                    if raw > 1:
-                        raise PayloadError(f"{cls.__name__}.{name}: bad boolean {raw}")
-                    raw = bool(raw)
-                values[name] = raw
-            pos += seg.fixed.size
+            raw = fixed.unpack_from(data, pos)
+            if seg.ips or seg.bools:
+                raw = list(raw)
+                for i in seg.ips:
+                    raw[i] = _inet_ntop(_AF_INET, raw[i])
+                for i in seg.bools:
+                    if raw[i] > 1:
+                        raise PayloadError(f"{cls.__name__}.{seg.names[i]}: bad boolean {raw[i]}")
+                    raw[i] = bool(raw[i])
+            values += raw
+            pos = end
             continue
-        name, kind = seg.names[0], seg.kinds[0]
+        kind = seg.kinds[0]
         if kind == "str":
-            values[name], pos = _take_str(data, pos)
+            value, pos = _take_str(data, pos)
+            values.append(value)
         elif kind == "bytes":
-            if pos + 4 > len(data):
+            if pos + 4 > size:
                 raise PayloadError("payload ends early")
             (n,) = _U32.unpack_from(data, pos)
-            if pos + 4 + n > len(data):
+            if pos + 4 + n > size:
                 raise PayloadError("payload ends early")
-            values[name] = bytes(data[pos + 4:pos + 4 + n])
+            values.append(bytes(data[pos + 4:pos + 4 + n]))
             pos += 4 + n
         else:  # pairs
-            if pos + 2 > len(data):
+            if pos + 2 > size:
                 raise PayloadError("payload ends early")
             (count,) = _U16.unpack_from(data, pos)
             pos += 2
@@ -339,7 +381,7 @@ def decode_payload(type_code: int, payload: memoryview | bytes) -> Any:
                 first, pos = _take_str(data, pos)
                 second, pos = _take_str(data, pos)
                 pairs.append((first, second))
-            values[name] = tuple(pairs)
-    if pos != len(data):
-        raise PayloadError(f"{cls.__name__}: {len(data) - pos} bytes after the payload")
-    return cls(**values)
+            values.append(tuple(pairs))
+    if pos != size:
+        raise PayloadError(f"{cls.__name__}: {size - pos} bytes after the payload")
+    return cls(*values)

@@ -49,6 +49,10 @@ def _tls_default_facts() -> RequestFacts:
     """What a TLS connection whose ClientHello could not be read is matched as (docs/rules.md): no SNI, no ALPN."""
     return RequestFacts.from_client_hello(None)
 
+# What a connection not routed yet has as candidates and pools: one shared empty list, never modified
+# (_route gives each connection lists of its own), not two new lists per accepted connection.
+_NO_CANDIDATES: list = []
+
 TCP_INFO = 11
 TCP_CLOSE_WAIT = 8
 LINGER = 2.0             # after writing an error answer: how long to wait for the client's FIN
@@ -68,7 +72,7 @@ class Dispatch:
         self.t0 = time.perf_counter()
         self.timer: Any = None
         self.peeked = 0
-        self.candidates: list[str] = []
+        self.candidates: list[str] = _NO_CANDIDATES      # a list of its own once routed (_route)
         self.next_index = 0
         self.handoff = FeConnection()     # the state machine: state and latest xid
         self.link: Any = None
@@ -79,7 +83,7 @@ class Dispatch:
         self.finished = False
         self.lowat = 1
         self.rule: str | None = None
-        self.pools: list[tuple[int, int, tuple[str, ...]]] = []    # rule pools: (start, end, pool) spans
+        self.pools: list[tuple[int, int, tuple[str, ...]]] = _NO_CANDIDATES  # rule pools: (start, end, pool) spans
         self.waiting = False     # waiting for more of the request head: not counted against maxclients
 
     # -- peeking ---------------------------------------------------------------------------------
@@ -113,7 +117,7 @@ class Dispatch:
         self.peeked = len(buf)
         tls = sniffer.is_tls(buf)
         try:
-            facts = sniffer.facts_of(buf)
+            facts = sniffer.facts_of(buf, tls)
         except sniffer.errors as e:
             if tls:      # docs/rules.md: an unreadable ClientHello is routed as one without SNI/ALPN
                 self._route(_tls_default_facts(), f"unreadable TLS ClientHello ({e})")
@@ -321,8 +325,10 @@ class Dispatch:
             self._thaw()
             self._next_candidate()
             return
+        flow = self.flow
         try:
-            state = repair.dump(self.sock)
+            # the addresses are known: the listener's (the VIP and port) and accept()'s peer
+            state = repair.dump(self.sock, local=(flow.vip, flow.vport), peer=self.peer)
         except OSError as e:
             self.handoff.handle(FeEvent.NOT_SENT)
             self._thaw()
@@ -330,7 +336,6 @@ class Dispatch:
             self._next_candidate()
             return
         self.handoff.xid = xid = w.handoffs.new_xid()
-        flow = self.flow
         try:
             link.send(control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
                                       vip=flow.vip, vport=flow.vport, peeked_len=self.peeked,
@@ -343,7 +348,7 @@ class Dispatch:
                 self._next_candidate()
             return
         w.handoffs.sent(self.handoff, xid, link, self)
-        self.timer = w.loop.call_later(w.handofftimeout, w.fail_handoff, xid, "timed out", FeEvent.TIMEOUT)
+        w.handoff_deadline(xid)          # "timed out" (fail_handoff) unless answered within handofftimeout
 
     def _thaw(self) -> None:
         try:
@@ -363,11 +368,7 @@ class Dispatch:
 
     def restored(self) -> None:
         """The back end rebuilt the connection (FORWARDING): steer the flow there and let go silently."""
-        w = self.worker
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        w.batch.forward(self)          # batched per loop iteration, like the freezes
+        self.worker.batch.forward(self)          # batched per loop iteration, like the freezes
 
     def forwarded(self, error: Exception | None) -> None:
         """Step 3 (the flow now goes to the back end): tell it, and let go of our socket silently."""

@@ -35,13 +35,14 @@ class HeadSniffer:
     def is_tls(buf: bytes) -> bool:
         return sniff_tls.looks_like_tls(buf)
 
-    def facts_of(self, buf: bytes) -> RequestFacts | None:
+    def facts_of(self, buf: bytes, tls: bool | None = None) -> RequestFacts | None:
         """RequestFacts for the peeked bytes, None while more is needed; raises a head error (HTTP).
 
         A ClientHello that cannot be read (malformed, longer than peekmax) is routed like one
-        without SNI and ALPN (tcpha.fe.rules): TLS clients get no HTTP error page.
+        without SNI and ALPN (tcpha.fe.rules): TLS clients get no HTTP error page. `tls`: is_tls(buf),
+        when the caller already knows it.
         """
-        if sniff_tls.looks_like_tls(buf):
+        if tls if tls is not None else sniff_tls.looks_like_tls(buf):
             try:
                 hello = sniff_tls.parse_client_hello(buf, self.peekmax)
             except self.errors:
@@ -83,6 +84,8 @@ class DispatchHost(Protocol):
     def flow_key(self, peer: tuple[str, int], lport: int) -> Any: ...
 
     def fail_handoff(self, xid: int, reason: str, event: "FeEvent") -> None: ...
+
+    def handoff_deadline(self, xid: int) -> None: ...
 
     def head_wait(self, d: Any) -> None: ...
 

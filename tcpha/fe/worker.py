@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -270,6 +271,11 @@ class Worker:
         # on each control link. Ids are unique per worker: the pid in the high bits.
         self.handoffs: FrontEndHandoffs[Dispatch, Any] = FrontEndHandoffs((os.getpid() & 0xFFFF) << 32)
         self._unflushed: list[Any] = []          # control links with queued frames (ControlLink.send)
+        # The handoffs' deadlines (handofftimeout after each Handoff), oldest first, and one timer for the
+        # oldest still waiting: not a timer per handoff (see handoff_deadline).
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
         self._flush_at = False
         self.lingering: dict[int, Dispatch] = {}
         self.inflight = 0                # connections being dispatched (heads_waiting included)
@@ -325,6 +331,47 @@ class Worker:
         if d is not None:
             d.refused(reason)
 
+    def handoff_deadline(self, xid: int) -> None:
+        """The Handoff `xid` was sent: it fails ("timed out") unless answered within handofftimeout.
+
+        Most handoffs are answered within a millisecond, so rather than a timer each (allocated, pushed
+        on the loop's heap, cancelled), the deadlines wait in a queue, in the order they were set, and
+        one timer runs at the earliest of those still waiting (_expire_handoffs).
+        """
+        at = self.loop.time() + self.handofftimeout
+        deadlines = self._deadlines
+        if deadlines and at < deadlines[-1][0]:
+            # handofftimeout was lowered by a reload: keep the queue in deadline order
+            i = len(deadlines)
+            while i and deadlines[i - 1][0] > at:
+                i -= 1
+            deadlines.insert(i, (at, xid))
+        else:
+            deadlines.append((at, xid))
+        if self._deadline_timer is None or at < self._deadline_at:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_at = at
+            self._deadline_timer = self.loop.call_at(at, self._expire_handoffs)
+
+    def _expire_handoffs(self) -> None:
+        """Fail the handoffs whose deadline passed without an answer; forget those answered or over."""
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        is_waiting = self.handoffs.is_waiting
+        now = self.loop.time()
+        while deadlines:
+            at, xid = deadlines[0]
+            if not is_waiting(xid):
+                deadlines.popleft()
+                continue
+            if at > now:
+                self._deadline_at = at
+                self._deadline_timer = self.loop.call_at(at, self._expire_handoffs)
+                return
+            deadlines.popleft()
+            self.fail_handoff(xid, "timed out", FeEvent.TIMEOUT)
+
     def on_control_message(self, link: Any, msg: Any) -> None:
         if isinstance(msg, control.Restored):
             d = self.handoffs.restored(msg.xid)
@@ -362,12 +409,17 @@ class Worker:
         self.heads_waiting -= 1
 
     def _accept(self, lsock: socket.socket, lport: int) -> None:
-        loop_accept = lsock.accept
+        # socket.accept() without its wrapper: the wrapper asks the listener its family, type (enum
+        # conversions) and timeout again for every connection.
+        raw_accept = lsock._accept          # type: ignore[attr-defined]
+        family, kind, proto = lsock.family, lsock.type, lsock.proto
+        new_socket = socket.socket
         for _ in range(ACCEPT_BATCH):
             if not self._may_accept():
                 break
             try:
-                sock, peer = loop_accept()
+                fd, peer = raw_accept()
+                sock = new_socket(family, kind, proto, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -425,7 +477,10 @@ class Worker:
             asyncio.run(self.serve())
             return
         import cProfile
-        prof = cProfile.Profile()
+        # TCPHA_PROFILE_CLOCK=cpu: CPU time of the process (not wall-clock): on a shared machine the
+        # wall-clock profile also counts the time the worker waited for a core.
+        clock = time.process_time if os.environ.get("TCPHA_PROFILE_CLOCK") == "cpu" else time.perf_counter
+        prof = cProfile.Profile(clock)
         try:
             prof.runcall(asyncio.run, self.serve())
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ from tcpha.control import (HELLO_MAX, ControlConnection, ControlError, FlowClose
                            PayloadError, Ping, Pong, Refused, Register, Registered, Restored, Steered,
                            Unregister)
 from tcpha.control.messages import encode_payload
-from tcpha.control.protocol import MAC_SIZE, VERSION, _mac
+from tcpha.control.protocol import MAC_SIZE, VERSION, _mac, _MacKey
 
 KEY = b"0123456789abcdef" * 4
 OTHER_KEY = b"fedcba9876543210" * 4
@@ -317,3 +318,15 @@ def test_unencodable_messages():
         ControlConnection(KEY, role="lb")
     with pytest.raises(ValueError):
         ControlConnection(b"", role="fe")
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 63, 64, 65, 200])
+def test_frame_mac_is_hmac_sha256(key_len):
+    """The MAC computed from precomputed pad states is RFC 2104 HMAC-SHA256, for every key length
+    (a key longer than the block is hashed first) and for data given in parts or as a view."""
+    key = bytes((i * 7 + 3) & 0xFF for i in range(key_len))
+    for data in (b"", b"x", bytes(range(256)) * 3):
+        expected = hmac.digest(key, data, "sha256")
+        assert _MacKey(key).digest(data) == expected
+        assert _MacKey(key).digest(memoryview(data)) == expected
+        assert _mac(_MacKey(key), data[:5], data[5:]) == expected
