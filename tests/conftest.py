@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 
 import pytest
 
@@ -21,6 +23,29 @@ def run_prefix() -> str:
     prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
     RUN_PREFIXES.add(prefix)
     return prefix
+
+
+def pytest_configure(config):
+    # A run stopped with SIGTERM (`timeout`, a CI runner's cancel) would die without its fixtures'
+    # teardown and the session's clean-up below, leaving namespaces and daemons behind: make it an
+    # interruption (as Ctrl-C), which pytest ends with both.
+    if threading.current_thread() is threading.main_thread():
+        global _SESSION_PID
+        _SESSION_PID = os.getpid()
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+_SESSION_PID = 0
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a second SIGTERM ends the run at once
+    if os.getpid() != _SESSION_PID:
+        # a child forked by a library (pyroute2's netns helpers) and stopped by its parent: die as it
+        # expects, never run on as a copy of the test session
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_runtest_setup(item):

@@ -245,6 +245,11 @@ def remove_prefix(prefix: str, *, root_objects: bool = False) -> list[str]:
         with contextlib.suppress(OSError):
             pr_netns.remove(n)
     removed = list(names)
+    # the lab's scratch directory (NamespaceLab.workdir): a lab kept without a state file (tcpha-lab demo
+    # --keep) is only known by its prefix
+    for d in Path(tempfile.gettempdir()).glob(f"tcpha-lab-{prefix}-*"):
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(f"dir {d}")
     if root_objects:
         removed += _remove_root_links(prefix) + _remove_root_nft_tables(prefix)
     return removed

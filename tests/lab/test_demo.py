@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +23,10 @@ def _lab_prefix(out: str) -> str:
 
 
 def _leftovers(prefix: str) -> list[str]:
+    """The lab's namespaces and scratch directories still there."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    return [n for n in names if n.startswith(prefix + "-")]
+    dirs = [str(d) for d in Path(tempfile.gettempdir()).glob(f"tcpha-lab-{prefix}-*")]
+    return [n for n in names if n.startswith(prefix + "-")] + dirs
 
 
 def test_demo_routes_hands_off_and_resumes_tls_across_back_ends():
