@@ -1,4 +1,5 @@
-"""Destroying a stale TCP socket by its 4-tuple (NETLINK_SOCK_DIAG SOCK_DESTROY, what `ss -K` does).
+"""TCP sockets by their 4-tuple over NETLINK_SOCK_DIAG: destroying a stale one (SOCK_DESTROY, what
+`ss -K` does), and looking one up (SocketLookup).
 
 A back end restores a handed-off connection with TCP_REPAIR, and connect() in repair mode fails with
 EADDRNOTAVAIL when a socket of an *earlier* connection on the same 4-tuple still exists there: typically
@@ -26,7 +27,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
 from pyroute2.netlink.exceptions import NetlinkError
 
-__all__ = ["destroy"]
+__all__ = ["SocketLookup", "destroy"]
 
 _ALL_STATES = 0xFFFFFFFF
 _NO_COOKIE = 0xFFFFFFFFFFFFFFFF     # INET_DIAG_NOCOOKIE: find the socket by its addresses alone
@@ -76,3 +77,42 @@ def _destroy(local: tuple[str, int], peer: tuple[str, int]) -> bool:
             return False
         raise OSError(e.code, f"SOCK_DESTROY {local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}: {e}") from None
     return True
+
+
+# A lookup of one TCP socket by its 4-tuple (SOCK_DIAG_BY_FAMILY, no dump), written on a raw netlink
+# socket rather than through pyroute2's DiagSocket: the back end asks it per connection from inside its
+# event loop, where pyroute2's synchronous socket cannot run (see destroy) and a thread per call would
+# cost more than the lookup.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+
+
+class SocketLookup:
+    """One netlink socket asking the kernel for the state of the TCP socket local <-> remote."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+        self._sock.settimeout(1.0)
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def state(self, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+        """The TCP state of the socket bound to `local` and connected to `remote` (the kernel's lookup
+        falls back to a listener on `local`), None if there is none."""
+        self._seq += 1
+        sockid = struct.pack("!HH4s12x4s12x", local[1], remote[1], socket.inet_aton(local[0]),
+                             socket.inet_aton(remote[0])) + struct.pack("=I", 0) + b"\xff" * 8
+        req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+        hdr = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, 1, self._seq, 0)
+        self._sock.send(hdr + req)
+        while True:
+            data = self._sock.recv(8192)
+            _, kind, _, seq, _ = struct.unpack_from("=IHHII", data)
+            if seq != self._seq:
+                continue
+            if kind == _NLMSG_ERROR:
+                return None
+            return data[17]          # inet_diag_msg.idiag_state, after the 16-byte header and the family

@@ -36,7 +36,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -44,6 +43,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tcpha.loglevels import NOTICE
 from tcpha.proxyproto import proxy_header
+from tcpha.sockdiag import SocketLookup
 
 log = logging.getLogger("tcpha.be")
 
@@ -128,42 +128,8 @@ class RoutingPolicy:
         return removed
 
 
-# A NETLINK_SOCK_DIAG lookup of one TCP socket by its 4-tuple (no dump): is the application already
-# connected to this client address and port (the client reached the application directly from that port)?
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLMSG_ERROR = 2
+# States of an application socket to client:port that do not clash with our connect from that port.
 _NO_CLASH_STATES = (6, 10)           # TCP_TIME_WAIT (a new SYN may reuse it), TCP_LISTEN (no connection)
-
-
-class SocketLookup:
-    """One netlink socket asking the kernel for the state of the TCP socket local <-> remote."""
-
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
-        self._sock.settimeout(1.0)
-        self._seq = 0
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def state(self, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-        """The TCP state of the socket bound to `local` and connected to `remote` (the kernel's lookup
-        falls back to a listener on `local`), None if there is none."""
-        self._seq += 1
-        sockid = struct.pack("!HH4s12x4s12x", local[1], remote[1], socket.inet_aton(local[0]),
-                             socket.inet_aton(remote[0])) + struct.pack("=I", 0) + b"\xff" * 8
-        req = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
-        hdr = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, 1, self._seq, 0)
-        self._sock.send(hdr + req)
-        while True:
-            data = self._sock.recv(8192)
-            _, kind, _, seq, _ = struct.unpack_from("=IHHII", data)
-            if seq != self._seq:
-                continue
-            if kind == _NLMSG_ERROR:
-                return None
-            return data[17]          # inet_diag_msg.idiag_state, after the 16-byte header and the family
 
 
 def _transparent_socket(source: tuple[str, int]) -> socket.socket:
