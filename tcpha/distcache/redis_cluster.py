@@ -145,6 +145,7 @@ class RedisNode:
             self.process = None
         else:
             _wait_gone(pid, 10)
+        (self.workdir / "pid").unlink(missing_ok=True)
 
     def pid(self) -> int | None:
         if self.process is not None:
@@ -288,9 +289,9 @@ class LocalRedisCluster:
                 slot = client.cluster("keyslot", key)
                 for entry in client.cluster("slots"):
                     if entry[0] <= slot <= entry[1]:
-                        host, port = entry[2][0], entry[2][1]
-                        host = host.decode() if isinstance(host, bytes) else host
-                        return next(n for n in self.nodes if n.port == int(port))
+                        return next(n for n in self.nodes if n.port == int(entry[2][1]))
+            except redis.ConnectionError:
+                continue                # a node going down: ask the next one
             finally:
                 client.close()
         raise RedisLaunchError("no live node knows the slot map")
