@@ -4,6 +4,10 @@
 
 bench/results/handoff.png    req/s and front-end CPU per request against response size: direct, HAProxy,
                              tcpha (the first table of bench/results/handoff.md)
+bench/results/handoff-sweep.png  req/s, front-end and back-end CPU per request against response size (1 KiB
+                             to 4 MiB): direct, HAProxy and each tcpha data path (relay splice|bpf x
+                             steering nft|bpf), from the "Every point" table of bench/results/handoff-sweep.md
+                             (`bench/handoff/run.py --sweep`; direct and HAProxy: the median of the rounds)
 bench/results/distcache-redis.png  dc_server ops/s against clients: embedded store, Redis, Redis Cluster
                              (bench/results/distcache-redis.md) next to the original C dc_server's
                              figures (the "target" column of bench/results/distcache.md, TCP, persistent dc_test)
@@ -88,6 +92,64 @@ def plot_handoff(results: Path = RESULTS / "handoff.md", png: Path | None = None
     return png
 
 
+def _kib(label: str) -> float:
+    value, unit = label.split()
+    return float(value) * {"KiB": 1, "MiB": 1024}[unit]
+
+
+def plot_sweep(results: Path = RESULTS / "handoff-sweep.md", png: Path | None = None) -> Path:
+    """Three panels against response size: req/s, FE CPU per request, BE CPU per request."""
+    import statistics
+    plt = _pyplot()
+    png = png or results.with_suffix(".png")
+    rows = read_table(results, "round")
+    points: dict[str, dict[float, dict[str, list[float]]]] = {}
+    for r in rows:
+        cell = points.setdefault(r["path"], {}).setdefault(_kib(r["size"]), {})
+        for key in ("req/s", "FE CPU us/req", "BE CPU us/req"):
+            cell.setdefault(key, []).append(number(r[key]))
+    fixed = {"direct": ("#888888", "s", "-", "direct to nginx"), "haproxy": ("#d95f02", "^", "-", "HAProxy 2.6")}
+    tcpha_styles = [("#1b9e77", "o", "-"), ("#7570b3", "D", "--"), ("#e7298a", "v", "-."), ("#66a61e", "P", ":")]
+    styles = dict(fixed)
+    for i, path in enumerate(p for p in points if p not in fixed):
+        color, marker, line = tcpha_styles[i % len(tcpha_styles)]
+        styles[path] = (color, marker, line, path.replace("+", " relay, ") + " steering")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = (("req/s", "Requests per second", "req/s"),
+              ("FE CPU us/req", "Front-end CPU per request", "µs of CPU per request (log)"),
+              ("BE CPU us/req", "Back-end CPU per request (tcpha-be)", "µs of CPU per request (log)"))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for path, (color, marker, line, label) in styles.items():
+            if path not in points:
+                continue
+            sizes = sorted(points[path])
+            # a point with no request completed (0 req/s, no CPU figure) is left out, not drawn as 0
+            kept = [[v for v in points[path][s][key] if v == v and v > 0] for s in sizes]
+            values = [statistics.median(v) if v else float("nan") for v in kept]
+            if all(v != v for v in values):
+                continue
+            ax.plot(sizes, values, marker=marker, linestyle=line, color=color, label=label, markersize=5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({s for p in points.values() for s in p})
+        ax.set_xticks(ticks, [f"{s / 1024:g} MiB" if s >= 1024 else f"{s:g} KiB" for s in ticks], rotation=45)
+        ax.minorticks_off()
+        ax.set_xlabel("response size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=.3)
+        from matplotlib.ticker import LogLocator, ScalarFormatter
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    axes[0].legend(fontsize=7)
+    fig.suptitle(_run_line(results) + " — a shared machine: compare ratios within the figure, not with other runs",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
 def plot_distcache(results: Path = RESULTS / "distcache-redis.md", c_targets: Path = RESULTS / "distcache.md",
                    png: Path | None = None) -> Path:
     plt = _pyplot()
@@ -144,6 +206,8 @@ def main() -> int:
     done = []
     if (RESULTS / "handoff.md").exists():
         done.append(plot_handoff())
+    if (RESULTS / "handoff-sweep.md").exists():
+        done.append(plot_sweep())
     if (RESULTS / "distcache-redis.md").exists():
         done.append(plot_distcache())
     for p in done:
