@@ -261,8 +261,9 @@ def _restart_tcpha(args: argparse.Namespace, lab: NamespaceLab, dep: LabDeployme
     be = dep.backends[-1]
     be_start, fe_start = _log_size(lab, be, "tcpha-be"), _log_size(lab, "fe", "tcpha-fe")
     for host in dep.backends:
-        dep.start_backend(host, **{"dbglevel": 2, **args.be, "relay": relay})
-    dep.start_fe(**{"dbglevel": 2, "startservers": 1, "maxclients": 1024, **args.fe, "steering": steering})
+        # dbglevel 3 (notices): the start-up lines saying what is in use; nothing per connection
+        dep.start_backend(host, **{"dbglevel": 3, **args.be, "relay": relay})
+    dep.start_fe(**{"dbglevel": 3, "startservers": 1, "maxclients": 1024, **args.fe, "steering": steering})
     chosen = _log_lines(lab, be, "tcpha-be", "relay:", "application connections", start=be_start)
     chosen += _log_lines(lab, "fe", "tcpha-fe", "flow steering:", start=fe_start)
     return [re.sub(r"^.*?(relay:|application connections|flow steering:)", r"\1", line) for line in chosen]
