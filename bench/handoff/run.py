@@ -294,10 +294,13 @@ def sweep(args: argparse.Namespace, lab: NamespaceLab, dep: LabDeployment) -> st
                                                    for _, _, path, r in rows[-3:]), file=sys.stderr)
         lat_direct = bench.wrk(f"http://{be2}:{APP_PORT}/1k.bin", connections=1)
         lat = bench.wrk(f"http://{dep.vip}/1k.bin", connections=1, pids=fe_pids, be_pids=be_pids)
+        # the same for HAProxy: what an L7 proxy adds on the same machine at the same moment (a control
+        # for how much of tcpha's added latency is waiting for a CPU on a busy machine)
+        lat_haproxy = bench.wrk(f"http://{fe_ip}:{HAPROXY_PORT}/1k.bin", connections=1, pids=[hap.pid])
         peak = bench.wrk(f"http://{dep.vip}/1k.bin", connections=128, pids=fe_pids, be_pids=be_pids)
         loads.append(os.getloadavg())
         rounds.append({"n": n, "name": name, "relay": relay, "steering": steering, "chosen": chosen,
-                       "lat_direct": lat_direct, "lat": lat, "peak": peak, "start": t0, "end": time.time(),
+                       "lat_direct": lat_direct, "lat": lat, "lat_haproxy": lat_haproxy, "peak": peak, "start": t0, "end": time.time(),
                        "load": loads[-1]})
     lab.stop(hap)
     dep.stop_fe()
@@ -366,13 +369,15 @@ def sweep_report(args: argparse.Namespace, rows: list[tuple[int, str, str, dict]
                    f"{_f(r['cpu_per_req_us'], '.0f')} | {_f(r['be_cpu_per_req_us'], '.0f')} | "
                    f"{_f(r['p50'], '.2f')} | {_f(r['p99'], '.2f')} | {r['errors']} |")
     out += ["", "One connection at a time (1 KiB) and one worker at 128 clients (1 KiB), per round:", "",
-            "| round | path | direct p50 / p99 ms | tcpha p50 / p99 ms | added p50 ms | 128 clients: handoffs/s | "
-            "FE us | BE us | errors |",
-            "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            "| round | path | direct p50 / p99 ms | tcpha p50 / p99 ms | added p50 ms | HAProxy p50 / p99 ms | "
+            "HAProxy added p50 ms | 128 clients: handoffs/s | FE us | BE us | errors |",
+            "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    nan = {"p50": float("nan"), "p99": float("nan")}
     for rd in rounds:
-        d, t, pk = rd["lat_direct"], rd["lat"], rd["peak"]
+        d, t, pk, h = rd["lat_direct"], rd["lat"], rd["peak"], rd.get("lat_haproxy", nan)
         out.append(f"| {rd['n']} | {rd['name']} | {d['p50']:.2f} / {d['p99']:.2f} | {t['p50']:.2f} / {t['p99']:.2f} "
-                   f"| {t['p50'] - d['p50']:.2f} | {pk['rps']:.0f} | {_f(pk['cpu_per_req_us'], '.0f')} | "
+                   f"| {t['p50'] - d['p50']:.2f} | {_f(h['p50'], '.2f')} / {_f(h['p99'], '.2f')} | "
+                   f"{_f(h['p50'] - d['p50'], '.2f')} | {pk['rps']:.0f} | {_f(pk['cpu_per_req_us'], '.0f')} | "
                    f"{_f(pk['be_cpu_per_req_us'], '.0f')} | {pk['errors']} |")
     return "\n".join(out) + "\n"
 
