@@ -3,7 +3,7 @@
     sudo python3 bench/handoff/run.py [--duration 5] [--connections 32] [--out bench/results/handoff.md]
     sudo python3 bench/handoff/run.py --fe-only [--repeat 3] [--profile /tmp/fe.prof]
     sudo python3 bench/handoff/run.py --sweep [--duration 4]      # bench/results/handoff-sweep.{md,png}
-    ... [--be appsource=local] [--fe steering=nft]                  # options for tcpha-be / tcpha-fe
+    ... [--be appsource=local] [--fe steering=nft] [--py-spy-be /tmp/be]
 
 --sweep measures req/s and the front end's and back end's CPU per request against the response size
 (1 KiB to 4 MiB) for direct, HAProxy and each tcpha data path (relay splice|bpf x steering nft|bpf), and
@@ -17,7 +17,9 @@ load moves over minutes). ~8 minutes at --duration 4. Its raw results also go to
 at --connections and at 128 clients, --repeat times, printing req/s and FE CPU per handoff (no direct,
 HAProxy or latency rows). --profile PREFIX runs the front end's worker under cProfile (TCPHA_PROFILE:
 tcpha.fe.worker) and prints its top functions after the run; the profiler's own cost inflates the CPU
-figures of such a run, so measure with and without it apart.
+figures of such a run, so measure with and without it apart. --py-spy-be PREFIX samples be2's tcpha-be
+(the back end of the 1 KiB handoffs) with py-spy during the 128-client runs and prints its top functions.
+--fe/--be OPTION=VALUE set an option of tcpha-fe / tcpha-be (an A/B: `--be appsource=local`).
 
 Runs in a namespace lab of its own (removed at the end): client, fe, be1, be2; nginx on the back ends
 (port 8080); a new connection per request (`Connection: close`), 1 KiB, 100 KiB and 1 MiB responses.
