@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -223,19 +223,26 @@ class SteeringBatch:
         self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.handoff.xid) for d in batch], batch,
                      Dispatch.forwarded)
 
-    def _flush_unforward(self) -> None:
+    def _flush_unforward(self) -> Future | None:
         self._close_at = False
         batch, self.closing = self.closing, []
         if not batch:
-            return
+            return None
         if INLINE_STEERING:
             self._do_unforward(batch)
-        else:
-            self.thread.submit(self._do_unforward, batch)
+            return None
+        return self.thread.submit(self._do_unforward, batch)
 
-    def flush_all(self) -> None:
+    def flush_all(self, wait: bool = False) -> None:
+        """Remove the closed flows' entries now rather than at UNFORWARD_DELAY (with `wait`, also when
+        the steering thread does it: returns once they are gone, or after a second)."""
         if self.closing:
-            self._flush_unforward()
+            future = self._flush_unforward()
+            if wait and future is not None:
+                try:
+                    future.result(timeout=1.0)
+                except Exception:
+                    pass
 
     def close(self) -> None:
         """Send what is pending and wait for the steering thread to finish (at stop)."""
