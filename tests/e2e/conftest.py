@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tcpha.lab.deploy import DataPath
@@ -33,16 +35,53 @@ def datapath(request):
     return request.param
 
 
+def lab_on(prefix, datapath):
+    """up_lab (tests/support.py), and at the end a check that the daemons ran on `datapath`: every
+    start-up line of a tcpha-be names its relay and every tcpha-fe its steering, so a path that was
+    silently not taken (a setting lost on the way) fails here instead of passing under the wrong id."""
+    labs = up_lab(prefix, datapath)
+    the_lab = next(labs)
+    try:
+        yield the_lab
+        wrong = datapath_mismatches(the_lab, datapath)
+        assert not wrong, f"daemons not on {datapath.id}: " + "; ".join(wrong)
+    finally:
+        labs.close()
+
+
+# the start-up lines (tcpha/be/server.py, tcpha/steering/choose.py): "relay: bpf (relay = bpf: ...)",
+# "flow steering: nft (steering = nft)"
+STARTUP_LINES = {"tcpha-be": re.compile(r"\brelay: (\w+) \(relay = "),
+                 "tcpha-fe": re.compile(r"\bflow steering: (\w+) \(steering = ")}
+
+
+def datapath_mismatches(the_lab, datapath):
+    """What in the lab's daemon logs says the daemons did not run on `datapath`: a start-up line naming
+    another relay or steering, or a daemon's log without its start-up line."""
+    expect = {"tcpha-be": datapath.relay, "tcpha-fe": datapath.steering}
+    wrong = []
+    for log_file in sorted((the_lab.workdir / "logs").glob("*.log")):
+        for daemon, kind in expect.items():
+            if daemon not in log_file.name:
+                continue
+            kinds = STARTUP_LINES[daemon].findall(log_file.read_text(errors="replace"))
+            if not kinds:
+                wrong.append(f"{log_file.name}: no start-up line")
+            elif kind not in (None, "auto") and set(kinds) != {kind}:
+                wrong.append(f"{log_file.name}: {', '.join(sorted(set(kinds)))}")
+    return wrong
+
+
 @pytest.fixture
 def lab(run_prefix, datapath):
     """tests/conftest.py's `lab`, its daemons on this test's data path."""
-    yield from up_lab(run_prefix, datapath)
+    yield from lab_on(run_prefix, datapath)
 
 
 @pytest.fixture(scope="module")
 def lab_module(datapath):
     """tests/conftest.py's `lab_module` (shared by a module's tests on one data path)."""
-    yield from up_lab(new_prefix(), datapath)
+    yield from lab_on(new_prefix(), datapath)
 
 # Rules of the shared deployment: images (by URI or by Host) to be1, everything under / except
 # /private/ to be2; /private/... matches no rule (503 written by the front end).
