@@ -356,8 +356,8 @@ def test_close_by_the_owner_removes_both_sockets_from_the_maps(pairs):
 @pytest.mark.parametrize("relay", ["bpf", "splice"])
 def test_handoffs_through_the_back_end_with_each_relay(lab, relay):
     """tcpha-fe and tcpha-be in the lab with `relay = bpf|splice`: the start-up line names the relay,
-    a 10 MB upload and a 20 MB download arrive byte-exact (the whole e2e suite runs under one relay
-    with TCPHA_LAB_RELAY=bpf|splice)."""
+    a 10 MB upload and a 20 MB download arrive byte-exact (the whole e2e suite runs over each relay:
+    tests/e2e/conftest.py)."""
     import json
 
     from tcpha.lab.demo import LabDeployment
