@@ -15,8 +15,8 @@ client (a thread) reads them at --rate MiB/s (64 KiB at a time). Sampled every 5
   and of the client). For splice it is the relay's pipe; for bpf the sockmap's redirect queue
   (psock->ingress_skb of the client socket), which no socket's memory accounting (sk_rmem_alloc,
   sk_wmem_queued, tcp_mem) counts;
-- the peak growth of tcp_memory_allocated (/proc/net/sockstat `mem`: what tcp_mem limits) and the peak
-  drop of MemAvailable, both machine-wide (other work moves them too: only large differences count);
+- the peak growth of tcp_memory_allocated (/proc/net/sockstat `mem`: what tcp_mem limits), machine-wide
+  (other work moves it too: only large differences count);
 - the /proc/stat CPU of the whole machine while the client reads (the bpf backlog worker retries a full
   socket every jiffy).
 
@@ -77,14 +77,6 @@ def tcp_mem_bytes() -> int:
     return 0
 
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def machine_busy() -> int:
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -120,7 +112,7 @@ def one_run(kind: str, nbytes: int, rate: float) -> dict[str, float]:
         reader_done.set()
 
     samples: list[tuple[float, int, int, bool]] = []   # (time, lead, held, the application is done)
-    mem: list[tuple[int, int]] = []                    # (tcp_mem bytes, MemAvailable) per sample
+    tcp_mem: list[int] = []                            # growth of tcp_memory_allocated per sample
 
     async def main() -> tuple[float, float]:
         loop = asyncio.get_running_loop()
@@ -130,7 +122,7 @@ def one_run(kind: str, nbytes: int, rate: float) -> dict[str, float]:
         relay.start()
         threads = [threading.Thread(target=application, daemon=True),
                    threading.Thread(target=slow_client, daemon=True)]
-        b0, t0, tcp0, avail0 = machine_busy(), time.monotonic(), tcp_mem_bytes(), mem_available()
+        b0, t0, tcp0 = machine_busy(), time.monotonic(), tcp_mem_bytes()
         for t in threads:
             t.start()
         while not reader_done.is_set():
@@ -138,7 +130,7 @@ def one_run(kind: str, nbytes: int, rate: float) -> dict[str, float]:
             buffered = (queue(server, termios.TIOCOUTQ) + queue(app, termios.FIONREAD)
                         + queue(client, termios.TIOCOUTQ) + queue(peer, termios.FIONREAD))
             samples.append((time.monotonic() - t0, lead, max(0, lead - buffered), sent[0] == nbytes))
-            mem.append((tcp_mem_bytes() - tcp0, avail0 - mem_available()))
+            tcp_mem.append(tcp_mem_bytes() - tcp0)
             await asyncio.sleep(SAMPLE)
         busy = (machine_busy() - b0) / os.sysconf("SC_CLK_TCK")
         wall = time.monotonic() - t0
@@ -157,7 +149,7 @@ def one_run(kind: str, nbytes: int, rate: float) -> dict[str, float]:
     return {"exact": exact, "got": len(got), "wall": wall, "cpu": busy,
             "lead_max": max(s[1] for s in samples), "held_max": max(s[2] for s in samples),
             "all_sent_at": next((s[0] for s in samples if s[3]), wall),
-            "tcp_mem_max": max(m[0] for m in mem), "mem_used_max": max(m[1] for m in mem)}
+            "tcp_mem_max": max(tcp_mem)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,14 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel {platform.release()}, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.mb} MiB at {args.rate:g} MiB/s")
         print("| relay | byte-exact | max lead (app written - client read) | max held outside socket buffers "
-              "| tcp_mem growth | MemAvailable drop | application done after s | client done after s "
-              "| machine CPU s |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| tcp_mem growth | application done after s | client done after s | machine CPU s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for kind in args.kinds.split(","):
             r = one_run(kind, args.mb << 20, args.rate * (1 << 20))
             print(f"| {kind} | {'yes' if r['exact'] else 'NO (%d bytes)' % r['got']} | "
                   f"{r['lead_max'] / (1 << 20):.1f} MiB | {r['held_max'] / (1 << 20):.1f} MiB | "
-                  f"{r['tcp_mem_max'] / (1 << 20):.1f} MiB | {r['mem_used_max'] / (1 << 20):.0f} MiB | "
+                  f"{r['tcp_mem_max'] / (1 << 20):.1f} MiB | "
                   f"{r['all_sent_at']:.1f} | {r['wall']:.1f} | {r['cpu']:.2f} |", flush=True)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
