@@ -148,7 +148,7 @@ def test_maps_update_lookup_delete_and_list_their_keys():
 def test_relay_selection_follows_the_setting_and_the_kernel(monkeypatch):
     assert choose_relay("splice") == ("splice", "relay = splice")
     name, why = choose_relay("auto")
-    assert name == "bpf" and "sk_skb" in why
+    assert name == "bpf" and "sk_skb" in why and "no back-pressure" in why
     monkeypatch.setattr(bpf_relay, "_PROBE", (False, "creating BPF map 'tcpha_socks': Operation not permitted"))
     name, why = choose_relay("auto")
     assert name == "splice" and "BPF unavailable" in why and "Operation not permitted" in why
