@@ -27,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "RepairError",
@@ -133,6 +133,13 @@ class TcpState:
     rcv_wscale: int = 0
     timestamp: int = 0  # TCP_TIMESTAMP value at dump time (restores the per-connection offset)
     window: tuple[int, int, int, int, int] | None = None  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+
+    def with_unread(self, data: bytes) -> TcpState:
+        """The same connection with `data` put back in front of its receive queue: bytes a relay read off
+        the socket and did not deliver (the request a back end holds when it moves a keep-alive connection,
+        docs/kernel.md "Moving a keep-alive connection"). They must be exactly the bytes that came before
+        the queue: restore() places the queue at rcv_seq - len(recv_queue)."""
+        return replace(self, recv_queue=bytes(data) + self.recv_queue)
 
     def to_bytes(self) -> bytes:
         flags = (
