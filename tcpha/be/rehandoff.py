@@ -209,6 +209,7 @@ class RehandoffRelay:
         if self.closed or self.moving or not self._move_bytes or self._down or not self.planner.moved:
             return
         self.moving = True
+        log.debug("relay %s: moving at a response boundary (%d bytes held)", self.describe(), len(self._move_bytes))
         self.on_move(self)
 
     def frozen(self) -> bytes:

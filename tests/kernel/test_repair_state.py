@@ -186,3 +186,4 @@ def test_bytes_read_off_a_socket_travel_back_in_front_of_its_queue():
         listener.close()
         if restored is not None:
             restored.close()
+
