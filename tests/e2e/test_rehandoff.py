@@ -239,3 +239,37 @@ def test_nginx_access_logs_show_each_request_on_its_rules_back_end(dep):
     wait_until(lambda: logged().get(("be1", "/z/empty.jpg")) == 25 and logged().get(("be2", "/z/empty.html")) == 25,
                what="nginx access log entries")
     assert logged().get(("be2", "/z/empty.jpg"), 0) == 0 and logged().get(("be1", "/z/empty.html"), 0) == 0
+
+
+def test_target_back_end_down_next_candidate_or_503(fresh):
+    """be1 stopped: a request whose rule names only be1 gets the front end's 503 on that connection; one
+    with a fallback rule is served by the fallback (be2), the connection moving there and back."""
+    dep = fresh
+    dep.files = FILES
+    lab = dep.lab
+    dep.start(fe={"rehandoff": "on", "rules": [f"{lab.ip('be1')} jpg$", f"{lab.ip('be2')} html$",
+                                               f"{lab.ip('be1')} ^/only1/", f"{lab.ip('be2')} bin$",
+                                               f"{lab.ip('be2')} ^/img/", f"{lab.ip('be2')} ^/whoami$"]})
+    lab.stop(dep.be_procs.pop("be1"))
+    # jpg under /img/: be1 first, be2 by the last rule; /only1/... and other jpgs: be1 alone
+    s = dep.connect(timeout=20)
+    try:
+        s.sendall(get("/index.html"))
+        [(head, body)] = read_responses(s, [b"GET"])
+        assert backend_of(head) == "be2" and body == dep.origins["be2"].expected("index.html")
+        s.sendall(get("/img/logo.jpg"))
+        [(head, body)] = read_responses(s, [b"GET"])
+        assert head.startswith(b"HTTP/1.1 200") and backend_of(head) == "be2"
+        assert body == dep.origins["be2"].expected("img/logo.jpg")
+        s.sendall(get("/1k.bin"))
+        [(head, body)] = read_responses(s, [b"GET"])
+        assert backend_of(head) == "be2" and body == dep.origins["be2"].expected("1k.bin")
+        s.sendall(get("/z/empty.jpg"))
+        [(head, _body)] = read_responses(s, [b"GET"])
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"tcpha-fe" in head.lower()
+    except Exception:
+        print_logs(dep)
+        raise
+    finally:
+        s.close()
