@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 
 import pytest
 
@@ -273,3 +274,81 @@ def test_target_back_end_down_next_candidate_or_503(fresh):
         raise
     finally:
         s.close()
+
+
+def test_1000_concurrent_keepalive_clients_10_requests_each(fresh):
+    """1,000 keep-alive connections open at once, each alternating between the back ends for 10 requests:
+    every response complete, byte-exact and from its rule's back end."""
+    import selectors
+    dep = fresh
+    dep.files = FILES
+    dep.start(fe={"rehandoff": "on", "rules": lab_rules(dep.lab)}, be={"maxclients": 4000})
+    clients, rounds = 1000, 10
+    want = {p: dep.origins["be1"].expected(p.lstrip("/")) for p in ("/img/logo.jpg", "/1k.bin")}
+
+    def path(i: int, j: int) -> str:
+        return "/img/logo.jpg" if (i + j) % 2 else "/1k.bin"
+
+    sel = selectors.DefaultSelector()
+    conns = []
+    for i in range(clients):
+        s = dep.connect(timeout=30)
+        s.setblocking(False)
+        conns.append({"i": i, "sock": s, "j": 0, "buf": bytearray(), "framing": None, "head_len": 0})
+    failures: list[str] = []
+    done = 0
+
+    def send_next(c) -> None:
+        c["framing"] = ResponseFraming()
+        c["framing"].request_sent(b"GET")
+        c["buf"] = bytearray()
+        c["sock"].sendall(get(path(c["i"], c["j"])))
+
+    try:
+        for c in conns:
+            send_next(c)
+            sel.register(c["sock"], selectors.EVENT_READ, c)
+        deadline = time.monotonic() + 240
+        while done < clients and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=5):
+                c = key.data
+                try:
+                    data = c["sock"].recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    data = b""
+                    failures.append(f"client {c['i']} request {c['j']}: {e}")
+                if not data:
+                    if len(failures) < 20:
+                        failures.append(f"client {c['i']}: closed at request {c['j']}")
+                    sel.unregister(c["sock"])
+                    done += 1
+                    continue
+                base = len(c["buf"])
+                c["buf"] += data
+                for event, at in _events_with_positions(c["framing"], data, base):
+                    if isinstance(event, Response):
+                        c["head_len"] = event.head_len
+                    elif isinstance(event, ResponseEnd) and not event.interim:
+                        p = path(c["i"], c["j"])
+                        head, body = bytes(c["buf"][:c["head_len"]]), bytes(c["buf"][c["head_len"]:at])
+                        if not head.startswith(b"HTTP/1.1 200") or backend_of(head) != rule_backend(p) \
+                                or body != want[p]:
+                            failures.append(f"client {c['i']} request {c['j']} {p}: {head[:12]!r} "
+                                            f"from {backend_of(head)}, {len(body)} bytes")
+                        c["j"] += 1
+                        if c["j"] == rounds:
+                            sel.unregister(c["sock"])
+                            done += 1
+                        else:
+                            send_next(c)
+        assert done == clients, f"{clients - done} clients unfinished"
+        assert not failures, failures[:10]
+    except Exception:
+        print_logs(dep)
+        raise
+    finally:
+        sel.close()
+        for c in conns:
+            c["sock"].close()
