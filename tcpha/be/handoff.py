@@ -51,8 +51,9 @@ FLOWCLOSED_DELAY = 0.5
 # restored socket is then closed silently, never relayed (two hosts answering one client would
 # corrupt its stream). A front end that got Restored steers the flow within milliseconds.
 STEER_WAIT = 5.0
-# rehandoff: a MoveAsk unanswered (MoveFrozen / MoveRefused) for this long: the connection stays here.
-MOVE_WAIT = 2.0
+# rehandoff: a MoveAsk unanswered (MoveFrozen / MoveRefused) for this long: the connection stays here
+# (generous: the client waits for its response either way, and a busy front end answers late).
+MOVE_WAIT = 10.0
 
 
 def backend_hello(config: Any, *, mac: str | None, app_port: int) -> control.Hello:
