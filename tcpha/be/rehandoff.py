@@ -32,7 +32,8 @@ from tcpha.sniff.http import RequestHead
 log = logging.getLogger("tcpha.be.rehandoff")
 
 CHUNK = 256 * 1024                # client -> application reads
-HEAD_CHUNK = 16 * 1024            # application reads that the planner must see (heads, chunk-size lines)
+HEAD_CHUNK = 16 * 1024            # application reads that the planner must see: a response head (and
+LINE_CHUNK = 256                  # what follows it), or a chunked body's CRLF and chunk-size line
 _SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -218,7 +219,9 @@ class RehandoffRelay:
                 n = os.splice(self.app.fileno(), self._wfd, min(opaque, PIPE_SIZE), flags=_SPLICE)
                 data = b""
             else:
-                data = self.app.recv(HEAD_CHUNK)
+                # Between two chunks only a CRLF and a size line are to be seen: a small read, so that
+                # the next chunk's data is not copied too.
+                data = self.app.recv(LINE_CHUNK if self.planner.responses.in_chunked else HEAD_CHUNK)
                 n = len(data)
         except (BlockingIOError, InterruptedError):
             self._watch_read("app", True)

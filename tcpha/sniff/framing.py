@@ -273,6 +273,12 @@ class ResponseFraming:
         return 0
 
     @property
+    def in_chunked(self) -> bool:
+        """Inside a chunked body: the next bytes to show are a chunk-size line or a CRLF (a few bytes, then
+        chunk data again), not a response head."""
+        return self._state == "chunked"
+
+    @property
     def rest_unseen(self) -> bool:
         """Nothing more to frame: a close-delimited body runs to the end of the stream (only
         :meth:`receive_eof` matters now), or the framing failed. Every next byte may pass unseen."""
