@@ -4,7 +4,8 @@ The client's bytes go through userspace, through tcpha.sniff.framing.RehandoffPl
 request that stays (tcpha.sniff.rulecheck) to the application and holds the first one that goes elsewhere.
 The application's bytes go to the client as in tcpha.relay (splice, through a pipe, unseen) wherever the
 same planner already knows their framing (`app_opaque`: the rest of a Content-Length body or of a chunk's
-data); only response heads and chunk-size lines are read into userspace and shown to it. When every response before the held request is complete and written into the client socket,
+data); only response heads and chunk-size lines are read into userspace and shown to it. When every
+response before the held request is complete and written into the client socket,
 `on_move(relay)` asks the front end to freeze the flow (MoveAsk); `frozen()` then dumps the client socket
 with the held bytes put back in front of its receive queue (tcpha.repair.TcpState.with_unread), lets go of
 it without FIN or RST and returns the state for `Moved`. `keep()` is the answer when the move cannot happen
