@@ -33,8 +33,15 @@ from tcpha.sniff.http import RequestHead
 log = logging.getLogger("tcpha.be.rehandoff")
 
 CHUNK = 256 * 1024                # client -> application reads
-HEAD_CHUNK = 16 * 1024            # application reads that the planner must see: a response head (and
-LINE_CHUNK = 256                  # what follows it), or a chunked body's CRLF and chunk-size line
+# Application -> client (measured with bench/rehandoff_relay.py, bench/results/relay.md): bytes the planner
+# need not see are spliced when there are at least SPLICE_MIN of them; the rest is read and shown to it:
+# HEAD_CHUNK when a response head is next (what follows it is copied too), LINE_CHUNK when a chunk's CRLF
+# and size line are and the chunks are large, COPY_CHUNK for short rests and small chunks (per chunk, a
+# splice pair and a line read cost more than the copy they save).
+SPLICE_MIN = 32 * 1024
+HEAD_CHUNK = 16 * 1024
+LINE_CHUNK = 256
+COPY_CHUNK = CHUNK
 _SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -63,6 +70,7 @@ class RehandoffRelay:
         self._up_done = self._down_done = False
         self._rfd, self._wfd = take_pipe()  # app -> client for the bytes the planner need not see
         self._piped = 0                   # bytes in that pipe
+        self._large_chunks = True         # chunked responses: the last chunk's data was spliced
         self.spliced_down = 0             # of bytes_down, how many went through the pipe unseen
         self._reading = {"client": False, "app": False}
         self._writing = {"client": False, "app": False}
@@ -216,13 +224,22 @@ class RehandoffRelay:
         (now or ever). Raises OSError for the caller's "app->client" failure."""
         opaque = self.planner.app_opaque
         try:
-            if opaque:
+            if opaque >= SPLICE_MIN:
                 n = os.splice(self.app.fileno(), self._wfd, min(opaque, PIPE_SIZE), flags=_SPLICE)
                 data = b""
+                self._large_chunks = True
             else:
-                # Between two chunks only a CRLF and a size line are to be seen: a small read, so that
-                # the next chunk's data is not copied too.
-                data = self.app.recv(LINE_CHUNK if self.planner.responses.in_chunked else HEAD_CHUNK)
+                if opaque:
+                    size = COPY_CHUNK      # a short rest: a copy costs less than a splice pair
+                    self._large_chunks = False
+                elif self.planner.responses.in_chunked:
+                    # A CRLF and a size line: while the chunks are large, read little (the next chunk's
+                    # data is spliced); once one was short, copy on.
+                    size = LINE_CHUNK if self._large_chunks else COPY_CHUNK
+                else:
+                    size = HEAD_CHUNK
+                    self._large_chunks = True
+                data = self.app.recv(size)
                 n = len(data)
         except (BlockingIOError, InterruptedError):
             self._watch_read("app", True)
