@@ -34,11 +34,13 @@ log = logging.getLogger("tcpha.be.rehandoff")
 
 CHUNK = 256 * 1024                # client -> application reads
 # Application -> client (measured with bench/rehandoff_relay.py, bench/results/relay.md): bytes the planner
-# need not see are spliced when there are at least SPLICE_MIN of them; the rest is read and shown to it:
-# HEAD_CHUNK when a response head is next (what follows it is copied too), LINE_CHUNK when a chunk's CRLF
-# and size line are and the chunks are large, COPY_CHUNK for short rests and small chunks (per chunk, a
-# splice pair and a line read cost more than the copy they save).
+# need not see are spliced when there are at least SPLICE_MIN of them (SPLICE_MIN_CHUNK of a chunk's data);
+# the rest is read and shown to it: HEAD_CHUNK when a response head is next (what follows it is copied
+# too), LINE_CHUNK when a chunk's CRLF and size line are and the chunks are large, COPY_CHUNK for short
+# rests and smaller chunks (per 64 KiB chunk, a line read and a splice pair cost more than the copy of the
+# data they save, where one 256 KiB read copies several chunks).
 SPLICE_MIN = 32 * 1024
+SPLICE_MIN_CHUNK = 256 * 1024
 HEAD_CHUNK = 16 * 1024
 LINE_CHUNK = 256
 COPY_CHUNK = CHUNK
@@ -68,9 +70,11 @@ class RehandoffRelay:
         self._down = b""                  # for the client
         self._up_eof = self._down_eof = False
         self._up_done = self._down_done = False
-        self._rfd, self._wfd = take_pipe()  # app -> client for the bytes the planner need not see
+        self._rfd = self._wfd = -1         # app -> client for the bytes the planner need not see (taken
+                                          # at the first splice: connections of small responses never do)
         self._piped = 0                   # bytes in that pipe
         self._large_chunks = True         # chunked responses: the last chunk's data was spliced
+        self._splicing = False            # the last read from the application was a splice
         self.spliced_down = 0             # of bytes_down, how many went through the pipe unseen
         self._reading = {"client": False, "app": False}
         self._writing = {"client": False, "app": False}
@@ -224,10 +228,14 @@ class RehandoffRelay:
         (now or ever). Raises OSError for the caller's "app->client" failure."""
         opaque = self.planner.app_opaque
         try:
-            if opaque >= SPLICE_MIN:
+            # A chunk's data is spliced when the chunk is large; once it is, its rest too (down to SPLICE_MIN).
+            chunk_start = self.planner.responses.in_chunked and not self._splicing
+            if opaque >= (SPLICE_MIN_CHUNK if chunk_start else SPLICE_MIN):
+                if self._wfd < 0:
+                    self._rfd, self._wfd = take_pipe()
                 n = os.splice(self.app.fileno(), self._wfd, min(opaque, PIPE_SIZE), flags=_SPLICE)
                 data = b""
-                self._large_chunks = True
+                self._large_chunks = self._splicing = True
             else:
                 if opaque:
                     size = COPY_CHUNK      # a short rest: a copy costs less than a splice pair
@@ -241,6 +249,7 @@ class RehandoffRelay:
                     self._large_chunks = True
                 data = self.app.recv(size)
                 n = len(data)
+                self._splicing = False
         except (BlockingIOError, InterruptedError):
             self._watch_read("app", True)
             return False
@@ -322,7 +331,8 @@ class RehandoffRelay:
             self._watch_read(which, False)
             self._watch_write(which, False)
         self.closed = True
-        put_pipe(self._rfd, self._wfd, empty=self._piped == 0)
+        if self._rfd >= 0:
+            put_pipe(self._rfd, self._wfd, empty=self._piped == 0)
         if self.discarded:
             close_sockets(self.app)       # the client socket was let go of by repair.discard
         else:
