@@ -13,7 +13,8 @@ tcpha with the alternating paths, and tcpha with `/SIZE.bin` only (the same conn
 the moves cost on top of relaying through a rehandoff back end).
 
 Moves per second come from tcpha's `conn` table (each row counts its connection's moves), read every
-second during the run: the rate between the first and the last reading. CPU: user+system of tcpha-fe
+0.25 s during the run: the sum of each connection's highest count, over wrk's duration (a move between
+the last reading and the connection's close is missed; the connections live through the run). CPU: user+system of tcpha-fe
 (arbiter and worker) or haproxy, and of the two tcpha-be, from /proc. Every run is checked against the
 back ends' nginx access logs: each `.jpg` on be1, everything else on be2, status 200, as many entries as
 wrk counted responses (give or take those in flight at the end). --check also checks each response in
@@ -125,9 +126,9 @@ def wrk_script(paths: list[str], expect: dict[str, tuple[str, int, bytes, bytes]
 
 
 class ConnPoller:
-    """Reads tcpha's `conn` every `interval` s during a run: the sum of the rows' moves at each reading."""
+    """Reads tcpha's `conn` every `interval` s during a run: the moves seen so far at each reading."""
 
-    def __init__(self, rundir: str, interval: float = 1.0):
+    def __init__(self, rundir: str, interval: float = 0.25):
         from tcpha.cli.ctl import socket_for
         self.sock = socket_for(rundir)
         self.interval = interval
@@ -167,12 +168,10 @@ class ConnPoller:
             # busy worker): the middle of the two
             self.readings.append(((t0 + time.monotonic()) / 2, sum(self._seen.values()), len(rows)))
 
-    def rate(self) -> float:
-        """Moves per second between the first and the last reading."""
-        r = self.readings
-        if len(r) < 2 or r[-1][0] <= r[0][0]:
-            return float("nan")
-        return (r[-1][1] - r[0][1]) / (r[-1][0] - r[0][0])
+    def total(self) -> int:
+        """The moves seen: each connection's highest count (its row leaves the table when it closes, so
+        the moves after the last reading before that are missed: read often)."""
+        return self.readings[-1][1] if self.readings else 0
 
 
 def access_check(dep, start: dict[str, int], wrk_requests: int, connections: int) -> tuple[int, int, list[str]]:
@@ -262,7 +261,8 @@ def run(args: argparse.Namespace) -> str:
             r["cpu"] = hb.cpu_seconds(pids) - cpu0
             r["be_cpu"] = hb.cpu_seconds(bes) - be0
             r["wall"] = wall
-            r["moves_s"] = poller.rate() if poller else 0.0
+            r["moves_seen"] = poller.total() if poller else 0
+            r["moves_s"] = r["moves_seen"] / d if poller and poller.readings else float("nan")
             r["poll_errors"] = poller.errors[:3] if poller else []
             m = re.search(r"^CHECK (\d+) (\d+) ?(.*)$", proc.stdout, re.M)
             r["check"] = (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
@@ -318,7 +318,7 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, dict]], loads: l
            "request after a connection's first names the other back end. HAProxy 2.6: one thread, the same "
            "rules (`path_end jpg`); tcpha: `rehandoff = on`, one front-end worker; \"tcpha, no move\": the "
            "same connections asking for `/SIZE.bin` only. Moves/s: from tcpha's `conn` (the rows' move "
-           "counts, read every second). CPU: user+system from /proc of tcpha-fe or haproxy (FE) and of the "
+           "counts, read every 0.25 s: each connection's last count, summed, over wrk's duration). CPU: user+system from /proc of tcpha-fe or haproxy (FE) and of the "
            "two tcpha-be (BE); nginx's is in neither.", "",
            "| size | path | req/s | MB/s | moves/s | FE CPU us/req | FE CPU us/move | BE CPU us/req | "
            "BE CPU us/move | p50 ms | p99 ms | errors | nginx logged (other BE) |",
@@ -340,8 +340,9 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, dict]], loads: l
         verdict = "" if target is None else (f" (target >= {target:g}x: " + ("met" if ratio >= target else "**missed**") + ")")
         per_move = _div(t["cpu"] / d - s["cpu"] / d * _div(t["rps"], s["rps"]), t["moves_s"]) * 1e6
         be_per_move = _div(t["be_cpu"] / d - s["be_cpu"] / d * _div(t["rps"], s["rps"]), t["moves_s"]) * 1e6
-        out.append(f"- {label}: tcpha {_f(ratio, '.2f')}x HAProxy{verdict}; {_f(_div(t['moves_s'], t['rps']) * 100, '.0f')}% "
-                   f"of tcpha's requests moved the connection; without moves tcpha serves {_f(s['rps'], '.0f')} "
+        out.append(f"- {label}: tcpha {_f(ratio, '.2f')}x HAProxy{verdict}; {t['moves_seen']} moves seen in `conn` for "
+                   f"{t['logged']} requests nginx served on {args.connections} connections (at most "
+                   f"{t['logged'] - args.connections} changes of back end); without moves tcpha serves {_f(s['rps'], '.0f')} "
                    f"req/s ({_f(_div(s['rps'], h['rps']), '.2f')}x HAProxy). CPU per move over the no-move run's "
                    f"per-request cost: FE {_f(per_move, '.0f')} us, BE {_f(be_per_move, '.0f')} us.")
     out += ["", "## Routing check", ""]
