@@ -22,7 +22,7 @@ wrk (one connection per wrk thread): its body (length, first and last 32 bytes) 
 X-Tcpha-Backend header nginx adds names the back end: the rule's for that file, status 200, and the
 other file than the connection's previous response (the requests alternate: responses in order).
 
-Runs in a namespace lab of its own (removed at the end); ~3 minutes at --duration 8. Not run in CI.
+Runs in a namespace lab of its own (removed at the end); ~2 minutes at --duration 8. Not run in CI.
 """
 
 from __future__ import annotations
