@@ -1,4 +1,4 @@
-"""Routed mode (`tunnel = vxlan|ipip`): the tunnel devices that carry handed-off flows to back ends on
+"""Routed mode (`tunnel = vxlan` or `ipip`): the tunnel devices that carry handed-off flows to back ends on
 other subnets, as TCPHA's IPIP mode does (the back end holds the VIP on `tunl0`).
 
 Front end: one collect-metadata ("external") device, `tcpha-vxlan` or `tcpha-ipip`. The steering program
