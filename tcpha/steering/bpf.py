@@ -345,6 +345,11 @@ class BpfFlowSteering:
         with self._ipr() as ipr:
             self._link(ipr)
             prog_id = self._our_filter(ipr)
+        if self._tunnel_dev is not None:
+            try:
+                self._tunnel_dev.lookup()
+            except TunnelError as exc:
+                raise SteeringError(str(exc)) from None
         flows = self._adopt_map(prog_id) if prog_id is not None else None
         if flows is None:
             raise SteeringError(f"no steering program on {self.ifname} (is it installed?)")
@@ -367,8 +372,6 @@ class BpfFlowSteering:
         if not self._macs:
             self._map()                          # a handle without install(): finds ifindex and MAC too
             if self._tunnel_dev is not None:
-                if not self._tunnel_dev.ifindex:
-                    self._tunnel_dev.lookup()
                 self._macs = _mac_bytes(self._tunnel_dev.mac or "00:00:00:00:00:00")
             else:
                 self._macs = _mac_bytes(self.mac or "00:00:00:00:00:00")

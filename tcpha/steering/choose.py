@@ -38,7 +38,7 @@ _decided: dict[tuple[str, str], tuple[str, str]] = {}   # (mode, tunnel) -> (kin
 def make_flow_steering(mode: str, **kwargs: Any) -> Any:
     """The steering object for `mode` (not installed yet: install() it, or use it as a handle on what is
     installed). The choice is made, and logged, once per process."""
-    tunnel = kwargs.get("tunnel", "none")
+    tunnel = kwargs.pop("tunnel", "none")
     if tunnel not in TUNNELS:
         raise SteeringError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
     decision = (mode, tunnel)
@@ -47,8 +47,7 @@ def make_flow_steering(mode: str, **kwargs: Any) -> Any:
         log.log(NOTICE, "flow steering: %s", _decided[decision][1])
     kind = _decided[decision][0]
     if kind == "bpf":
-        return BpfFlowSteering(**kwargs)
-    kwargs.pop("tunnel", None)
+        return BpfFlowSteering(tunnel=tunnel, **kwargs)
     return FlowSteering(**kwargs)
 
 

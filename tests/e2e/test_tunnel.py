@@ -30,9 +30,9 @@ def routed(lab):
     return LabDeployment(lab)
 
 
-def start_tunnelled(dep: LabDeployment, kind: str = "vxlan") -> None:
+def start_tunnelled(dep: LabDeployment, kind: str = "vxlan", **fe) -> None:
     be1, be2 = dep.lab.ip("be1"), dep.lab.ip("be2")
-    dep.start(fe={"rules": [f"{be1} jpg$", f"{be2} .*"], "tunnel": kind, "steering": "auto"},
+    dep.start(fe={"rules": [f"{be1} jpg$", f"{be2} .*"], "tunnel": kind, "steering": "auto", **fe},
               be={"tunnel": kind})
 
 
@@ -64,7 +64,7 @@ def test_vxlan_routes_by_uri_to_back_ends_behind_a_router(routed):
     dep = routed
     lab = dep.lab
     assert lab.ip("be1").startswith(FAR_SUBNET.rsplit(".", 2)[0]) and lab.ip("fe").startswith("10.77.")
-    start_tunnelled(dep)
+    start_tunnelled(dep, startservers=2)          # forked workers open the program and the device too
     for path, who in (("/img/logo.jpg", "be1"), ("/index.html", "be2"), ("/1m.bin", "be2")):
         r = dep.request(path)
         assert (r.status, r.backend) == (200, who), path
