@@ -146,6 +146,7 @@ sleep 100000
     ]
 
 
+@pytest.mark.timeout(1800)
 def test_ipip_routed_mode_across_a_router(run_prefix, record_property):
     t0 = time.monotonic()
     box = _box()
@@ -171,7 +172,7 @@ def test_ipip_routed_mode_across_a_router(run_prefix, record_property):
         assert result["bytes"] == BIG and result["sha"] == be2_sha
         assert fe_tx < 0.01 * BIG, f"the front end sent {fe_tx} bytes during a {BIG}-byte download"
         assert VIP in tunl0
-    except Exception:
+    except BaseException:                       # pytest-timeout's Failed too: show what the guests did
         for g in lab.guests:
             print(f"--- {g} console tail ---\n" + "\n".join(lab.console_text(g).splitlines()[-15:]))
         raise
