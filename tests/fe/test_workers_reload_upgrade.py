@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -131,7 +132,13 @@ def test_seamless_upgrade_under_load(prod, startservers):
     # unread would make the kernel reset the connection, and the reset can destroy a last Steered.
     assert _abort_on_data(prod, "fe") == resets
     be_logs = "".join(prod.lab.log_path(h, "tcpha-be").read_text() for h in prod.dep.backends)
-    assert "before Steered" not in be_logs
+    # A back end drops a restored connection "before Steered" only for a handoff the front end gave up
+    # on (handofftimeout on a loaded machine: it kept the client and said so); any other is a handoff
+    # the closing worker cut short.
+    unsteered = re.findall(r"handoff (\d+) from \S+: control connection \w+ before Steered", be_logs)
+    fe_log = prod.fe_log()
+    cut = [x for x in unsteered if f"timed-out handoff {x}" not in fe_log]
+    assert cut == [], f"handoffs dropped before Steered that the front end did not give up on: {cut}"
     log_new = prod.lab.log_path("fe", "tcpha-fe-new").read_text()
     assert "took over the listening sockets" in log_new
     assert "handed over to a new tcpha-fe" in prod.fe_log()
