@@ -65,6 +65,7 @@ echo '<p>{name}</p>' > /srv/index.html
 sha256sum /srv/big.bin | sed 's/^/TCPHA-SHA /'
 {PY} -m tcpha.lab.httpapp --name {name} --root /srv --listen 127.0.0.1:8080 &
 {PY} -m tcpha.be -c /lab/tcphabe.conf &
+(tail -F /tmp/be.log 2>/dev/null | sed -u 's/^/TCPHA-BE-LOG /') &
 for i in $(seq 1 120); do grep -q 'kernel state installed' /tmp/be.log 2>/dev/null && break; sleep 0.5; done
 ip -br addr show tunl0 | sed 's/^/TCPHA-TUNL0 /'
 echo TCPHA-BE-READY
@@ -84,13 +85,13 @@ ip route add 10.92.0.0/24 via 10.91.0.1
 printf %s {key} > /tmp/authkey; chmod 600 /tmp/authkey
 {PY} -m tcpha.fe -c /lab/tcphafe.conf &
 FE=$!
+(tail -F /tmp/fe.log 2>/dev/null | sed -u 's/^/TCPHA-FE-LOG /') &     # the front end's log on the console
 echo TCPHA-FE-STARTED
 # the client asks for the kill -9 (port 9999), then says it is done (port 9998)
 {PY} /lab/wait_port.py 9999; TX0=$(cat /sys/class/net/eth0/statistics/tx_bytes)
 kill -9 $FE; echo TCPHA-FE-KILLED
 {PY} /lab/wait_port.py 9998; TX1=$(cat /sys/class/net/eth0/statistics/tx_bytes)
 echo "TCPHA-FE-TX $((TX1 - TX0))"
-tail -5 /tmp/fe.log | sed 's/^/TCPHA-FE-LOG /'
 sleep 100000
 """
     wait_port = ("import socket, sys\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
