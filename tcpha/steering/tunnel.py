@@ -101,6 +101,10 @@ def tunnel_possible(kind: str, *, netns: str | None = None) -> str | None:
         try:
             ipr.link("add", ifname=probe, **kw)
         except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                # the kernel knows the kind; an equivalent tunnel is there already (ipip: the module's own
+                # tunl0 has the same any/any parameters as the probe)
+                return None
             return _explain(kind, exc)
         with contextlib.suppress(NetlinkError):
             for idx in ipr.link_lookup(ifname=probe):
