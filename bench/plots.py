@@ -4,6 +4,10 @@
 
 bench/results/handoff.png    req/s and front-end CPU per request against response size: direct, HAProxy,
                              tcpha (the first table of bench/results/handoff.md)
+bench/results/handoff-sweep.png  req/s, front-end and back-end CPU per request against response size (1 KiB
+                             to 4 MiB): direct, HAProxy and each tcpha data path (relay splice|bpf x
+                             steering nft|bpf), from the "Every point" table of bench/results/handoff-sweep.md
+                             (`bench/handoff/run.py --sweep`; direct and HAProxy: the median of the rounds)
 bench/results/distcache-redis.png  dc_server ops/s against clients: embedded store, Redis, Redis Cluster
                              (bench/results/distcache-redis.md) next to the original C dc_server's
                              figures (the "target" column of bench/results/distcache.md, TCP, persistent dc_test)
@@ -88,6 +92,88 @@ def plot_handoff(results: Path = RESULTS / "handoff.md", png: Path | None = None
     return png
 
 
+def _kib(label: str) -> float:
+    value, unit = label.split()
+    return float(value) * {"KiB": 1, "MiB": 1024}[unit]
+
+
+def plot_sweep(results: Path = RESULTS / "handoff-sweep.md", png: Path | None = None) -> Path:
+    """Four panels against response size: req/s; tcpha's req/s over HAProxy's measured next to it (same
+    round, same size); FE CPU per request; BE CPU per request."""
+    import statistics
+    plt = _pyplot()
+    png = png or results.with_suffix(".png")
+    rows = read_table(results, "round")
+    points: dict[str, dict[float, dict[str, list[float]]]] = {}
+    by_round: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        cell = points.setdefault(r["path"], {}).setdefault(_kib(r["size"]), {})
+        for key in ("req/s", "FE CPU us/req", "BE CPU us/req"):
+            cell.setdefault(key, []).append(number(r[key]))
+        by_round[(r["round"], r["size"], r["path"].split()[0])] = number(r["req/s"])
+    for r in rows:                                  # tcpha over the HAProxy point of its own round
+        if r["path"].startswith("tcpha"):
+            hap = by_round.get((r["round"], r["size"], "haproxy"), float("nan"))
+            points[r["path"]][_kib(r["size"])].setdefault("ratio", []).append(
+                number(r["req/s"]) / hap if hap and hap == hap else float("nan"))
+    fixed = {"direct": ("#888888", "s", "-", "direct to nginx"), "haproxy": ("#d95f02", "^", "-", "HAProxy 2.6")}
+    tcpha_styles = [("#1b9e77", "o", "-"), ("#7570b3", "D", "--"), ("#e7298a", "v", "-."), ("#66a61e", "P", ":")]
+    styles = dict(fixed)
+    for i, path in enumerate(p for p in points if p not in fixed):
+        color, marker, line = tcpha_styles[i % len(tcpha_styles)]
+        styles[path] = (color, marker, line, path.replace("+", " relay, ") + " steering")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    panels = (("req/s", "Requests per second (32 clients)", "req/s"),
+              ("ratio", "tcpha's req/s over HAProxy's, measured next to it", "tcpha / HAProxy"),
+              ("FE CPU us/req", "Front-end CPU per request", "µs of CPU per request"),
+              ("BE CPU us/req", "Back-end CPU per request (tcpha-be)", "µs of CPU per request"))
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
+        for path, (color, marker, line, label) in styles.items():
+            if path not in points:
+                continue
+            sizes = sorted(points[path])
+            # a point with no request completed (0 req/s, no CPU figure) is left out, not drawn as 0
+            kept = [[v for v in points[path][s].get(key, []) if v == v and v > 0] for s in sizes]
+            values = [statistics.median(v) if v else float("nan") for v in kept]
+            if all(v != v for v in values):
+                continue
+            ax.plot(sizes, values, marker=marker, linestyle=line, color=color, label=label, markersize=5)
+        if key == "ratio":
+            ax.axhline(1.0, color="#d95f02", linewidth=1, linestyle="-", alpha=.6)
+            for kib, want, text in ((1, 0.7, "target 0.7x"), (100, 1.5, "target 1.5x"), (1024, 4.0, "target 4x")):
+                ax.plot([kib], [want], marker="_", markersize=18, color="black")
+                ax.annotate(text, (kib, want), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({s for p in points.values() for s in p})
+        ax.set_xticks(ticks, [f"{s / 1024:g} MiB" if s >= 1024 else f"{s:g} KiB" for s in ticks], rotation=45)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("response size")
+        ax.set_ylabel(ylabel + " (log)")
+        ax.set_title(title)
+        ax.grid(True, alpha=.3)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    axes[0][0].legend(fontsize=7)
+    axes[0][1].legend(fontsize=7)
+    fig.suptitle(_sweep_title(results), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _sweep_title(results: Path) -> str:
+    text = results.read_text()
+    when = re.search(r"^Run (\S+ \S+ UTC)", text, re.M)
+    load = re.search(r"load average \(1 min\) ([0-9. >-]+?) at the start", text)
+    return (f"bench/handoff/run.py --sweep, {when.group(1) if when else '?'}, 2 cores shared with other test "
+            f"runs (load average {load.group(1) if load else '?'})\ndirect and HAProxy: the median of the "
+            "rounds; the figures move with the machine's load: compare ratios, not absolute figures")
+
+
 def plot_distcache(results: Path = RESULTS / "distcache-redis.md", c_targets: Path = RESULTS / "distcache.md",
                    png: Path | None = None) -> Path:
     plt = _pyplot()
@@ -144,6 +230,8 @@ def main() -> int:
     done = []
     if (RESULTS / "handoff.md").exists():
         done.append(plot_handoff())
+    if (RESULTS / "handoff-sweep.md").exists():
+        done.append(plot_sweep())
     if (RESULTS / "distcache-redis.md").exists():
         done.append(plot_distcache())
     for p in done:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "RepairError",
@@ -83,6 +83,10 @@ _TCP_STATE_NAMES = {
 # Large queues are refilled in pieces: one send() of a big buffer in repair mode asks the kernel for one
 # linear skb, which fails with ENOMEM beyond a few hundred KiB (seen).
 QUEUE_CHUNK = 64 * 1024
+# Queues up to this size fit the default socket buffers; larger ones get buffers sized for them.
+BUFFER_SLACK = 64 * 1024
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 DUMP_ATTEMPTS = 4
 
 _U32 = struct.Struct("=I")  # socket option values are host order
@@ -133,6 +137,13 @@ class TcpState:
     rcv_wscale: int = 0
     timestamp: int = 0  # TCP_TIMESTAMP value at dump time (restores the per-connection offset)
     window: tuple[int, int, int, int, int] | None = None  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+
+    def with_unread(self, data: bytes) -> TcpState:
+        """The same connection with `data` put back in front of its receive queue: bytes a relay read off
+        the socket and did not deliver (the request a back end holds when it moves a keep-alive connection,
+        docs/kernel.md "Moving a keep-alive connection"). They must be exactly the bytes that came before
+        the queue: restore() places the queue at rcv_seq - len(recv_queue)."""
+        return replace(self, recv_queue=bytes(data) + self.recv_queue)
 
     def to_bytes(self) -> bytes:
         flags = (
@@ -388,6 +399,15 @@ def restore(state: TcpState, *, freebind: bool = True, announce: bool = True) ->
         if state.timestamps:
             step = "TCP_TIMESTAMP"
             setsockopt(tcp, TCP_TIMESTAMP, _U32.pack(state.timestamp & _U32_MASK))
+        # A queue larger than the socket's buffer would block its refill for ever (nothing drains a
+        # repaired socket's queues): a connection moved between back ends after a large response carries
+        # megabytes of unacknowledged data. Sized before the refill; FORCE: beyond wmem_max/rmem_max.
+        if len(state.send_queue) > BUFFER_SLACK:
+            step = "SO_SNDBUFFORCE"
+            setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * len(state.send_queue) + BUFFER_SLACK)
+        if len(state.recv_queue) > BUFFER_SLACK:
+            step = "SO_RCVBUFFORCE"
+            setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 2 * len(state.recv_queue) + BUFFER_SLACK)
         if state.recv_queue:
             step = "receive queue refill"
             setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)

@@ -9,9 +9,7 @@ import threading
 
 import pytest
 
-# Every prefix handed out in this pytest run; at the end of the session anything still named with one
-# of them (namespaces and the processes inside) is removed and reported (see pytest_sessionfinish).
-RUN_PREFIXES: set[str] = set()
+from tests.support import RUN_PREFIXES, new_prefix, up_lab
 
 
 @pytest.fixture
@@ -25,7 +23,21 @@ def run_prefix() -> str:
     return prefix
 
 
+def pytest_addoption(parser):
+    # Read by tests/e2e/conftest.py, which runs every end-to-end test over each data path given here.
+    parser.addoption(
+        "--datapaths", default="splice+bpf,bpf+nft", metavar="RELAY+STEERING,...",
+        help="data paths the e2e tests run over, each RELAY+STEERING with RELAY auto|bpf|splice and "
+             "STEERING auto|bpf|nft (default: splice+bpf,bpf+nft: each relay and each steering once)")
+
+
 def pytest_configure(config):
+    from tcpha.lab.deploy import DataPath
+
+    try:
+        DataPath.parse_list(config.getoption("datapaths"))
+    except ValueError as e:
+        raise pytest.UsageError(f"--datapaths: {e}") from None
     # A run stopped with SIGTERM (`timeout`, a CI runner's cancel) would die without its fixtures'
     # teardown and the session's clean-up below, leaving namespaces and daemons behind: make it an
     # interruption (as Ctrl-C), which pytest ends with both.
@@ -59,31 +71,13 @@ def pytest_runtest_setup(item):
 
 # --- the namespace lab (owner: lab) -----------------------------------------------------------------
 
-def _new_prefix() -> str:
-    # Unlike run_prefix (one per test), several labs may be made at once: skip prefixes in use.
-    from tcpha.lab.netns import lab_namespaces
-
-    while True:
-        prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
-        if prefix not in RUN_PREFIXES and not lab_namespaces(prefix):
-            RUN_PREFIXES.add(prefix)
-            return prefix
-
-
 @pytest.fixture
 def lab(run_prefix):
     """An up NamespaceLab (DEFAULT_TOPOLOGY: client, fe, be1, be2, cache) with this test's prefix.
 
     Torn down after the test even when it fails: processes started through it, namespaces, links.
     """
-    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab
-
-    the_lab = NamespaceLab(DEFAULT_TOPOLOGY, run_prefix)
-    the_lab.up()
-    try:
-        yield the_lab
-    finally:
-        the_lab.down()
+    yield from up_lab(run_prefix)
 
 
 @pytest.fixture
@@ -98,14 +92,7 @@ def prod(lab):
 @pytest.fixture(scope="module")
 def lab_module():
     """Like `lab`, shared by the tests of one module (they must not leave state the next test trips on)."""
-    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab
-
-    the_lab = NamespaceLab(DEFAULT_TOPOLOGY, _new_prefix())
-    the_lab.up()
-    try:
-        yield the_lab
-    finally:
-        the_lab.down()
+    yield from up_lab(new_prefix())
 
 
 @pytest.fixture
@@ -118,7 +105,7 @@ def lab_factory():
     def make(topology=None, backends=None):
         if topology is None:
             topology = make_topology(backends) if backends else DEFAULT_TOPOLOGY
-        the_lab = NamespaceLab(topology, _new_prefix())
+        the_lab = NamespaceLab(topology, new_prefix())
         made.append(the_lab)
         the_lab.up()
         return the_lab

@@ -1,4 +1,4 @@
-"""Helpers shared by every test area: one way to wait for an event.
+"""Helpers shared by every test area: one way to wait for an event; labs with their prefixes.
 
 Tests poll for state that another process changes (a control file, a log line, a counter). A poll that
 runs before that state exists must be told apart from a failure: `wait_until` treats a condition that
@@ -8,10 +8,17 @@ for and the last exception seen, so a timeout reads as what it is.
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+# Every lab prefix handed out in this pytest run; at the end of the session anything still named with
+# one of them (namespaces and the processes inside) is removed and reported (tests/conftest.py,
+# pytest_sessionfinish).
+RUN_PREFIXES: set[str] = set()
 
 
 def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str | None = None,
@@ -66,3 +73,29 @@ def fixed_client_port(lab, host: str = "client") -> int:
 
     low = int(lab.sysctl(host, "net.ipv4.ip_local_port_range").split()[0])
     return random.randrange(10000, low)
+
+
+def new_prefix() -> str:
+    """A lab prefix for this run. Unlike the run_prefix fixture (one per test), several labs may be made
+    at once: prefixes in use are skipped."""
+    from tcpha.lab.netns import lab_namespaces
+
+    while True:
+        prefix = "t" + secrets.token_hex(2) + str(os.getpid() % 10)
+        if prefix not in RUN_PREFIXES and not lab_namespaces(prefix):
+            RUN_PREFIXES.add(prefix)
+            return prefix
+
+
+def up_lab(prefix: str, datapath: Any = None) -> Iterator[Any]:
+    """For a fixture: yields an up NamespaceLab (DEFAULT_TOPOLOGY) whose tcpha daemons use `datapath`
+    (tcpha.lab.deploy.DataPath; None: the environment's), and takes it down after, even on failure."""
+    from tcpha.lab import DEFAULT_TOPOLOGY, NamespaceLab
+
+    the_lab = NamespaceLab(DEFAULT_TOPOLOGY, prefix)
+    the_lab.datapath = datapath
+    the_lab.up()
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()

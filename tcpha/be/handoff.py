@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import logging
 import os
 import socket
@@ -30,9 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tcpha import control, repair, sockdiag
 from tcpha.be.appsource import send_proxy_header
+from tcpha.be.rehandoff import RehandoffRelay
 from tcpha.control.handoff import BackEndHandoffs
 from tcpha.loglevels import NOTICE
 from tcpha.relay import SpliceRelay
+from tcpha.sniff.rulecheck import StayRules
 
 if TYPE_CHECKING:
     from tcpha.be.server import BackEnd
@@ -48,6 +51,9 @@ FLOWCLOSED_DELAY = 0.5
 # restored socket is then closed silently, never relayed (two hosts answering one client would
 # corrupt its stream). A front end that got Restored steers the flow within milliseconds.
 STEER_WAIT = 5.0
+# rehandoff: a MoveAsk unanswered (MoveFrozen / MoveRefused) for this long: the connection stays here
+# (generous: the client waits for its response either way, and a busy front end answers late).
+MOVE_WAIT = 10.0
 
 
 def backend_hello(config: Any, *, mac: str | None, app_port: int) -> control.Hello:
@@ -134,6 +140,10 @@ class ControlSession(asyncio.Protocol):
         # and the STEER_WAIT timer) or relaying (tcpha.control.handoff: the back end's view).
         self.handoffs: BackEndHandoffs[tuple[SpliceRelay, asyncio.TimerHandle]] = BackEndHandoffs()
         self.node_id = ""                 # from the front end's Hello ("tcpha-fe health ..." for its checker)
+        # rehandoff: the front end's rules (its Rules message; None: its connections never move), and the
+        # relays whose MoveAsk waits for an answer, by xid, with their MOVE_WAIT timer.
+        self.stay_rules: StayRules | None = None
+        self.moving: dict[int, tuple[RehandoffRelay, asyncio.TimerHandle]] = {}
         self._out: list[bytes] = []         # frames not written yet (see send)
         self._feeding = False
 
@@ -262,6 +272,19 @@ class HandoffReceiver:
             pending, self.unsent_closed = self.unsent_closed, []
             for closed in pending:
                 session.send(closed)
+        elif isinstance(msg, control.Rules):
+            try:
+                session.stay_rules = StayRules(msg.rules, msg.here) if msg.rules else None
+            except (ValueError, re.error) as e:
+                session.stay_rules = None
+                log.warning("rules from %s not usable, its connections stay where they are: %s", session.peer, e)
+        elif isinstance(msg, control.MoveFrozen):
+            self._move_frozen(session, msg.xid)
+        elif isinstance(msg, control.MoveRefused):
+            entry = session.moving.pop(msg.xid, None)
+            if entry is not None:
+                entry[1].cancel()
+                entry[0].keep(f"front end refused the move: {msg.reason}")
         elif isinstance(msg, control.Ping):
             lookups, hits = self.backend.tls.session_counters() if self.backend.tls is not None else (0, 0)
             session.send(control.Pong(token=msg.token, session_lookups=lookups, session_hits=hits))
@@ -361,13 +384,68 @@ class HandoffReceiver:
             log.info("handoff %d: %s:%d restored from %s in %.0f us", xid, peer[0], peer[1], session.peer,
                      (time.perf_counter() - t0) * 1e6)
         flow = (peer[0], peer[1], self.backend.vip, client.getsockname()[1])
+        make = None
+        rules = session.stay_rules
+        if rules is not None and not (self.backend.tls is not None and self.backend.tls.wants(client)):
+            make = self._rehandoff_relay(session, xid, flow, rules)
         relay = self.backend.start_relay(client, app, lambda r: self._flow_closed(session, flow, r, xid),
-                                         hold_down=True)
+                                         hold_down=True, make=make)
         # Nothing goes to the client before the front end says the flow is steered here (Steered):
         # until then the client's ACKs would hit the front end's freeze and we would wait an RTO.
         timer = self.backend.loop.call_later(STEER_WAIT, self.not_steered, session, xid,
                                              f"no Steered within {STEER_WAIT:g} s")
         session.handoffs.restored(xid, (relay, timer))
+
+    # -- rehandoff: moving a keep-alive connection (docs/kernel.md) ------------------------------
+    def _rehandoff_relay(self, session: ControlSession, xid: int, flow: tuple[str, int, str, int],
+                         rules: StayRules) -> Callable[..., RehandoffRelay]:
+        first = [True]
+
+        def stays(head: Any) -> bool:
+            # The front end routed the first request itself (with health and fallbacks): it stays.
+            if first[0]:
+                first[0] = False
+                return True
+            return rules.stays(head)
+
+        def make(loop: asyncio.AbstractEventLoop, client: socket.socket, app: socket.socket,
+                 on_done: Callable[..., None]) -> RehandoffRelay:
+            return RehandoffRelay(loop, client, app, on_done, stays=stays,
+                                  on_move=lambda relay: self._ask_move(session, xid, flow, relay))
+        return make
+
+    def _ask_move(self, session: ControlSession, xid: int, flow: tuple[str, int, str, int],
+                  relay: RehandoffRelay) -> None:
+        if session.closed or not session.send(control.MoveAsk(xid=xid, client_ip=flow[0], client_port=flow[1],
+                                                              vip=flow[2], vport=flow[3])):
+            relay.keep("no control connection to the front end that sent it")
+            return
+        timer = self.backend.loop.call_later(MOVE_WAIT, self._move_unanswered, session, xid)
+        session.moving[xid] = (relay, timer)
+
+    def _move_unanswered(self, session: ControlSession, xid: int) -> None:
+        entry = session.moving.pop(xid, None)
+        if entry is not None:
+            entry[0].keep(f"no answer to MoveAsk within {MOVE_WAIT:g} s")
+
+    def _move_frozen(self, session: ControlSession, xid: int) -> None:
+        entry = session.moving.pop(xid, None)
+        if entry is None:
+            session.send(control.Moved(xid=xid, state=b"", reason="no move pending"))
+            return
+        relay, timer = entry
+        timer.cancel()
+        if relay.closed:
+            session.send(control.Moved(xid=xid, state=b"", reason="the connection ended"))
+            return
+        try:
+            state = relay.frozen()
+        except OSError as e:
+            session.send(control.Moved(xid=xid, state=b"", reason=f"dump failed: {e}"))
+            relay.keep(f"dump failed: {e}")
+            return
+        self.backend.stats.moved_away += 1
+        session.send(control.Moved(xid=xid, state=state))
 
     def _discard_stale_relay(self, local: tuple[str, int], peer: tuple[str, int]) -> bool:
         """A relay of ours still holds a client socket on this 4-tuple (its client's last packets never

@@ -45,6 +45,7 @@ class BackEndStats:
     fdpassed: int = 0
     control_errors: int = 0
     active: int = 0
+    moved_away: int = 0      # rehandoff: connections moved on at a request for another back end
 
 
 class BackEnd:
@@ -80,9 +81,13 @@ class BackEnd:
         self.appsource = AppSource()
 
     def start_relay(self, client: socket.socket, app: socket.socket,
-                    on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False) -> SpliceRelay:
-        """Relay `client` to `app` (TLS-terminated when tlsports says so); `on_done` calls relay_ended."""
-        if self.tls is not None and self.tls.wants(client):
+                    on_done: Callable[[SpliceRelay], None], *, hold_down: bool = False,
+                    make: Callable[..., Any] | None = None) -> SpliceRelay:
+        """Relay `client` to `app` (TLS-terminated when tlsports says so; `make(loop, client, app, on_done)`
+        when given: rehandoff); `on_done` calls relay_ended."""
+        if make is not None:
+            relay: Any = make(self.loop, client, app, on_done)
+        elif self.tls is not None and self.tls.wants(client):
             relay: Any = self.tls.relay(self.loop, client, app, on_done)
         else:
             relay = relay_class(self.relay_kind)(self.loop, client, app, on_done)

@@ -127,6 +127,8 @@ def probe() -> tuple[bool, str]:
 
 
 RELAYS = ("auto", "bpf", "splice")
+# said in the start-up line whenever bpf is chosen (docs/kernel.md, "The BPF relay", Limits)
+NO_BACKPRESSURE = "no back-pressure: what a slow client has not read is held in the kernel"
 
 
 def choose_relay(setting: str) -> tuple[str, str]:
@@ -138,11 +140,11 @@ def choose_relay(setting: str) -> tuple[str, str]:
     if setting == "bpf":
         if not ok:
             raise BpfError(errno.EOPNOTSUPP, f"relay = bpf: {why}")
-        return "bpf", f"relay = bpf: {why}"
+        return "bpf", f"relay = bpf: {why}; {NO_BACKPRESSURE}"
     if setting != "auto":
         raise ValueError(f"relay must be one of {', '.join(RELAYS)}, not {setting!r}")
     if ok:
-        return "bpf", f"relay = auto: {why}"
+        return "bpf", f"relay = auto: {why}; {NO_BACKPRESSURE}"
     return "splice", f"relay = auto: BPF unavailable ({why})"
 
 

@@ -26,6 +26,14 @@ Registered     fe    answer to Register
 Unregister     be    the BE leaves (unload/stop): no new handoffs
 Steered        fe    xid's flow is now steered to the BE: it may send to the client
                      (until then the client's ACKs would be dropped by the FE's freeze)
+Rules          fe    rehandoff = on: the uri/host rules in order, and for each whether
+                     this back end is among its targets (after Hello, at every reload)
+MoveAsk        be    xid's next request goes elsewhere by the rules, at a response
+                     boundary: freeze the flow (docs/kernel.md "Moving a keep-alive ...")
+MoveFrozen     fe    xid's flow is frozen: dump it and send it back
+MoveRefused    fe    xid is not moved (reason): the BE keeps the connection
+Moved          be    xid's connection: TcpState bytes with the held request in front of
+                     the receive queue; state == b"": not moved (reason), the BE kept it
 =============  ====  ===============================================================
 """
 
@@ -39,7 +47,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = ["Hello", "Handoff", "Restored", "Refused", "FlowClosed", "Ping", "Pong", "Register",
-           "Registered", "Unregister", "Steered", "Message", "MESSAGE_TYPES", "SENDERS", "encode_payload",
+           "Registered", "Unregister", "Steered", "Rules", "MoveAsk", "MoveFrozen", "MoveRefused", "Moved",
+           "Message", "MESSAGE_TYPES", "SENDERS", "encode_payload",
            "decode_payload", "PayloadError"]
 
 
@@ -149,12 +158,51 @@ class Steered:
     xid: int
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    TYPE: ClassVar[int] = 12
+    rules: tuple[tuple[str, str], ...] = ()   # (field, pattern) in order: field 'uri'|'host'
+    here: bytes = b""         # one byte per rule: 1 when the receiving back end is among its targets
+
+
+@dataclass(frozen=True, slots=True)
+class MoveAsk:
+    TYPE: ClassVar[int] = 13
+    xid: int                  # the handoff that brought the connection here
+    client_ip: str
+    client_port: int
+    vip: str
+    vport: int
+
+
+@dataclass(frozen=True, slots=True)
+class MoveFrozen:
+    TYPE: ClassVar[int] = 14
+    xid: int
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRefused:
+    TYPE: ClassVar[int] = 15
+    xid: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    TYPE: ClassVar[int] = 16
+    xid: int
+    state: bytes              # tcpha.repair.TcpState.to_bytes(), held request in front; b"": not moved
+    reason: str = ""          # why not, when state is empty
+
+
 Message = (Hello | Handoff | Restored | Refused | FlowClosed | Ping | Pong | Register | Registered | Unregister
-           | Steered)
+           | Steered | Rules | MoveAsk | MoveFrozen | MoveRefused | Moved)
 
 MESSAGE_TYPES: dict[int, type] = {cls.TYPE: cls for cls in
                                   (Hello, Handoff, Restored, Refused, FlowClosed, Ping, Pong, Register,
-                                   Registered, Unregister, Steered)}
+                                   Registered, Unregister, Steered, Rules, MoveAsk, MoveFrozen, MoveRefused,
+                                   Moved)}
 
 # Which role may send each message; the receiver refuses anything else (a BE never accepts a
 # Restored, a FE never accepts a Handoff: a reflected or misrouted frame is an error, not an action).
@@ -163,6 +211,8 @@ SENDERS: dict[type, frozenset[str]] = {
     Handoff: frozenset({"fe"}), Registered: frozenset({"fe"}), Steered: frozenset({"fe"}),
     Restored: frozenset({"be"}), Refused: frozenset({"be"}), FlowClosed: frozenset({"be"}),
     Register: frozenset({"be"}), Unregister: frozenset({"be"}),
+    Rules: frozenset({"fe"}), MoveFrozen: frozenset({"fe"}), MoveRefused: frozenset({"fe"}),
+    MoveAsk: frozenset({"be"}), Moved: frozenset({"be"}),
 }
 
 # Field kinds, by field name where the name is not enough to know it.

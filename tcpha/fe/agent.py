@@ -93,6 +93,10 @@ class WorkerAgent:
             w.log_connections = logging.getLogger("tcpha.fe.handoff").isEnabledFor(logging.INFO)
             return {"ok": True}
         if op == "conn":
+            # Closed flows wait up to UNFORWARD_DELAY for their steering entries to go, but have left
+            # the ledger already: the arbiter, which reads the kernel's map after our answer, would list
+            # them as orphans of a dead worker. Their entries go first.
+            w.batch.flush_all(wait=True)
             macs = {be.mac: be.name for be in set(w.backends.values()) if getattr(be, "mac", None)}
             return {"rows": ledger.conn_rows(), "macs": macs}
         if op == "metrics":

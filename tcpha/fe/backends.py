@@ -259,6 +259,8 @@ class RemoteBackend:
     def _ready(self, link: ControlLink, hello: Any) -> None:
         if link not in self.ready:
             self.ready.append(link)
+        if getattr(self.worker, "rehandoff", False):
+            link.send(self.worker.rules_message(self))
         log.log(NOTICE, "back end %s: control connection %d up (%s, mac %s)", self.name, link.index,
                 getattr(hello, "node_id", "?"), self.mac)
 

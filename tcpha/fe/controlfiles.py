@@ -151,12 +151,13 @@ class ControlFiles:
 
     def conn_text(self) -> str:
         rows = self.conn_rows()
-        head = f"{'client':<22} {'port':>5} {'backend':<22} {'state':<12} {'age':>9} {'bytes_in':>10} {'bytes_out':>10} rule"
+        head = f"{'client':<22} {'port':>5} {'backend':<22} {'state':<12} {'age':>9} {'bytes_in':>10} {'bytes_out':>10} {'moves':>5} rule"
         lines = [head]
         for r in sorted(rows, key=lambda r: -(r["age"] if r["age"] is not None else -1)):
             age = "-" if r["age"] is None else f"{r['age']:.3f}"
             lines.append(f"{r['client']:<22} {r['vport']:>5} {r['backend']:<22} {r['state']:<12} "
-                         f"{age:>9} {_num(r['bytes_in']):>10} {_num(r['bytes_out']):>10} {r['rule']}")
+                         f"{age:>9} {_num(r['bytes_in']):>10} {_num(r['bytes_out']):>10} {r.get('moves') or 0:>5} "
+                         f"{r['rule']}")
         return "\n".join(lines)
 
     async def metrics_text_async(self) -> str:

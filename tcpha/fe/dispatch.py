@@ -61,7 +61,7 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
                  "next_index", "handoff", "link", "backend", "flow", "facts", "reading", "finished",
-                 "lowat", "rule", "pools", "waiting")
+                 "lowat", "rule", "pools", "waiting", "moves")
 
     def __init__(self, worker: "DispatchHost", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
@@ -85,6 +85,7 @@ class Dispatch:
         self.rule: str | None = None
         self.pools: list[tuple[int, int, tuple[str, ...]]] = _NO_CANDIDATES  # rule pools: (start, end, pool) spans
         self.waiting = False     # waiting for more of the request head: not counted against maxclients
+        self.moves = 0           # rehandoff: how many times back ends handed this connection back
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:

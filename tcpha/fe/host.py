@@ -110,4 +110,6 @@ class BackendHost(Protocol):
 
     def on_control_message(self, link: Any, msg: Any) -> None: ...
 
+    def rules_message(self, backend: Any) -> Any: ...     # rehandoff: the Rules a back end gets
+
     def queue_flush(self, link: Any) -> None: ...

@@ -37,6 +37,7 @@ class FlowRecord:
     bytes_out: int = 0
     relay: Any = None            # local node: the SpliceRelay (bytes known live)
     xid: int = 0                 # the handoff's id (echoed in the back end's FlowClosed)
+    moves: int = 0               # rehandoff: times the connection moved between back ends so far
 
 
 def rule_text(rule: Any) -> str:
@@ -116,7 +117,8 @@ class ConnectionLedger:
                 self.prune()
             self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
                 d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
-                state="local" if outcome == "local" else "handed-off", relay=relay, xid=d.handoff.xid)
+                state="local" if outcome == "local" else "handed-off", relay=relay, xid=d.handoff.xid,
+                moves=getattr(d, "moves", 0))
         if log.isEnabledFor(logging.INFO):
             log.info("%s:%d -> %s rule %s %s in %.0f us", d.peer[0], d.peer[1], backend, rule,
                      "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
@@ -153,7 +155,8 @@ class ConnectionLedger:
             be = getattr(d, "backend", None)
             rows.append({"client": f"{d.peer[0]}:{d.peer[1]}", "vport": d.lport,
                          "backend": be.name if be is not None else "-", "rule": "-", "state": state,
-                         "age": round(mono - d.t0, 3), "bytes_in": getattr(d, "peeked", 0), "bytes_out": None})
+                         "age": round(mono - d.t0, 3), "bytes_in": getattr(d, "peeked", 0), "bytes_out": None,
+                         "moves": getattr(d, "moves", 0)})
         stale = []
         for key, f in self.flows.items():
             age = now - f.since
@@ -168,7 +171,7 @@ class ConnectionLedger:
                 bytes_in, bytes_out = f.relay.bytes_up, f.relay.bytes_down
             rows.append({"client": f"{f.client_ip}:{f.client_port}", "vport": f.vport, "backend": f.backend,
                          "rule": f.rule, "state": state, "age": round(age, 3),
-                         "bytes_in": bytes_in, "bytes_out": bytes_out})
+                         "bytes_in": bytes_in, "bytes_out": bytes_out, "moves": f.moves})
         for key in stale:
             self.flows.pop(key, None)
         return rows

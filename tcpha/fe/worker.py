@@ -15,11 +15,11 @@ import signal
 import socket
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tcpha import control
+from tcpha import control, repair
 from tcpha.control.handoff import FeEvent, FrontEndHandoffs
 from tcpha.fe.agent import WorkerAgent
 from tcpha.fe.backends import build_backends
@@ -43,6 +43,7 @@ class WorkerStats:
     flows_closed: int = 0
     flows_closed_stale: int = 0      # FlowClosed of an earlier connection on a reused 4-tuple: entry kept
     control_errors: int = 0
+    moved: int = 0                   # rehandoff: connections a back end handed back, dispatched again
     answered: dict[int, int] = field(default_factory=dict)
 
 
@@ -223,19 +224,26 @@ class SteeringBatch:
         self._submit("forward", self._do_forward, [(d.flow, d.backend.mac, d.handoff.xid) for d in batch], batch,
                      Dispatch.forwarded)
 
-    def _flush_unforward(self) -> None:
+    def _flush_unforward(self) -> Future | None:
         self._close_at = False
         batch, self.closing = self.closing, []
         if not batch:
-            return
+            return None
         if INLINE_STEERING:
             self._do_unforward(batch)
-        else:
-            self.thread.submit(self._do_unforward, batch)
+            return None
+        return self.thread.submit(self._do_unforward, batch)
 
-    def flush_all(self) -> None:
+    def flush_all(self, wait: bool = False) -> None:
+        """Remove the closed flows' entries now rather than at UNFORWARD_DELAY (with `wait`, also when
+        the steering thread does it: returns once they are gone, or after a second)."""
         if self.closing:
-            self._flush_unforward()
+            future = self._flush_unforward()
+            if wait and future is not None:
+                try:
+                    future.result(timeout=1.0)
+                except Exception:
+                    pass
 
     def close(self) -> None:
         """Send what is pending and wait for the steering thread to finish (at stop)."""
@@ -294,6 +302,10 @@ class Worker:
         # A worker whose arbiter is gone (kill -9) stops at once: see _arbiter_gone.
         self.arbiter_pid: int | None = None
         self.wait_flows = True
+        # rehandoff = on: the back ends get the rules (Rules) and may hand a connection back at a request
+        # the rules send elsewhere (MoveAsk, Moved: docs/kernel.md "Moving a keep-alive connection").
+        self.rehandoff = getattr(config, "rehandoff", "off") == "on"
+        self._moving: dict[int, tuple[Any, Any]] = {}       # xid -> (FlowKey, FlowRecord) frozen for a move
         self._orphan_logged = False
         self._dead_flows_logged = False
 
@@ -306,6 +318,30 @@ class Worker:
         rules = list(static) + self.dynamic_rules
         self.rules = RuleTable(rules)
         self.ledger.set_rules(rules)
+        if self.rehandoff:
+            for be in set(self.backends.values()):
+                for link in getattr(be, "ready", ()):
+                    if link.up:
+                        link.send(self.rules_message(be))
+
+    def rules_message(self, backend: Any) -> Any:
+        """What `backend` needs to know whether a request stays on it (rehandoff): the uri/host rules in
+        order, each with whether it names `backend` (a pool rule: whether `backend` is in the pool)."""
+        pairs: list[tuple[str, str]] = []
+        here = bytearray()
+        last_pool: Any = None
+        for rule in self.rules.rules:
+            if rule.field not in ("uri", "host"):
+                continue
+            mine = self.backends.get(rule.target) is backend
+            pool = tuple(getattr(rule, "pool", ()) or ())
+            if len(pool) > 1 and last_pool == (rule.field, rule.pattern, pool):
+                here[-1] |= mine            # the next member of the same pool rule
+                continue
+            last_pool = (rule.field, rule.pattern, pool) if len(pool) > 1 else None
+            pairs.append((rule.field, rule.pattern))
+            here.append(1 if mine else 0)
+        return control.Rules(rules=tuple(pairs), here=bytes(here))
 
     # -- handoffs --------------------------------------------------------------------------------
     def flow_key(self, peer: tuple[str, int], lport: int) -> Any:
@@ -387,11 +423,85 @@ class Worker:
                                     msg.xid)
             self.batch.unforward(FlowKey(client_ip=msg.client_ip, client_port=msg.client_port,
                                                 vip=msg.vip, vport=msg.vport), msg.xid)
+        elif isinstance(msg, control.MoveAsk):
+            self._move_ask(link, msg)
+        elif isinstance(msg, control.Moved):
+            self._moved(link, msg)
         elif isinstance(msg, control.Ping):
             if link.up:
                 link.send(control.Pong(token=msg.token))
         else:
             log.debug("back end %s: %s ignored", link.backend.name, type(msg).__name__)
+
+    # -- rehandoff: a back end hands a keep-alive connection back (docs/kernel.md) ---------------
+    def _move_ask(self, link: Any, msg: Any) -> None:
+        """Freeze the flow, so that its back end may dump it (MoveFrozen); or say why not (MoveRefused)."""
+        def refuse(why: str) -> None:
+            log.info("move of %s:%d (handoff %d) refused: %s", msg.client_ip, msg.client_port, msg.xid, why)
+            link.send(control.MoveRefused(xid=msg.xid, reason=why))
+
+        if not self.rehandoff:
+            return refuse("rehandoff is off")
+        if self._stopping_set():
+            return refuse("stopping")
+        record = self.ledger.flows.get((msg.client_ip, msg.client_port, msg.vport))
+        if record is None or record.xid != msg.xid or record.state != "handed-off":
+            return refuse("not a connection this worker handed off")
+        flow = FlowKey(client_ip=msg.client_ip, client_port=msg.client_port, vip=msg.vip, vport=msg.vport)
+        try:
+            self.steering.freeze(flow)
+        except Exception as e:
+            return refuse(f"freezing failed: {e}")
+        record.state = "moving"
+        self._moving[msg.xid] = (flow, record)
+        link.send(control.MoveFrozen(xid=msg.xid))
+
+    def _moved(self, link: Any, msg: Any) -> None:
+        """The back end's dump of the connection, with the request it held: rebuild the socket here and
+        dispatch it as a new connection (its request is in the receive queue, as an accepted one's is)."""
+        entry = self._moving.pop(msg.xid, None)
+        if entry is None:
+            log.error("back end %s: 'moved' for handoff %d that is not moving", link.backend.name, msg.xid)
+            return
+        flow, record = entry
+        key = (flow.client_ip, flow.client_port, flow.vport)
+        if not msg.state:
+            # It stays on the back end (the client closed or reset it meanwhile, or the dump failed).
+            record.state = "handed-off"
+            self._unfreeze(flow)
+            log.info("%s:%d stays on %s: %s", flow.client_ip, flow.client_port, record.backend, msg.reason)
+            return
+        if self.ledger.flows.get(key) is record:
+            del self.ledger.flows[key]
+        try:
+            sock = repair.restore(repair.TcpState.from_bytes(msg.state), announce=False)
+        except Exception as e:
+            self._unfreeze(flow)
+            self._drop_forward(flow)
+            log.error("%s:%d moved by %s but not rebuilt here, the connection is lost: %s", flow.client_ip,
+                      flow.client_port, record.backend, e)
+            return
+        # Our socket owns the flow again: neither the old back end nor the freeze may take its packets.
+        self._drop_forward(flow)
+        self._unfreeze(flow)
+        sock.setblocking(False)
+        self.inflight += 1
+        self.stats.moved += 1
+        d = Dispatch(self, sock, (flow.client_ip, flow.client_port), flow.vport)
+        d.moves = record.moves + 1
+        d.start()
+
+    def _unfreeze(self, flow: Any) -> None:
+        try:
+            self.steering.thaw(flow)
+        except Exception as e:
+            log.error("thawing %s:%d failed: %s", flow.client_ip, flow.client_port, e)
+
+    def _drop_forward(self, flow: Any) -> None:
+        try:
+            self.steering.unforward(flow)
+        except Exception as e:
+            log.error("removing the steering entry of %s:%d failed: %s", flow.client_ip, flow.client_port, e)
 
     # -- accepting -------------------------------------------------------------------------------
     def _may_accept(self) -> bool:

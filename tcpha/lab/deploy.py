@@ -55,6 +55,47 @@ class Response:
         return self.headers.get(BACKEND_HEADER.lower())
 
 
+@dataclass(frozen=True)
+class DataPath:
+    """The data path tcpha's daemons in a lab use: the back ends' `relay` and the front end's `steering`
+    (None: the daemon's own default). The e2e suite runs over each one (tests/e2e/conftest.py, option
+    --datapaths); elsewhere the lab takes it from TCPHA_LAB_RELAY / TCPHA_LAB_STEERING."""
+    relay: str | None = None        # auto | bpf | splice
+    steering: str | None = None     # auto | bpf | nft
+
+    @classmethod
+    def parse(cls, text: str) -> "DataPath":
+        """'RELAY+STEERING' (splice+bpf); ValueError with one line when it is not."""
+        relay, plus, steering = text.strip().partition("+")
+        if not plus or relay not in ("auto", "bpf", "splice") or steering not in ("auto", "bpf", "nft"):
+            raise ValueError(f"data path {text!r}: write RELAY+STEERING, RELAY auto|bpf|splice, "
+                             f"STEERING auto|bpf|nft (e.g. splice+bpf)")
+        return cls(relay, steering)
+
+    @classmethod
+    def parse_list(cls, text: str) -> "list[DataPath]":
+        """'splice+bpf,bpf+nft' -> [DataPath, ...]; ValueError when empty or an item is wrong."""
+        paths = [cls.parse(item) for item in text.split(",") if item.strip()]
+        if not paths:
+            raise ValueError("no data path given: write RELAY+STEERING[,RELAY+STEERING...]")
+        return paths
+
+    @classmethod
+    def from_env(cls) -> "DataPath":
+        return cls(os.environ.get("TCPHA_LAB_RELAY") or None, os.environ.get("TCPHA_LAB_STEERING") or None)
+
+    @property
+    def id(self) -> str:
+        """A name for test ids and logs: relay-splice+steering-bpf."""
+        return f"relay-{self.relay or 'default'}+steering-{self.steering or 'default'}"
+
+
+def lab_datapath(lab: NamespaceLab) -> DataPath:
+    """The data path of this lab's daemons: the one set on the lab (NamespaceLab.datapath, by the tests'
+    fixtures), else the environment's."""
+    return lab.datapath if isinstance(lab.datapath, DataPath) else DataPath.from_env()
+
+
 def fe_config_text(lab: NamespaceLab, key_path: str, *, servers: list[str] | None = None,
                    rules: list[str] | None = None, **options: Any) -> str:
     """tcphafe.conf for the lab: every back end as a server; default rules jpg -> be1, rest -> be2."""
@@ -69,7 +110,7 @@ def fe_config_text(lab: NamespaceLab, key_path: str, *, servers: list[str] | Non
         # control files and sockets of this lab's daemons stay in its scratch directory: labs run
         # side by side share the file system, not /run/tcpha
         "rundir": str(lab.workdir / "tcpha" / "run-fe"),
-        "steering": os.environ.get("TCPHA_LAB_STEERING"),   # the e2e suite under one steering: auto|bpf|nft
+        "steering": lab_datapath(lab).steering,
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"]
@@ -85,7 +126,7 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
         "raddr": ip, "uaddr": ip, "vaddr": lab.topology.vip, "port": CONTROL_PORT,
         "redirectaddr": "0.0.0.0", "redirectport": APP_PORT, "authkey": key_path, "dbglevel": 3,
         "grace": 1, "rundir": str(lab.workdir / "tcpha" / f"run-be-{host}"),
-        "relay": os.environ.get("TCPHA_LAB_RELAY"),   # the e2e suite under one relay: auto|bpf|splice
+        "relay": lab_datapath(lab).relay,
     }
     values.update(options)
     lines = ["# written by tcpha.lab.demo"] + [f"{k} = {v}" for k, v in values.items() if v is not None]
@@ -94,9 +135,9 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
 
 def fe_steering(lab: NamespaceLab, vip: str, method: str, *args: Any, tunnel: str = "none") -> Any:
     """Call `method` on a handle of the lab FE's steering table (the daemon's: table tcpha_fe), of the
-    kind its daemon chose (TCPHA_LAB_STEERING, else auto: the same choice on the same kernel; with a
+    kind its daemon chose (the lab's data path, else auto: the same choice on the same kernel; with a
     tunnel, bpf, the only kind that does tunnels)."""
-    mode = "auto" if tunnel != "none" else os.environ.get("TCPHA_LAB_STEERING") or "auto"
+    mode = "auto" if tunnel != "none" else lab_datapath(lab).steering or "auto"
 
     def run() -> Any:
         steering = make_flow_steering(mode, table="tcpha_fe", ifname=lab.ifname("fe"), vip=vip, ports=[VPORT],

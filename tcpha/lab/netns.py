@@ -304,6 +304,9 @@ class NamespaceLab:
         self._macs: dict[str, str] = {}
         self._lock = threading.Lock()
         self.is_up = False
+        # the relay and steering of tcpha daemons deployed here (tcpha.lab.deploy.DataPath); None: from
+        # the environment (set by the test fixtures that run a suite over each data path)
+        self.datapath: Any = None
 
     # -- names ---------------------------------------------------------------------------------
     def netns(self, host: str) -> str:

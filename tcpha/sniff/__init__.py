@@ -1,4 +1,5 @@
-"""Sans-I/O sniffers the front end runs on peeked bytes: the HTTP/1.x request head and the TLS ClientHello.
+"""Sans-I/O sniffers the front end runs on peeked bytes: the HTTP/1.x request head and the TLS ClientHello;
+and the framing of a keep-alive connection's requests and responses (tcpha.sniff.framing, for `rehandoff`).
 
 Neither touches a socket: feed the bytes peeked so far; get a result, :data:`NeedMore`, or an exception that
 says how to refuse the connection (:class:`HeadError` carries an HTTP status; :class:`TlsHelloError` means the

@@ -112,3 +112,41 @@ def test_fallbacks_are_exported_for_prometheus():
     text = backend_exposition(handoffs=0, refused=0, fdpassed=0, control_errors=0, relayed=0, front_ends=0,
                               registered=None, appsource_fallbacks=3)
     assert "\ntcpha_be_appsource_fallbacks_total 3\n" in text
+
+
+def test_the_loopback_check_is_made_once_per_application_address(monkeypatch):
+    """Whether the application's address is in 127/8 (no socket lookup needed) is worked out once per
+    address, not per connection; outside 127/8 every connection asks the kernel, and only a connection
+    of the client's own on that 4-tuple (not TIME_WAIT, not a listener) counts as a clash."""
+    import types
+
+    import tcpha.be.appsource as appsource
+
+    parsed: list[str] = []
+
+    def ip_address(text: str):
+        parsed.append(text)
+        return __import__("ipaddress").ip_address(text)
+
+    monkeypatch.setattr(appsource, "ipaddress", types.SimpleNamespace(ip_address=ip_address))
+
+    class Lookup:
+        def __init__(self):
+            self.asked: list[tuple] = []
+            self.states = [1, 6, None, 10]      # ESTABLISHED, TIME_WAIT, none, LISTEN
+
+        def state(self, local, remote):
+            self.asked.append((local, remote))
+            return self.states[len(self.asked) - 1]
+
+        def close(self):
+            pass
+
+    source = AppSource("transparent", "a test")
+    source._lookup = lookup = Lookup()
+    for port in range(40000, 40004):
+        assert source._app_connected_to(("192.0.2.7", port), ("127.0.0.1", APP_PORT)) is False
+    assert parsed == ["127.0.0.1"] and lookup.asked == []
+    clashes = [source._app_connected_to(("192.0.2.7", port), ("10.88.0.2", APP_PORT)) for port in range(4)]
+    assert clashes == [True, False, False, False]
+    assert parsed == ["127.0.0.1", "10.88.0.2"] and len(lookup.asked) == 4

@@ -13,8 +13,8 @@ import hmac
 
 import pytest
 
-from tcpha.control import (ControlConnection, FlowClosed, Handoff, Hello, Ping, Pong, Refused, Register,
-                           Registered, Restored, Steered, Unregister)
+from tcpha.control import (ControlConnection, FlowClosed, Handoff, Hello, MoveAsk, Moved, MoveFrozen, MoveRefused,
+                           Ping, Pong, Refused, Register, Registered, Restored, Rules, Steered, Unregister)
 from tcpha.control.messages import decode_payload, encode_payload
 
 XID = 0x1234_0000_0001
@@ -48,6 +48,13 @@ PAYLOADS = [
     (Registered(accepted=False, reason="no"), "00" "0002" "6e6f"),
     (Unregister(addr="10.77.0.11", port=8009, reason="stop"), "0a4d000b" "1f49" "0004" "73746f70"),
     (Steered(xid=XID), "0000123400000001"),
+    (Rules(rules=(("uri", "jpg$"), ("host", ".")), here=b"\x01\x00"),
+     "0002" "0003" "757269" "0004" "6a706724" "0004" "686f7374" "0001" "2e" "00000002" "0100"),
+    (MoveAsk(xid=XID, client_ip="10.77.0.2", client_port=40000, vip="10.77.0.100", vport=80),
+     "0000123400000001" "0a4d0002" "9c40" "0a4d0064" "0050"),
+    (MoveFrozen(xid=XID), "0000123400000001"),
+    (MoveRefused(xid=XID, reason="off"), "0000123400000001" "0003" "6f6666"),
+    (Moved(xid=XID, state=b"\x01\x02"), "0000123400000001" "00000002" "0102" "0000"),
 ]
 
 

@@ -100,3 +100,45 @@ def test_killed_workers_flows_stay_in_conn_until_they_end(prod):
     # it ended: FlowClosed reached a live worker or the arbiter, the entry and the row are gone
     assert wait_until(lambda: row() is None, 10), row()
     assert prod.dep.request("/index.html").status == 200
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_conn_answer_comes_after_closed_flows_left_the_steering_table(monkeypatch, thread):
+    """A flow whose FlowClosed came has left the worker's ledger at once, while its steering entry goes
+    with the next unforward batch (UNFORWARD_DELAY later). The arbiter reads the kernel's map after the
+    workers' `conn` answers: a worker answering before that batch made the flow an orphan row."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from tcpha.fe import worker as worker_mod
+    from tcpha.fe.agent import WorkerAgent
+    from tcpha.fe.ledger import ConnectionLedger
+
+    monkeypatch.setattr(worker_mod, "INLINE_STEERING", not thread)
+    table: set[FlowKey] = set()
+
+    class Steering:
+        def unforward_closed(self, closed):
+            time.sleep(0.05)                      # a netlink round trip, slow enough to be seen
+            for flow, _ in closed:
+                table.discard(flow)
+            return []
+
+    loop = asyncio.new_event_loop()
+    a, b = socket.socketpair()
+    try:
+        w = SimpleNamespace(loop=loop, steering=Steering(), ledger=ConnectionLedger([]), backends={},
+                            stats=SimpleNamespace(flows_closed_stale=0))
+        w.batch = worker_mod.SteeringBatch(w)
+        flow = FlowKey("10.0.0.9", 40000, "10.0.0.1", 80)
+        table.add(flow)
+        w.batch.unforward(flow, 7)
+        answer = WorkerAgent(w, a).handle({"op": "conn"})
+        assert answer["rows"] == []
+        assert flow not in table, "the conn answer came while the closed flow was still steered"
+        w.batch.close()
+    finally:
+        loop.close()
+        a.close()
+        b.close()

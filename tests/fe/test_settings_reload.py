@@ -188,6 +188,7 @@ def test_fe_reload_applies_each_live_option_and_reports_each_restart_option(prod
     from tcpha.config import FE_SETTINGS, load_fe_config
     from tcpha.config.settings import LIVE, RESTART
     from tcpha.lab.demo import APP_PORT, CONTROL_PORT, VPORT, fe_config_text
+    from tcpha.lab.deploy import lab_datapath
     prod.start()
     conf = prod.dep.dir / "tcphafe.conf"
     old = load_fe_config(str(conf))
@@ -201,8 +202,8 @@ def test_fe_reload_applies_each_live_option_and_reports_each_restart_option(prod
         "rise": 3, "fall": 2, "authkey": str(_other_key(prod)), "rundir": str(prod.lab.workdir / "run-fe-2"),
         "usefuse": 0, "logfile": str(prod.lab.workdir / "fe-2.log"), "dbglevel": 4, "metrics": 9121, "grace": 5,
         "statsadmin": "on",
-        # another steering than the running one (the lab's: TCPHA_LAB_STEERING, else auto)
-        "steering": "bpf" if os.environ.get("TCPHA_LAB_STEERING") == "nft" else "nft",
+        # another steering than the running one (the lab's, else auto)
+        "steering": "bpf" if lab_datapath(prod.lab).steering == "nft" else "nft",
     }
     conf.write_text(fe_config_text(prod.lab, str(prod.dep.key),
                                    servers=[f"{be1} {CONTROL_PORT}", f"{be2} {CONTROL_PORT}", f"{spare} {CONTROL_PORT}"],

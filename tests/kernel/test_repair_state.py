@@ -151,3 +151,39 @@ def test_silence_then_close_sends_no_fin():
         client.close()
         server.close()
         listener.close()
+
+
+@pytest.mark.netns
+def test_bytes_read_off_a_socket_travel_back_in_front_of_its_queue():
+    """A back end that read a request off the client's socket and holds it (to move the connection) gives
+    it back with with_unread(): the restored socket reads the held bytes, then what was still queued, then
+    what the client sends next, in order; and answers still reach the client."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    server.settimeout(5)
+    restored = None
+    try:
+        client.sendall(b"GET /a.jpg HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        first = b"GET /a.jpg HTTP/1.1\r\n\r\n"
+        held = server.recv(len(first), socket.MSG_WAITALL)
+        assert held == first
+        state = repair.dump(server)
+        assert state.recv_queue == b"GET /b HTTP/1.1\r\n\r\n"
+        repair.discard(server)
+        moved = TcpState.from_bytes(state.with_unread(held).to_bytes())
+        assert moved.rcv_seq == state.rcv_seq
+        restored = repair.restore(moved)
+        restored.settimeout(5)
+        client.sendall(b"GET /c HTTP/1.1\r\n\r\n")
+        want = b"GET /a.jpg HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n"
+        assert restored.recv(len(want), socket.MSG_WAITALL) == want
+        answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+        restored.sendall(answer)
+        assert client.recv(len(answer), socket.MSG_WAITALL) == answer
+    finally:
+        client.close()
+        listener.close()
+        if restored is not None:
+            restored.close()
+

@@ -39,12 +39,12 @@ def test_dc_server_reaches_redis_over_tls_and_checks_its_certificate(tmp_path):
         servers.append(good)
         assert _roundtrip(good.address), good.output()
         other = _tls(tmp_path / "other")                  # a CA that did not sign the server's certificate
-        wrong = DcServer(f"rediss://{node.address}?cacert={other.ca}&cert={tls.cert}&key={tls.key}",
-                         tmp_path, "wrong")
+        wrong = DcServer(f"rediss://{node.address}?cacert={other.ca}&cert={tls.cert}&key={tls.key}"
+                         "&socket_timeout=2", tmp_path, "wrong")
         servers.append(wrong)
         assert not _roundtrip(wrong.address)              # a miss, never a session from an unchecked peer
         assert "certificate verify failed" in wrong.output(), wrong.output()
-        plain = DcServer(f"redis://{node.address}", tmp_path, "plain")
+        plain = DcServer(f"redis://{node.address}?socket_timeout=2", tmp_path, "plain")
         servers.append(plain)
         assert not _roundtrip(plain.address)              # no plaintext way in
     finally:
