@@ -62,7 +62,8 @@ def _decide_tunnel(mode: str, tunnel: str, kwargs: dict[str, Any]) -> tuple[str,
     why_not = tunnel_possible(tunnel, netns=kwargs.get("netns"))
     if why_not is not None:
         raise SteeringError(why_not)
-    return "bpf", f"bpf (tunnel = {tunnel}: handed-off flows go to their back ends encapsulated)"
+    return "bpf", (f"bpf (steering = {mode}, tunnel = {tunnel}: handed-off flows go to their back ends "
+                   "encapsulated)")
 
 
 def _decide(mode: str, kwargs: dict[str, Any]) -> tuple[str, str]:

@@ -16,11 +16,19 @@ from tcpha.lab.demo import LabDeployment
 from tcpha.lab.deploy import fe_steering
 from tcpha.lab.routed import FAR_SUBNET, route_apart
 from tcpha.steering.tunnel import tunnel_possible
-from tests.support import wait_until
+from tcpha.lab.deploy import DataPath
+from tests.support import up_lab, wait_until
 
 pytestmark = pytest.mark.netns
 
 BIG = "video/clip.mp4"          # 20 MiB
+
+
+@pytest.fixture
+def lab(run_prefix):
+    """A lab of its own, not one per --datapaths path (tests/e2e/conftest.py): a tunnel needs the BPF
+    steering program, which the tests below set (steering = auto picks it; nft is refused)."""
+    yield from up_lab(run_prefix, DataPath(None, None))
 
 
 @pytest.fixture
