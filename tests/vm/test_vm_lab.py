@@ -158,7 +158,7 @@ def test_ipip_routed_mode_across_a_router(run_prefix, record_property):
         lab.up()
         boot = {g: lab.wait_for(g, "TCPHA-NET-UP", 600) for g in lab.guests}
         for g in ("be1", "be2"):
-            lab.wait_for(g, "TCPHA-BE-READY", 300)
+            lab.wait_for(g, "TCPHA-BE-READY", 900)
         lab.wait_for("client", "TCPHA-CLIENT-RESULT", 900)
         lab.wait_for("fe", "TCPHA-FE-TX", 120)
         client = lab.console_text("client")
