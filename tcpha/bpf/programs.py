@@ -83,23 +83,51 @@ def verdict(peers_fd: int, socks_fd: int) -> bytes:
 #     FLOW_FORWARD: last_seen = now; rewrite both MACs; bpf_redirect(ifindex, egress)
 #
 # exactly what the nft table of tcpha.steering.flows does (no TTL or checksum change: only the MACs).
+#
+# With a tunnel (steering(flows_fd, tunnel_id=VNI), `tunnel = vxlan|ipip`), the entry's ifindex is a
+# collect-metadata tunnel device (tcpha.steering.tunnel) and its last 4 bytes hold the back end's IPv4
+# address (host order, as bpf_tunnel_key wants it); before the redirect the program sets the packet's
+# tunnel key: bpf_skb_set_tunnel_key(skb, {tunnel_id, remote_ipv4, ttl 64}, 28, 0). The device then
+# encapsulates (vxlan: the whole frame, whose destination MAC is the back ends' fixed tunnel MAC; ipip: a
+# redirect to an L3 device drops the Ethernet header) and the outer packet is routed to the back end.
 HELPER_MAP_DELETE_ELEM = 3
 HELPER_KTIME_GET_NS = 5
 HELPER_SKB_STORE_BYTES = 9
+HELPER_SKB_SET_TUNNEL_KEY = 21
 HELPER_REDIRECT = 23
 HELPER_SKB_LOAD_BYTES = 26
 TC_ACT_UNSPEC, TC_ACT_SHOT = -1, 2
 FLOW_FROZEN, FLOW_FORWARD = 0, 1
 FLOW_KEY_SIZE = 16
-FLOW_VALUE = struct.Struct("<QQII6s6s4x")      # last_seen, handoff, state, ifindex, dst MAC, src MAC
-_LAST, _STATE, _IFINDEX, _MACS = 0, 16, 20, 24
+FLOW_VALUE = struct.Struct("<QQII6s6sI")      # last_seen, handoff, state, ifindex, dst MAC, src MAC, tunnel remote
+_LAST, _STATE, _IFINDEX, _MACS, _REMOTE = 0, 16, 20, 24, 36
+TUNNEL_KEY_SIZE = 28                            # struct bpf_tunnel_key up to tunnel_label (no local address)
+TUNNEL_TTL = 64
 # stack layout (offsets from r10): Ethernet + IPv4 header (34 bytes) at -58 so that the addresses are
-# 4-byte aligned; the first 16 bytes of the TCP header at -80; the key at -16.
-_ETH, _TCP, _KEY = -58, -80, -16
+# 4-byte aligned; the first 16 bytes of the TCP header at -80; the key at -16; the tunnel key at -112.
+_ETH, _TCP, _KEY, _TUN = -58, -80, -16, -112
 
 
-def steering(flows_fd: int) -> bytes:
+def _set_tunnel_key(tunnel_id: int) -> list:
+    """bpf_skb_set_tunnel_key(skb, &key, 28, 0) with key = {tunnel_id, entry's remote, ttl}; r7 = entry."""
+    return [
+        asm.mov_imm(R1, tunnel_id), asm.store(4, R10, _TUN, R1),            # tunnel_id (host order)
+        asm.load(4, R1, R7, _REMOTE), asm.store(4, R10, _TUN + 4, R1),      # remote_ipv4 (host order)
+        asm.mov_imm(R1, 0),
+        asm.store(4, R10, _TUN + 8, R1), asm.store(4, R10, _TUN + 12, R1), asm.store(4, R10, _TUN + 16, R1),
+        asm.mov_imm(R2, TUNNEL_TTL << 8), asm.store(4, R10, _TUN + 20, R2),  # tos 0, ttl, tunnel_ext 0
+        asm.store(4, R10, _TUN + 24, R1),                                    # tunnel_label
+        asm.mov(R1, R6), asm.mov(R2, R10), asm.add_imm(R2, _TUN), asm.mov_imm(R3, TUNNEL_KEY_SIZE),
+        asm.mov_imm(R4, 0),
+        asm.call(HELPER_SKB_SET_TUNNEL_KEY),
+        asm.Jump("drop", asm.jne_imm, R0, 0),
+    ]
+
+
+def steering(flows_fd: int, tunnel_id: int | None = None) -> bytes:
+    """The tc steering program; with tunnel_id, forwarded flows leave through a tunnel (see above)."""
     J = asm.Jump
+    tunnel = _set_tunnel_key(tunnel_id) if tunnel_id is not None else []
     return asm.assemble([
         asm.mov(R6, R1),                                    # skb, kept across calls
         asm.mov(R1, R6), asm.mov_imm(R2, 0), asm.mov(R3, R10), asm.add_imm(R3, _ETH), asm.mov_imm(R4, 34),
@@ -136,6 +164,7 @@ def steering(flows_fd: int) -> bytes:
         asm.mov_imm(R5, 0),
         asm.call(HELPER_SKB_STORE_BYTES),
         J("drop", asm.jne_imm, R0, 0),
+        *tunnel,
         asm.load(4, R1, R7, _IFINDEX), asm.mov_imm(R2, 0),  # flags 0: the egress of ifindex
         asm.call(HELPER_REDIRECT),                          # TC_ACT_REDIRECT
         asm.exit_(),

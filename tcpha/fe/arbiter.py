@@ -117,13 +117,14 @@ class FrontEnd:
     def make_steering(self) -> Any:
         return make_flow_steering(getattr(self.config, "steering", "nft"), table=self.table, ifname=self.ifname,
                                   vip=self.config.vaddr, ports=list(self.config.ports),
-                                  flow_timeout=self.config.flowtimeout)
+                                  flow_timeout=self.config.flowtimeout,
+                                  tunnel=getattr(self.config, "tunnel", "none"))
 
     def install(self) -> None:
         self.ifname = lan_interface(self.config)
+        self.steering = self.make_steering()        # before the VIP: refuses what this kernel cannot do
         self.vip_address = VipAddress(self.config.vaddr, self.ifname)
         self.vip_address.add()
-        self.steering = self.make_steering()
         self.steering.install()
         if getattr(self.steering, "adopted", False):
             log.log(NOTICE, "kernel state adopted from a predecessor: VIP %s on %s, steering table %s with "

@@ -269,7 +269,16 @@ class RemoteBackend:
             self.ready.remove(link)
 
     def resolve_mac(self) -> str | None:
-        """The back end's MAC on the LAN (the control connection made the kernel resolve it)."""
+        """The back end's MAC on the LAN (the control connection made the kernel resolve it). In routed
+        mode (`tunnel = vxlan|ipip`) flows go to the back end's address instead, which may be behind a
+        router: then this is its IPv4 address (what the steering entries hold)."""
+        if getattr(getattr(self.worker, "config", None), "tunnel", "none") != "none":
+            try:
+                self.mac = socket.gethostbyname(self.host)
+            except OSError as e:
+                log.error("back end %s: no IPv4 address for the tunnel: %s", self.name, e)
+                self.mac = None
+            return self.mac
         try:
             self.mac = steering.neighbour_mac(self.host, self.worker.ifname)
         except Exception as e:

@@ -133,13 +133,15 @@ def be_config_text(lab: NamespaceLab, host: str, key_path: str, **options: Any) 
     return "\n".join(lines) + "\n"
 
 
-def fe_steering(lab: NamespaceLab, vip: str, method: str, *args: Any) -> Any:
+def fe_steering(lab: NamespaceLab, vip: str, method: str, *args: Any, tunnel: str = "none") -> Any:
     """Call `method` on a handle of the lab FE's steering table (the daemon's: table tcpha_fe), of the
-    kind its daemon chose (the lab's data path, else auto: the same choice on the same kernel)."""
-    mode = lab_datapath(lab).steering or "auto"
+    kind its daemon chose (the lab's data path, else auto: the same choice on the same kernel; with a
+    tunnel, bpf, the only kind that does tunnels)."""
+    mode = "auto" if tunnel != "none" else lab_datapath(lab).steering or "auto"
 
     def run() -> Any:
-        steering = make_flow_steering(mode, table="tcpha_fe", ifname=lab.ifname("fe"), vip=vip, ports=[VPORT])
+        steering = make_flow_steering(mode, table="tcpha_fe", ifname=lab.ifname("fe"), vip=vip, ports=[VPORT],
+                                      tunnel=tunnel)
         try:
             return getattr(steering, method)(*args)
         finally:

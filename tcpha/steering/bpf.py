@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -50,6 +51,7 @@ from tcpha.bpf.syscall import (MAP_TYPE_HASH, NO_PREALLOC, PROG_TYPE_SCHED_CLS, 
                                prog_map_ids)
 
 from .flows import _IFNAME_RE, _KEY, _NAME_RE, FlowKey, FlowSteering, SteeringError, _mac, _mac_bytes
+from .tunnel import TUNNEL_MAC, TUNNELS, FrontTunnel, TunnelError, tunnel_remote
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +125,18 @@ class BpfFlowSteering:
 
     def __init__(self, *, table: str, ifname: str, vip: str, ports: list[int], netns: str | None = None,
                  flow_timeout: float = 900.0, freeze_timeout: float = 10.0, capacity: int = MAP_SIZE,
-                 sweep_interval: float | None = None):
+                 sweep_interval: float | None = None, tunnel: str = "none"):
         if not _NAME_RE.match(table):
             raise SteeringError(f"bad steering table name {table!r}")
         if not _IFNAME_RE.match(ifname):
             raise SteeringError(f"bad interface name {ifname!r}")
         if flow_timeout <= 0 or freeze_timeout <= 0:
             raise SteeringError("timeouts must be positive")
+        if tunnel not in TUNNELS:
+            raise SteeringError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
+        self.tunnel = tunnel
+        # routed mode: forwarded flows leave through this collect-metadata device, encapsulated
+        self._tunnel_dev = FrontTunnel(tunnel, netns=netns) if tunnel != "none" else None
         self.table = table
         self.ifname = ifname
         self.vip = vip
@@ -187,9 +194,19 @@ class BpfFlowSteering:
                         self.filter_name, self.ifname, exc)
         return None
 
+    def _program(self, flows_fd: int) -> bytes:
+        if self._tunnel_dev is None:
+            return programs.steering(flows_fd)
+        return programs.steering(flows_fd, tunnel_id=self._tunnel_dev.tunnel_id)
+
     @_outside_event_loop
     def install(self) -> None:
         """Attach the program, or adopt the filter and map a crashed predecessor left (its entries keep working)."""
+        if self._tunnel_dev is not None:
+            try:
+                self._tunnel_dev.install()          # before the program: entries point at its ifindex
+            except TunnelError as exc:
+                raise SteeringError(str(exc)) from None
         with self._ipr() as ipr:
             self._link(ipr)
             self._macs = b""
@@ -199,7 +216,7 @@ class BpfFlowSteering:
             try:
                 if flows is None:
                     flows = Map(MAP_TYPE_HASH, FLOW_KEY_SIZE, FLOW_VALUE.size, self.capacity, MAP_NAME, NO_PREALLOC)
-                prog = Program(PROG_TYPE_SCHED_CLS, programs.steering(flows.fd), PROGRAM_NAME)
+                prog = Program(PROG_TYPE_SCHED_CLS, self._program(flows.fd), PROGRAM_NAME)
             except OSError as exc:
                 if flows is not None:
                     flows.close()
@@ -247,6 +264,8 @@ class BpfFlowSteering:
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.EINVAL):
                     raise SteeringError(f"removing the steering program from {self.ifname}: {exc}") from None
+        if self._tunnel_dev is not None:
+            self._tunnel_dev.remove()
         self.close()
 
     def _filters(self, ipr: IPRoute, parent: int) -> list:
@@ -326,6 +345,11 @@ class BpfFlowSteering:
         with self._ipr() as ipr:
             self._link(ipr)
             prog_id = self._our_filter(ipr)
+        if self._tunnel_dev is not None:
+            try:
+                self._tunnel_dev.lookup()
+            except TunnelError as exc:
+                raise SteeringError(str(exc)) from None
         flows = self._adopt_map(prog_id) if prog_id is not None else None
         if flows is None:
             raise SteeringError(f"no steering program on {self.ifname} (is it installed?)")
@@ -344,11 +368,15 @@ class BpfFlowSteering:
             except BpfError as again:
                 raise SteeringError(f"steering table full ({self.capacity} flows): {again.strerror}") from None
 
-    def _value(self, state: int, mac: bytes = b"\0" * 6, xid: int = 0) -> bytes:
+    def _value(self, state: int, mac: bytes = b"\0" * 6, xid: int = 0, remote: int = 0) -> bytes:
         if not self._macs:
             self._map()                          # a handle without install(): finds ifindex and MAC too
-            self._macs = _mac_bytes(self.mac or "00:00:00:00:00:00")
-        return FLOW_VALUE.pack(time.monotonic_ns(), xid, state, self.ifindex, mac, self._macs)
+            if self._tunnel_dev is not None:
+                self._macs = _mac_bytes(self._tunnel_dev.mac or "00:00:00:00:00:00")
+            else:
+                self._macs = _mac_bytes(self.mac or "00:00:00:00:00:00")
+        ifindex = self._tunnel_dev.ifindex if self._tunnel_dev is not None and state == FLOW_FORWARD else self.ifindex
+        return FLOW_VALUE.pack(time.monotonic_ns(), xid, state, ifindex, mac, self._macs, remote)
 
     def _state(self, key: bytes) -> tuple[int, int] | None:
         raw = self._map().lookup(key)
@@ -374,14 +402,23 @@ class BpfFlowSteering:
             self._map().delete(key)
 
     def forward(self, flow: FlowKey, be_mac: str) -> None:
-        """Send the flow's later packets to the back end with MAC `be_mac`; also thaws it (one update)."""
+        """Send the flow's later packets to the back end with MAC `be_mac` (with a tunnel: the back end's
+        IPv4 address); also thaws it (one update)."""
         self.forward_many([(flow, be_mac)])
 
     def forward_many(self, flows: Iterable[tuple[FlowKey, str] | tuple[FlowKey, str, int]]) -> None:
         """forward() for many flows; a third item is the handoff id kept with the entry (see handoffs())."""
         for item in flows:
             xid = item[2] if len(item) > 2 and item[2] else 0
-            self._put(item[0].key(), self._value(FLOW_FORWARD, _mac_bytes(item[1]), xid))
+            if self._tunnel_dev is not None:
+                try:
+                    remote = tunnel_remote(item[1])
+                except TunnelError as exc:
+                    raise SteeringError(str(exc)) from None
+                value = self._value(FLOW_FORWARD, _mac_bytes(TUNNEL_MAC), xid, remote)
+            else:
+                value = self._value(FLOW_FORWARD, _mac_bytes(item[1]), xid)
+            self._put(item[0].key(), value)
 
     def freeze_forward(self, freezes: list[FlowKey], forwards: list[tuple]) -> None:
         self.forward_many(forwards)
@@ -428,11 +465,12 @@ class BpfFlowSteering:
         return sum(1 for _, v in self._entries() if v[2] == FLOW_FROZEN)
 
     def forwarded(self) -> dict[FlowKey, str]:
-        """The forwarded flows as {flow: BE MAC} (for status output and tests)."""
+        """The forwarded flows as {flow: BE MAC} (with a tunnel: {flow: BE address}; for status output and tests)."""
         out: dict[FlowKey, str] = {}
         for key, v in self._entries():
             if v[2] == FLOW_FORWARD:
                 cip, cport, vip, vport = _KEY.unpack(key)
-                out[FlowKey(socket.inet_ntoa(cip), cport, socket.inet_ntoa(vip), vport)] = v[4].hex(":")
+                target = str(ipaddress.IPv4Address(v[6])) if self._tunnel_dev is not None else v[4].hex(":")
+                out[FlowKey(socket.inet_ntoa(cip), cport, socket.inet_ntoa(vip), vport)] = target
         return out
 

@@ -25,14 +25,15 @@ OTHER_VALUE = {
            "handofftimeout": "1", "flowtimeout": "60", "steering": "nft", "dtcinterval": "3", "healthcheck": "http",
            "healthpath": "/up", "healthport": "8080", "healthtimeout": "0.5", "rise": "3", "fall": "2",
            "rundir": "/tmp/x", "usefuse": "0", "logfile": "/tmp/x.log", "dbglevel": "4",
-           "metrics": "9100", "grace": "5", "vaddr": "10.77.0.101", "statsadmin": "on"},
+           "metrics": "9100", "grace": "5", "vaddr": "10.77.0.101", "statsadmin": "on", "tunnel": "vxlan",
+           "rehandoff": "on"},
     "be": {"raddr": "10.77.0.12", "uaddr": "10.77.0.13", "vaddr": "10.77.0.101", "port": "667",
            "maxclients": "10", "redirectaddr": "127.0.0.2", "redirectport": "8081", "appsource": "local",
            "appproxy": "v2", "dregister": "1",
            "feaddr": "10.77.0.10", "feport": "81", "rule": "jpg$", "registerretry": "1",
            "interface": "eth1", "unixpath": "/tmp/be.sock", "relay": "auto", "tlsports": "443 8443",
            "sessiontimeout": "60", "rundir": "/tmp/x", "usefuse": "0", "logfile": "/tmp/x.log",
-           "dbglevel": "4", "metrics": "9101", "grace": "5"},
+           "dbglevel": "4", "metrics": "9101", "grace": "5", "tunnel": "vxlan"},
 }
 # Options whose other value needs a file (a certificate) or another option: left to the lab tests.
 NEEDS_MORE = {("be", "tlscert"), ("be", "tlskey"), ("be", "sessioncache"), ("be", "sessioncachecafile"),
@@ -132,7 +133,7 @@ def test_the_two_daemons_have_no_hand_kept_lists():
     assert not hasattr(be_reload, "NEEDS_RESTART")
     # the back end's plan is the table's
     assert [s.name for s in settings_for("be") if s.reload == RESTART] == \
-        ["raddr", "uaddr", "vaddr", "port", "appsource", "relay", "interface", "unixpath", "authkey", "rundir",
+        ["raddr", "uaddr", "vaddr", "port", "appsource", "relay", "interface", "tunnel", "unixpath", "authkey", "rundir",
          "usefuse", "metrics"]
 
 
