@@ -49,7 +49,8 @@ def close_sockets(*socks: socket.socket) -> None:
             pass
 
 
-def _take_pipe() -> tuple[int, int]:
+def take_pipe() -> tuple[int, int]:
+    """A non-blocking pipe (read fd, write fd) of PIPE_SIZE, from the pool when one is there."""
     if _PIPES:
         return _PIPES.pop()
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -58,6 +59,18 @@ def _take_pipe() -> tuple[int, int]:
     except OSError:
         pass                                        # smaller pipes still work, only more calls
     return rfd, wfd
+
+
+def put_pipe(rfd: int, wfd: int, *, empty: bool) -> None:
+    """Give back a pipe from take_pipe: an empty one goes to the pool (while there is room), others close."""
+    if empty and len(_PIPES) < PIPE_POOL:
+        _PIPES.append((rfd, wfd))
+        return
+    for fd in (rfd, wfd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class _Direction:
@@ -71,7 +84,7 @@ class _Direction:
         self.src = src
         self.dst = dst
         self.name = name
-        self.rfd, self.wfd = _take_pipe()
+        self.rfd, self.wfd = take_pipe()
         self.buffered = 0                           # bytes sitting in the pipe
         self.eof = False                            # src sent FIN
         self.done = False                           # FIN passed on to dst (or direction aborted)
@@ -136,14 +149,7 @@ class _Direction:
 
     def close(self) -> None:
         self._want(read=False, write=False)
-        if self.buffered == 0 and len(_PIPES) < PIPE_POOL:
-            _PIPES.append((self.rfd, self.wfd))     # empty: reusable by the next relay
-            return
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        put_pipe(self.rfd, self.wfd, empty=self.buffered == 0)     # empty: reusable by the next relay
 
 
 class SpliceRelay:

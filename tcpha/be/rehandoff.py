@@ -1,9 +1,11 @@
 """The back end's relay for a connection that may move between requests (`rehandoff = on` on the front end).
 
-Both directions go through userspace: the client's bytes through tcpha.sniff.framing.RehandoffPlanner,
-which passes each request that stays (tcpha.sniff.rulecheck) to the application and holds the first one
-that goes elsewhere; the application's bytes are shown to the same planner (response framing) and written
-to the client. When every response before the held request is complete and written into the client socket,
+The client's bytes go through userspace, through tcpha.sniff.framing.RehandoffPlanner, which passes each
+request that stays (tcpha.sniff.rulecheck) to the application and holds the first one that goes elsewhere.
+The application's bytes go to the client as in tcpha.relay (splice, through a pipe, unseen) wherever the
+same planner already knows their framing (`app_opaque`: the rest of a Content-Length body or of a chunk's
+data); only response heads and chunk-size lines are read into userspace and shown to it. When every
+response before the held request is complete and written into the client socket,
 `on_move(relay)` asks the front end to freeze the flow (MoveAsk); `frozen()` then dumps the client socket
 with the held bytes put back in front of its receive queue (tcpha.repair.TcpState.with_unread), lets go of
 it without FIN or RST and returns the state for `Moved`. `keep()` is the answer when the move cannot happen
@@ -17,18 +19,33 @@ connection".
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 from typing import Callable
 
 from tcpha import repair
-from tcpha.relay import close_sockets, peer_text
+from tcpha.relay import PIPE_SIZE, close_sockets, peer_text, put_pipe, take_pipe
 from tcpha.sniff.framing import Plan, RehandoffPlanner
 from tcpha.sniff.http import RequestHead
 
 log = logging.getLogger("tcpha.be.rehandoff")
 
-CHUNK = 256 * 1024
+CHUNK = 256 * 1024                # client -> application reads
+# Application -> client (measured with bench/rehandoff_relay.py, bench/results/relay.md): bytes the planner
+# need not see are spliced when there are at least SPLICE_MIN of them (SPLICE_MIN_CHUNK of a chunk's data);
+# the rest is read and shown to it: HEAD_CHUNK when a response head is next (what follows it is copied
+# too), LINE_CHUNK when a chunk's CRLF and size line are and the chunks are large, COPY_CHUNK for short
+# rests and smaller chunks (per 64 KiB chunk, a line read and a splice pair cost more than the copy of the
+# data they save, where one 256 KiB read copies several chunks).
+SPLICE_MIN = 32 * 1024
+SPLICE_MIN_CHUNK = 256 * 1024
+HEAD_CHUNK = 16 * 1024
+LINE_CHUNK = 256
+COPY_CHUNK = CHUNK
+_SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 class RehandoffRelay:
@@ -53,6 +70,12 @@ class RehandoffRelay:
         self._down = b""                  # for the client
         self._up_eof = self._down_eof = False
         self._up_done = self._down_done = False
+        self._rfd = self._wfd = -1         # app -> client for the bytes the planner need not see (taken
+                                          # at the first splice: connections of small responses never do)
+        self._piped = 0                   # bytes in that pipe
+        self._large_chunks = True         # chunked responses: the last chunk's data was spliced
+        self._splicing = False            # the last read from the application was a splice
+        self.spliced_down = 0             # of bytes_down, how many went through the pipe unseen
         self._reading = {"client": False, "app": False}
         self._writing = {"client": False, "app": False}
         self.bytes_up = 0
@@ -83,7 +106,7 @@ class RehandoffRelay:
             return
         sock = self.client if which == "client" else self.app
         if on:
-            self.loop.add_reader(sock.fileno(), self._client_readable if which == "client" else self._app_readable)
+            self.loop.add_reader(sock.fileno(), self._client_readable if which == "client" else self._pump_down)
         else:
             self.loop.remove_reader(sock.fileno())
         self._reading[which] = on
@@ -93,7 +116,7 @@ class RehandoffRelay:
             return
         sock = self.client if which == "client" else self.app
         if on:
-            self.loop.add_writer(sock.fileno(), self._flush_up if which == "app" else self._flush_down)
+            self.loop.add_writer(sock.fileno(), self._flush_up if which == "app" else self._pump_down)
         else:
             self.loop.remove_writer(sock.fileno())
         self._writing[which] = on
@@ -155,58 +178,108 @@ class RehandoffRelay:
         self._watch_read("client", self.planner.reading_client and not self._up_eof)
 
     # -- application -> client -----------------------------------------------------------------
-    def _app_readable(self) -> None:
+    # Response heads, chunk-size lines and anything not framed yet are read here (recv, HEAD_CHUNK at a
+    # time) and shown to the planner; the bytes whose framing is known (planner.app_opaque: the rest of a
+    # Content-Length body or of a chunk's data, everything once nothing is framed any more) go app -> pipe
+    # -> client with splice, unseen, as in tcpha.relay. Order: the pipe is filled only when `_down` is
+    # empty, and the application is read only when both are, so the client gets the bytes as they came.
+    def _pump_down(self) -> None:
         if self.closed:
             return
+        client_fd = self.client.fileno()
         try:
-            data = self.app.recv(CHUNK)
+            while True:
+                if self._down:                                  # copied bytes first
+                    n = self.client.send(self._down)
+                    self._down = self._down[n:]
+                    self.bytes_down += n
+                    continue
+                if self._piped:
+                    n = os.splice(self._rfd, client_fd, self._piped, flags=_SPLICE)
+                    self._piped -= n
+                    self.bytes_down += n
+                    continue
+                # everything read from the application is in the client socket
+                self._watch_write("client", False)
+                if self._down_eof:
+                    if not self._down_done:
+                        self._down_done = True
+                        try:
+                            self.client.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                        self._maybe_end()
+                    return
+                self._maybe_move()
+                if self.closed or not self._read_app():
+                    return
         except (BlockingIOError, InterruptedError):
-            return
+            self._watch_write("client", True)                   # back-pressure: stop reading the app
+            self._watch_read("app", False)
         except OSError as e:
-            return self._fail("app", e)
-        if not data:
+            if e.errno in _AGAIN:
+                self._watch_write("client", True)
+                self._watch_read("app", False)
+                return
+            self._fail("app->client", e)
+
+    def _read_app(self) -> bool:
+        """One read from the application into `_down` or the pipe; False when there is nothing to read
+        (now or ever). Raises OSError for the caller's "app->client" failure."""
+        opaque = self.planner.app_opaque
+        try:
+            # A chunk's data is spliced when the chunk is large; once it is, its rest too (down to SPLICE_MIN).
+            chunk_start = self.planner.responses.in_chunked and not self._splicing
+            if opaque >= (SPLICE_MIN_CHUNK if chunk_start else SPLICE_MIN):
+                if self._wfd < 0:
+                    self._rfd, self._wfd = take_pipe()
+                n = os.splice(self.app.fileno(), self._wfd, min(opaque, PIPE_SIZE), flags=_SPLICE)
+                data = b""
+                self._large_chunks = self._splicing = True
+            else:
+                if opaque:
+                    size = COPY_CHUNK      # a short rest: a copy costs less than a splice pair
+                    self._large_chunks = False
+                elif self.planner.responses.in_chunked:
+                    # A CRLF and a size line: while the chunks are large, read little (the next chunk's
+                    # data is spliced); once one was short, copy on.
+                    size = LINE_CHUNK if self._large_chunks else COPY_CHUNK
+                else:
+                    size = HEAD_CHUNK
+                    self._large_chunks = True
+                data = self.app.recv(size)
+                n = len(data)
+                self._splicing = False
+        except (BlockingIOError, InterruptedError):
+            self._watch_read("app", True)
+            return False
+        except OSError as e:
+            if e.errno in _AGAIN:
+                self._watch_read("app", True)
+                return False
+            self._fail("app", e)
+            return False
+        if n == 0:
             self._down_eof = True
             self._watch_read("app", False)
             self._apply(self.planner.app_eof())
             if self.moving or self._move_bytes:
                 self.keep("the application closed")
-            self._flush_down()
-            return
-        self._down += data
-        self._apply(self.planner.app_data(data))
-        self._flush_down()
-
-    def _flush_down(self) -> None:
-        if self.closed:
-            return
-        try:
-            while self._down:
-                n = self.client.send(self._down)
-                self._down = self._down[n:]
-                self.bytes_down += n
-        except (BlockingIOError, InterruptedError):
-            self._watch_write("client", True)
-            self._watch_read("app", False)
-            return
-        except OSError as e:
-            return self._fail("app->client", e)
-        self._watch_write("client", False)
-        if self._down_eof:
-            if not self._down_done:
-                self._down_done = True
-                try:
-                    self.client.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                self._maybe_end()
-            return
-        self._watch_read("app", True)
-        self._maybe_move()
+            return not self.closed
+        if data:
+            self._down += data
+            self._apply(self.planner.app_data(data))
+        else:
+            self._piped += n
+            self.spliced_down += n
+            self._apply(self.planner.app_skipped(n))
+        return not self.closed
 
     # -- the move ------------------------------------------------------------------------------
     def _maybe_move(self) -> None:
         """Every response before the held request is in the client socket: ask the front end."""
-        if self.closed or self.moving or not self._move_bytes or self._down or not self.planner.moved:
+        if (self.closed or self.moving or not self._move_bytes or self._down or self._piped
+                or not self.planner.moved):
             return
         self.moving = True
         log.debug("relay %s: moving at a response boundary (%d bytes held)", self.describe(), len(self._move_bytes))
@@ -258,6 +331,8 @@ class RehandoffRelay:
             self._watch_read(which, False)
             self._watch_write(which, False)
         self.closed = True
+        if self._rfd >= 0:
+            put_pipe(self._rfd, self._wfd, empty=self._piped == 0)
         if self.discarded:
             close_sockets(self.app)       # the client socket was let go of by repair.discard
         else:

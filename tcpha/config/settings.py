@@ -173,7 +173,7 @@ FE_SETTINGS: list[Setting] = [
             "safety timeout of a steering entry whose end the back end never reported",
             section="fe", group="handoff", metavar="SECONDS", reload=RESTART),
     Setting("rehandoff", t.choice("off", "on"), "off", _any,
-            "on: each request of a keep-alive connection routed by the rules, back ends move it (docs/kernel.md)",
+            "on: every keep-alive request routed by the rules, the connection moves; off by default, see docs/kernel.md",
             section="fe", group="handoff", metavar="off|on", reload=RESTART),
     Setting("steering", t.choice("auto", "bpf", "nft"), "auto", _any,
             "steering of handed-off flows: nft (netdev table) or bpf (tc ingress program); auto: bpf if the kernel can",

@@ -44,8 +44,10 @@ from .http import HeadError, RequestHead, parse_request_head
 from .incomplete import NeedMore
 
 __all__ = ["Response", "ResponseEnd", "Unframeable", "ResponseFraming", "Request", "RequestEnd", "BadRequest",
-           "RequestStream", "ChunkedBody", "RehandoffPlanner", "Plan", "MAX_HEAD"]
+           "RequestStream", "ChunkedBody", "RehandoffPlanner", "Plan", "MAX_HEAD",
+           "UNFRAMED"]
 
+UNFRAMED = 1 << 62              # RehandoffPlanner.app_opaque once nothing is framed any more
 MAX_HEAD = 65536                 # a response or request head larger than this is not framed (nginx: 4x8k)
 _MAX_CHUNK_LINE = 4096           # chunk-size line with extensions; h11 allows 4 KiB too
 _MAX_TRAILERS = 65536
@@ -269,6 +271,18 @@ class ResponseFraming:
         if self._state == "chunked" and self._chunked is not None:
             return self._chunked.opaque
         return 0
+
+    @property
+    def in_chunked(self) -> bool:
+        """Inside a chunked body: the next bytes to show are a chunk-size line or a CRLF (a few bytes, then
+        chunk data again), not a response head."""
+        return self._state == "chunked"
+
+    @property
+    def rest_unseen(self) -> bool:
+        """Nothing more to frame: a close-delimited body runs to the end of the stream (only
+        :meth:`receive_eof` matters now), or the framing failed. Every next byte may pass unseen."""
+        return self._state in ("close", "failed")
 
     def skip(self, n: int) -> list[ResponseEvent]:
         """``n`` bytes of :attr:`opaque` body went to the client unseen."""
@@ -593,9 +607,25 @@ class RehandoffPlanner:
                 return self._pin(f"response not framed: {event.reason}")
         return self._ready(Plan())
 
+    @property
+    def app_opaque(self) -> int:
+        """How many next bytes of the application's stream the I/O layer may move to the client without
+        showing them here (splice), then account for with :meth:`app_skipped`: the rest of a Content-Length
+        body or of a chunk's data (:attr:`ResponseFraming.opaque`); :data:`UNFRAMED` once nothing is framed
+        any more (the connection is pinned, or a close-delimited body runs to the end); 0 otherwise (a
+        head, a chunk-size line, the CRLF after a chunk, or after the move was planned): then the bytes
+        must be shown with :meth:`app_data`."""
+        if self.pinned is not None:
+            return UNFRAMED
+        if self.moved:
+            return 0
+        if self.responses.rest_unseen:
+            return UNFRAMED
+        return self.responses.opaque
+
     def app_skipped(self, n: int) -> Plan:
         """``n`` opaque response bytes (see ResponseFraming.opaque) went to the client unseen."""
-        if self.pinned is not None or self.moved:
+        if self.pinned is not None or self.moved or self.responses.rest_unseen:
             return Plan()
         self.responses.skip(n)
         return self._ready(Plan())

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from tcpha.sniff.framing import (BadRequest, ChunkedBody, FramingError, RehandoffPlanner, Request, RequestEnd,
-                                 RequestStream, Response, ResponseEnd, ResponseFraming, Unframeable)
+from tcpha.sniff.framing import (UNFRAMED, BadRequest, ChunkedBody, FramingError, Plan, RehandoffPlanner, Request,
+                                 RequestEnd, RequestStream, Response, ResponseEnd, ResponseFraming, Unframeable)
 
 
 def framing(*methods: bytes) -> ResponseFraming:
@@ -403,3 +403,42 @@ def test_random_pipelines_match_their_whole_form():
             moves += plan.move
             held += plan.held
         assert moves == 1 and held == b"".join(tail)
+
+
+def test_app_opaque_is_what_may_be_spliced_unseen():
+    """A relay that splices app_opaque bytes and shows the rest ends each response where app_data would."""
+    p = RehandoffPlanner(jpg_elsewhere)
+    p.client_data(GET_A + GET_A + GET_A)
+    assert p.app_opaque == 0                                      # a head is due: show it
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n"
+    p.app_data(head + b"x" * 100)
+    assert p.app_opaque == 9900
+    p.app_skipped(9900)
+    assert p.app_opaque == 0 and p.responses.responses == 1       # ended by the skip: the next head is shown
+    p.app_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n")
+    assert p.app_opaque == 0x1000 and p.responses.in_chunked
+    p.app_skipped(0x1000)
+    assert p.app_opaque == 0                                      # the CRLF and the next size line are shown
+    p.app_data(b"\r\n0\r\n\r\n")
+    assert p.responses.responses == 2 and p.app_opaque == 0 and not p.responses.in_chunked
+    p.app_data(b"HTTP/1.0 200 OK\r\n\r\n")                        # close-delimited: the rest of the stream
+    assert p.app_opaque == UNFRAMED
+    assert p.app_skipped(12345) == Plan()
+    p.app_eof()
+    assert p.responses.responses == 3
+
+
+def test_app_opaque_when_pinned_or_moved():
+    pinned = RehandoffPlanner(jpg_elsewhere)
+    pinned.client_data(GET_A)
+    assert pinned.app_data(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").pinned
+    assert pinned.app_opaque == UNFRAMED and pinned.app_skipped(1 << 20) == Plan()
+    moved = RehandoffPlanner(jpg_elsewhere)
+    moved.client_data(GET_A + GET_JPG)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+    moved.app_data(head)
+    assert moved.app_opaque == 5000
+    assert moved.app_skipped(5000).move
+    assert moved.app_opaque == 0                                  # after the move anything is looked at
+    with pytest.raises(ValueError):
+        RehandoffPlanner(jpg_elsewhere).responses.skip(1)         # nothing opaque: skipping is a bug
