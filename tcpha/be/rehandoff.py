@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import socket
+from http import HTTPStatus
 from typing import Callable
 
 from tcpha import repair
@@ -46,6 +47,17 @@ LINE_CHUNK = 256
 COPY_CHUNK = CHUNK
 _SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+# After a refusal (answer, then FIN) the client's unread bytes are read off for at most this long before the
+# socket is closed: closing with unread data would answer with RST, which can destroy the answer in flight.
+LINGER = 2.0
+
+
+def refusal(status: int) -> bytes:
+    """The answer to a request this back end will not give its application (then the connection closes)."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}\n".encode()
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
 
 
 class RehandoffRelay:
@@ -81,6 +93,9 @@ class RehandoffRelay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.pinned: str | None = None
+        self.refused = 0                  # the status answered instead of a request (then closed)
+        self._refusal_sent = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, *, hold_down: bool = False) -> None:
@@ -151,6 +166,11 @@ class RehandoffRelay:
         if plan.move:
             self._move_bytes += plan.held
             self._maybe_move()
+        if plan.refuse:
+            self._refuse(plan.refuse, "a request head the front end would refuse")
+        if plan.drop is not None:
+            log.info("relay %s: %s", self.describe(), plan.drop)
+            self._up_done = True          # nothing more for the application; the end comes with its response
 
     def _flush_up(self) -> None:
         if self.closed:
@@ -200,6 +220,9 @@ class RehandoffRelay:
                     self.bytes_down += n
                     continue
                 # everything read from the application is in the client socket
+                if self.refused and not self._refusal_sent:
+                    self._answer_refusal()
+                    continue
                 self._watch_write("client", False)
                 if self._down_eof:
                     if not self._down_done:
@@ -300,11 +323,23 @@ class RehandoffRelay:
         return data
 
     def keep(self, why: str) -> None:
-        """The connection does not move: the held request goes to this application."""
+        """The connection does not move. The held request is for another back end, so it never goes to this
+        application: it is answered 503 and the connection closes (or, when the application has closed
+        the connection after its last response, the client gets that close). Nothing held: the
+        connection stays here, unframed."""
         if self.closed or self.planner.pinned is not None:
             return
         held, self._move_bytes = self._move_bytes, b""
         self.moving = False
+        if held or self.planner.moved:
+            if self._down_eof:
+                log.info("relay %s: %s; the application closed: the request held for another back end "
+                         "is dropped", self.describe(), why)
+                self._up_done = True
+                self._pump_down()
+            else:
+                self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, why)
+            return
         self.planner.moved = self.planner.holding = False
         self.planner.pinned = why
         self.pinned = why
@@ -314,9 +349,45 @@ class RehandoffRelay:
             self._flush_up()
         self._watch_read("client", not self._up_eof)
 
+    def _refuse(self, status: int, why: str) -> None:
+        """At a response boundary: answer `status` instead of the request (every response before it is
+        complete: the answer follows them in order), then close."""
+        if self.closed or self.refused:
+            return
+        self.refused = int(status)
+        log.info("relay %s: %s: answered %d and closed", self.describe(), why, status)
+        self._watch_read("app", False)
+        self._up_done = True
+        self._pump_down()                 # writes what is read (copied, then piped), then the answer
+
+    def _answer_refusal(self) -> None:
+        """Everything read from the application is in the client socket: the refusal follows it."""
+        self._refusal_sent = True
+        self._down = refusal(self.refused)
+        self._down_eof = True             # nothing more from the application: the client's side closes next
+
     # -- end -----------------------------------------------------------------------------------
     def _maybe_end(self) -> None:
-        if self._up_done and self._down_done:
+        if not (self._up_done and self._down_done):
+            return
+        if self.refused and not self._up_eof and self._linger is None:
+            # Read the client's unread bytes off until its FIN (or LINGER) before closing.
+            self._linger = self.loop.call_later(LINGER, self.close)
+            self._watch_read("client", False)
+            self.loop.add_reader(self.client.fileno(), self._linger_read)
+            self._reading["client"] = True
+            return
+        if self._linger is None:
+            self.close()
+
+    def _linger_read(self) -> None:
+        try:
+            data = self.client.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
             self.close()
 
     def _fail(self, where: str, e: OSError) -> None:
@@ -331,6 +402,8 @@ class RehandoffRelay:
             self._watch_read(which, False)
             self._watch_write(which, False)
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         if self._rfd >= 0:
             put_pipe(self._rfd, self._wfd, empty=self._piped == 0)
         if self.discarded:

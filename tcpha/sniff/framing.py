@@ -516,6 +516,8 @@ class Plan:
     move: bool = False
     held: bytes = b""
     pinned: str | None = None     # set once when the connection stops being movable (log it once)
+    refuse: int = 0               # answer this status to the client now (every response before is complete), then close
+    drop: str | None = None       # a held request is dropped: end the connection when the application's response ends
 
 
 class RehandoffPlanner:
@@ -525,8 +527,18 @@ class RehandoffPlanner:
     planner passes client bytes to the application until a request that does not stay; from its first byte
     on everything is held (the I/O layer stops reading the client: the rest waits in the socket, and moves
     with it). When every request passed to the application has its final response complete, :attr:`Plan.move`
-    is set. A response or request that cannot be framed pins the connection here: the held bytes go to the
-    application after all and nothing is held again (:attr:`Plan.pinned`, once).
+    is set.
+
+    A request the rules send elsewhere never reaches this application, whatever happens next (the rules may
+    keep paths apart: ``^/admin/`` to its own pool). So:
+
+    * a request head the front end's parser refuses (tcpha.sniff.http: the front end would answer it 400
+      itself) is not passed either: at the response boundary :attr:`Plan.refuse` carries its status, and
+      the I/O layer answers it and closes, as the front end does;
+    * a response that cannot be framed pins the connection here (:attr:`Plan.pinned`, once): what follows
+      goes to the application unframed, as a tunnel (101, CONNECT) must. A request held for elsewhere at
+      that moment is dropped (:attr:`Plan.drop`): no boundary will come for it to move at, and the
+      connection ends when the application's response does.
     """
 
     def __init__(self, stays: Callable[[RequestHead], bool], max_head: int = MAX_HEAD) -> None:
@@ -539,6 +551,7 @@ class RehandoffPlanner:
         self._passed = 0              # client bytes passed to the application (stream offset)
         self.pinned: str | None = None
         self.moved = False
+        self.refusal = 0              # holding a bad request: the status to answer at the boundary
 
     @property
     def reading_client(self) -> bool:
@@ -546,17 +559,25 @@ class RehandoffPlanner:
         return not self.holding and not self.moved
 
     def client_data(self, data: bytes) -> Plan:
+        if self.moved:                    # read after the move was planned: travels with it too
+            if self.refusal or self.pinned is not None:
+                return Plan()             # refused or dropped: never for this application
+            return Plan(held=data)
         if self.pinned is not None:
             return Plan(to_app=data)
-        if self.moved:                    # read after the move was planned: travels with it too
-            return Plan(held=data)
         if self.holding:                  # read before the I/O layer stopped: held with the rest
-            self._held += data
+            if not self.refusal:
+                self._held += data
             return Plan()
         self._pending += data
         for event in self.requests.receive_data(data):
             if isinstance(event, BadRequest):
-                return self._pin(f"request not framed: {event.message}")
+                # Nothing from the bad head on reaches the application; what stayed before it does.
+                plan = Plan(to_app=self._pass(event.start - self._passed))
+                self._pending.clear()
+                self.holding = True
+                self.refusal = event.status
+                return self._ready(plan)
             if isinstance(event, Request):
                 if self.stays(event.head):
                     self.responses.request_sent(event.head.method)
@@ -619,16 +640,22 @@ class RehandoffPlanner:
     def _ready(self, plan: Plan) -> Plan:
         if self.holding and self.responses.at_boundary:
             self.moved = True
-            plan.move = True
-            plan.held = bytes(self._held)
+            if self.refusal:
+                plan.refuse = self.refusal
+            else:
+                plan.move = True
+                plan.held = bytes(self._held)
             self._held.clear()
         return plan
 
     def _pin(self, why: str) -> Plan:
-        """Framing lost: everything read and not passed goes to the application, and from now on all."""
+        """Response framing lost: from now on everything goes to the application unframed; but a request
+        held for elsewhere is dropped, never passed (see the class docstring)."""
         self.pinned = why
-        out = bytes(self._pending) + bytes(self._held)
+        if self.holding:
+            self._held.clear()
+            self.moved = True             # the client is not read again; the connection ends with the response
+            return Plan(pinned=why, drop=f"{why}: the request held for another back end is dropped")
+        out = bytes(self._pending)
         self._pending.clear()
-        self._held.clear()
-        self.holding = False
         return Plan(to_app=out, pinned=why)

@@ -117,13 +117,14 @@ def test_response_bodies_are_spliced_unseen_and_exact():
     assert spliceable - slack <= relay.spliced_down <= spliceable, (relay.spliced_down, spliceable)
 
 
-def test_the_move_waits_for_a_spliced_response_then_keep_passes_the_held_request():
+def test_the_move_waits_for_a_spliced_response_and_a_refused_move_answers_503():
+    """The move is asked only once the spliced response is all in the client's socket. When it cannot happen
+    (here: refused), the request held for another back end never reaches this application: the client gets
+    503 after the complete first response, then the connection closes."""
     body = os.urandom(2 * 1024 * 1024)
     first = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-    second = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     jpg = get("/b.jpg")
     got: dict[str, object] = {}
-    app_got_first = threading.Event()
 
     def on_move(relay: RehandoffRelay, loop) -> None:
         got["at_move"] = (relay.bytes_down, relay._move_bytes, relay.spliced_down)
@@ -131,25 +132,48 @@ def test_the_move_waits_for_a_spliced_response_then_keep_passes_the_held_request
 
     def client(sock: socket.socket) -> None:
         sock.sendall(get("/a") + jpg)
-        got["client"] = recv_exactly(sock, len(first) + len(second))
-        sock.shutdown(socket.SHUT_WR)
-        recv_to_eof(sock)
+        got["client"] = recv_to_eof(sock)                   # the relay closes after its answer
 
     def app(sock: socket.socket) -> None:
         got["app_first"] = recv_exactly(sock, len(get("/a")))
-        app_got_first.set()
         sock.sendall(first)
-        got["app_second"] = recv_exactly(sock, len(jpg))     # only after keep()
-        sock.sendall(second)
-        recv_to_eof(sock)
+        got["app_rest"] = recv_to_eof(sock)
 
     def stays(head: RequestHead) -> bool:
         return not head.path.endswith(b".jpg")
 
     relay = run_relay(stays, on_move, client, app)
-    assert got["app_first"] == get("/a") and got["app_second"] == jpg
+    assert got["app_first"] == get("/a") and got["app_rest"] == b""   # the jpg never reached it
     bytes_down, held, spliced = got["at_move"]
     assert bytes_down == len(first) and held == jpg              # asked only once all of it was sent
     assert spliced >= len(body) - HEAD_CHUNK
-    assert got["client"] == first + second
-    assert relay.pinned == "test: the move is refused" and relay.error is None
+    client_got = got["client"]
+    assert client_got[:len(first)] == first
+    assert client_got[len(first):].startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Connection: close" in client_got[len(first):]
+    assert relay.refused == 503 and relay.error is None
+
+
+def test_a_head_the_front_end_would_refuse_is_answered_400_and_never_reaches_the_application():
+    """A percent-encoded slash: nginx would decode it into a path the rules never matched. Pipelined after a
+    good request, behind a spliced response: that response first, then 400, then the close; the
+    application sees the good request only, not the bad one nor the one after it."""
+    body = os.urandom(1024 * 1024)
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    bad = b"GET /admin%2F..%2Fsecret HTTP/1.1\r\nHost: a\r\n\r\n"
+    got: dict[str, bytes] = {}
+
+    def client(sock: socket.socket) -> None:
+        sock.sendall(get("/a") + bad + get("/c"))
+        got["client"] = recv_to_eof(sock)
+
+    def app(sock: socket.socket) -> None:
+        got["app_first"] = recv_exactly(sock, len(get("/a")))
+        sock.sendall(first)
+        got["app_rest"] = recv_to_eof(sock)
+
+    relay = run_relay(lambda head: True, lambda r, loop: None, client, app)
+    assert got["app_first"] == get("/a") and got["app_rest"] == b""
+    assert got["client"][:len(first)] == first
+    assert got["client"][len(first):].startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert relay.refused == 400

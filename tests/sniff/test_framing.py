@@ -322,21 +322,40 @@ def test_a_request_body_is_passed_with_its_request():
     assert out == POST and p.responses.outstanding == 1
 
 
-def test_an_unframeable_response_pins_the_connection_and_releases_what_was_held():
+def test_an_unframeable_response_pins_the_connection_and_drops_what_was_held():
+    """A request held for elsewhere never reaches this application: with no response boundary to move at,
+    it is dropped and the connection ends with the response."""
     p = RehandoffPlanner(jpg_elsewhere)
     p.client_data(GET_A + GET_JPG)
     plan = p.app_data(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
-    assert plan.pinned and "Content-Length" in plan.pinned and plan.to_app == GET_JPG and not plan.move
-    assert p.reading_client
-    later = p.client_data(GET_JPG)
-    assert later.to_app == GET_JPG and later.pinned is None and not later.move   # said once
+    assert plan.pinned and "Content-Length" in plan.pinned and plan.to_app == b"" and not plan.move
+    assert plan.drop and not p.reading_client
+    assert p.client_data(GET_JPG).to_app == b""           # read before reading stopped: dropped too
 
 
-def test_a_bad_request_pins_the_connection():
+def test_an_unframeable_response_with_nothing_held_pins_the_connection():
     p = RehandoffPlanner(jpg_elsewhere)
-    bad = b"GET / HTTP/1.1\r\n\r\n"                       # no Host: the application answers 400
-    plan = p.client_data(bad + GET_JPG)
-    assert plan.pinned and plan.to_app == bad + GET_JPG and not plan.move
+    p.client_data(GET_A)
+    plan = p.app_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    assert plan.pinned and plan.drop is None and p.reading_client
+    later = p.client_data(b"\x81\x05hello")                # a tunnel: unframed, to the application
+    assert later.to_app == b"\x81\x05hello" and later.pinned is None and not later.move   # said once
+
+
+def test_a_bad_request_is_refused_at_the_boundary_and_nothing_after_it_passes():
+    """A head the front end would answer 400 (here a percent-encoded slash, which nginx would decode into a
+    path the rules never saw) is not given to the application, nor anything pipelined after it."""
+    p = RehandoffPlanner(jpg_elsewhere)
+    bad = b"GET /a%2Fb HTTP/1.1\r\nHost: a\r\n\r\n"
+    plan = p.client_data(GET_A + bad + GET_A)
+    assert plan.to_app == GET_A and not plan.refuse and not p.reading_client
+    assert p.client_data(GET_A).to_app == b""
+    plan = p.app_data(CL)                                  # the response before it is complete
+    assert plan.refuse == 400 and not plan.move and plan.to_app == b""
+    # with nothing outstanding, at once
+    p = RehandoffPlanner(jpg_elsewhere)
+    plan = p.client_data(b"GET / HTTP/1.1\r\n\r\n")     # no Host
+    assert plan.refuse == 400 and plan.to_app == b""
 
 
 def test_head_requests_do_not_wait_for_a_body():
