@@ -285,7 +285,10 @@ def test_1000_concurrent_keepalive_clients_10_requests_each(fresh):
     # A thousand moves at once on two shared cores: a back end answering a Handoff after the default 2 s
     # would have the front end try the fallback rule's back end (be2 for images), which is right but not
     # what this test checks.
-    dep.start(fe={"rehandoff": "on", "rules": lab_rules(dep.lab), "handofftimeout": 20}, be={"maxclients": 4000})
+    # Likewise a health check missed for 1 s at that load would mark a back end down (503, or the fallback).
+    dep.start(fe={"rehandoff": "on", "rules": lab_rules(dep.lab), "handofftimeout": 20, "dtcinterval": 10,
+                  "healthtimeout": 10},
+              be={"maxclients": 4000})
     clients, rounds = 1000, 10
     want = {p: dep.origins["be1"].expected(p.lstrip("/")) for p in ("/img/logo.jpg", "/1k.bin")}
 
