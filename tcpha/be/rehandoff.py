@@ -9,7 +9,8 @@ response before the held request is complete and written into the client socket,
 `on_move(relay)` asks the front end to freeze the flow (MoveAsk); `frozen()` then dumps the client socket
 with the held bytes put back in front of its receive queue (tcpha.repair.TcpState.with_unread), lets go of
 it without FIN or RST and returns the state for `Moved`. `keep()` is the answer when the move cannot happen
-(MoveRefused, no answer, the client closed meanwhile): the held request goes to this application after all.
+(MoveRefused, no answer, the client closed meanwhile): the held request is for another back end, so it never
+goes to this application: it is answered 503 and the connection closes (docs/kernel.md).
 
 The same interface as tcpha.relay.SpliceRelay (start/release/close, bytes_up/bytes_down, closed, error,
 describe, client) so that tcpha.be.handoff treats it as any relay. See docs/kernel.md, "Moving a keep-alive
