@@ -201,7 +201,7 @@ def test_fe_reload_applies_each_live_option_and_reports_each_restart_option(prod
         "healthcheck": "http", "healthpath": "/index.html", "healthport": APP_PORT, "healthtimeout": 0.5,
         "rise": 3, "fall": 2, "authkey": str(_other_key(prod)), "rundir": str(prod.lab.workdir / "run-fe-2"),
         "usefuse": 0, "logfile": str(prod.lab.workdir / "fe-2.log"), "dbglevel": 4, "metrics": 9121, "grace": 5,
-        "statsadmin": "on",
+        "statsadmin": "on", "rehandoff": "on", "tunnel": "vxlan",
         # another steering than the running one (the lab's, else auto)
         "steering": "bpf" if lab_datapath(prod.lab).steering == "nft" else "nft",
     }
@@ -260,7 +260,7 @@ def test_be_reload_applies_each_live_option_and_reports_each_restart_option(prod
         "unixpath": str(prod.lab.workdir / "be2.sock"), "authkey": str(_other_key(prod)),
         "tlsports": "443 8443", "sessiontimeout": 60, "rundir": str(prod.lab.workdir / "run-be2-2"),
         "usefuse": 0, "logfile": str(prod.lab.workdir / "be2-2.log"), "dbglevel": 4, "metrics": 9122, "grace": 5,
-        "relay": "auto" if old.relay != "auto" else "splice",
+        "relay": "auto" if old.relay != "auto" else "splice", "tunnel": "vxlan",
     }
     conf.write_text(be_config_text(prod.lab, "be2", str(prod.dep.key), **changed))
     new = load_be_config(str(conf))
