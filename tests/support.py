@@ -46,6 +46,29 @@ def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str | None = 
         time.sleep(interval)
 
 
+def running(pids) -> list[int]:
+    """The pids of `pids` that still run: a zombie does not, and one that exits while it is being
+    looked at (between listing and reading its /proc entry) does not either."""
+    import psutil
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running children of `pid` (see `running`)."""
+    import psutil
+    try:
+        return running(c.pid for c in psutil.Process(pid).children())
+    except psutil.NoSuchProcess:
+        return []
+
+
 def require_tool(name: str) -> str:
     """The path of a program the tests need; a missing one is a set-up failure, never a silent skip.
 

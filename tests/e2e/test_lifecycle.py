@@ -12,6 +12,7 @@ import pytest
 
 from tcpha.lab.deploy import fe_steering
 from tcpha.lab.http import start_http
+from tests.support import child_pids
 
 pytestmark = pytest.mark.netns
 
@@ -147,13 +148,11 @@ def test_same_host_back_end_gets_the_socket_over_scm_rights(fresh):
 
 
 def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fresh):
-    import psutil
     dep = fresh
     dep.start(fe={"startservers": 3, "maxspareservers": 3})
-    arbiter = psutil.Process(dep.fe_proc.pid)
 
     def workers() -> set[int]:
-        return {c.pid for c in arbiter.children() if c.status() != psutil.STATUS_ZOMBIE}
+        return set(child_pids(dep.fe_proc.pid))
 
     deadline = time.monotonic() + 10
     while len(workers()) < 3 and time.monotonic() < deadline:

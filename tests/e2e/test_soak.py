@@ -51,7 +51,7 @@ import pytest
 from tcpha.lab.http import file_content, start_http
 from tcpha.lab.netns import lab_namespaces, pids_in_netns
 from tests.deployment import Prod, fe_workers
-from tests.support import wait_until
+from tests.support import running, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -423,8 +423,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         f = Fault("kill fe", time.monotonic(), 0.0, witness=witness)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        wait_until(lambda: not any(psutil.pid_exists(w) and psutil.Process(w).status() != "zombie"
-                                   for w in workers), 10, "the killed front end's workers to die with it")
+        wait_until(lambda: not running(workers), 10, "the killed front end's workers to die with it")
         f.over = time.monotonic()
         faults.append(f)
         lab.stop(victim)
@@ -493,17 +492,21 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
 
     # -- clean stop, then nothing of the lab's prefix is left --------------------------------------
     fe_ns = lab.netns("fe")
-    fe_pids = [p for p in pids_in_netns([fe_ns])
-               if "tcpha.fe" in " ".join(psutil.Process(p).cmdline())]
+
+    def cmdline(pid: int) -> str:
+        try:
+            return " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:  # exited since it was listed
+            return ""
+    fe_pids = [p for p in pids_in_netns([fe_ns]) if "tcpha.fe" in cmdline(p)]
     os.kill(prod.dep.fe_proc.pid, signal.SIGTERM)
     assert prod.dep.fe_proc.wait(30) == 0, summary
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                               for p in fe_pids), 10, f"the front end's processes {fe_pids} to exit")
+    wait_until(lambda: not running(fe_pids), 10, f"the front end's processes {fe_pids} to exit")
     lab_pids = list(pids_in_netns(lab.namespaces()))
     prefix = lab.prefix
     lab.down()
     assert lab_namespaces(prefix) == []
-    left = [p for p in lab_pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    left = running(lab_pids)
     assert left == [], f"processes left after teardown: {left}"
     mentions = [p.pid for p in psutil.process_iter(["cmdline"])
                 if any(prefix + "-" in a for a in (p.info["cmdline"] or []))]

@@ -11,29 +11,16 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 
 from tcpha.cli.ctl import socket_for
 from tcpha.runtime.ctlsock import request
 from tests.deployment import fe_workers
-from tests.support import wait_until
+from tests.support import running, wait_until
 
 pytestmark = pytest.mark.netns
 
 CLIP = "video/clip.mp4"
-
-
-def running(pids: list[int]) -> list[int]:
-    """The pids of `pids` that still run (a zombie does not)."""
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def start_download(prod):

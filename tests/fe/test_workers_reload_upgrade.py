@@ -8,11 +8,10 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from tests.deployment import Load, fe_workers
-from tests.support import wait_until
+from tests.support import running, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -207,7 +206,7 @@ def test_daemon_pidfile_and_check_config(prod):
         assert prod.ctl_json("status")["pid"] == pid
     finally:
         os.kill(pid, signal.SIGTERM)
-        assert wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", 20)
+        assert wait_until(lambda: not running([pid]), 20)
     assert wait_until(lambda: not pidfile.exists(), 5)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from tcpha.lab.netns import pids_in_netns
 from tcpha.lab.services import start_dc_client, start_dc_server, start_redis_cluster
+from tests.support import running
 
 pytestmark = pytest.mark.netns
 
@@ -58,8 +59,7 @@ def test_redis_cluster_on_cache_host_is_removed_by_down(lab_factory):
     in_cache = [pid for pid, ns in pids_in_netns(lab.namespaces()).items() if ns == lab.netns("cache")]
     assert len(in_cache) >= 6
     lab.down()
-    import psutil
-    assert not [p for p in in_cache if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not running(in_cache)
 
 
 def test_two_dc_redis_cluster_passes_the_placement_check(lab_factory):
