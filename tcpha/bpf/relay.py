@@ -60,6 +60,11 @@ def _cookie(sock: socket.socket) -> bytes:
     return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a TCP socket is ESTABLISHED (tcp_info's first byte is the state; TCP_ESTABLISHED = 1)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0] == 1
+
+
 def _ioctl_int(sock: socket.socket, request: int) -> int:
     buf = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
     return struct.unpack("i", buf)[0]
@@ -265,10 +270,19 @@ class BpfRelay:
         """peers entries first, then the application socket, then the client socket: a segment reaching
         a socket of the map whose peer is not in it yet would go to userspace (SK_PASS), and a later one
         could overtake it through the kernel. Bytes reaching a socket before it joins the map wait in
-        its TCP queue and go through the programs at the kick below, in order."""
+        its TCP queue and go through the programs at the kick below, in order.
+
+        A SOCKHASH takes only ESTABLISHED TCP sockets (the kernel answers EOPNOTSUPP for any other
+        state). A client whose FIN came in before this point (an HTTP/1.0 client that shut down writing
+        after its request) is in CLOSE_WAIT: such a relay copies through userspace instead, both ways.
+        Failing it would close the client socket with its request unread, which the kernel answers with
+        RST."""
         if self.closed:
             return
         try:
+            if not (_established(self.client) and _established(self.app)):
+                self._in_userspace()
+                return
             self.path.peers.update(self._app_cookie, self._client_cookie)
             self._linked.append(self._app_cookie)
             if self.up.kernel:
@@ -282,8 +296,27 @@ class BpfRelay:
                 # before the socket joined the map go through the programs now, ahead of any new ones.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                # a FIN came in between the state check and the insert: the application socket may
+                # be in the map already, but it has had nothing to answer yet (the request is still
+                # in the client socket), so nothing of it is in its BPF queue to lose
+                try:
+                    self._unlink()
+                except BpfError as e2:
+                    self._fail("set-up", e2)
+                    return
+                self._in_userspace()
+                return
             self._fail("set-up", e)
             return
+        for d in (self.up, self.down):
+            self._want(d, read=True, write=False)
+
+    def _in_userspace(self) -> None:
+        """Relay both directions by recv/send (a socket the map does not take)."""
+        log.debug("relay %s: a socket is no longer ESTABLISHED (its peer's FIN is in): relayed in "
+                  "userspace", self.describe())
+        self.up.kernel = self.down.kernel = False
         for d in (self.up, self.down):
             self._want(d, read=True, write=False)
 
@@ -407,6 +440,15 @@ class BpfRelay:
                     return
         self._watchdog = self.loop.call_later(WATCHDOG, self._watch)
 
+    def _unlink(self) -> None:
+        """Take this relay's entries out of the maps (peers first: no redirect towards a socket leaving)."""
+        while self._linked:
+            self.path.peers.delete(self._linked[-1])
+            self._linked.pop()
+        while self._inserted:
+            self.path.socks.delete(self._inserted[-1])    # closing would too; this stops redirects first
+            self._inserted.pop()
+
     def _fail(self, where: str, e: OSError) -> None:
         self.error = f"{where}: {e.strerror or e}"
         log.debug("relay %s ended: %s", self.describe(), self.error)
@@ -419,7 +461,7 @@ class BpfRelay:
 
     @property
     def bytes_down(self) -> int:
-        return self.down.written()
+        return self.down.written() if self.down.kernel else self.down.moved
 
     def describe(self) -> str:
         return peer_text(self.client)
@@ -437,10 +479,7 @@ class BpfRelay:
         if self._watchdog is not None:
             self._watchdog.cancel()
         try:
-            for cookie in self._linked:
-                self.path.peers.delete(cookie)
-            for cookie in self._inserted:
-                self.path.socks.delete(cookie)        # closing would too; this stops redirects first
+            self._unlink()
         except BpfError as e:
             log.warning("relay %s: removing it from the BPF maps: %s", self.describe(), e)
         self._linked.clear()

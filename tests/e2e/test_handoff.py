@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tcpha.lab.demo import VPORT
-from tcpha.lab.deploy import fe_steering, lab_datapath
+from tcpha.lab.deploy import fe_steering
 from tests.support import fixed_client_port, wait_until
 
 pytestmark = pytest.mark.netns
@@ -132,16 +132,11 @@ def test_head_split_over_packets_is_reassembled(deployment):
 
 
 @pytest.mark.parametrize("attempt", range(5))
-def test_client_that_half_closed_after_its_request_gets_a_clean_answer(deployment, attempt, request):
+def test_client_that_half_closed_after_its_request_gets_a_clean_answer(deployment, attempt):
     # TCP_REPAIR rebuilds ESTABLISHED connections only; a client that shut down writing after an
-    # HTTP/1.0 request cannot be moved once its FIN is in: without a local node it gets 503.
-    if lab_datapath(deployment.lab).relay == "bpf":
-        # KNOWN DEFECT, open (found 2026-12-02 by the first CI runs over the BPF relay): about 1 run in
-        # 15, the client gets a reset instead of an answer when its FIN races the handoff. Not a retry:
-        # the test still runs and reports XPASS/XFAIL; the splice relay must pass it every time.
-        request.node.add_marker(pytest.mark.xfail(
-            strict=False, raises=ConnectionResetError,
-            reason="BPF relay: a half-closed client is sometimes reset (open defect, see the closing note)"))
+    # HTTP/1.0 request cannot be moved once its FIN is in: without a local node it gets 503. When the
+    # FIN comes in after the move, the back end's socket is in CLOSE_WAIT before its relay starts, which
+    # the BPF relay's SOCKHASH refuses: that relay copies in userspace then (it used to reset the client).
     s = deployment.connect()
     try:
         s.sendall(b"GET /1k.bin HTTP/1.0\r\n\r\n")

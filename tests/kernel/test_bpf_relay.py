@@ -268,6 +268,38 @@ def test_bytes_queued_before_the_start_reach_the_application(pairs):
     run(main())
 
 
+@pytest.mark.parametrize("hold_down", [False, True], ids=["start", "release"])
+def test_a_client_that_half_closed_before_the_start_gets_its_answer_and_a_fin(pairs, hold_down):
+    """An HTTP/1.0 client that shut down writing after its request: its FIN is in before the relay
+    starts (the socket is in CLOSE_WAIT), and a SOCKHASH refuses such a socket (EOPNOTSUPP). The relay
+    copies in userspace instead: the request reaches the application, then its FIN, and the answer
+    reaches the client, then a FIN, never a reset (which is what closing it with the request unread
+    would send)."""
+    async def main():
+        peer, client = pairs()
+        app, server = pairs()
+        request = b"GET /1k.bin HTTP/1.0\r\n\r\n"
+        peer.sendall(request)
+        peer.shutdown(socket.SHUT_WR)
+        wait_until(lambda: client.getsockopt(socket.IPPROTO_TCP, bpf_relay.TCP_INFO, 1)[0] == 8,
+                   what="the client socket in CLOSE_WAIT")
+        done = asyncio.Event()
+        relay = BpfRelay(asyncio.get_running_loop(), client, app, lambda r: done.set())
+        RELAYS.append(relay)
+        relay.start(hold_down=hold_down)
+        relay.release()
+        for s in (peer, server):
+            s.setblocking(False)
+        assert await _recv_all(server) == request
+        answer = os.urandom(1 << 20)
+        await _send(server, answer)
+        assert await _recv_all(peer) == answer
+        await asyncio.wait_for(done.wait(), 30)
+        assert relay.error is None and (relay.bytes_up, relay.bytes_down) == (len(request), len(answer))
+        assert _map_empty()
+    run(main())
+
+
 def _receive_queue(netns: str, sock: socket.socket) -> int:
     """Bytes in the socket's TCP receive queue, as sock_diag reports them (`ss` Recv-Q). FIONREAD is no
     use here: on a socket in a sockmap it counts the sockmap's own queue."""
