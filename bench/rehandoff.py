@@ -1,5 +1,5 @@
 """bench/rehandoff: keep-alive connections whose requests alternate back ends, tcpha (rehandoff = on)
-against HAProxy (one thread, the same rules), 1 KiB / 100 KiB / 1 MiB (issue 11, item 6).
+against HAProxy (one thread, the same rules), 1 KiB / 100 KiB / 1 MiB.
 
     sudo python3 bench/rehandoff.py [--duration 8] [--connections 16] [--out bench/results/rehandoff.md]
     sudo python3 bench/rehandoff.py --check [--duration 3]     # every response checked, nothing written
@@ -332,7 +332,7 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, dict]], loads: l
                    f"{_f(_div(r['be_cpu'], n) * 1e6, '.0f') if path != 'haproxy' else '-'} | "
                    f"{_f(_div(r['be_cpu'], moves) * 1e6, '.0f')} | {_f(r['p50'], '.2f')} | {_f(r['p99'], '.2f')} | "
                    f"{r['errors']} | {r['logged']} ({r['misrouted']}) |")
-    out += ["", "## Against the issue's targets, and what a move costs", ""]
+    out += ["", "## Against the targets, and what a move costs", ""]
     for label, _, _ in SIZES:
         h, t, s = by[(label, "haproxy")], by[(label, "tcpha")], by[(label, "tcpha, no move")]
         ratio = _div(t["rps"], h["rps"])

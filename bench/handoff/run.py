@@ -385,7 +385,7 @@ def sweep_report(args: argparse.Namespace, rows: list[tuple[int, str, str, dict]
 
 
 def sweep_targets(by: dict, rounds: list[dict]) -> list[str]:
-    """The issue's targets, met or missed, for each data path of the sweep."""
+    """The targets (listed below, one row each), met or missed, for each data path of the sweep."""
     def check(ok: bool) -> str:
         return "met" if ok else "**missed**"
 

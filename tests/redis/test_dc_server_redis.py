@@ -122,7 +122,7 @@ def test_redis_stopped_and_restarted_under_load(redis_node, dc_server_factory):
     finally:
         redis_node.start()
     # Recovered by itself: a new session goes in and comes back. (The one added just before the kill may be
-    # gone: Redis fsyncs its AOF once a second, the loss bound the issue allows.)
+    # gone: Redis fsyncs its AOF once a second, so the last second may be lost.)
     fresh = os.urandom(16)
     deadline = time.monotonic() + 15
     while not (client.add(fresh, b"after", 300_000) and client.get(fresh) == b"after"):
