@@ -42,11 +42,11 @@ from tcpha.bpf.syscall import (MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, NO_PREALLOC, PR
                                SK_SKB_STREAM_PARSER, SK_SKB_STREAM_VERDICT, BpfError, Map,
                                Program)
 from tcpha.relay import SpliceRelay, close_sockets, peer_text
+from tcpha.repair import TCP_INFO
 
 log = logging.getLogger("tcpha.bpf.relay")
 
 SO_COOKIE = 57
-TCP_INFO = 11
 _TCPI = struct.Struct("<120xQQ")           # tcp_info: tcpi_bytes_acked at 120, tcpi_bytes_received at 128
 CAPACITY = 262144                          # sockets in the map (two per relay)
 CHUNK = 256 * 1024                         # userspace reads (kernel_up=False, or bytes passed before set-up)

@@ -41,12 +41,12 @@ from tcpha.fe.runtime import start_runtime
 from tcpha.fe.upgrade import take_over
 from tcpha.fe.worker import Worker
 from tcpha.loglevels import NOTICE
+from tcpha.repair import IP_FREEBIND
 from tcpha.steering import VipAddress, interface_holding, make_flow_steering
 
 log = logging.getLogger("tcpha.fe")
 
 NFT_TABLE = "tcpha_fe"
-IP_FREEBIND = 15
 RESPAWN_MIN_INTERVAL = 1.0
 DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent nothing yet
 

@@ -53,7 +53,6 @@ def _tls_default_facts() -> RequestFacts:
 # (_route gives each connection lists of its own), not two new lists per accepted connection.
 _NO_CANDIDATES: list = []
 
-TCP_INFO = 11
 TCP_CLOSE_WAIT = 8
 LINGER = 2.0             # after writing an error answer: how long to wait for the client's FIN
 
@@ -302,7 +301,7 @@ class Dispatch:
         already half-closed (HTTP/1.0 tools that shut down writing after the request) can still be
         passed to a same-host back end or served by the local node, else it gets 503."""
         try:
-            state = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, repair.TCP_INFO, 1)[0]
         except OSError:
             return False
         if state != 1:                                   # TCP_ESTABLISHED
