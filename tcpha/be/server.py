@@ -67,8 +67,7 @@ class BackEnd:
         self._server: asyncio.AbstractServer | None = None
         self.samehost: SameHostListener | None = None
         self._stop: asyncio.Event | None = None
-        self.kernel_state = KernelState(self.vip, config.interface, config.raddr,
-                                        getattr(config, "tunnel", "none"))
+        self.kernel_state = KernelState(self.vip, config.interface, config.raddr, config.tunnel)
         self.on_ready: Callable[[], None] | None = None
         # tlscert set: connections to a VIP port in tlsports are TLS-terminated here (tcpha.be.tls).
         self.tls: TlsTermination | None = None

@@ -115,10 +115,10 @@ class FrontEnd:
 
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
-        return make_flow_steering(getattr(self.config, "steering", "nft"), table=self.table, ifname=self.ifname,
+        return make_flow_steering(self.config.steering, table=self.table, ifname=self.ifname,
                                   vip=self.config.vaddr, ports=list(self.config.ports),
                                   flow_timeout=self.config.flowtimeout,
-                                  tunnel=getattr(self.config, "tunnel", "none"))
+                                  tunnel=self.config.tunnel)
 
     def install(self) -> None:
         self.ifname = lan_interface(self.config)

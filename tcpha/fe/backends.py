@@ -259,7 +259,7 @@ class RemoteBackend:
     def _ready(self, link: ControlLink, hello: Any) -> None:
         if link not in self.ready:
             self.ready.append(link)
-        if getattr(self.worker, "rehandoff", False):
+        if self.worker.rehandoff:
             link.send(self.worker.rules_message(self))
         log.log(NOTICE, "back end %s: control connection %d up (%s, mac %s)", self.name, link.index,
                 getattr(hello, "node_id", "?"), self.mac)
@@ -272,7 +272,7 @@ class RemoteBackend:
         """The back end's MAC on the LAN (the control connection made the kernel resolve it). In routed
         mode (`tunnel = vxlan|ipip`) flows go to the back end's address instead, which may be behind a
         router: then this is its IPv4 address (what the steering entries hold)."""
-        if getattr(getattr(self.worker, "config", None), "tunnel", "none") != "none":
+        if self.worker.config.tunnel != "none":
             try:
                 self.mac = socket.gethostbyname(self.host)
             except OSError as e:

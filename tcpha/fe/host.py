@@ -98,12 +98,13 @@ class BackendHost(Protocol):
     """The worker as its back ends and control links see it."""
 
     loop: asyncio.AbstractEventLoop
-    config: Any                              # raddr: the source address of control connections
+    config: Any                              # raddr: the source address of control connections; tunnel
     authkey: bytes
     name: str
     vip: str
     ifname: str                              # where back ends' MAC addresses are looked up
     handofftimeout: float
+    rehandoff: bool                          # back ends get the rules (Rules) when a link comes up
     stats: Any
     ledger: "ConnectionLedger"
     handoffs: "FrontEndHandoffs[Any, Any]"   # which handoffs are open on a link, which fail with it

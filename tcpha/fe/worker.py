@@ -304,7 +304,7 @@ class Worker:
         self.wait_flows = True
         # rehandoff = on: the back ends get the rules (Rules) and may hand a connection back at a request
         # the rules send elsewhere (MoveAsk, Moved: docs/kernel.md "Moving a keep-alive connection").
-        self.rehandoff = getattr(config, "rehandoff", "off") == "on"
+        self.rehandoff = config.rehandoff == "on"
         self._moving: dict[int, tuple[Any, Any]] = {}       # xid -> (FlowKey, FlowRecord) frozen for a move
         self._orphan_logged = False
         self._dead_flows_logged = False

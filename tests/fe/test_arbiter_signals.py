@@ -36,7 +36,8 @@ class FakeRuntime:
 def front_end(monkeypatch):
     """A FrontEnd whose signal handlers are installed in this process, with a fake runtime and
     recorders for spawning and reaping; the previous handlers and wakeup fd are restored after."""
-    config = SimpleNamespace(startservers=2, minspareservers=0, maxspareservers=5, grace=0)
+    config = SimpleNamespace(startservers=2, minspareservers=0, maxspareservers=5, grace=0,
+                             steering="auto", tunnel="none", rehandoff="off")
     fe = FrontEnd(config)
     fe.runtime = FakeRuntime()
     fe.spawned = []
