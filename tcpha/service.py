@@ -27,7 +27,7 @@ except ImportError:  # optional
 
 def setup_logging(dbglevel: int, logfile: str | None, name: str) -> None:
     """dbglevel 0-6 onto logging levels (tcpha.loglevels.dbglevel_to_logging); stderr or a file."""
-    level = dbglevel_to_logging(int(dbglevel))
+    level = dbglevel_to_logging(dbglevel)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

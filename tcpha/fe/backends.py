@@ -400,7 +400,7 @@ def build_backends(worker: "BackendHost", specs: list[Any], connperbe: int,
         be = next((known[k] for k in keys if known is not None and k in known), None)
         if be is None:
             be = (LocalBackend(worker, spec.path) if spec.kind == "unix"
-                  else RemoteBackend(worker, spec.host, int(spec.port), int(connperbe)))
+                  else RemoteBackend(worker, spec.host, spec.port, connperbe))
             if known is not None:
                 be.start()
         for key in keys:
