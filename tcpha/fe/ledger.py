@@ -13,13 +13,16 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tcpha.control.handoff import flow_closed_applies
 from tcpha.fe.balance import SmoothWRR
 from tcpha.fe.rules import RuleTable
 from tcpha.fe.status import printable_head
 from tcpha.metrics import WorkerMetrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tcpha.fe.dispatch import Dispatch
 
 log = logging.getLogger("tcpha.fe.handoff")
 
@@ -48,7 +51,7 @@ class ConnectionLedger:
     def __init__(self, rules: list[Any], flow_timeout: float = 3600.0):
         self.metrics = WorkerMetrics()
         self.flows: dict[tuple[str, int, int], FlowRecord] = {}
-        self.dispatching: dict[int, Any] = {}
+        self.dispatching: dict[int, Dispatch] = {}
         self.gate: dict[str, bool] = {}          # back end name -> accepts new connections (absent: yes)
         self.weights: dict[str, int] = {}        # back end name -> weight (absent: 1), for rule pools
         self.balancer = SmoothWRR()              # this worker's smooth WRR state, per pool
@@ -100,16 +103,16 @@ class ConnectionLedger:
         return "-"
 
     # -- events ---------------------------------------------------------------------------------
-    def started(self, d: Any) -> None:
+    def started(self, d: Dispatch) -> None:
         self.dispatching[id(d)] = d
 
-    def ended(self, d: Any) -> None:
+    def ended(self, d: Dispatch) -> None:
         self.dispatching.pop(id(d), None)
 
-    def handed_off(self, d: Any, backend: str, *, target: str | None = None, outcome: str = "handed_off",
+    def handed_off(self, d: Dispatch, backend: str, *, target: str | None = None, outcome: str = "handed_off",
                    relay: Any = None) -> None:
         seconds = time.perf_counter() - d.t0
-        rule = self.rule_for(d.facts, target or backend, getattr(d, "candidates", None))
+        rule = self.rule_for(d.facts, target or backend, d.candidates)
         self.metrics.handoff(backend, rule, outcome, seconds)
         if outcome in ("handed_off", "local"):
             self._added += 1
@@ -118,20 +121,20 @@ class ConnectionLedger:
             self.flows[(d.peer[0], d.peer[1], d.lport)] = FlowRecord(
                 d.peer[0], d.peer[1], d.lport, backend, rule, time.time(),
                 state="local" if outcome == "local" else "handed-off", relay=relay, xid=d.handoff.xid,
-                moves=getattr(d, "moves", 0))
+                moves=d.moves)
         if log.isEnabledFor(logging.INFO):
             log.info("%s:%d -> %s rule %s %s in %.0f us", d.peer[0], d.peer[1], backend, rule,
                      "relayed locally" if outcome == "local" else "handed off", seconds * 1e6)
 
-    def refused(self, d: Any, backend: str, target: str) -> None:
-        self.metrics.handoff(backend, self.rule_for(d.facts, target, getattr(d, "candidates", None)), "refused")
+    def refused(self, d: Dispatch, backend: str, target: str) -> None:
+        self.metrics.handoff(backend, self.rule_for(d.facts, target, d.candidates), "refused")
 
-    def answered(self, d: Any, status: int, why: str = "") -> None:
+    def answered(self, d: Dispatch, status: int, why: str = "") -> None:
         self.metrics.answered[status] = self.metrics.answered.get(status, 0) + 1
         self.answers.append({"time": round(time.time(), 3), "client": f"{d.peer[0]}:{d.peer[1]}", "status": status,
                              "why": why, "head": _peek_head(d)})
         if status == 503:
-            self.metrics.handoff("none", "-", "unavailable" if getattr(d, "candidates", None) else "no_match")
+            self.metrics.handoff("none", "-", "unavailable" if d.candidates else "no_match")
 
     def flow_closed(self, client_ip: str, client_port: int, vport: int, bytes_in: int = 0,
                     bytes_out: int = 0, xid: int = 0) -> None:
@@ -152,11 +155,11 @@ class ConnectionLedger:
         rows = []
         for d in list(self.dispatching.values()):
             state = d.handoff.table_state          # tcpha.control.handoff: reading / handing-off
-            be = getattr(d, "backend", None)
+            be = d.backend
             rows.append({"client": f"{d.peer[0]}:{d.peer[1]}", "vport": d.lport,
                          "backend": be.name if be is not None else "-", "rule": "-", "state": state,
-                         "age": round(mono - d.t0, 3), "bytes_in": getattr(d, "peeked", 0), "bytes_out": None,
-                         "moves": getattr(d, "moves", 0)})
+                         "age": round(mono - d.t0, 3), "bytes_in": d.peeked, "bytes_out": None,
+                         "moves": d.moves})
         stale = []
         for key, f in self.flows.items():
             age = now - f.since
@@ -177,7 +180,7 @@ class ConnectionLedger:
         return rows
 
 
-def _peek_head(d: Any) -> str:
+def _peek_head(d: Dispatch) -> str:
     """The start of what the client sent (still in the socket: it was only peeked), as printable text."""
     try:
         return printable_head(d.sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT))

@@ -291,6 +291,7 @@ def test_ledger_rule_states_and_pruning():
             self.peer, self.lport, self.t0 = ("10.0.0.9", port), 80, 0.0
             self.facts = RequestFacts(uri=uri, host=b"x", sni=None)
             self.handoff, self.backend, self.peeked = FeConnection(), None, 40
+            self.candidates, self.moves = ["a:1"], 0      # routed: both URIs' rules name a:1
 
     rules = [compile_rule("a:1", "uri", "jpg$"), compile_rule("b:1", "uri", "^/api/"), compile_rule("a:1", "uri", ".*")]
     ledger = ConnectionLedger(rules, flow_timeout=100)
