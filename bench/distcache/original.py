@@ -1,7 +1,8 @@
-"""Build the original C distcache tools (outside the repository) for side-by-side comparisons.
+"""Build the original C distcache tools for side-by-side comparisons.
 
 Used by bench/distcache/versus_original.py and tests/distcache/transcripts/record.py.  The
-source is LGPL: it is only cloned and built here, never copied into the repository.
+source is LGPL: it is only cloned and built, in bench/distcache/orig/ (git-ignored: never committed)
+or in $DISTCACHE_ORIG when that is set, never copied into the repository's files.
 
 The source comes from $DISTCACHE_GIT (a git URL or path; default the GitHub repository
 mingzym/distcache).  Build steps (the ssl/ directory does not build against OpenSSL 3, so only
@@ -16,7 +17,7 @@ import os
 import subprocess
 from pathlib import Path
 
-ORIGINAL_DIR = Path(os.environ.get("DISTCACHE_ORIG", "/work/orig-distcache"))
+ORIGINAL_DIR = Path(os.environ.get("DISTCACHE_ORIG", Path(__file__).resolve().parent / "orig"))
 SOURCE = os.environ.get("DISTCACHE_GIT", "https://github.com/mingzym/distcache")
 SUBDIRS = ("libsys", "libnal", "libdistcache", "libdistcacheserver", "util", "sessserver",
            "sessclient", "test", "snoop")

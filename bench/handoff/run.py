@@ -361,7 +361,7 @@ def sweep_report(args: argparse.Namespace, rows: list[tuple[int, str, str, dict]
             t, d, h = by[(rd["n"], label, "tcpha")], by[(rd["n"], label, "direct")], by[(rd["n"], label, "haproxy")]
             cells += [f"{_f(_div(t['rps'], d['rps']) * 100, '.0f')}%", f"{_f(_div(t['rps'], h['rps']), '.2f')}x"]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out += ["", "## Targets (issue: the kernel carries the bytes)", ""]
+    out += ["", "## Targets (the kernel carries the bytes)", ""]
     out += sweep_targets(by, rounds)
     out += ["", "## Every point", "",
             "| round | size | path | req/s | MB/s | FE CPU us/req | BE CPU us/req | p50 ms | p99 ms | errors |",

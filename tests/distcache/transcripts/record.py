@@ -3,8 +3,8 @@
 
     python3 tests/distcache/transcripts/record.py [--orig DIR]
 
-DIR (default $DISTCACHE_ORIG or /work/orig-distcache) holds the original source; it is cloned
-and built there when its binaries are missing (see build_original() in
+DIR (default $DISTCACHE_ORIG, else bench/distcache/orig/, git-ignored) holds the original source;
+it is cloned and built there when its binaries are missing (see build_original() in
 bench/distcache/original.py).  Writes tests/distcache/transcripts/<tool>.json: a list of
 {"args", "stdout", "stderr", "status"}; tests/distcache/test_transcripts.py compares our tools
 to them byte for byte without needing the C binaries.
