@@ -4,11 +4,11 @@ for it; the same handoff with the right key does create one (so the checks can f
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
 from tcpha import control, repair
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -168,17 +168,14 @@ def test_forged_replayed_and_malformed_control_traffic_is_refused(fresh):
     # ... and, since its front end never said Steered (as when it took the connection back after
     # its handofftimeout), it is dropped silently after STEER_WAIT instead of answering the client
     from tcpha.be.handoff import STEER_WAIT
-    deadline = time.monotonic() + STEER_WAIT + 5
-    while restored_sockets(dep, 40002) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not restored_sockets(dep, 40002), STEER_WAIT + 5, "the unsteered socket dropped",
+               interval=0.1)
     assert restored_sockets(dep, 40002) == 0
     assert "no Steered within" in be_log.read_text()
     authentic.close()
     # the back end is still running, and logged each drop
     assert dep.be_procs["be1"].poll() is None
-    deadline = time.monotonic() + 5
-    while be_log.read_text().count("dropped") < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: be_log.read_text().count("dropped") >= 4, 5, "four drops logged", interval=0.05)
     text = be_log.read_text()
     assert text.count("dropped") >= 4, text
     assert "wrong authkey" in text or "bad MAC" in text

@@ -12,7 +12,7 @@ import pytest
 
 from tcpha.lab.deploy import fe_steering
 from tcpha.lab.http import start_http
-from tests.support import child_pids
+from tests.support import child_pids, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -154,9 +154,7 @@ def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fres
     def workers() -> set[int]:
         return set(child_pids(dep.fe_proc.pid))
 
-    deadline = time.monotonic() + 10
-    while len(workers()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(workers()) >= 3, 10, "three workers", interval=0.05)
     before = workers()
     assert len(before) == 3
     for _ in range(30):
@@ -164,9 +162,8 @@ def test_arbiter_workers_share_the_listener_and_a_killed_worker_is_replaced(fres
         assert (r.status, r.backend) == (200, "be1")
     victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while (victim in workers() or len(workers()) < 3) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: victim not in workers() and len(workers()) >= 3, 10,
+               "the killed worker replaced", interval=0.05)
     after = workers()
     assert victim not in after and len(after) == 3
     assert "exited (signal SIGKILL); starting a new one" in dep.lab.log_path("fe", "tcpha-fe").read_text()
@@ -206,18 +203,14 @@ def test_daemon_mode_writes_the_pidfile_and_stops_on_sigterm(fresh):
     r = lab.run("be1", [sys.executable, "-m", "tcpha.be", "-c", str(conf), "-d", "--pidfile", str(pidfile)],
                 capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr                 # the launcher returns at once
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(pidfile.exists, 10, "the pidfile", interval=0.05)
     pid = int(pidfile.read_text())
     try:
         lab.wait_tcp("client", lab.ip("be1"), 666, timeout=10)   # the detached daemon serves
         assert any(a.startswith(dep.vip + "/") for a in lab.addresses("be1"))
     finally:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not pidfile.exists(), 10, "the pidfile removed", interval=0.05)
     assert not pidfile.exists()
     assert not any(a.startswith(dep.vip + "/") for a in lab.addresses("be1"))
 

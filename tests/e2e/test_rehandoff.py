@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import time
 
 import pytest
 
@@ -314,41 +313,54 @@ def test_1000_concurrent_keepalive_clients_10_requests_each(fresh):
         for c in conns:
             send_next(c)
             sel.register(c["sock"], selectors.EVENT_READ, c)
-        deadline = time.monotonic() + 240
-        while done < clients and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=5):
-                c = key.data
-                try:
-                    data = c["sock"].recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    data = b""
-                    failures.append(f"client {c['i']} request {c['j']}: {e}")
-                if not data:
-                    if len(failures) < 20:
-                        failures.append(f"client {c['i']}: closed at request {c['j']}")
-                    sel.unregister(c["sock"])
-                    done += 1
-                    continue
-                base = len(c["buf"])
-                c["buf"] += data
-                for event, at in _events_with_positions(c["framing"], data, base):
-                    if isinstance(event, Response):
-                        c["head_len"] = event.head_len
-                    elif isinstance(event, ResponseEnd) and not event.interim:
-                        p = path(c["i"], c["j"])
-                        head, body = bytes(c["buf"][:c["head_len"]]), bytes(c["buf"][c["head_len"]:at])
-                        if not head.startswith(b"HTTP/1.1 200") or backend_of(head) != rule_backend(p) \
-                                or body != want[p]:
-                            failures.append(f"client {c['i']} request {c['j']} {p}: {head[:12]!r} "
-                                            f"from {backend_of(head)}, {len(body)} bytes")
-                        c["j"] += 1
-                        if c["j"] == rounds:
-                            sel.unregister(c["sock"])
-                            done += 1
-                        else:
-                            send_next(c)
+        errors: list[Exception] = []      # an error in a pass ends the wait and fails the test at once
+
+        def one_pass() -> bool:
+            """Read what the ready connections have, check each finished response, send the next request;
+            True when every client is done, or when a pass raised (an error, not a "not yet": see `errors`)."""
+            nonlocal done
+            try:
+                for key, _ in sel.select(timeout=5):
+                    c = key.data
+                    try:
+                        data = c["sock"].recv(1 << 20)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        data = b""
+                        failures.append(f"client {c['i']} request {c['j']}: {e}")
+                    if not data:
+                        if len(failures) < 20:
+                            failures.append(f"client {c['i']}: closed at request {c['j']}")
+                        sel.unregister(c["sock"])
+                        done += 1
+                        continue
+                    base = len(c["buf"])
+                    c["buf"] += data
+                    for event, at in _events_with_positions(c["framing"], data, base):
+                        if isinstance(event, Response):
+                            c["head_len"] = event.head_len
+                        elif isinstance(event, ResponseEnd) and not event.interim:
+                            p = path(c["i"], c["j"])
+                            head, body = bytes(c["buf"][:c["head_len"]]), bytes(c["buf"][c["head_len"]:at])
+                            if not head.startswith(b"HTTP/1.1 200") or backend_of(head) != rule_backend(p) \
+                                    or body != want[p]:
+                                failures.append(f"client {c['i']} request {c['j']} {p}: {head[:12]!r} "
+                                                f"from {backend_of(head)}, {len(body)} bytes")
+                            c["j"] += 1
+                            if c["j"] == rounds:
+                                sel.unregister(c["sock"])
+                                done += 1
+                            else:
+                                send_next(c)
+            except Exception as e:
+                errors.append(e)
+                return True
+            return done >= clients
+
+        wait_until(one_pass, 240, f"{clients} clients x {rounds} requests", interval=0)
+        if errors:
+            raise errors[0]
         assert done == clients, f"{clients - done} clients unfinished"
         assert not failures, failures[:10]
     except Exception:

@@ -16,7 +16,7 @@ import pytest
 from tcpha import repair
 from tcpha.steering import FlowKey, FlowSteering, neighbour_mac
 from tcpha.steering.netns import call_in_netns
-from tests.support import fixed_client_port
+from tests.support import fixed_client_port, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -110,9 +110,8 @@ def test_upload_in_flight_at_handoff_arrives_exactly(handoff_lab, client_capture
         uploader = threading.Thread(target=upload, daemon=True)
         uploader.start()
         # Let part of the body pile up in the FE's receive queue, so it must travel in the state.
-        deadline = time.monotonic() + 5
-        while len(conn.recv(1 << 20, socket.MSG_PEEK)) < len(head) + 64 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_until(lambda: len(conn.recv(1 << 20, socket.MSG_PEEK)) >= len(head) + 64 * 1024, 5,
+                   "64 KiB of the body queued", interval=0.001)
         be_sock, flow, state_len = h.hand_off(conn, "be2")
         assert state_len > 64 * 1024  # the queued body went with the state
         got = h.recv_exact(be_sock, len(head) + len(body))
@@ -247,9 +246,8 @@ def test_dump_refuses_a_connection_not_established(handoff_lab):
     try:
         conn = h.accept_request(client, b"GET / HTTP/1.1\r\n\r\n")
         client.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + 5
-        while conn.getsockopt(socket.IPPROTO_TCP, repair.TCP_INFO, 1)[0] != 8 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_until(lambda: conn.getsockopt(socket.IPPROTO_TCP, repair.TCP_INFO, 1)[0] == 8, 5,
+                   "CLOSE_WAIT", interval=0.001)
         with pytest.raises(repair.RepairError, match="CLOSE_WAIT"):
             repair.dump(conn)
         # Not left in repair mode: the FE can still answer normally.

@@ -18,6 +18,7 @@ from tcpha.steering import (
     neighbour_mac,
 )
 from tcpha.steering.netns import call_in_netns
+from tests.support import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -29,15 +30,6 @@ def _tables(lab, host: str) -> str:
 def _flows(n: int, base: int = 1024) -> list[FlowKey]:
     return [FlowKey(f"10.77.{1 + i // 60000}.{2 + (i // 250) % 250}", base + i % 60000, "10.77.0.100", 80)
             for i in range(n)]
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)  # polling kernel state with a deadline
-    return cond()
 
 
 @pytest.fixture
@@ -107,7 +99,8 @@ def test_entries_time_out_and_table_stays_bounded(steering_factory):
     assert fs.entries() == 50
     fs.freeze(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
     # ... and the safety timeout removes the rest (the close reports that were lost).
-    assert _wait(lambda: fs.entries() == 0 and fs.frozen_entries() == 0, 10)
+    wait_until(lambda: fs.entries() == 0 and fs.frozen_entries() == 0, 10, "the safety timeout to empty the table",
+               interval=0.05)
     fs.unforward_many(flows[-50:])  # expired already: still fine
     fs.thaw(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
 
@@ -274,7 +267,7 @@ def test_vip_announce_updates_a_stale_arp_entry(lab_module):
                         return n.get("NDA_LLADDR") == lab.mac("fe")
             return False
 
-        assert _wait(client_sees_fe, 5)
+        wait_until(client_sees_fe, 5, "the client's ARP entry for the VIP to name the front end", interval=0.05)
     finally:
         fe_vip.remove()
         lab.run("client", ["ip", "neigh", "del", vip, "dev", client_if])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 import pytest
 
 from tcpha.distcache.codec import Status
 from tcpha.distcache.redis_store import BackendURLError, open_store, url_without_password
+from tests.support import wait_until
 
 
 def run(coro):
@@ -162,15 +162,20 @@ def _wait_replicated(primary, replica, timeout: float = 15.0) -> None:
     Redis replicates asynchronously; how far behind a replica is depends on the machine's load, not on
     the store, so the test waits for the replica instead of guessing a time window."""
     target = int(_info(primary, "replication")["master_repl_offset"])
-    deadline = time.monotonic() + timeout
-    while True:
-        info = _info(replica, "replication")
-        if int(info.get("slave_repl_offset", -1)) >= target:
-            return
-        assert time.monotonic() < deadline, (
+    info: dict = {}
+
+    def caught_up() -> bool:
+        info.clear()
+        info.update(_info(replica, "replication"))
+        return int(info.get("slave_repl_offset", -1)) >= target
+
+    try:
+        wait_until(caught_up, timeout, f"replica {replica.address} to reach offset {target} of {primary.address}",
+                   interval=0.01)
+    except AssertionError as e:
+        raise AssertionError(
             f"replica {replica.address} did not reach offset {target} of {primary.address} in {timeout:.0f} s "
-            f"(at {info.get('slave_repl_offset')}, link {info.get('master_link_status')})")
-        time.sleep(0.01)
+            f"(at {info.get('slave_repl_offset')}, link {info.get('master_link_status')})") from e
 
 
 def _epoch(cluster) -> int:
