@@ -178,12 +178,6 @@ class WorkerAgent:
                 if be not in w.backends.values() and be not in wanted.values():
                     be.close()
         w.backends.update(wanted)
-        w.config = new
-        w.authkey = new.authkey          # control connections made from now on (reconnects, new back ends)
-        w.sniffer.peekmax = new.peekmax
-        w.peektimeout = new.peektimeout
-        w.handofftimeout = new.handofftimeout
-        w.maxclients = new.maxclients
-        w.grace = new.grace
+        w.apply_config(new)              # authkey: control connections made from now on (reconnects, new back ends)
         w.set_rules(new.rules)
         return {"ok": True}

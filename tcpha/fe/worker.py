@@ -254,18 +254,13 @@ class SteeringBatch:
 class Worker:
     def __init__(self, config: Any, listeners: list[tuple[socket.socket, int]], steering: Any, *,
                  ifname: str, name: str = "worker"):
-        self.config = config
         self.listeners = listeners
         self.steering = steering
         self.ifname = ifname
         self.name = name
-        self.authkey: bytes = config.authkey
         self.vip: str = config.vaddr
         self.sniffer = HeadSniffer(config.peekmax)
-        self.peektimeout = config.peektimeout
-        self.handofftimeout = config.handofftimeout
-        self.maxclients = config.maxclients
-        self.grace = config.grace
+        self.apply_config(config)        # config, authkey, peektimeout, handofftimeout, maxclients, grace
         self.dynamic_rules: list[Any] = []      # rules of back ends registered at run time (tcpha.fe.agent)
         self.rules = RuleTable(config.rules)
         self.backends: dict[str, Any] = build_backends(self, config.servers, config.connperbe)
@@ -312,6 +307,17 @@ class Worker:
     @property
     def peekmax(self) -> int:
         return self.sniffer.peekmax
+
+    def apply_config(self, config: Any) -> None:
+        """The config in force and the values the worker copies out of it (at start, and at a reload:
+        tcpha.fe.agent); rules and back ends are set apart (set_rules, build_backends)."""
+        self.config: Any = config
+        self.authkey: bytes = config.authkey     # control connections made from now on
+        self.sniffer.peekmax = config.peekmax
+        self.peektimeout: float = config.peektimeout
+        self.handofftimeout: float = config.handofftimeout
+        self.maxclients: int = config.maxclients
+        self.grace: float = config.grace
 
     def set_rules(self, static: list[Any]) -> None:
         """The rules in force: the config file's `static` ones, then those of registered back ends."""
