@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
@@ -179,7 +180,6 @@ class MetricsServer:
 
 def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """A small parser of the text format (for tests and tcpha-ctl): {(name, labels): value}."""
-    import re
     sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)$')
     label = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}

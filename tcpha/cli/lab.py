@@ -144,6 +144,7 @@ def _print_hosts(lab: NamespaceLab, *, with_processes: bool) -> None:
 
 def _cmdline(pid: int) -> str:
     try:
+        # lazy: psutil takes ~0.1 s to import; only the process listing of `status` needs it
         import psutil
         cmd = psutil.Process(pid).cmdline()
         return " ".join(cmd) or f"[{psutil.Process(pid).name()}]"

@@ -14,6 +14,7 @@ the problem is not tied to a line (a missing required option, an unreadable file
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -243,7 +244,6 @@ def _convert(path: str, lineno: int, setting: Setting, text: str) -> Any:
 
 
 def _unknown_key(key: str, component: str, table: dict[str, Setting], other_names: set[str]) -> str:
-    import difflib
     name = "tcphafe.conf" if component == "fe" else "tcphabe.conf"
     if key in other_names:
         other = "tcphabe.conf" if component == "fe" else "tcphafe.conf"

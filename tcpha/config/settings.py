@@ -12,6 +12,7 @@ as a value read from a file, so a default can never be something the file could 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,7 +328,6 @@ def in_force_form(s: Setting, value: Any) -> Any:
     """A setting's value as the ``settings`` control file shows it (JSON): the key as a fingerprint,
     servers by name, rules as [target, field, pattern] ([field, pattern] for a back end's). The same form for a loaded file's value and for
     the value a running daemon uses, so that the two can be compared."""
-    import hashlib
     if value is None:
         return None
     if s.name == "authkey":

@@ -8,9 +8,11 @@ and each keeps its own `connperbe` control connections to every back end.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -62,7 +64,6 @@ def heads_budget(maxclients: int) -> int:
     """How many connections waiting for their request head (or lingering after an error answer) one
     worker may hold: its descriptor limit less those of maxclients dispatches (a local-node relay takes
     two) and a reserve for control links, the log and the netlink sockets."""
-    import resource
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
@@ -592,7 +593,6 @@ class Worker:
         if not profile:
             asyncio.run(self.serve())
             return
-        import cProfile
         # TCPHA_PROFILE_CLOCK=cpu: CPU time of the process (not wall-clock): on a shared machine the
         # wall-clock profile also counts the time the worker waited for a core.
         clock = time.process_time if os.environ.get("TCPHA_PROFILE_CLOCK") == "cpu" else time.perf_counter

@@ -5,6 +5,7 @@ bytes the front end's LAN interface transmitted; then the TLS demonstration (tcp
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import sys
@@ -138,7 +139,6 @@ def run_demo(prefix: str | None = None, out=None, keep: bool = False, with_tls: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(prog="tcpha-lab demo",
                                 description="Namespace lab with tcpha-fe, two tcpha-be and nginx; real requests; "
                                             "a table of who answered and what the front end transmitted.")

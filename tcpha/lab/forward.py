@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -89,7 +90,6 @@ def expose(lab: Any, host: str, addr: str, port: int, listen: str = "127.0.0.1:0
                              "--listen", listen], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True, text=True)
     lab.add_cleanup(lambda: lab.stop(proc, grace=2))
-    import selectors
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         ready = sel.select(timeout)

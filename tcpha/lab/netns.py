@@ -269,6 +269,7 @@ def _remove_root_links(prefix: str) -> list[str]:
 
 def _remove_root_nft_tables(prefix: str) -> list[str]:
     try:
+        # lazy: optional here (the nftables binding is a system package): without it there is nothing to remove
         import nftables
     except ImportError:
         return []

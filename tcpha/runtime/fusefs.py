@@ -34,6 +34,7 @@ def fuse_available() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing"
     try:
+        # lazy: optional (a socket control plane serves without them), and ~0.5 s to import
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401
     except ImportError as e:
@@ -66,6 +67,7 @@ class _Ops:  # the pyfuse3.Operations subclass is made in _make_ops (pyfuse3 imp
 
 
 def _make_ops(tree: ControlTree, links: dict[str, str]) -> Any:
+    # lazy: optional and ~0.5 s to import; only a FUSE control directory loads them
     import pyfuse3
     import trio
 
@@ -245,6 +247,7 @@ class FuseMount:
         self._error: BaseException | None = None
 
     def start(self, timeout: float = 5.0) -> None:
+        # lazy: optional and ~0.5 s to import; only a FUSE control directory loads it
         import pyfuse3
         detach_stale_mount(self.path)
         os.makedirs(self.path, exist_ok=True)
@@ -262,6 +265,7 @@ class FuseMount:
             raise RuntimeError(f"control directory {self.path}: {self._error}")
 
     def _run(self) -> None:
+        # lazy: optional and ~0.5 s to import; only a FUSE control directory loads them
         import pyfuse3
         import trio
 
@@ -278,6 +282,7 @@ class FuseMount:
             log.error("control directory %s: FUSE loop ended: %s", self.path, e)
 
     def stop(self) -> None:
+        # lazy: optional and ~0.5 s to import; only a FUSE control directory loads them
         import pyfuse3
         import trio
         if self._thread is None:

@@ -13,6 +13,7 @@ pointer really is that context's ``SSL_CTX`` in that library.  Any failed check 
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import os
 import ssl
@@ -78,8 +79,6 @@ def _find_libssl_path() -> str:
     Read from this process's own mappings (so we never load a second, different libssl); if more
     than one libssl is mapped, ask ``ldd`` which one ``_ssl`` resolves to.
     """
-    import _ssl  # noqa: F401  (make sure it is loaded, so its libssl is mapped)
-
     # A library replaced on disk while mapped (a libssl3 upgrade under a running daemon) shows as
     # "PATH (deleted)": it is still the loaded one, and dlopen(PATH, RTLD_NOLOAD) finds it by name.
     candidates = sorted({path.removesuffix(" (deleted)") for _, _, _, path in _mapped_files()
@@ -89,7 +88,7 @@ def _find_libssl_path() -> str:
         raise ShimError("no shared libssl is mapped: the ssl module is linked statically")
     if len(candidates) == 1:
         return candidates[0]
-    ssl_file = getattr(sys.modules["_ssl"], "__file__", None)
+    ssl_file = getattr(_ssl, "__file__", None)
     if not ssl_file:
         raise ShimError(f"several libssl mapped ({', '.join(candidates)}) and _ssl is built in")
     try:
@@ -239,8 +238,6 @@ def context_pointer(context: object, lib: LibSSL) -> int:
     readable heap memory (so that reading it cannot crash); what OpenSSL reads through it agrees
     with what the ``ssl`` module reports for options, verify mode and minimum version.
     """
-    import _ssl
-
     if sys.implementation.name != "cpython":
         raise ShimError(f"the SSLContext layout is only known for CPython, not {sys.implementation.name}")
     if not isinstance(context, _ssl._SSLContext):

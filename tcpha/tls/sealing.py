@@ -121,6 +121,7 @@ class SessionSealer:
         if not self.keys or any(len(k) != KEY_BYTES for k in self.keys):
             raise SessionKeyError(f"session keys must be {KEY_BYTES} bytes each, at least one")
         # cryptography's AESGCM: the field's own AEAD binding to OpenSSL (no hand-written crypto).
+        # lazy: ~35 ms to import, and every process loads this module (tcpha.config.types); only sealing pays
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         object.__setattr__(self, "_by_id", {_key_id(k): AESGCM(k) for k in self.keys})
         object.__setattr__(self, "_sealing_id", _key_id(self.keys[0]))
@@ -137,6 +138,7 @@ class SessionSealer:
 
     def open(self, session_id: bytes, record: bytes) -> bytes | None:
         """The session bytes, or None for anything this server must not use (see the module doc)."""
+        # lazy: cryptography is imported only where sessions are sealed (see __post_init__)
         from cryptography.exceptions import InvalidTag
         if len(record) < SEAL_OVERHEAD or not record.startswith(MAGIC):
             return None
