@@ -20,14 +20,16 @@ The front end's view of one accepted connection (``FE_TRANSITIONS``)::
     HANDOFF_SENT --REFUSED | TIMEOUT | LINK_LOST--> ROUTING   taken back (thaw): next candidate
     FORWARDING --FORWARD_FAILED--> ROUTING          the flow cannot be steered: taken back
     FORWARDING --STEERED--> STEERED                 flow steered, Steered(xid) sent: the back end owns it
-    STEERED --FLOW_CLOSED--> FLOW_CLOSED            the back end's FlowClosed(xid) for this handoff
 
-PASSED, LOCAL, ANSWERED, CLOSED and FLOW_CLOSED are final. A handoff's id (xid) is unique per front-end
-worker; the back end echoes it in Restored, Refused and FlowClosed, the front end in Steered.
+STEERED, PASSED, LOCAL, ANSWERED and CLOSED are final. After Steered the connection is the back end's
+and its Dispatch is over: what the front end keeps of the flow is a FlowRecord (tcpha/fe/ledger.py, with
+the handoff's xid) until the back end's FlowClosed(xid) removes it (flow_closed_applies: a FlowClosed
+of an earlier handoff on the same 4-tuple leaves a newer record alone). A handoff's id (xid) is unique
+per front-end worker; the back end echoes it in Restored, Refused and FlowClosed, the front end in Steered.
 
 The back end's view of one handoff (``BE_TRANSITIONS``)::
 
-    (none) --RESTORED--> RESTORED           restored, application connected, Restored(xid) sent; the
+    NEW --RESTORED--> RESTORED              restored, application connected, Restored(xid) sent; the
                                             relay is held until the front end's Steered
     RESTORED --STEERED--> RELAYING          the client's packets come here now
     RESTORED --NOT_STEERED--> DROPPED       no Steered in time / control connection gone: the restored
@@ -36,6 +38,9 @@ The back end's view of one handoff (``BE_TRANSITIONS``)::
     ENDED_UNSTEERED --STEERED--> CLOSED
     ENDED_UNSTEERED --NOT_STEERED--> DROPPED
     RELAYING --FLOW_CLOSED--> CLOSED        the relay ended: FlowClosed(xid) goes to the front end
+
+NEW is where every id starts (one this session has not restored, or whose handoff is over: DROPPED and
+CLOSED are final and forgotten); only the other states are kept per id.
 
 Ids the other side never sent, or sent for a handoff already over (a Restored after the front end's
 handofftimeout, a Steered after the back end gave up, a FlowClosed of an earlier connection on the
@@ -72,8 +77,8 @@ class FeState(enum.Enum):
     FREEZING = "freezing"          # a back end on another host chosen; its freeze is queued
     HANDOFF_SENT = "handoff-sent"  # frozen, dumped, Handoff(xid) sent: waiting for Restored/Refused
     FORWARDING = "forwarding"      # Restored: steering the flow to the back end is queued
-    STEERED = "steered"            # steered and Steered(xid) sent: the back end serves it
-    FLOW_CLOSED = "flow-closed"    # the back end reported its end
+    STEERED = "steered"            # steered and Steered(xid) sent: the back end serves it (the ledger's
+                                   # FlowRecord carries the flow until its FlowClosed)
     PASSED = "passed"              # same-host back end: the socket itself was passed
     LOCAL = "local"                # relayed to the local node by this worker
     ANSWERED = "answered"          # an error answer or a TLS alert was written here
@@ -95,7 +100,6 @@ class FeEvent(enum.Enum):
     LINK_LOST = enum.auto()
     FORWARD_FAILED = enum.auto()
     STEERED = enum.auto()
-    FLOW_CLOSED = enum.auto()
     ANSWER = enum.auto()
     CLOSE = enum.auto()
 
@@ -109,8 +113,7 @@ FE_TRANSITIONS: dict[FeState, dict[FeEvent, FeState]] = {
     S.HANDOFF_SENT: {E.RESTORED: S.FORWARDING, E.REFUSED: S.ROUTING, E.TIMEOUT: S.ROUTING,
                      E.LINK_LOST: S.ROUTING},
     S.FORWARDING: {E.FORWARD_FAILED: S.ROUTING, E.STEERED: S.STEERED},
-    S.STEERED: {E.FLOW_CLOSED: S.FLOW_CLOSED},
-    S.FLOW_CLOSED: {},
+    S.STEERED: {},
     S.PASSED: {},
     S.LOCAL: {},
     S.ANSWERED: {},
@@ -287,6 +290,7 @@ def flow_closed_applies(current_xid: int, reported_xid: int) -> bool:
 # -- the back end --------------------------------------------------------------------------------
 
 class BeState(enum.Enum):
+    NEW = "new"                    # not restored here (the start of every id; never kept)
     RESTORED = "restored"          # socket rebuilt, Restored sent; waiting for Steered (relay held)
     ENDED_UNSTEERED = "ended-unsteered"   # its relay ended before Steered came
     RELAYING = "relaying"          # Steered: the client's packets come here, the relay runs
@@ -302,6 +306,7 @@ class BeEvent(enum.Enum):
 
 
 BE_TRANSITIONS: dict[BeState, dict[BeEvent, BeState]] = {
+    BeState.NEW: {BeEvent.RESTORED: BeState.RESTORED},
     BeState.RESTORED: {BeEvent.STEERED: BeState.RELAYING, BeEvent.NOT_STEERED: BeState.DROPPED,
                        BeEvent.FLOW_CLOSED: BeState.ENDED_UNSTEERED},
     BeState.ENDED_UNSTEERED: {BeEvent.STEERED: BeState.CLOSED, BeEvent.NOT_STEERED: BeState.DROPPED},
@@ -324,14 +329,13 @@ class BackEndHandoffs(Generic[T]):
         self._held: dict[int, T] = {}
 
     def restored(self, xid: int, held: T) -> None:
-        """Restored(xid) sent; `held` is what the caller gets back at Steered or when it gives up."""
-        if xid in self._state:
-            raise HandoffProtocolError(self._state[xid], BeEvent.RESTORED, xid)
-        self._state[xid] = BeState.RESTORED
+        """Restored(xid) sent (NEW -> RESTORED); `held` is what the caller gets back at Steered or when it
+        gives up. An id already restored and not over raises HandoffProtocolError."""
+        self._handle(xid, BeEvent.RESTORED)
         self._held[xid] = held
 
     def _handle(self, xid: int, event: BeEvent) -> BeState:
-        state = self._state[xid]
+        state = self._state.get(xid, BeState.NEW)
         try:
             new = BE_TRANSITIONS[state][event]
         except KeyError:

@@ -1,6 +1,6 @@
 """One accepted connection on its way to a back end: the I/O of each step.
 
-The connection's states (PEEKING, ROUTING, FREEZING, HANDOFF_SENT, FORWARDING, STEERED, and the final
+The connection's states (PEEKING, ROUTING, FREEZING, HANDOFF_SENT, FORWARDING, and the final STEERED,
 PASSED, LOCAL, ANSWERED, CLOSED) and which event leads where are tcpha.control.handoff's table
 (FE_TRANSITIONS); each step here feeds the state machine its event (Dispatch.handoff). What a Dispatch
 uses of its worker is tcpha.fe.host.DispatchHost.
