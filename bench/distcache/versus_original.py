@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Our dc_server against the original C dc_server, both driven by the original's own dc_test
-(run by hand, not in CI; builds the original outside the repository if it is not there).
+(run by hand, not in CI; builds the original in the git-ignored bench/distcache/orig/, or in
+$DISTCACHE_ORIG, if it is not there).
 
     python3 bench/distcache/versus_original.py [--ops N] [--rounds R] [--out bench/results/distcache-vs-original.md]
 
