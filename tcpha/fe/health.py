@@ -40,6 +40,7 @@ from tcpha import control
 
 log = logging.getLogger("tcpha.fe.health")
 MAX_WEIGHT = 256
+PROBE_LINGER = 1.0     # a closing probe connection waits at most this long for the back end's FIN
 
 
 @dataclass
@@ -182,6 +183,8 @@ class _ControlProbe(asyncio.Protocol):
         self.waiting: dict[int, asyncio.Future] = {}
         self.lost = False
         self.error = ""
+        self.gone: asyncio.Future | None = None        # close(): done once the connection is gone
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -212,11 +215,15 @@ class _ControlProbe(asyncio.Protocol):
                 self.on_flow_closed(msg)
 
     def send(self, msg: Any) -> None:
-        if self.transport is not None and not self.lost:
+        if self.transport is not None and not self.lost and self.gone is None:   # nothing after our FIN
             self.transport.write(self.conn.send(msg))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._linger is not None:
+            self._linger.cancel()
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
         why = self.error or (f"control connection lost: {exc}" if exc else "control connection closed")
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(why))
@@ -225,8 +232,27 @@ class _ControlProbe(asyncio.Protocol):
                 fut.set_exception(ConnectionError(why))
         self.waiting.clear()
 
-    def close(self) -> None:
-        if self.transport is not None:
+    def close(self) -> "asyncio.Future[None] | None":
+        """Close gracefully: half-close (FIN) and read on until the back end closes its side (it does
+        once it has read our FIN), as the workers' control links do (tcpha.fe.backends.ControlLink.close).
+        Closing outright would make the kernel answer anything still on its way, a Pong or a FlowClosed
+        for an orphaned flow (tcpha.fe.orphans), with RST (RFC 1122 4.2.2.13), and that FlowClosed would
+        be lost. PROBE_LINGER bounds the wait. Returns a future done when the connection is gone (None
+        if it is already)."""
+        if self.transport is None or self.lost:
+            return None
+        if self.gone is None:
+            loop = asyncio.get_running_loop()
+            self.gone = loop.create_future()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+            self._linger = loop.call_later(PROBE_LINGER, self.abort)
+        return self.gone
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
             self.transport.abort()
 
 
@@ -265,14 +291,14 @@ class HealthProber:
         if target.name not in self._tasks:
             self._tasks[target.name] = asyncio.get_running_loop().create_task(self._run(target.name))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> "asyncio.Future[None] | None":
+        """Stop checking `name`; its probe connection closes gracefully (the future: it is gone)."""
         self.targets.pop(name, None)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
         probe = self._probes.pop(name, None)
-        if probe is not None:
-            probe.close()
+        return probe.close() if probe is not None else None
 
     def set_interval(self, interval: float) -> None:
         self.interval = float(interval)
@@ -281,9 +307,9 @@ class HealthProber:
         self._wake.set()
         self._wake = asyncio.Event()
 
-    def close(self) -> None:
-        for name in list(self._tasks):
-            self.remove(name)
+    def close(self) -> list["asyncio.Future[None]"]:
+        """Stop every check; the futures say when the probe connections are gone (within PROBE_LINGER)."""
+        return [f for f in (self.remove(name) for name in list(self._tasks)) if f is not None]
 
     # -- the loop per back end -------------------------------------------------------------------
     async def _sleep(self, seconds: float) -> None:

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tcpha.fe.controlfiles import ControlFiles
-from tcpha.fe.health import CheckTarget, HealthProber, HealthTable
+from tcpha.fe.health import PROBE_LINGER, CheckTarget, HealthProber, HealthTable
 from tcpha.fe.registry import RegistrationListener
 from tcpha.fe.reload import Reload
 from tcpha.fe.status import StatusHttpServer
@@ -102,7 +102,9 @@ class FrontEndRuntime(ControlFiles, WorkerLinks, Reload, Handover):
         if self._sampler is not None:
             self._sampler.cancel()
         if self.prober is not None:
-            self.prober.close()
+            gone = self.prober.close()      # each probe: FIN, then what the back end still sends, read
+            if gone:
+                await asyncio.wait(gone, timeout=PROBE_LINGER + 0.5)
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.registry is not None:
