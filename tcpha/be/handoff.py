@@ -181,8 +181,10 @@ class ControlSession(asyncio.Protocol):
 
     def send(self, msg: Any) -> bool:
         """Queue msg's frame: the answers to the Handoffs of one read (and the FlowClosed of one loop
-        iteration) leave in one write; each write is a trip through the TCP stack (~40 us here)."""
-        if self.closed or self.transport is None:
+        iteration) leave in one write; each write is a trip through the TCP stack (~40 us here).
+        False (nothing queued) on a closed session, and on one whose front end's Hello has not come yet:
+        a FlowClosed looking for any session must not pick it (there is no key to sign with yet)."""
+        if self.closed or self.transport is None or not self.conn.ready:
             return False
         out = self._out
         out.append(self.conn.send(msg))

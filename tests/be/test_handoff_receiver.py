@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tcpha import control
-from tcpha.be.handoff import HandoffReceiver
+from tcpha.be.handoff import ControlSession, HandoffReceiver
 from tcpha.be.server import BackEndStats
 from tcpha.control.handoff import BackEndHandoffs, BeState
 from tcpha.repair import TcpState
@@ -184,3 +184,30 @@ def test_the_end_of_a_relay_closes_its_handoff():
     receiver.on_message(session, control.Steered(xid=7))
     receiver._flow_closed(session, (CLIENT[0], CLIENT[1], VIP, 80), relay, 7)
     assert ended == [relay] and session.handoffs.state(7) is None and len(session.handoffs) == 0
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("203.0.113.1", 5000) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_flow_closed_is_queued_not_sent_on_a_session_still_waiting_for_its_hello():
+    """A front end that has connected but not said Hello yet (a new worker, a restarted front end) has no
+    session key: the FlowClosed of a flow whose own session is gone is kept for the first Hello, not
+    sent there (that raised inside the event loop and lost the report)."""
+    receiver = HandoffReceiver(_backend())
+    gone = FakeSession()
+    gone.send = lambda msg: False                     # type: ignore[method-assign]  # its connection closed
+    new = ControlSession(receiver)
+    transport = FakeTransport()
+    new.connection_made(transport)                   # our Hello goes out; the front end's has not come
+    assert new in receiver.sessions and len(transport.written) == 1
+    receiver._send_flow_closed(gone, ("198.51.100.7", 40000, VIP, 80), 7)
+    assert new._out == [] and len(transport.written) == 1
+    assert [(m.client_port, m.xid) for m in receiver.unsent_closed] == [(40000, 7)]
