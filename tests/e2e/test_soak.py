@@ -44,6 +44,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import pytest
@@ -337,6 +338,18 @@ def classify(s: Session, faults: list[Fault], restored: dict[int, str], dropped:
             f"{s.responses} responses, plan {s.plan}, ran {s.t_start - t0:.2f}-{s.t_end - t0:.2f} s)")
 
 
+def _log_lines_of(logs: Path, ports: list[int], limit: int = 40) -> list[str]:
+    """Every daemon's log lines naming one of these client ports (the back ends log at debug here: each
+    relay's end with its byte counts), at most `limit` of them."""
+    marks = tuple(f":{port} " for port in ports) + tuple(f":{port}:" for port in ports)
+    out = []
+    for log in sorted(logs.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if any(m in line for m in marks):
+                out.append(f"{log.name}: {line[:300]}")
+    return out[:limit]
+
+
 def _start_origins(prod: Prod) -> None:
     prod.dep.files = dict(DOWNLOADS)
     for host in prod.dep.backends:
@@ -361,7 +374,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     prod = Prod(lab)
     _start_origins(prod)
     for host in prod.dep.backends:
-        prod.start_backend(host, dbglevel=4)
+        prod.start_backend(host, dbglevel=5)
     prod.start_fe(**_fe_options(prod))
     fe_log = lambda: prod.fe_log()  # noqa: E731
     faults: list[Fault] = []
@@ -386,7 +399,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         lab.stop(proc)
         wait_until(lambda: not _backend_up(prod, host), 15, f"the front end to take {host} out")
         progress(40)                                     # served by the other one meanwhile
-        prod.start_backend(host, dbglevel=4)
+        prod.start_backend(host, dbglevel=5)
         f.back = time.monotonic()
         wait_until(lambda: _backend_up(prod, host), 30, f"{host} back in service")
         progress(20, backend=host)
@@ -461,8 +474,11 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     failed = [s for s in finished if s.error is not None]
     classes: Counter = Counter()
     longest: dict[str, float] = {}
+    bad_ports: list[int] = []
     for s in failed:
         c = classify(s, faults, restored, dropped, tried, t0)
+        if c.startswith("NOT ALLOWED"):
+            bad_ports.append(s.port)
         classes[c] += 1
         longest[c] = max(longest.get(c, 0.0), s.t_end - s.t_start)
     bad = sorted(c for c in classes if c.startswith("NOT ALLOWED"))
@@ -482,7 +498,8 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     print("\n" + summary)
     if bad:
         shutil.copytree(lab.workdir / "logs", tmp_path / "logs")
-        summary += f"; the lab's logs: {tmp_path / 'logs'}"
+        summary += f"; the lab's logs: {tmp_path / 'logs'}; what they say of those clients:\n"
+        summary += "\n".join(_log_lines_of(tmp_path / "logs", bad_ports))
     assert not bad, summary
     lost = [f"{f.what} at {f.sent - t0:.1f} s: {f.witness.error}" for f in faults
             if f.witness is not None and f.witness.error is not None]
