@@ -327,7 +327,8 @@ def _div(a: float, b: float) -> float:
 def sweep_report(args: argparse.Namespace, rows: list[tuple[int, str, str, dict]], rounds: list[dict],
                  loads: list[tuple[float, float, float]], started: float) -> str:
     by = {(n, label, path.split()[0]): r for n, label, path, r in rows}
-    minutes = (time.time() - started) / 60
+    ended = rounds[-1].get("end") if rounds else None          # --report: the sweep's own end, not now
+    minutes = ((ended or time.time()) - started) / 60
     out = ["# bench/handoff --sweep: req/s and CPU per request against response size", "",
            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} by `python3 bench/handoff/run.py "
            f"--sweep --duration {args.duration} --connections {args.connections}"
@@ -336,9 +337,9 @@ def sweep_report(args: argparse.Namespace, rows: list[tuple[int, str, str, dict]
            + f"` on {os.cpu_count()} cores (`{os.uname().release}`), {minutes:.1f} minutes; load average "
            f"(1 min) {' -> '.join(f'{l[0]:.1f}' for l in loads)} at the start and after each round.",
            "",
-           "**The machine was shared** with other test runs while this ran (the load average above): the lab's "
-           "client, front end, back ends, nginx and wrk share its 2 cores with them. Absolute figures move "
-           "with that load; compare the ratios, each taken from points measured seconds apart in the same round.",
+           f"The lab's client, front end, back ends, nginx and wrk share the machine's {os.cpu_count()} cores (a "
+           "load average above about 3 means something else ran too). Absolute figures move with the load; "
+           "compare the ratios, each taken from points measured seconds apart in the same round.",
            "",
            f"`wrk -t1 -c{args.connections} -d{args.duration}s -H 'Connection: close'` from the client host: a new "
            "connection per request. Each round restarts tcpha with one data path (relay x steering) and "
