@@ -93,6 +93,8 @@ class Session:
     error: str | None = None     # None: every request completed and was byte-exact
     error_kind: str | None = None   # refused, reset, eof, timeout, status, mismatch, other
     slow: bool = False           # a paced 20 MB transfer (the witness that is mid-flight at a fault)
+    stage: str = ""              # what the client was doing when it ended (for a failure's report)
+    sockets: str = ""            # at a timeout: the connection's sockets as each namespace saw them then
 
 
 class NoReconnect(http.client.HTTPConnection):
@@ -192,6 +194,7 @@ class SoakLoad:
             for i, (method, what) in enumerate(s.plan):
                 last = i == len(s.plan) - 1
                 headers = {"Connection": "close" if last or not s.keepalive else "keep-alive"}
+                s.stage = f"request {i + 1}: sending"
                 if method == "GET":
                     conn.request("GET", "/" + what, headers=headers)
                     want = self.expected_get[what]
@@ -202,7 +205,9 @@ class SoakLoad:
                     conn.request("POST", f"/upload/{s.sid}-{i}", headers=headers,
                                  body=self._paced(s, body) if s.slow else body)
                     s.bytes_up += 0 if s.slow else len(body)
+                s.stage = f"request {i + 1}: sent, waiting for the response"
                 resp = conn.getresponse()
+                s.stage = f"request {i + 1}: reading the response"
                 s.responses += 1
                 # nginx adds its header to the uploads server's own: "be1, be1"
                 s.backend = s.backend or (resp.getheader("X-Tcpha-Backend") or "").split(",")[0].strip() or None
@@ -233,8 +238,28 @@ class SoakLoad:
                     if reply.get("sha256") != want or reply.get("bytes") != what:
                         raise Mismatch(f"POST {what} bytes: the origin got {reply}")
                 s.done += 1
+        except TimeoutError:
+            s.sockets = self._sockets_of(s.port)
+            raise
         finally:
             conn.close()
+
+    def _sockets_of(self, port: int) -> str:
+        """The stalled connection's TCP sockets as the client and each back end see them, taken before
+        the client closes its own: queues, windows, retransmissions and timers show which side holds the
+        bytes (a back end's relay, or a client backed off after a freeze)."""
+        lab = self.prod.lab
+        out = []
+        for host, side in [("client", "sport"), *((h, "dport") for h in self.prod.dep.backends)]:
+            try:
+                r = lab.run(host, ["ss", "-tniemo", "state", "all", f"( {side} = :{port} )"],
+                            capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.SubprocessError) as e:    # the report must not hide the timeout
+                out.append(f"{host}: ss failed: {e}")
+                continue
+            lines = [x.strip() for x in r.stdout.splitlines()[1:] if x.strip()]
+            out.append(f"{host}: " + (" | ".join(lines) if lines else "no socket"))
+        return "\n".join(out)
 
 
     @staticmethod
@@ -335,7 +360,7 @@ def classify(s: Session, faults: list[Fault], restored: dict[int, str], dropped:
             return ("front end killed before handoff: " + ("refused while none listened" if s.error_kind == "refused"
                     else "started before the kill" if s.t_start < f.sent else "accepted by the dying one"))
     return (f"NOT ALLOWED: {s.error} (port {s.port}, back end {target}, handed off {handed_off}, "
-            f"{s.responses} responses, plan {s.plan}, ran {s.t_start - t0:.2f}-{s.t_end - t0:.2f} s)")
+            f"{s.responses} responses, plan {s.plan}, {s.stage}, ran {s.t_start - t0:.2f}-{s.t_end - t0:.2f} s)")
 
 
 def _log_lines_of(logs: Path, ports: list[int], limit: int = 40) -> list[str]:
@@ -500,6 +525,9 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         shutil.copytree(lab.workdir / "logs", tmp_path / "logs")
         summary += f"; the lab's logs: {tmp_path / 'logs'}; what they say of those clients:\n"
         summary += "\n".join(_log_lines_of(tmp_path / "logs", bad_ports))
+        stalled = [f"sockets of port {s.port} at its timeout:\n{s.sockets}" for s in failed
+                   if s.port in bad_ports and s.sockets]
+        summary += "".join("\n" + x for x in stalled[:5])
     assert not bad, summary
     lost = [f"{f.what} at {f.sent - t0:.1f} s: {f.witness.error}" for f in faults
             if f.witness is not None and f.witness.error is not None]
