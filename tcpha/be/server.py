@@ -72,6 +72,7 @@ class BackEnd:
         # tlscert set: connections to a VIP port in tlsports are TLS-terminated here (tcpha.be.tls).
         self.tls: TlsTermination | None = None
         self.stopping = False                     # SIGTERM: handoffs refused, relays given `grace`
+        self.stop_asked = False                   # stop() before serve() made its event: serve() stops at once
         self.metrics_server: Any = None
         self.runtime: BackEndRuntime | None = None      # control directory (tcpha.be.runtime)
         self.registrar: Registrar | None = None         # dregister (tcpha.be.registrar)
@@ -150,6 +151,12 @@ class BackEnd:
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # The loop takes SIGTERM/SIGINT over before anything else (until now tcpha.cli.be's handler
+        # remembered them in stop_asked), so that a stop at any point of the start-up is a clean stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop)
+        if self.stop_asked:
+            self._stop.set()
         try:
             host = self.config.raddr
             self._server = await self.loop.create_server(lambda: ControlSession(self.handoffs), host,
@@ -162,8 +169,6 @@ class BackEnd:
             if self.unix_path:
                 self.samehost = SameHostListener(self, self.unix_path)
                 self.samehost.listen()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.loop.add_signal_handler(sig, self.stop)
             # Control directory (sys/unload, sys/dbglevel, conn) and dregister (docs/operations.md).
             self.runtime = start_be_runtime(self)
             self.registrar = start_registrar(self)
@@ -228,6 +233,7 @@ class BackEnd:
             log.log(NOTICE, "stopping: every relayed connection has ended")
 
     def stop(self) -> None:
+        self.stop_asked = True
         if self._stop is not None:
             self._stop.set()
 
