@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import time
 
 import pytest
 
+from tcpha.lab.demo import be_config_text
 from tcpha.lab.deploy import fe_steering
 from tcpha.lab.http import start_http
 from tests.support import child_pids, running, wait_until
@@ -192,17 +194,20 @@ def test_local_node_serves_what_no_back_end_takes(fresh):
     assert dep.request("/whoami").status == 503
 
 
+def _start_be1_daemon(dep, pidfile) -> None:
+    """tcpha-be on be1 in daemon mode (-d) with a pidfile; the launcher returns at once."""
+    conf = dep.dir / "tcphabe-be1.conf"
+    conf.write_text(be_config_text(dep.lab, "be1", str(dep.key)))
+    r = dep.lab.run("be1", [sys.executable, "-m", "tcpha.be", "-c", str(conf), "-d", "--pidfile", str(pidfile)],
+                    capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
 def test_daemon_mode_writes_the_pidfile_and_stops_on_sigterm(fresh):
-    import sys
     dep = fresh
     lab = dep.lab
-    conf = dep.dir / "tcphabe-be1.conf"
-    from tcpha.lab.demo import be_config_text
-    conf.write_text(be_config_text(lab, "be1", str(dep.key)))
     pidfile = dep.dir / "be1.pid"
-    r = lab.run("be1", [sys.executable, "-m", "tcpha.be", "-c", str(conf), "-d", "--pidfile", str(pidfile)],
-                capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr                 # the launcher returns at once
+    _start_be1_daemon(dep, pidfile)
     wait_until(pidfile.exists, 10, "the pidfile", interval=0.05)
     pid = int(pidfile.read_text())
     try:
@@ -219,22 +224,15 @@ def test_sigterm_during_start_up_is_a_clean_stop(fresh):
     """systemd may stop a service it has just started: a SIGTERM as soon as the pidfile is there (before
     the VIP, the ARP filter and the event loop) still ends in a clean stop, not in the default action's
     death with the pidfile and kernel state left behind."""
-    import sys
     dep = fresh
-    lab = dep.lab
-    conf = dep.dir / "tcphabe-be1.conf"
-    from tcpha.lab.demo import be_config_text
-    conf.write_text(be_config_text(lab, "be1", str(dep.key)))
     pidfile = dep.dir / "be1-early.pid"
-    r = lab.run("be1", [sys.executable, "-m", "tcpha.be", "-c", str(conf), "-d", "--pidfile", str(pidfile)],
-                capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
+    _start_be1_daemon(dep, pidfile)
     wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the pidfile", interval=0.001)
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not running([pid]), 30, "the daemon gone")
     assert not pidfile.exists(), "the daemon died without removing its pidfile (killed by the signal)"
-    assert not any(a.startswith(dep.vip + "/") for a in lab.addresses("be1")), "the VIP was left on be1"
+    assert not any(a.startswith(dep.vip + "/") for a in dep.lab.addresses("be1")), "the VIP was left on be1"
 
 
 def test_sigterm_waits_for_handed_off_flows_before_removing_kernel_state(fresh):
