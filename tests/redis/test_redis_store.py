@@ -200,13 +200,18 @@ def test_primary_killed_loses_nothing_its_replica_had(redis_cluster):
         victim = replica = None
         try:
             epoch = _epoch(redis_cluster)
-            t_end = loop.time() + 2.5
             kill_at = loop.time() + 1.5
             killed_at = None
-            while loop.time() < t_end:
+            # Writes go on until one is acknowledged after the kill, for at least 1 s after it: the
+            # store answers without trying while it holds the cluster unreachable (seconds on a busy
+            # machine), so a fixed end could come before any write had a chance (30 s: none came).
+            while killed_at is None or loop.time() < killed_at + 1.0 or not acked or acked[-1][1] < killed_at:
+                assert killed_at is None or loop.time() < killed_at + 30, "no write acknowledged after the kill"
                 sid = os.urandom(12)
                 if await store.add(sid, sid, 300_000) == Status.OK:
                     acked.append((sid, loop.time()))
+                elif killed_at is not None:
+                    await asyncio.sleep(0.01)          # answered without trying: no busy loop meanwhile
                 if killed_at is None and loop.time() >= kill_at:
                     # No failover may have happened yet: one would lose writes for reasons of its own.
                     assert _epoch(redis_cluster) == epoch, "a failover happened before the kill"
