@@ -270,6 +270,16 @@ class SoakLoad:
             s.bytes_up += len(piece)
             time.sleep(PACE[1])
 
+    def slow_sessions(self, seconds: float) -> list[str]:
+        """The paced client's sessions of the last `seconds`: what each did and how it ended (for a
+        failure's report: a witness that never came may be one that stalled)."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [s for s in self.sessions if s.slow and (not s.t_end or s.t_end > now - seconds)]
+        return [f"port {s.port} {s.plan[0][0]} to {s.backend}: {s.stage}, {s.bytes_up} B up, {s.bytes_down} B down, "
+                f"{'running' if not s.t_end else s.error or 'ok'} after {(s.t_end or now) - s.t_start:.1f} s"
+                for s in recent]
+
     def midflight(self) -> Session | None:
         """A paced session handed off (its response has begun) with much of its body still to come."""
         with self._lock:
@@ -413,9 +423,15 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
                    f"{n} more completed sessions{' on ' + backend if backend else ''} "
                    f"(finished {len(load.finished())})")
 
+    def paced_witness() -> Session:
+        try:
+            return wait_until(load.midflight, 30, "a paced download in flight")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the paced client meanwhile: {load.slow_sessions(35)}") from None
+
     def kill_backend(host: str) -> None:
         proc = prod.dep.be_procs[host]
-        wait_until(load.midflight, 30, "a paced download in flight")
+        paced_witness()
         f = Fault(f"kill {host}", time.monotonic(), 0.0, host=host)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -433,7 +449,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         """SIGHUP with new weights: applied in place, nothing dropped."""
         n_reloads = fe_log().count("reloaded ")
         prod.dep.write_fe_config(**_fe_options(prod, weights))
-        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        witness = paced_witness()
         faults.append(Fault("reload fe", time.monotonic(), time.monotonic(), witness=witness))
         os.kill(prod.dep.fe_proc.pid, signal.SIGHUP)
         wait_until(lambda: fe_log().count("reloaded ") > n_reloads, 15, "the reload")
@@ -442,7 +458,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         """A second tcpha-fe takes the listening sockets; the first finishes and leaves (status 0)."""
         old = prod.dep.fe_proc
         conf = prod.dep.dir / "tcphafe.conf"
-        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        witness = paced_witness()
         f = Fault("upgrade fe", time.monotonic(), 0.0, witness=witness)
         new = lab.spawn("fe", prod.dep.python("tcpha.fe", "-c", str(conf)), name=f"tcpha-fe-up{n}", timeout=15)
         assert old.wait(30) == 0, "the predecessor did not stop cleanly after the upgrade"
@@ -457,7 +473,7 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         victim = prod.dep.fe_proc
         workers = fe_workers(prod)
         assert workers, "the front end has no workers"
-        witness = wait_until(load.midflight, 30, "a paced download in flight")
+        witness = paced_witness()
         f = Fault("kill fe", time.monotonic(), 0.0, witness=witness)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
