@@ -322,7 +322,7 @@ class StatusHttpServer:
 
     async def respond(self, req: HttpRequest) -> tuple[str, str, bytes]:
         if req.path.startswith("/admin"):
-            return self._admin(req)
+            return await self._admin(req)
         if req.method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         if req.path == "/metrics":
@@ -336,7 +336,7 @@ class StatusHttpServer:
             return "200 OK", ctype, static_file(name)
         return "404 Not Found", "text/plain", b"not found: try /, /status.json or /metrics\n"
 
-    def _admin(self, req: HttpRequest) -> tuple[str, str, bytes]:
+    async def _admin(self, req: HttpRequest) -> tuple[str, str, bytes]:
         def answer(status: str, doc: dict) -> tuple[str, str, bytes]:
             return status, "application/json", json.dumps(doc).encode()
         if self.auth.key() is None:
@@ -357,7 +357,8 @@ class StatusHttpServer:
             backend, action = doc["backend"], doc["action"]
             if not isinstance(backend, str) or action not in ("drain", "enable"):
                 raise ValueError("action must be drain or enable")
-            self.admin(backend, action, req.peer)
+            # in a thread: the admin call waits until the workers have the change, which needs this loop
+            await asyncio.get_running_loop().run_in_executor(None, self.admin, backend, action, req.peer)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("status page: write from %s refused: %s", req.peer, e)
             return answer("400 Bad Request", {"ok": False, "error": str(e)})

@@ -129,10 +129,22 @@ class WorkerLinks:
         return out
 
     def push_gate(self) -> None:
-        """Tell every worker which back ends may take new connections (from any thread)."""
-        async def push() -> None:
-            await self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
-        self.plane.call_soon(lambda: asyncio.ensure_future(push()))
+        """Tell every worker which back ends may take new connections, with their weights.
+
+        From any thread but the plane's (a control-file write), this returns once every live worker has
+        answered: a write of ``drain`` or ``weight`` that has returned is in force for the next
+        connection, as an operator who drains a back end and then sends a request expects. From the
+        plane's own loop (the health prober's verdicts) it can only be scheduled: waiting there would
+        wait on itself."""
+        pushed = self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
+        if self.plane.in_loop_thread():
+            asyncio.ensure_future(pushed)
+            return
+        try:
+            # each link's own ask times out at 2 s; the plane answers within that unless it is stuck
+            self.plane.run(pushed, timeout=5.0)
+        except TimeoutError:
+            log.warning("the workers did not confirm the new gate within 5 s; they take it when they can")
 
     # -- the worker pool (tcpha.fe.arbiter asks, tcpha.fe.pool decides) -----------------------------
     def busy_per_worker(self) -> dict[int, int]:

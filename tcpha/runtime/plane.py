@@ -243,6 +243,10 @@ class ControlPlane:
             fut.cancel()
             raise TimeoutError("control plane did not answer in time") from None
 
+    def in_loop_thread(self) -> bool:
+        """True when called from the plane's own loop, where `run` would wait on itself."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(fn, *args)

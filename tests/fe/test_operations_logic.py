@@ -371,3 +371,54 @@ def test_stale_mount_of_a_killed_daemon_is_detached_at_the_next_start(tmp_path, 
             if not os.path.ismount(rundir):
                 break
             unmount(rundir)
+
+
+# -- the arbiter's links to its workers ---------------------------------------------------------
+
+def test_a_gate_change_is_in_force_when_the_write_returns(tmp_path):
+    """docs/operations.md: a write of ``backends/NAME/drain`` or ``weight`` that has returned is in force for
+    the next connection. The control plane's push of the new gate returns only once each worker has
+    answered it (a worker answers after applying it); from the plane's own loop (the health prober) it is
+    scheduled instead, and must not wait on itself."""
+    import socket
+    import threading
+
+    from tcpha.fe.workerlinks import WorkerLinks
+    from tcpha.runtime.plane import ControlPlane
+
+    links = WorkerLinks()
+    links.plane = ControlPlane(rundir=str(tmp_path / "fe"), tree=ControlTree(), name="tcpha-test", use_fuse=False)
+    links.health = HealthTable(2, 3)
+    links.health.add("be1:80", 1)
+    links.registry, links.dbglevel = None, 3
+    ours, worker_end = socket.socketpair()
+    applied: list[dict] = []                       # the gates the fake worker applied, in order
+
+    def fake_worker() -> None:
+        with worker_end, worker_end.makefile("rwb") as f:
+            for line in f:
+                req = json.loads(line)
+                if req["op"] == "gate":
+                    applied.append(req["gate"])
+                f.write(json.dumps({"id": req["id"], "ok": True}).encode() + b"\n")
+                f.flush()
+
+    threading.Thread(target=fake_worker, daemon=True).start()
+    links.plane.start()
+    try:
+        links.attach_worker(4242, ours)
+        assert wait_until(lambda: applied == [{"be1:80": True}], 5)          # the gate sent at attach
+        for drain in (True, False, True, False, True):
+            links.health.get("be1:80").drain = drain
+            links.push_gate()                                                 # as a control-file write does
+            assert applied[-1] == {"be1:80": not drain}, applied
+        # from the plane's loop: scheduled, returns at once; the worker has it soon after
+        links.health.get("be1:80").drain = False
+
+        async def from_the_loop() -> None:
+            links.push_gate()
+        links.plane.run(from_the_loop(), timeout=2.0)
+        assert wait_until(lambda: applied[-1] == {"be1:80": True}, 5)
+    finally:
+        links.close_links()
+        links.plane.stop()
