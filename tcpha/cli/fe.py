@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from tcpha.cli.service import DaemonStart
@@ -22,6 +23,20 @@ def daemon_start() -> DaemonStart:
 def main(argv: list[str] | None = None) -> int:
     start = daemon_start()
     args = start.parser.parse_args(argv)
+    fe: FrontEnd | None = None
+    asked: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if fe is None:
+            asked.append(signum)
+        else:
+            fe.queue_signal(signum, frame)
+
+    # SIGTERM or SIGINT while the daemon starts (systemd stopping a service it has just started):
+    # remembered, and FrontEnd.run stops cleanly before any worker starts. The default action would kill
+    # it with its pidfile left behind (and, once installed, the VIP and the steering table).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     code = start.load(args, load_fe_config,
                       lambda c: f" ({len(c.servers)} servers, {len(c.rules)} rules)")
     if code is not None:
@@ -29,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     config = start.config
     try:
         fe = FrontEnd(config)
+        fe.sig_queue.extend(asked)
         fe.notify = sd_notify
         logging.getLogger("tcpha.fe").log(
             25, "tcpha-fe starting: VIP %s port(s) %s, %d servers, %d rules, %d workers", config.vaddr,

@@ -53,6 +53,7 @@ DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent no
 # The signals the arbiter handles, in the order a tick handles them; SIG_NAMES[sig] names the handler
 # (SIGHUP -> FrontEnd.handle_hup). A worker restores their default (SIGHUP: ignored).
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 
@@ -112,6 +113,7 @@ class FrontEnd:
         self.runtime: Any = None        # tcpha.fe.runtime: control files, health checks, metrics
         self.handed_over = False        # seamless upgrade: a successor owns the kernel state now
         self._retiring: set[int] = set()
+        self._in_process_worker: Any = None    # startservers = 1: the Worker run in this process
 
     # -- kernel state ----------------------------------------------------------------------------
     def make_steering(self) -> Any:
@@ -153,6 +155,9 @@ class FrontEnd:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self) -> int:
+        # A stop asked while we start (systemd stopping a service it has just started) is queued from
+        # here on, not the default action, which would leave the VIP and the steering table on the host.
+        self.install_signal_handlers()
         takeover = None
         try:
             takeover = take_over(self.config)   # a running predecessor's listening sockets (upgrade)
@@ -170,7 +175,9 @@ class FrontEnd:
         self.runtime = start_runtime(self, predecessor=takeover,
                                      wait_free=(self.config.grace + 10) if takeover is not None else 0)
         try:
-            if self.config.startservers <= 1:
+            if self._stop_queued():
+                log.log(NOTICE, "stop asked while starting: stopping before any worker starts")
+            elif self.config.startservers <= 1:
                 self._run_single()
             else:
                 self._run_arbiter()
@@ -191,6 +198,8 @@ class FrontEnd:
 
     def _run_single(self) -> None:
         worker = self._make_worker(0, self.steering)
+        self._in_process_worker = worker      # a stop signal before its loop takes the signals over
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)           # no arbiter loop to reap for
         worker.on_ready = lambda: self.notify("READY=1")
         if self.runtime is not None:
             ours, theirs = self.runtime.worker_socketpair()
@@ -203,7 +212,6 @@ class FrontEnd:
 
     # -- arbiter ---------------------------------------------------------------------------------
     def _run_arbiter(self) -> None:
-        self.install_signal_handlers()
         n = self.config.startservers
         for number in range(n):
             self._spawn(number)
@@ -224,6 +232,11 @@ class FrontEnd:
 
     def queue_signal(self, signum: int, frame: Any) -> None:
         self.sig_queue.append(signum)
+        if signum in STOP_SIGNALS and self._in_process_worker is not None:
+            self._in_process_worker.stop()      # startservers = 1: the worker is this process
+
+    def _stop_queued(self) -> bool:
+        return any(sig in STOP_SIGNALS for sig in self.sig_queue)
 
     def tick(self) -> None:
         """One turn of the main loop: wait for a signal (1 s at most), run the queued signals' handlers,

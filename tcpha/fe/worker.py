@@ -292,6 +292,7 @@ class Worker:
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopping: asyncio.Event | None = None
+        self.stop_asked = False          # stop() before serve() made its event: serve() stops at once
         self.log_connections = log.isEnabledFor(logging.INFO)
         self.on_ready: Callable[[], None] | None = None
         # The arbiter that forked this worker (None: the worker runs in the front end's own process).
@@ -603,6 +604,7 @@ class Worker:
             prof.dump_stats(f"{profile}.{os.getpid()}")
 
     def stop(self) -> None:
+        self.stop_asked = True
         if self._stopping is not None:
             self.loop.call_soon_threadsafe(self._stopping.set)
 
@@ -616,6 +618,8 @@ class Worker:
         # SIGUSR2: the arbiter handed everything over to a successor (seamless upgrade): finish what
         # is being dispatched, but do not wait for handed-off flows (the successor owns them).
         self.loop.add_signal_handler(signal.SIGUSR2, self._stop_handed_over)
+        if self.stop_asked:               # stop() before the loop had the signals (tcpha.fe.arbiter)
+            self._stopping.set()
         if self._arbiter_gone():          # it died between the fork and PR_SET_PDEATHSIG
             self._stopping.set()
             await self._drain()

@@ -235,6 +235,28 @@ def test_sigterm_during_start_up_is_a_clean_stop(fresh):
     assert not any(a.startswith(dep.vip + "/") for a in dep.lab.addresses("be1")), "the VIP was left on be1"
 
 
+@pytest.mark.parametrize("when,workers", [("pidfile", 1), ("vip", 1), ("vip", 3)])
+def test_front_end_sigterm_during_start_up_is_a_clean_stop(fresh, when, workers):
+    """The same for tcpha-fe: a SIGTERM as soon as its pidfile is there, or as soon as its VIP is (before
+    the steering table, the control plane and the workers), ends in a clean stop (exit 0) with the
+    pidfile, the VIP and the steering table removed: with one worker in the process, and with an arbiter."""
+    dep = fresh
+    dep.start_origins()
+    for host in dep.backends:
+        dep.start_backend(host)
+    conf = dep.write_fe_config(startservers=workers)
+    pidfile = dep.dir / "fe-early.pid"
+    proc = dep.lab.spawn("fe", dep.python("tcpha.fe", "-c", str(conf), "--pidfile", str(pidfile)), name="tcpha-fe",
+                         ready_path=pidfile if when == "pidfile" else None, timeout=15)
+    if when == "vip":
+        wait_until(lambda: fe_has_vip(dep), 15, "the VIP on the front end", interval=0.001)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, dep.lab.log_tail("fe", "tcpha-fe")
+    assert not pidfile.exists(), "the front end died without removing its pidfile (killed by the signal)"
+    assert not fe_has_vip(dep), "the VIP was left on the front end"
+    assert not steering_installed(dep), "the steering table was left on the front end"
+
+
 def test_sigterm_waits_for_handed_off_flows_before_removing_kernel_state(fresh):
     dep = fresh
     lab = dep.lab

@@ -239,18 +239,18 @@ class SoakLoad:
                         raise Mismatch(f"POST {what} bytes: the origin got {reply}")
                 s.done += 1
         except TimeoutError:
-            s.sockets = self._sockets_of(s.port)
+            s.sockets = self.sockets_of(s.port)
             raise
         finally:
             conn.close()
 
-    def _sockets_of(self, port: int) -> str:
-        """The stalled connection's TCP sockets as the client and each back end see them, taken before
+    def sockets_of(self, port: int) -> str:
+        """The stalled connection's TCP sockets as the client, the front end and each back end see them, taken before
         the client closes its own: queues, windows, retransmissions and timers show which side holds the
         bytes (a back end's relay, or a client backed off after a freeze)."""
         lab = self.prod.lab
         out = []
-        for host, side in [("client", "sport"), *((h, "dport") for h in self.prod.dep.backends)]:
+        for host, side in [("client", "sport"), ("fe", "dport"), *((h, "dport") for h in self.prod.dep.backends)]:
             try:
                 r = lab.run(host, ["ss", "-tniemo", "state", "all", f"( {side} = :{port} )"],
                             capture_output=True, text=True, timeout=10)
@@ -279,6 +279,12 @@ class SoakLoad:
         return [f"port {s.port} {s.plan[0][0]} to {s.backend}: {s.stage}, {s.bytes_up} B up, {s.bytes_down} B down, "
                 f"{'running' if not s.t_end else s.error or 'ok'} after {(s.t_end or now) - s.t_start:.1f} s"
                 for s in recent]
+
+    def stuck(self, seconds: float) -> list[Session]:
+        """The paced sessions running for more than `seconds`."""
+        now = time.monotonic()
+        with self._lock:
+            return [s for s in self.sessions if s.slow and not s.t_end and now - s.t_start > seconds]
 
     def midflight(self) -> Session | None:
         """A paced session handed off (its response has begun) with much of its body still to come."""
@@ -427,7 +433,15 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
         try:
             return wait_until(load.midflight, 30, "a paced download in flight")
         except AssertionError as e:
-            raise AssertionError(f"{e}; the paced client meanwhile: {load.slow_sessions(35)}") from None
+            report = f"{e}; the paced client meanwhile: {load.slow_sessions(35)}"
+            stuck = load.stuck(10)
+            if stuck:                       # a stalled session: where its bytes are, and what the daemons said
+                shutil.copytree(lab.workdir / "logs", tmp_path / "logs", dirs_exist_ok=True)
+                for s in stuck:
+                    report += f"\nsockets of port {s.port} now:\n{load.sockets_of(s.port)}"
+                report += f"\nthe lab's logs: {tmp_path / 'logs'}; what they say of those clients:\n"
+                report += "\n".join(_log_lines_of(tmp_path / "logs", [s.port for s in stuck]))
+            raise AssertionError(report) from None
 
     def kill_backend(host: str) -> None:
         proc = prod.dep.be_procs[host]
