@@ -339,7 +339,10 @@ class FrontEnd:
         except Exception as e:
             log.debug("worker pool: no answer from the workers: %s", e)
             return
-        busy = {pid: n for pid, n in busy.items() if pid in self.workers and pid not in self._retiring}
+        # A worker that has not answered (just started, its link not attached yet) counts as idle, as
+        # Apache's prefork counts a starting child: it is about to accept. Counting only those that
+        # answered would start spares at the first tick, before the first workers were linked.
+        busy = {pid: busy.get(pid, 0) for pid in self.workers if pid not in self._retiring}
         policy = SparePolicy(self.config.minspareservers, self.config.maxspareservers)
         step = policy.decide(list(busy.values()))
         idle = sum(1 for n in busy.values() if n == 0)

@@ -23,13 +23,14 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.reloads = 0
         self.pool_asks = 0
+        self.answers: dict[int, int] = {}     # pid -> connections being dispatched, of the workers that answered
 
     def reload(self) -> None:
         self.reloads += 1
 
     def busy_per_worker(self) -> dict[int, int]:
         self.pool_asks += 1
-        return {}
+        return dict(self.answers)
 
 
 @pytest.fixture
@@ -177,7 +178,24 @@ def test_sigterm_ends_the_main_loop(front_end):
         if number == 1:
             os.kill(os.getpid(), signal.SIGTERM)
     front_end._spawn = spawn
+    front_end.install_signal_handlers()         # FrontEnd.run does it first thing, before the kernel state
     front_end._run_arbiter()
     assert front_end.spawned == [0, 1]
     assert states == ["READY=1"]
     assert front_end.stopping
+
+
+@pytest.mark.parametrize("answers,spawned", [
+    ({}, []),                      # both just started, not linked yet: idle, as Apache counts starting children
+    ({101: 0}, []),                # one answered idle, one not yet: two idle
+    ({101: 3, 102: 1}, [2]),       # both busy: a spare is started
+    ({101: 0, 102: 1}, [2]),       # one idle (< minspareservers 2)
+])
+def test_pool_counts_a_worker_not_yet_answering_as_idle(front_end, answers, spawned):
+    """The first tick may come before the workers' links are attached: no spare is started for workers
+    that are only starting."""
+    front_end.config.minspareservers = 2
+    front_end.workers = {101: 0, 102: 1}
+    front_end.runtime.answers = answers
+    front_end._adjust_pool()
+    assert front_end.spawned == spawned

@@ -292,7 +292,7 @@ def test_silent_registered_back_end_is_removed(prod):
 
 def test_spare_workers_are_started_when_workers_get_busy(prod):
     prod.start(fe={"startservers": 2, "minspareservers": 2, "maxspareservers": 4, "peektimeout": 6})
-    assert len(fe_workers(prod)) == 2
+    assert len(fe_workers(prod)) == 2, prod.fe_log()[-3000:]
     # connections that send half a request head keep the worker that accepted them busy (reading)
     held = []
     try:
