@@ -78,6 +78,7 @@ class RuleSpec:
     regex: re.Pattern[bytes]
     lineno: int
     pool: tuple[str, ...] = ()   # ``rule = ADDR,ADDR,... REGEX``: every target of that one rule (split by weight)
+    rehandoff: str = ""          # ``... REGEX rehandoff=on|off``: this rule's own; "": the global ``rehandoff``
 
 
 def _field_type(s: Setting) -> Any:
@@ -330,6 +331,21 @@ def register_rules(config: Any) -> tuple[tuple[str, str], ...]:
     return tuple((rule.field, rule.pattern) for rule in config.rules)
 
 
+_RULE_REHANDOFF = re.compile(r"(?:(.*?)\s+)?rehandoff=(\S*)")
+
+
+def _rule_rehandoff(path: str, lineno: int, text: str) -> tuple[str, str]:
+    """``REGEX rehandoff=on|off`` -> (REGEX, "on"|"off"); a rule without it -> (text, ""). Only a last
+    whitespace-separated word of that form is taken: a regex that must end so is written
+    ``rehandoff[=]on``."""
+    m = _RULE_REHANDOFF.fullmatch(text)
+    if m is None:
+        return text, ""
+    if m.group(2) not in ("on", "off"):
+        raise ConfigError(path, lineno, f"rule: rehandoff= takes on or off, got {_clip(m.group(2))!r}")
+    return (m.group(1) or "").strip(), m.group(2)
+
+
 def _split_rule(path: str, line: _Line) -> tuple[str, str]:
     parts = line.value.split(None, 1)
     if len(parts) < 2:
@@ -416,7 +432,9 @@ def load_fe_config(path: str) -> Any:
     rules: list[RuleSpec] = []
     for line in repeated.get("rule", []):
         addr, text = _split_rule(path, line)
+        text, rehandoff = _rule_rehandoff(path, line.lineno, text)
         rule = _parse_pattern(path, line.lineno, text, "")  # the regex first: its errors come first
+        rule = dataclasses.replace(rule, rehandoff=rehandoff)
         targets: list[str] = []
         for one in addr.split(","):
             if not one:

@@ -152,8 +152,8 @@ FE_SETTINGS: list[Setting] = [
             section="fe", repeatable=True, attr="servers", metavar="ADDR PORT | unix:/PATH",
             example="10.77.0.11 666", reload=LIVE),
     Setting("rule", t.text, None, _any,
-            "'ADDR REGEX' matches the URI, 'ADDR host:|sni:|alpn:REGEX'; first match wins; 'ADDR,ADDR ...': by weight",
-            section="fe", repeatable=True, attr="rules", metavar="ADDR[,ADDR...] [FIELD:]REGEX",
+            "'ADDR REGEX': URI, 'ADDR host:|sni:|alpn:REGEX'; first match wins; 'ADDR,ADDR': by weight; own rehandoff=",
+            section="fe", repeatable=True, attr="rules", metavar="ADDR[,ADDR...] [FIELD:]REGEX [rehandoff=on|off]",
             example="10.77.0.11 jpg$", reload=LIVE),
     Setting("registerport", t.port_or_zero, "80", _any,
             "port on raddr where dregister back ends register (their feport); 0, or raddr 0.0.0.0: off",
@@ -174,7 +174,7 @@ FE_SETTINGS: list[Setting] = [
             "safety timeout of a steering entry whose end the back end never reported",
             section="fe", group="handoff", metavar="SECONDS", reload=RESTART),
     Setting("rehandoff", t.choice("off", "on"), "off", _any,
-            "on: every keep-alive request routed by the rules, the connection moves; off by default, see docs/kernel.md",
+            "on: each keep-alive request routed by the rules (the connection moves); a rule's own wins; docs/kernel.md",
             section="fe", group="handoff", metavar="off|on", reload=RESTART),
     Setting("steering", t.choice("auto", "bpf", "nft"), "auto", _any,
             "steering of handed-off flows: nft (netdev table) or bpf (tc ingress program); auto: bpf if the kernel can",
@@ -326,7 +326,8 @@ def reload_plan(component: str, old: Any, new: Any) -> tuple[list[Setting], list
 
 def in_force_form(s: Setting, value: Any) -> Any:
     """A setting's value as the ``settings`` control file shows it (JSON): the key as a fingerprint,
-    servers by name, rules as [target, field, pattern] ([field, pattern] for a back end's). The same form for a loaded file's value and for
+    servers by name, rules as [target, field, pattern] (with "rehandoff=on|off" when the rule sets it;
+    [field, pattern] for a back end's). The same form for a loaded file's value and for
     the value a running daemon uses, so that the two can be compared."""
     if value is None:
         return None
@@ -335,7 +336,8 @@ def in_force_form(s: Setting, value: Any) -> Any:
     if s.name == "server":
         return sorted(getattr(v, "name", v) for v in value)
     if s.name == "rule":      # a back end's rules are sent without a target: it is always itself
-        return [[r.field, r.pattern] if s.section == "be" else [r.target, r.field, r.pattern] for r in value]
+        return [[r.field, r.pattern] if s.section == "be" else
+                [r.target, r.field, r.pattern] + ([f"rehandoff={r.rehandoff}"] if r.rehandoff else []) for r in value]
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -26,8 +26,9 @@ Registered     fe    answer to Register
 Unregister     be    the BE leaves (unload/stop): no new handoffs
 Steered        fe    xid's flow is now steered to the BE: it may send to the client
                      (until then the client's ACKs would be dropped by the FE's freeze)
-Rules          fe    rehandoff = on: the uri/host rules in order, and for each whether
-                     this back end is among its targets (after Hello, at every reload)
+Rules          fe    rehandoff: the uri/host rules in order, and for each whether a request
+                     it matches stays on this back end (among its targets, or a rule that
+                     does not move connections); empty: none moves (after Hello, at reloads)
 MoveAsk        be    xid's next request goes elsewhere by the rules, at a response
                      boundary: freeze the flow (docs/kernel.md "Moving a keep-alive ...")
 MoveFrozen     fe    xid's flow is frozen: dump it and send it back
@@ -162,7 +163,7 @@ class Steered:
 class Rules:
     TYPE: ClassVar[int] = 12
     rules: tuple[tuple[str, str], ...] = ()   # (field, pattern) in order: field 'uri'|'host'
-    here: bytes = b""         # one byte per rule: 1 when the receiving back end is among its targets
+    here: bytes = b""         # one byte per rule: 1 when its requests stay on the receiving back end
 
 
 @dataclass(frozen=True, slots=True)

@@ -299,9 +299,10 @@ class Worker:
         # A worker whose arbiter is gone (kill -9) stops at once: see _arbiter_gone.
         self.arbiter_pid: int | None = None
         self.wait_flows = True
-        # rehandoff = on: the back ends get the rules (Rules) and may hand a connection back at a request
-        # the rules send elsewhere (MoveAsk, Moved: docs/kernel.md "Moving a keep-alive connection").
-        self.rehandoff = config.rehandoff == "on"
+        # rehandoff = on (or a rule's rehandoff=on): the back ends get the rules (Rules) and may hand a
+        # connection back at a request the rules send elsewhere (MoveAsk, Moved: docs/kernel.md "Moving a
+        # keep-alive connection").
+        self.rehandoff = self._any_rule_moves()
         self._moving: dict[int, tuple[Any, Any]] = {}       # xid -> (FlowKey, FlowRecord) frozen for a move
         self._orphan_logged = False
         self._dead_flows_logged = False
@@ -326,22 +327,37 @@ class Worker:
         rules = list(static) + self.dynamic_rules
         self.rules = RuleTable(rules)
         self.ledger.set_rules(rules)
-        if self.rehandoff:
+        was, self.rehandoff = self.rehandoff, self._any_rule_moves()
+        if self.rehandoff or was:        # off now: an empty Rules, and the back ends stop asking
             for be in set(self.backends.values()):
                 for link in getattr(be, "ready", ()):
                     if link.up:
                         link.send(self.rules_message(be))
 
+    def rule_moves(self, rule: Any) -> bool:
+        """Whether a keep-alive request this rule matches moves its connection to the rule's back end:
+        the rule's own ``rehandoff=``, else the global ``rehandoff``."""
+        return (rule.rehandoff or self.config.rehandoff) == "on"
+
+    def _any_rule_moves(self) -> bool:
+        return any(self.rule_moves(r) for r in self.rules.rules if r.field in ("uri", "host"))
+
     def rules_message(self, backend: Any) -> Any:
         """What `backend` needs to know whether a request stays on it (rehandoff): the uri/host rules in
-        order, each with whether it names `backend` (a pool rule: whether `backend` is in the pool)."""
+        order, each with whether it names `backend` (a pool rule: whether `backend` is in the pool).
+
+        A rule that does not move connections (its ``rehandoff=off``, or the global one) is sent as
+        naming every back end: a request it matches stays where its connection is. With no rule that
+        moves, the message is empty: the back end relays without looking at requests, and never asks."""
+        if not self.rehandoff:
+            return control.Rules(rules=(), here=b"")
         pairs: list[tuple[str, str]] = []
         here = bytearray()
         last_pool: Any = None
         for rule in self.rules.rules:
             if rule.field not in ("uri", "host"):
                 continue
-            mine = self.backends.get(rule.target) is backend
+            mine = self.backends.get(rule.target) is backend or not self.rule_moves(rule)
             pool = tuple(getattr(rule, "pool", ()) or ())
             if len(pool) > 1 and last_pool == (rule.field, rule.pattern, pool):
                 here[-1] |= mine            # the next member of the same pool rule

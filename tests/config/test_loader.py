@@ -411,3 +411,19 @@ def test_compile_rule_for_registered_back_ends(write_conf, be_minimal):
         compile_rule("x", "cookie", "a")
     with pytest.raises(ValueError, match="empty regular expression"):
         compile_rule("x", "sni", "")
+
+
+def test_a_rule_may_set_its_own_rehandoff(write_conf, fe_minimal):
+    """docs/rules.md: a last word ``rehandoff=on|off`` is the rule's own; a regex with spaces keeps them."""
+    cfg = load_fe_config(write_conf(
+        fe_minimal + "server = 10.0.0.1 666\nserver = 10.0.0.2 666\n"
+        "rule = 10.0.0.1 jpg$ rehandoff=off\nrule = 10.0.0.1,10.0.0.2 host:^a\\. rehandoff=on\n"
+        "rule = 10.0.0.2 ^/a b$\nrule = 10.0.0.2 ^/x rehandoff[=]on\n"))
+    assert [(r.pattern, r.rehandoff) for r in cfg.rules] == [
+        ("jpg$", "off"), ("^a\\.", "on"), ("^a\\.", "on"), ("^/a b$", ""), ("^/x rehandoff[=]on", "")]
+    for bad, why in (("jpg$ rehandoff=yes", "rehandoff= takes on or off, got 'yes'"),
+                     ("jpg$ rehandoff=", "rehandoff= takes on or off, got ''"),
+                     ("rehandoff=on", "empty regular expression"),
+                     (" host: rehandoff=on", "empty regular expression")):
+        err = _error(load_fe_config, write_conf(fe_minimal + f"server = 10.0.0.1 666\nrule = 10.0.0.1 {bad}\n"))
+        assert why in str(err) and "test.conf:4: rule: " in str(err), err

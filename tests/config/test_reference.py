@@ -63,7 +63,7 @@ def test_add_help_shows_the_options():
     assert "Options of tcphafe.conf" in text
     assert "    peekmax = BYTES   [16384]" in text
     assert "    vaddr = ADDR   [(required)]" in text
-    assert "    rule = ADDR[,ADDR...] [FIELD:]REGEX   [(none)] (repeatable)" in text
+    assert "    rule = ADDR[,ADDR...] [FIELD:]REGEX [rehandoff=on|off]   [(none)] (repeatable)" in text
 
 
 def test_dbglevel_mapping():

@@ -370,3 +370,41 @@ def test_1000_concurrent_keepalive_clients_10_requests_each(fresh):
         sel.close()
         for c in conns:
             c["sock"].close()
+
+
+def _sequence(dep, paths: list[str]) -> list[str]:
+    """The back end that answered each request of one keep-alive connection (bodies checked)."""
+    s = dep.connect(timeout=30)
+    try:
+        out = []
+        for path in paths:
+            s.sendall(get(path))
+            [(head, body)] = read_responses(s, [b"GET"])
+            assert head.startswith(b"HTTP/1.1 200"), (path, head[:80])
+            assert body == dep.origins["be1"].expected(path.lstrip("/")), path
+            out.append(backend_of(head))
+        return out
+    except Exception:
+        print_logs(dep)
+        raise
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("overall", ["on", "off"])
+def test_a_rules_own_rehandoff_overrides_the_global_one(fresh, overall):
+    """docs/rules.md: ``rule = ADDR REGEX rehandoff=on|off``. With ``rehandoff = on`` and the jpg rule off,
+    a jpg asked on a connection be2 holds stays on be2, while the html rule still moves a connection from
+    be1; with ``rehandoff = off`` and the jpg rule on, a jpg moves a connection to be1, and nothing else
+    moves it back."""
+    dep = fresh
+    dep.files = FILES
+    lab = dep.lab
+    jpg = "off" if overall == "on" else "on"
+    dep.start(fe={"rehandoff": overall, "rules": [f"{lab.ip('be1')} jpg$ rehandoff={jpg}", f"{lab.ip('be2')} .*"]})
+    if overall == "on":
+        assert _sequence(dep, ["/index.html", "/img/logo.jpg", "/1k.bin", "/img/photo.jpg"]) == ["be2"] * 4
+        assert _sequence(dep, ["/img/logo.jpg", "/index.html", "/img/photo.jpg"]) == ["be1", "be2", "be2"]
+    else:
+        assert _sequence(dep, ["/index.html", "/img/logo.jpg", "/index.html", "/1k.bin", "/img/photo.jpg"]) == \
+            ["be2", "be1", "be1", "be1", "be1"]

@@ -47,3 +47,35 @@ def test_no_rule_matching_stays_and_tls_fields_are_refused():
         assert "sni" in str(e)
     else:
         raise AssertionError("an sni rule was accepted")
+
+
+def test_a_rules_own_rehandoff_decides_whether_its_requests_move():
+    """The front end's Rules message (tcpha.fe.worker.Worker.rules_message) with per-rule ``rehandoff=``:
+    a request stays on a back end its rule does not name only when that rule does not move connections;
+    with no rule that moves, the message is empty and the back end never looks."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from tcpha.fe.worker import Worker
+
+    def message(overall: str, own: list[str], me: str):
+        rules = [replace(r, rehandoff=o) for r, o in zip(RULES, own)]
+        backends = {BE1: object(), BE2: object()}
+        w = SimpleNamespace(config=SimpleNamespace(rehandoff=overall), rules=RuleTable(rules), backends=backends)
+        w.rule_moves = lambda rule: Worker.rule_moves(w, rule)
+        w.rehandoff = Worker._any_rule_moves(w)
+        return Worker.rules_message(w, backends[me])
+
+    jpg, index = head(b"/a.jpg", b"www.example"), head(b"/index.html", b"www.example")
+    everything = ["", "", "", "", ""]
+    assert message("off", everything, BE1).rules == ()                     # nothing moves: not sent
+    msg = message("on", everything, BE2)                                     # all move
+    assert not StayRules(msg.rules, msg.here).stays(jpg) and StayRules(msg.rules, msg.here).stays(index)
+    msg = message("on", ["off", "", "", "", ""], BE2)                        # the jpg rule does not move
+    assert StayRules(msg.rules, msg.here).stays(jpg)
+    msg = message("on", ["off", "", "", "", ""], BE1)                        # ... the others still do
+    assert not StayRules(msg.rules, msg.here).stays(index)
+    msg = message("off", ["on", "", "", "", ""], BE2)                        # only the jpg rule moves
+    assert not StayRules(msg.rules, msg.here).stays(jpg)
+    msg = message("off", ["on", "", "", "", ""], BE1)
+    assert StayRules(msg.rules, msg.here).stays(index)
