@@ -317,6 +317,18 @@ def dump(sock: socket.socket, *, local: tuple[str, int] | None = None,
     )
 
 
+def received_since(sock: socket.socket, state: TcpState) -> int:
+    """Bytes `sock` took in after `state` was dumped from it (0: none).
+
+    A dumped socket stays in repair mode, and repair mode does not stop reception: a segment that
+    passed the freeze just before it took effect is still queued, and acknowledged to the peer, after
+    the dump read the queues. Every copy restored from `state` lacks those bytes, and the peer, which
+    has had them acknowledged, never sends them again. The caller checks before it steers the flow
+    away. The dumped socket's queue is only ever peeked, so its length now minus the dumped queue's
+    is what came since."""
+    return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, _IOCTL_BUF))[0] - len(state.recv_queue)
+
+
 def _repair_off(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)

@@ -60,7 +60,7 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
                  "next_index", "handoff", "link", "backend", "flow", "facts", "reading", "finished",
-                 "lowat", "rule", "pools", "waiting", "moves")
+                 "lowat", "rule", "pools", "waiting", "moves", "dumped")
 
     def __init__(self, worker: "DispatchHost", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
@@ -85,6 +85,7 @@ class Dispatch:
         self.pools: list[tuple[int, int, tuple[str, ...]]] = _NO_CANDIDATES  # rule pools: (start, end, pool) spans
         self.waiting = False     # waiting for more of the request head: not counted against maxclients
         self.moves = 0           # rehandoff: how many times back ends handed this connection back
+        self.dumped: repair.TcpState | None = None      # the state sent in the latest Handoff
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -335,6 +336,7 @@ class Dispatch:
             log.warning("%s:%d: dump failed: %s", self.peer[0], self.peer[1], e)
             self._next_candidate()
             return
+        self.dumped = state
         self.handoff.xid = xid = w.handoffs.new_xid()
         try:
             link.send(control.Handoff(xid=xid, client_ip=flow.client_ip, client_port=flow.client_port,
@@ -367,23 +369,50 @@ class Dispatch:
         self._thaw()
 
     def restored(self) -> None:
-        """The back end rebuilt the connection (FORWARDING): steer the flow there and let go silently."""
+        """The back end rebuilt the connection (FORWARDING): steer the flow there and let go silently.
+
+        Unless our socket took bytes in after its dump (repair.received_since: a segment that passed the
+        freeze just before it took effect, which our kernel acknowledged to the client). The back end's
+        copy lacks them and the client will not send them again: steered there, the connection would
+        wait for ever (seen under load as an upload whose body never reached the application). It is
+        taken back instead, as when the flow cannot be steered, whole, and tried on the next candidate."""
+        late = self._received_since_dump()
+        if late:
+            log.warning("%s:%d: %d bytes reached this socket after its dump, not in the copy on %s; taken back",
+                        self.peer[0], self.peer[1], late, self.backend.name)
+            self._take_back()
+            return
         self.worker.batch.forward(self)          # batched per loop iteration, like the freezes
+
+    def _received_since_dump(self) -> int:
+        try:
+            return repair.received_since(self.sock, self.dumped) if self.dumped is not None else 0
+        except OSError:
+            return 0                             # the socket is gone: nothing to compare (and nothing lost)
+
+    def _take_back(self) -> None:
+        """Keep the connection (the back end, which never gets Steered, drops its restored copy silently)
+        and try the next candidate."""
+        self.worker.handoffs.forward_failed(self.handoff)
+        self.link.handoff_over()
+        self._rollback()
+        if not self.finished:
+            self._next_candidate()
 
     def forwarded(self, error: Exception | None) -> None:
         """Step 3 (the flow now goes to the back end): tell it, and let go of our socket silently."""
         w = self.worker
         if error is not None:
-            # The flow cannot be steered there: keep the connection (the back end, which never gets
-            # Steered, drops its restored copy silently) and try the next candidate.
             log.error("forwarding %s:%d to %s failed: %s; taken back", self.peer[0], self.peer[1],
                       self.backend.name, error)
-            w.handoffs.forward_failed(self.handoff)
-            self.link.handoff_over()
-            self._rollback()
-            if not self.finished:
-                self._next_candidate()
+            self._take_back()
             return
+        late = self._received_since_dump()
+        if late:
+            # after the check at Restored, before the flow went there: too late to take it back (the
+            # entry steers it to the back end now). Never seen; logged so that it would be.
+            log.error("%s:%d: %d bytes reached this socket after its dump and after the check at Restored; "
+                      "the connection on %s lacks them", self.peer[0], self.peer[1], late, self.backend.name)
         w.handoffs.steered(self.handoff)
         if self.link.can_send:
             self.link.send(control.Steered(xid=self.handoff.xid))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 
 import pytest
 from hypothesis import given, strategies as st
 
 from tcpha import repair
 from tcpha.repair import TcpState
+from tests.support import wait_until
 
 u32 = st.integers(0, 2**32 - 1)
 ipv4 = st.ip_addresses(v=4).map(str)
@@ -187,3 +191,26 @@ def test_bytes_read_off_a_socket_travel_back_in_front_of_its_queue():
         if restored is not None:
             restored.close()
 
+
+
+def test_a_dumped_socket_still_takes_and_acknowledges_late_bytes():
+    """Why the front end checks repair.received_since before steering a flow away: repair mode does not
+    stop reception, so a segment that passed the freeze late is queued on the dumped socket and
+    acknowledged to the client, which will never send it again; the dumped state lacks it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    try:
+        client.sendall(b"head")
+        assert server.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL) == b"head"
+        state = repair.dump(server)
+        assert state.recv_queue == b"head" and repair.received_since(server, state) == 0
+        client.sendall(b"body!")
+        assert wait_until(lambda: repair.received_since(server, state) == 5, 5, "the late bytes queued")
+        def unacknowledged() -> int:             # the client's send queue (SIOCOUTQ = TIOCOUTQ)
+            return struct.unpack("=i", fcntl.ioctl(client.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+        assert wait_until(lambda: unacknowledged() == 0, 5, "the client's bytes all acknowledged")
+    finally:
+        client.close()
+        repair.discard(server)
+        listener.close()
