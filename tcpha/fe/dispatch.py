@@ -378,8 +378,9 @@ class Dispatch:
         taken back instead, as when the flow cannot be steered, whole, and tried on the next candidate."""
         late = self._received_since_dump()
         if late:
-            log.warning("%s:%d: %d bytes reached this socket after its dump, not in the copy on %s; taken back",
-                        self.peer[0], self.peer[1], late, self.backend.name)
+            log.warning("%s:%d: back end %s did not take the connection: %d bytes reached this socket after its "
+                        "dump (acknowledged to the client, not in its copy); taken back", self.peer[0], self.peer[1],
+                        self.backend.name, late)
             self._take_back()
             return
         self.worker.batch.forward(self)          # batched per loop iteration, like the freezes

@@ -542,13 +542,16 @@ def test_soak_mixed_traffic_through_kills_reload_and_upgrade(lab, tmp_path):
     crossed = Counter(f.what.split()[0] + " " + ("be" if f.host else f.what.split()[1]) for f in faults
                       for s in finished if s.error is None and s.t_start < f.sent < s.t_end)
     n_requests = sum(s.done for s in finished)
+    late = sum(f.read_text(errors="replace").count("reached this socket after its dump")
+               for f in (lab.workdir / "logs").glob("fe-tcpha-fe*.log"))
     summary = (f"soak: {elapsed:.0f} s, {len(finished)} sessions ({sum(s.keepalive for s in finished)} "
                f"keep-alive), {n_requests} requests completed byte-exact, "
                f"{sum(s.bytes_down for s in finished) / MB:.0f} MiB down, "
                f"{sum(s.bytes_up for s in finished) / MB:.0f} MiB up; by back end "
                f"{dict(Counter(s.backend for s in finished if s.error is None))}; "
                f"faults injected {len(faults)} ({', '.join(f'{f.what} at {f.sent - t0:.1f} s' for f in faults)}); "
-               f"completed across a fault: {dict(crossed)}; failed sessions {len(failed)}: "
+               f"completed across a fault: {dict(crossed)}; handoffs taken back for bytes after the dump: {late}; "
+               f"failed sessions {len(failed)}: "
                f"{ {c: f'{n} (longest {longest[c]:.1f} s)' for c, n in classes.items()} }")
     print("\n" + summary)
     if bad:
