@@ -26,6 +26,7 @@ stop, SIGHUP reloads the config file (tcpha.fe.reload), SIGCHLD reaps and replac
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -54,6 +55,7 @@ DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent no
 # (SIGHUP -> FrontEnd.handle_hup). A worker restores their default (SIGHUP: ignored).
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+BIND_TRIES, BIND_WAIT = 5, 0.5          # a listening port in use: tried again, as nginx does (5 x 500 ms)
 SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
 
@@ -73,7 +75,8 @@ def lan_interface(config: Any) -> str:
         return ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
 
 
-def listen_sockets(vip: str, ports: list[int], backlog: int) -> list[tuple[socket.socket, int]]:
+def listen_sockets(vip: str, ports: list[int], backlog: int, *, bind_tries: int = BIND_TRIES,
+                   bind_wait: float = BIND_WAIT) -> list[tuple[socket.socket, int]]:
     out = []
     for port in ports:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -83,13 +86,21 @@ def listen_sockets(vip: str, ports: list[int], backlog: int) -> list[tuple[socke
         # Accept only once the client's first bytes are in (as nginx 'deferred', HAProxy
         # 'defer-accept'): the first peek then finds the request head, with no wait for readability.
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
-        try:
-            s.bind((vip, port))
-        except OSError as e:
-            s.close()
-            for other, _ in out:
-                other.close()
-            raise RuntimeError(f"cannot listen on {vip}:{port}: {e.strerror}") from None
+        for attempt in range(1, bind_tries + 1):
+            try:
+                s.bind((vip, port))
+                break
+            except OSError as e:
+                # As nginx does: a port still held a moment after a crash (a worker of a front end killed
+                # with kill -9, closing its listeners as it notices) is tried again before giving up.
+                if e.errno == errno.EADDRINUSE and attempt < bind_tries:
+                    log.warning("listening on %s:%d: %s; trying again in %g s", vip, port, e.strerror, bind_wait)
+                    time.sleep(bind_wait)
+                    continue
+                s.close()
+                for other, _ in out:
+                    other.close()
+                raise RuntimeError(f"cannot listen on {vip}:{port}: {e.strerror}") from None
         s.listen(backlog)
         s.setblocking(False)
         out.append((s, port))
@@ -339,10 +350,17 @@ class FrontEnd:
         except Exception as e:
             log.debug("worker pool: no answer from the workers: %s", e)
             return
-        # A worker that has not answered (just started, its link not attached yet) counts as idle, as
-        # Apache's prefork counts a starting child: it is about to accept. Counting only those that
-        # answered would start spares at the first tick, before the first workers were linked.
-        busy = {pid: busy.get(pid, 0) for pid in self.workers if pid not in self._retiring}
+        # A worker whose link is not attached yet (just started) counts as idle, as Apache's prefork counts
+        # a starting child: it is about to accept. Counting only those that answered would start spares at
+        # the first tick, before the first workers were linked. A linked worker that did not answer in
+        # time (a busy machine) leaves the pool as it is for this tick: no decision on half the picture.
+        linked = self.runtime.linked_workers()
+        current = [pid for pid in self.workers if pid not in self._retiring]
+        silent = [pid for pid in current if pid in linked and pid not in busy]
+        if silent:
+            log.debug("worker pool: no answer from worker(s) %s in time; unchanged", silent)
+            return
+        busy = {pid: busy.get(pid, 0) for pid in current}
         policy = SparePolicy(self.config.minspareservers, self.config.maxspareservers)
         step = policy.decide(list(busy.values()))
         idle = sum(1 for n in busy.values() if n == 0)

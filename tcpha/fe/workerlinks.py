@@ -147,6 +147,10 @@ class WorkerLinks:
             log.warning("the workers did not confirm the new gate within 5 s; they take it when they can")
 
     # -- the worker pool (tcpha.fe.arbiter asks, tcpha.fe.pool decides) -----------------------------
+    def linked_workers(self) -> set[int]:
+        """The workers whose runtime link is attached (a just-started one is not yet)."""
+        return set(self.links.copy())        # copy: atomic, while the plane thread attaches others
+
     def busy_per_worker(self) -> dict[int, int]:
         """pid -> connections being dispatched (for the arbiter's spare-worker policy)."""
         async def ask() -> dict[int, int]:

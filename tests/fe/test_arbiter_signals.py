@@ -24,6 +24,7 @@ class FakeRuntime:
         self.reloads = 0
         self.pool_asks = 0
         self.answers: dict[int, int] = {}     # pid -> connections being dispatched, of the workers that answered
+        self.linked: set[int] = set()         # the workers whose runtime link is attached
 
     def reload(self) -> None:
         self.reloads += 1
@@ -31,6 +32,9 @@ class FakeRuntime:
     def busy_per_worker(self) -> dict[int, int]:
         self.pool_asks += 1
         return dict(self.answers)
+
+    def linked_workers(self) -> set[int]:
+        return set(self.linked)
 
 
 @pytest.fixture
@@ -185,17 +189,20 @@ def test_sigterm_ends_the_main_loop(front_end):
     assert front_end.stopping
 
 
-@pytest.mark.parametrize("answers,spawned", [
-    ({}, []),                      # both just started, not linked yet: idle, as Apache counts starting children
-    ({101: 0}, []),                # one answered idle, one not yet: two idle
-    ({101: 3, 102: 1}, [2]),       # both busy: a spare is started
-    ({101: 0, 102: 1}, [2]),       # one idle (< minspareservers 2)
+@pytest.mark.parametrize("answers,linked,spawned", [
+    ({}, set(), []),                   # both just started, not linked yet: idle, as Apache counts starting children
+    ({101: 0}, {101}, []),             # one answered idle, one not linked yet: two idle
+    ({101: 0}, {101, 102}, []),        # one idle, one linked but silent (busy machine): no decision
+    ({101: 3}, {101, 102}, []),        # ... not even when the other is busy
+    ({101: 3, 102: 1}, {101, 102}, [2]),   # both busy: a spare is started
+    ({101: 0, 102: 1}, {101, 102}, [2]),   # one idle (< minspareservers 2)
 ])
-def test_pool_counts_a_worker_not_yet_answering_as_idle(front_end, answers, spawned):
+def test_pool_counts_a_worker_not_yet_linked_as_idle(front_end, answers, linked, spawned):
     """The first tick may come before the workers' links are attached: no spare is started for workers
-    that are only starting."""
+    that are only starting; while a linked worker does not answer in time the pool is left as it is."""
     front_end.config.minspareservers = 2
     front_end.workers = {101: 0, 102: 1}
     front_end.runtime.answers = answers
+    front_end.runtime.linked = linked
     front_end._adjust_pool()
     assert front_end.spawned == spawned

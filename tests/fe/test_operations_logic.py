@@ -422,3 +422,29 @@ def test_a_gate_change_is_in_force_when_the_write_returns(tmp_path):
     finally:
         links.close_links()
         links.plane.stop()
+
+
+def test_a_listening_port_still_held_is_tried_again_before_giving_up():
+    """As nginx: a port in use (a worker of a front end killed with kill -9 still closing its listeners)
+    is tried again a few times before the front end gives up with one clear line."""
+    import socket
+    import threading
+
+    from tcpha.fe.arbiter import listen_sockets
+
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    released = threading.Timer(0.15, holder.close)       # the other process lets go meanwhile
+    released.start()
+    try:
+        [(s, got)] = listen_sockets("127.0.0.1", [port], 16, bind_tries=20, bind_wait=0.05)
+        s.close()
+        assert got == port
+    finally:
+        released.join()
+    holder = socket.create_server(("127.0.0.1", port))   # held for good: a clear error after the tries
+    try:
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            listen_sockets("127.0.0.1", [port], 16, bind_tries=3, bind_wait=0.01)
+    finally:
+        holder.close()
