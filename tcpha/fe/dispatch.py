@@ -414,6 +414,7 @@ class Dispatch:
             # entry steers it to the back end now). Never seen; logged so that it would be.
             log.error("%s:%d: %d bytes reached this socket after its dump and after the check at Restored; "
                       "the connection on %s lacks them", self.peer[0], self.peer[1], late, self.backend.name)
+        self.dumped = None                       # its queues may be large: not kept for the rest of the flow
         w.handoffs.steered(self.handoff)
         if self.link.can_send:
             self.link.send(control.Steered(xid=self.handoff.xid))

@@ -136,15 +136,18 @@ class WorkerLinks:
         connection, as an operator who drains a back end and then sends a request expects. From the
         plane's own loop (the health prober's verdicts) it can only be scheduled: waiting there would
         wait on itself."""
-        pushed = self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())
+        loop = self.plane.loop
+        if loop is None or loop.is_closed():
+            return                          # not started, or stopped: no worker to tell
+        gate, weights = self.health.available(), self.health.weights()
         if self.plane.in_loop_thread():
-            asyncio.ensure_future(pushed)
+            asyncio.ensure_future(self.ask_all("gate", gate=gate, weights=weights))
             return
         try:
             # each link's own ask times out at 2 s; the plane answers within that unless it is stuck
-            self.plane.run(pushed, timeout=5.0)
-        except TimeoutError:
-            log.warning("the workers did not confirm the new gate within 5 s; they take it when they can")
+            self.plane.run(self.ask_all("gate", gate=gate, weights=weights), timeout=5.0)
+        except (TimeoutError, RuntimeError) as e:     # RuntimeError: the loop closed meanwhile (a stop)
+            log.warning("the workers did not confirm the new gate: %s; they take it when they can", e)
 
     # -- the worker pool (tcpha.fe.arbiter asks, tcpha.fe.pool decides) -----------------------------
     def linked_workers(self) -> set[int]:
