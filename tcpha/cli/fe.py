@@ -8,7 +8,7 @@ import sys
 
 from tcpha.cli.service import DaemonStart
 from tcpha.config import load_fe_config
-from tcpha.fe.arbiter import FrontEnd
+from tcpha.fe.arbiter import STOP_SIGNALS, FrontEnd
 from tcpha.service import sd_notify
 
 DEFAULT_CONFIG = "/etc/tcpha/tcphafe.conf"
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM or SIGINT while the daemon starts (systemd stopping a service it has just started):
     # remembered, and FrontEnd.run stops cleanly before any worker starts. The default action would kill
     # it with its pidfile left behind (and, once installed, the VIP and the steering table).
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     code = start.load(args, load_fe_config,
                       lambda c: f" ({len(c.servers)} servers, {len(c.rules)} rules)")
