@@ -65,12 +65,14 @@ def test_application_down_is_detected_and_recovery_damped(prod):
     assert time.monotonic() - t0 <= 2 * 1 + 1 + 0.3        # fall = 2 checks
     st = [b for b in prod.ctl_json("status")["backends"] if b["name"] == be2][0]
     assert f":{APP_PORT}" in st["last_error"]
-    assert prod.dep.request("/index.html").backend == "be1"
+    # The prober tells the workers after its verdict (the status page has it first): the next
+    # requests go to be1 within a moment, not necessarily the very next one.
+    assert wait_until(lambda: prod.dep.request("/index.html").backend == "be1", 2, what="requests to go to be1")
     prod.dep.origins["be2"] = start_http(prod.lab, "be2", port=APP_PORT, files=prod.dep.files, name="again")
     t1 = time.monotonic()
     assert wait_until(lambda: backend_status(prod, be2) == "up", 6, interval=0.02)
     assert time.monotonic() - t1 >= 1.5                   # rise = 3: not back on the first good check
-    assert prod.dep.request("/index.html").backend == "be2"
+    assert wait_until(lambda: prod.dep.request("/index.html").backend == "be2", 2, what="requests to go to be2")
 
 
 def test_dtcinterval_zero_turns_checks_off_and_a_new_interval_applies_within_a_second(prod):
