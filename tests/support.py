@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -44,6 +45,17 @@ def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str | None = 
             detail = f"; last error: {last_error!r}" if last_error is not None else f"; last value: {value!r}"
             raise AssertionError(f"timed out after {timeout} s waiting for {label}{detail}")
         time.sleep(interval)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback (client side, server side): relays set TCP options."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    try:
+        outer = socket.create_connection(lsock.getsockname())
+        inner, _ = lsock.accept()
+    finally:
+        lsock.close()
+    return outer, inner
 
 
 def running(pids) -> list[int]:

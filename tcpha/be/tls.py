@@ -30,12 +30,14 @@ from typing import Any, Callable
 from tcpha.distcache.tls import ClientTls, TlsError, TlsOptions
 from tcpha.loglevels import NOTICE
 from tcpha.relay import close_sockets
-from tcpha.tls import session_cache_stats, share_sessions
+from tcpha.tls import posted_operations, session_cache_stats, share_sessions
+from tcpha.tls.sharing import PostedOperations
 
 log = logging.getLogger("tcpha.be.tls")
 
 HANDSHAKE_TIMEOUT = 10.0     # a client that does not finish its handshake in this time is dropped
 CACHE_LOOKUP_TIMEOUT = 0.2   # seconds: bound of one session cache operation (it runs mid-handshake)
+STORE_WAIT = CACHE_LOOKUP_TIMEOUT   # seconds a handshake's last flight may wait for its session's ADD
 BUFFER_LIMIT = 256 * 1024    # bytes buffered per direction before we stop reading that side
 RECV_SIZE = 65536
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
@@ -72,6 +74,98 @@ class TlsStats:
     handshakes: int = 0      # completed
     resumed: int = 0         # of which resumed (session from the cache)
     failed: int = 0          # handshakes that failed (bad ClientHello, alert, timeout, reset)
+    store_waits: int = 0     # last flights held until the cache had stored the new session
+    store_unconfirmed: int = 0   # of which sent after STORE_WAIT without the cache's answer
+
+
+class SessionStoreWait:
+    """Holds a handshake's last flight until the session cache has stored the session it made.
+
+    Why: the ADD of a new session is posted (tcpha.tls.sharing.PostedOperations), not waited for, so
+    that no cache round trip blocks the loop. Sent at once, the flight gives the client its session
+    (TLS 1.2: the server's Finished; TLS 1.3: the ticket) while the ADD may still be on its way through
+    dc_client to dc_server; the client's next connection, handed to the other back end, then asked
+    the cache before it had the session (seen under load: a resumption that became a full handshake).
+    The original distcache waits for the ADD inside the callback, blocking its server; here only the
+    connection waits: the relay keeps the flight (TlsRelay.tx) until the cache's answer to every ADD
+    posted up to its own has been read (answers come in order), at most STORE_WAIT, after which it
+    is sent anyway (then the worst case is a full handshake, never a failure).
+
+    The posted connection's descriptor is watched while a relay waits, and let go before it closes
+    (PostedOperations.on_close), so that the loop never watches a descriptor number reused elsewhere.
+    """
+
+    def __init__(self, posted: PostedOperations, stats: TlsStats):
+        self.posted = posted
+        self.stats = stats
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiting: dict["TlsRelay", asyncio.TimerHandle] = {}
+        self.watched = -1
+        posted.on_close = self._closing
+
+    @property
+    def mark(self) -> int:
+        return self.posted.sent
+
+    def settled(self, mark: int) -> bool:
+        try:
+            self.posted.poll()               # answers that arrived (never blocks)
+        except Exception as e:  # noqa: BLE001 - a failed cache connection settles what it carried
+            log.debug("session cache answers: %s", e)
+        return self.posted.settled(mark)
+
+    def wait(self, relay: "TlsRelay") -> None:
+        """`relay` waits for its mark: woken (its _event) when answers come or at STORE_WAIT."""
+        if relay not in self.waiting:
+            self.loop = relay.loop
+            self.stats.store_waits += 1
+            self.waiting[relay] = relay.loop.call_later(STORE_WAIT, self._overdue, relay)
+        self._watch()
+
+    def forget(self, relay: "TlsRelay") -> None:
+        timer = self.waiting.pop(relay, None)
+        if timer is not None:
+            timer.cancel()
+        if not self.waiting:
+            self._unwatch()
+
+    def _overdue(self, relay: "TlsRelay") -> None:
+        if self.waiting.pop(relay, None) is not None:
+            self.stats.store_unconfirmed += 1
+            log.debug("TLS %s: the session cache did not answer the ADD within %g s; flight sent",
+                      relay.describe(), STORE_WAIT)
+            relay.store_mark = 0
+            relay._event()
+        if not self.waiting:
+            self._unwatch()
+
+    def _watch(self) -> None:
+        fd = self.posted.fileno()
+        if fd != self.watched:
+            self._unwatch()
+            if fd >= 0 and self.loop is not None:
+                self.loop.add_reader(fd, self._answers)
+                self.watched = fd
+
+    def _unwatch(self) -> None:
+        if self.watched >= 0 and self.loop is not None:
+            self.loop.remove_reader(self.watched)
+        self.watched = -1
+
+    def _closing(self, fd: int) -> None:
+        if fd == self.watched:
+            self._unwatch()
+            if self.loop is not None and self.waiting:
+                self.loop.call_soon(self._answers)     # what it carried is settled now: wake them
+
+    def _answers(self) -> None:
+        for relay in list(self.waiting):
+            if relay.closed or self.settled(relay.store_mark):
+                self.forget(relay)
+                relay.store_mark = 0
+                relay._event()
+        if self.waiting:
+            self._watch()
 
 
 @dataclass
@@ -81,6 +175,12 @@ class TlsTermination:
     shared: bool                         # sessions go through the shared cache
     cache: str | None
     stats: TlsStats = field(default_factory=TlsStats)
+    store_wait: SessionStoreWait | None = None
+
+    def __post_init__(self) -> None:
+        posted = posted_operations(self.context) if self.shared else None
+        if posted is not None:
+            self.store_wait = SessionStoreWait(posted, self.stats)
 
     def session_counters(self) -> tuple[int, int]:
         """(lookups, hits) of the shared session cache: offered sessions looked up, and resumed."""
@@ -176,6 +276,7 @@ class TlsRelay:
         self.bytes_up = self.bytes_down = 0
         self.version: str | None = None
         self.resumed = False
+        self.store_mark = 0          # the session cache's posted ADDs our flight waits for (0: none)
         self._watch = {"cr": False, "cw": False, "ar": False, "aw": False}
         self._timer: asyncio.TimerHandle | None = None
 
@@ -202,6 +303,8 @@ class TlsRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.store_mark and self.term.store_wait is not None:
+            self.term.store_wait.forget(self)
         self._set_watch(cr=False, cw=False, ar=False, aw=False)
         close_sockets(self.sock, self.app)
         if self.on_done is not None:
@@ -267,6 +370,7 @@ class TlsRelay:
                         self.client_eof = True
                         self.inc.write_eof()
             if not self.handshaken:
+                stored = self._store_count()
                 try:
                     self.obj.do_handshake()
                 except ssl.SSLWantReadError:
@@ -274,9 +378,11 @@ class TlsRelay:
                 else:
                     self._handshake_done()
                     moved = True
+                self._note_store(stored)
                 self._take_out()
             # OpenSSL -> application
             if self.handshaken and not self.up_eof and len(self.up) < BUFFER_LIMIT:
+                stored = self._store_count()
                 try:
                     data = self.obj.read(RECV_SIZE)
                 except ssl.SSLWantReadError:
@@ -289,6 +395,8 @@ class TlsRelay:
                         self.up += data
                     else:
                         self.up_eof = True
+                finally:
+                    self._note_store(stored)
                 self._take_out()              # e.g. a KeyUpdate answer
             if self.up:
                 try:
@@ -325,8 +433,9 @@ class TlsRelay:
                 except (ssl.SSLError, ValueError):
                     pass                         # SSLWantRead: the client's close_notify is not here yet
                 self._take_out()
-            # OpenSSL -> client socket (held until the flow is steered here)
-            if self.tx and not self.held:
+            # OpenSSL -> client socket (held until the flow is steered here, and until the cache has
+            # the session this flight gives the client: SessionStoreWait)
+            if self.tx and not self.held and not self._store_pending():
                 try:
                     n = self.sock.send(self.tx)
                 except (BlockingIOError, InterruptedError):
@@ -342,6 +451,28 @@ class TlsRelay:
             if self.up_shut and self.down_shut:
                 break
         self._set_watch(**want)
+
+    def _store_count(self) -> int:
+        wait = self.term.store_wait
+        return wait.mark if wait is not None else 0
+
+    def _note_store(self, before: int) -> None:
+        """An OpenSSL call that made a session posted its ADD (the callback runs inside the call)."""
+        wait = self.term.store_wait
+        if wait is not None and wait.mark != before:
+            self.store_mark = wait.mark
+
+    def _store_pending(self) -> bool:
+        if not self.store_mark:
+            return False
+        wait = self.term.store_wait
+        if wait is None or wait.settled(self.store_mark):
+            if wait is not None:
+                wait.forget(self)
+            self.store_mark = 0
+            return False
+        wait.wait(self)
+        return True
 
     def _handshake_done(self) -> None:
         self.handshaken = True

@@ -9,7 +9,7 @@ See docs/tls.md.
 """
 
 from .sealing import SessionKeyError, SessionSealer
-from .sharing import DistcacheSessions, SessionCacheStats, session_cache_stats, share_sessions
+from .sharing import DistcacheSessions, SessionCacheStats, posted_operations, session_cache_stats, share_sessions
 
-__all__ = ["share_sessions", "session_cache_stats", "DistcacheSessions", "SessionCacheStats", "SessionSealer",
+__all__ = ["share_sessions", "session_cache_stats", "posted_operations", "DistcacheSessions", "SessionCacheStats", "SessionSealer",
            "SessionKeyError"]

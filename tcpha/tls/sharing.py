@@ -48,7 +48,7 @@ from . import openssl
 from .openssl import LibSSL, ShimError
 from .sealing import SEAL_OVERHEAD, SessionSealer
 
-__all__ = ["share_sessions", "session_cache_stats", "SessionCache", "DistcacheSessions",
+__all__ = ["share_sessions", "session_cache_stats", "posted_operations", "SessionCache", "DistcacheSessions",
            "PostedOperations", "SessionCacheStats"]
 
 log = logging.getLogger("tcpha.tls")
@@ -85,10 +85,14 @@ class PostedOperations:
     Failures (connection refused or closed, a send buffer full for ``timeout``, an answer missing for longer than
     ``timeout`` or more than MAX_UNANSWERED answers missing, a corrupt answer) raise DistcacheError;
     the next operation opens a new connection.
-    A session posted on this connection may in theory be asked for (GET, on another connection or
-    by another server) before the cache has read the ADD; that is a miss, a full handshake, never a
-    failure; in practice the client needs a new TCP connection and handshake before it can offer
-    the session, which takes far longer than the ADD's way to the cache.
+    A session posted on this connection can be asked for (GET, on another connection or by another
+    server) before the cache has read the ADD: the client only needs a new TCP connection and a
+    ClientHello, and on a busy machine the ADD's way through dc_client to dc_server can take longer
+    (seen: a TLS 1.3 resumption on another back end that became a full handshake). A server that
+    must not give the client its session before the cache has it holds the handshake's flight until
+    :meth:`settled` says so (the back end does: tcpha.be.tls.SessionStoreWait); ``sent`` counts the
+    requests written, and ``on_close(fd)`` is told before the connection's descriptor is closed (an
+    event loop watching it for answers must stop first).
     """
 
     def __init__(self, address: str, timeout: float, tls: ClientTls | None = None) -> None:
@@ -102,6 +106,8 @@ class PostedOperations:
         # uid -> (operation, done, time posted), oldest first
         self._waiting: dict[int, tuple[int, Callable[[bool], None] | None, float]] = {}
         self._lock = threading.Lock()
+        self.sent = 0           # requests written so far (on any connection)
+        self.on_close: Callable[[int], None] | None = None
 
     def add(self, session_id: bytes, data: bytes, timeout_ms: int,
             done: Callable[[bool], None] | None = None) -> None:
@@ -112,6 +118,16 @@ class PostedOperations:
 
     def unanswered(self) -> int:
         return len(self._waiting)
+
+    def settled(self, mark: int) -> bool:
+        """Whether the first ``mark`` requests sent are answered, or lost with their connection (so
+        nothing more will come of them). Answers come in request order on the one connection."""
+        return self.sent - len(self._waiting) >= mark
+
+    def fileno(self) -> int:
+        """The connection's descriptor (readable: answers to read with :meth:`poll`), -1 without one."""
+        sock = self._sock
+        return sock.fileno() if sock is not None and self._pid == os.getpid() else -1
 
     def poll(self) -> None:
         """Read the answers that have arrived (never blocks)."""
@@ -128,6 +144,7 @@ class PostedOperations:
             if self._sock is not None and self._pid != os.getpid():
                 # After fork(): the parent's connection. Closing our copy of the descriptor does not
                 # disturb the parent (the connection lives while any process holds it open).
+                self._closing(self._sock)
                 self._sock.close()
                 self._sock = None
                 self._waiting.clear()
@@ -148,6 +165,7 @@ class PostedOperations:
             request = encode_request(uid, op, payload)
             self._send(request, now)
             self._waiting[uid] = (op, done, now)
+            self.sent += 1
 
     def _send(self, request: bytes, now: float) -> None:
         """Send the whole request; only when the socket buffer is full (the cache is behind by
@@ -216,7 +234,15 @@ class PostedOperations:
         sock, self._sock = self._sock, None
         self._waiting.clear()
         if sock is not None:
+            self._closing(sock)
             sock.close()
+
+    def _closing(self, sock: socket.socket) -> None:
+        if self.on_close is not None:
+            try:
+                self.on_close(sock.fileno())
+            except Exception:  # noqa: BLE001 - a watcher's failure must not keep the socket open
+                log.exception("posted operations: on_close failed")
 
     def __repr__(self) -> str:
         return f"distcache {self.address} (posted)"
@@ -611,6 +637,19 @@ def share_sessions(context: ssl.SSLContext, cache: str | SessionCache, *, timeou
              "session lifetime %d s, %s)", store, timeout * 1000, session_timeout,
              f"sealed: {sealer!r}" if sealer is not None else "not sealed")
     return True
+
+
+def posted_operations(context: ssl.SSLContext) -> PostedOperations | None:
+    """The connection a context given to share_sessions posts its ADDs on (None: it waits for each,
+    or it is not shared)."""
+    try:
+        lib = openssl.libssl()
+        shared = _SHARED.get(openssl.context_pointer(context, lib))
+    except ShimError:
+        return None
+    if shared is None or not shared.posts:
+        return None
+    return getattr(shared.breaker.cache, "posted", None)
 
 
 def session_cache_stats(context: ssl.SSLContext) -> dict[str, int] | None:

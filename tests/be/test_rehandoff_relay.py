@@ -11,14 +11,10 @@ import threading
 
 from tcpha.be.rehandoff import COPY_CHUNK, HEAD_CHUNK, LINE_CHUNK, SPLICE_MIN, RehandoffRelay
 from tcpha.sniff.http import RequestHead
+from tests.support import tcp_pair
 
 
-def pair() -> tuple[socket.socket, socket.socket]:
-    lsock = socket.create_server(("127.0.0.1", 0))
-    outer = socket.create_connection(lsock.getsockname())
-    inner, _ = lsock.accept()
-    lsock.close()
-    return outer, inner
+pair = tcp_pair
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
