@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tcpha.distcache.client import PERSISTENT, DistcacheClient
+from tests.support import wait_until
 
 
 
@@ -82,7 +83,9 @@ def test_dc_test_through_dc_server_on_cluster(redis_cluster, dc_server_factory):
     server = dc_server_factory(redis_cluster.url)
     result = _dc_test(server.address)
     assert result.returncode == 0, result.stdout + result.stderr
-    report = [l for l in server.output().splitlines() if "Info, backend" in l]
+    # On a busy machine the cluster may answer late: a "not answering yet" warning, then the report.
+    report = wait_until(lambda: [l for l in server.output().splitlines() if "Info, backend" in l], 30,
+                        what="dc_server's report of the cluster")
     assert len(report) == 1 and "3 primaries, 3 replicas" in report[0], server.output()
 
 
