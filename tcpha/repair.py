@@ -329,9 +329,23 @@ def received_since(sock: socket.socket, state: TcpState) -> int:
     return _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, _IOCTL_BUF))[0] - len(state.recv_queue)
 
 
+def _leave_repair(sock: socket.socket, mode: int = TCP_REPAIR_OFF) -> None:
+    """Repair mode off, then SO_REUSEADDR on again. Every switch off in tcpha goes through here.
+
+    Switching repair off sets the socket's reuse to "none" (do_tcp_setsockopt, TCP_REPAIR: sk_reuse =
+    SK_NO_REUSE), whatever it was before. Every socket tcpha moves had SO_REUSEADDR: accepted from a
+    listener that has it, or restored with it. Left at "none", the connection, and its TIME_WAIT for a
+    minute after it ends, makes every later bind() of its local address and port fail with EADDRINUSE,
+    SO_REUSEADDR or not (inet_bind_conflict): a front end restarted after kill -9 could not listen on
+    the VIP while a connection it had taken back was in TIME_WAIT (seen in the soak), nor could a back
+    end's application restart on the VIP:port of a restored connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, mode)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
 def _repair_off(sock: socket.socket) -> None:
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+        _leave_repair(sock)
     except OSError:
         pass
 
@@ -340,7 +354,7 @@ def resume(sock: socket.socket) -> None:
     """Take a dumped socket out of repair mode: the connection goes on from this host (rollback; what
     soccr calls resume)."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+        _leave_repair(sock)
     except OSError as exc:
         raise RepairError(exc.errno, f"TCP_REPAIR off: {exc.strerror}") from None
 
@@ -436,7 +450,7 @@ def restore(state: TcpState, *, freebind: bool = True, announce: bool = True) ->
             step = "TCP_REPAIR_WINDOW"
             setsockopt(tcp, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
         step = "TCP_REPAIR off"
-        setsockopt(tcp, TCP_REPAIR, TCP_REPAIR_OFF if announce else TCP_REPAIR_OFF_NO_WP)
+        _leave_repair(sock, TCP_REPAIR_OFF if announce else TCP_REPAIR_OFF_NO_WP)
         if state.unsent:
             # Bytes never transmitted are simply sent as new data now that the connection is live.
             step = "unsent data"
@@ -454,7 +468,7 @@ def announce(sock: socket.socket) -> None:
     its timer backed off) sends at once. Needs CAP_NET_ADMIN, like every repair step."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+        _leave_repair(sock)
     except OSError as exc:
         raise RepairError(exc.errno, f"window probe: {exc.strerror}") from None
 

@@ -98,8 +98,9 @@ def restore_handed_off(state: repair.TcpState,
                        discard_own: Callable[[tuple[str, int], tuple[str, int]], bool] | None = None,
                        *, announce: bool = True) -> socket.socket:
     """repair.restore; when an earlier connection's socket on the same 4-tuple is in the way
-    (EADDRNOTAVAIL: the client reuses its port while that socket lingers here), it goes first and the
-    restore is tried again. `discard_own(local, peer)` closes it silently when it is one of ours (a
+    (EADDRNOTAVAIL: the client reuses its port while that socket lingers here, or the front end took a
+    handoff back and hands the same connection here again while its first copy waits for Steered), it
+    goes first and the restore is tried again. `discard_own(local, peer)` closes it silently when it is one of ours (a
     relay still holding it); any other socket is destroyed through the kernel (tcpha.sockdiag).
     `announce`: as in repair.restore (the back end announces the socket itself once the flow is steered
     here)."""
@@ -123,7 +124,7 @@ def restore_handed_off(state: repair.TcpState,
                 raise e from None
             how = "destroyed"
     log.log(NOTICE, "restore %s:%d: the socket of an earlier connection on this 4-tuple %s: the client "
-            "reuses its port", state.peer[0], state.peer[1], how)
+            "reuses its port (or the front end hands this connection again)", state.peer[0], state.peer[1], how)
     return repair.restore(state, announce=announce)
 
 

@@ -44,6 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("tcpha.fe.dispatch")
 
+# A handoff taken back because bytes reached our socket after its dump (Dispatch.restored) is not the
+# back end's fault: it is tried again on the same back end, with a new dump that holds those bytes, at
+# most this many times before the next candidate. Without it, a rule naming one back end answered 503.
+LATE_TRIES = 2
+
 
 def _tls_default_facts() -> RequestFacts:
     """What a TLS connection whose ClientHello could not be read is matched as (docs/rules.md): no SNI, no ALPN."""
@@ -60,7 +65,7 @@ LINGER = 2.0             # after writing an error answer: how long to wait for t
 class Dispatch:
     __slots__ = ("worker", "sock", "fd", "peer", "lport", "t0", "timer", "peeked", "candidates",
                  "next_index", "handoff", "link", "backend", "flow", "facts", "reading", "finished",
-                 "lowat", "rule", "pools", "waiting", "moves", "dumped")
+                 "lowat", "rule", "pools", "waiting", "moves", "dumped", "late_tries")
 
     def __init__(self, worker: "DispatchHost", sock: socket.socket, peer: tuple[str, int], lport: int):
         self.worker = worker
@@ -86,6 +91,7 @@ class Dispatch:
         self.waiting = False     # waiting for more of the request head: not counted against maxclients
         self.moves = 0           # rehandoff: how many times back ends handed this connection back
         self.dumped: repair.TcpState | None = None      # the state sent in the latest Handoff
+        self.late_tries = 0      # handoffs taken back for bytes that came after their dump (restored())
 
     # -- peeking ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -375,13 +381,17 @@ class Dispatch:
         freeze just before it took effect, which our kernel acknowledged to the client). The back end's
         copy lacks them and the client will not send them again: steered there, the connection would
         wait for ever (seen under load as an upload whose body never reached the application). It is
-        taken back instead, as when the flow cannot be steered, whole, and tried on the next candidate."""
+        taken back instead, as when the flow cannot be steered, whole, and handed to the same back end
+        again (LATE_TRIES), then to the next candidate. The back end drops its first copy when the second
+        Handoff's restore finds it on the same 4-tuple (tcpha.be.handoff.restore_handed_off)."""
         late = self._received_since_dump()
         if late:
+            again = self.late_tries < LATE_TRIES
+            self.late_tries += 1
             log.warning("%s:%d: back end %s did not take the connection: %d bytes reached this socket after its "
-                        "dump (acknowledged to the client, not in its copy); taken back", self.peer[0], self.peer[1],
-                        self.backend.name, late)
-            self._take_back()
+                        "dump (acknowledged to the client, not in its copy); taken back%s", self.peer[0],
+                        self.peer[1], self.backend.name, late, ", handed to it again" if again else "")
+            self._take_back(again=again)
             return
         self.worker.batch.forward(self)          # batched per loop iteration, like the freezes
 
@@ -391,13 +401,15 @@ class Dispatch:
         except OSError:
             return 0                             # the socket is gone: nothing to compare (and nothing lost)
 
-    def _take_back(self) -> None:
+    def _take_back(self, *, again: bool = False) -> None:
         """Keep the connection (the back end, which never gets Steered, drops its restored copy silently)
-        and try the next candidate."""
+        and try the next candidate, or (`again`) the same back end once more."""
         self.worker.handoffs.forward_failed(self.handoff)
         self.link.handoff_over()
         self._rollback()
         if not self.finished:
+            if again:
+                self.next_index -= 1             # candidates[next_index - 1] is the back end just tried
             self._next_candidate()
 
     def forwarded(self, error: Exception | None) -> None:

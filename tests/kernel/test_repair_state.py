@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 from tcpha import repair
 from tcpha.repair import TcpState
+from tcpha.sockdiag import SocketLookup
 from tests.support import wait_until
 
 u32 = st.integers(0, 2**32 - 1)
@@ -20,6 +21,7 @@ ipv4 = st.ip_addresses(v=4).map(str)
 # The text form the socket module gives (which is what dump() records).
 ipv6 = st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(socket.AF_INET6, a.packed))
 port = st.integers(1, 65535)
+TCP_TIME_WAIT = 6           # include/net/tcp_states.h
 
 
 @st.composite
@@ -213,4 +215,55 @@ def test_a_dumped_socket_still_takes_and_acknowledges_late_bytes():
     finally:
         client.close()
         repair.discard(server)
+        listener.close()
+
+
+def _out_by_resume(server: socket.socket) -> socket.socket:
+    repair.dump(server)
+    repair.resume(server)
+    return server
+
+
+def _out_by_announce(server: socket.socket) -> socket.socket:
+    repair.announce(server)
+    return server
+
+
+def _out_by_restore(server: socket.socket) -> socket.socket:
+    state = repair.dump(server)
+    repair.discard(server)
+    return repair.restore(state)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("way_out", [_out_by_resume, _out_by_announce, _out_by_restore],
+                         ids=["resume", "announce", "restore"])
+def test_a_connection_out_of_repair_mode_leaves_its_port_bindable(way_out):
+    """Switching repair off leaves the socket with no SO_REUSEADDR (the kernel sets sk_reuse to none).
+    Its connection, and the TIME_WAIT after it, would then make a new listener's bind() of the same
+    address fail with EADDRINUSE for a minute: a front end restarted after kill -9, a back end's
+    application restarted on the VIP. Every way out of repair mode gives SO_REUSEADDR back."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()
+    client = socket.create_connection(address, timeout=5)
+    client_address = client.getsockname()
+    server, _ = listener.accept()
+    moved = way_out(server)
+    assert moved.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+    lookup = SocketLookup()
+    again = socket.socket()
+    try:
+        moved.close()                   # this side closes first: its socket ends in TIME_WAIT
+        client.close()
+        assert wait_until(lambda: lookup.state(address, client_address) == TCP_TIME_WAIT, 5,
+                          "the moved connection in TIME_WAIT")
+        listener.close()
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(address)             # EADDRINUSE without the fix
+        again.listen()
+    finally:
+        again.close()
+        lookup.close()
+        client.close()
+        moved.close()
         listener.close()
