@@ -196,8 +196,9 @@ def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 
 def backend_exposition(*, handoffs: int, refused: int, fdpassed: int, control_errors: int, relayed: int,
                        front_ends: int, registered: bool | None, appsource_fallbacks: int = 0,
-                       prefix: str = "tcpha_be") -> str:
-    """The text a scrape of tcpha-be's ``metrics`` endpoint returns (one process: its own counters)."""
+                       tls: Any = None, prefix: str = "tcpha_be") -> str:
+    """The text a scrape of tcpha-be's ``metrics`` endpoint returns (one process: its own counters).
+    `tls`: the TLS termination's counters (tcpha.be.tls.TlsStats), when the back end terminates TLS."""
     rows = [
         ("handoffs_total", "counter", "Handed-off connections restored here.", handoffs),
         ("handoffs_refused_total", "counter", "Handoffs refused (busy, stopping, bad state, application down).",
@@ -212,6 +213,17 @@ def backend_exposition(*, handoffs: int, refused: int, fdpassed: int, control_er
     if registered is not None:
         rows.append(("registered", "gauge", "1 when the dregister registration is accepted by the front end.",
                      int(registered)))
+    if tls is not None:
+        rows += [
+            ("tls_handshakes_total", "counter", "TLS handshakes completed here.", tls.handshakes),
+            ("tls_resumed_total", "counter", "TLS handshakes that resumed a session (from the shared cache).",
+             tls.resumed),
+            ("tls_handshake_failures_total", "counter", "TLS handshakes that failed.", tls.failed),
+            ("tls_session_store_waits_total", "counter", "Handshakes whose last flight waited for the session "
+             "cache to store their new session.", tls.store_waits),
+            ("tls_session_store_unconfirmed_total", "counter", "Of those, flights sent after the wait's limit "
+             "without the cache's answer.", tls.store_unconfirmed),
+        ]
     out: list[str] = []
     for name, kind, doc, value in rows:
         out += [f"# HELP {prefix}_{name} {doc}", f"# TYPE {prefix}_{name} {kind}", f"{prefix}_{name} {value}"]

@@ -13,6 +13,7 @@ objects are made in its event loop (``run_coroutine_threadsafe``), never from th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -102,7 +103,8 @@ class BackEndRuntime:
         return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1), "handoffs": s.handoffs,
                 "refused": s.refused, "fdpassed": s.fdpassed, "control_errors": s.control_errors,
                 "active": s.active, "registration": reg, "appsource": self.be.appsource.mode,
-                "appsource_fallbacks": self.be.appsource.fallbacks}
+                "appsource_fallbacks": self.be.appsource.fallbacks,
+                "tls": dataclasses.asdict(self.be.tls.stats) if self.be.tls is not None else None}
 
     def settings_in_force(self) -> dict[str, Any]:
         """Every option's value in force, in tcpha.config.settings.in_force_form: read from the objects that
@@ -142,8 +144,13 @@ class BackEndRuntime:
         d = self.status_data()
         reg = d["registration"]
         regtext = "off" if reg is None else f"{'registered with' if reg['registered'] else 'registering with'} {reg['frontend']}"
-        return (f"tcpha-be pid {d['pid']} up {d['uptime']:.0f} s; {d['active']} connections; {d['handoffs']} handoffs, "
+        text = (f"tcpha-be pid {d['pid']} up {d['uptime']:.0f} s; {d['active']} connections; {d['handoffs']} handoffs, "
                 f"{d['refused']} refused, {d['fdpassed']} passed, {d['control_errors']} control errors; dregister {regtext}")
+        tls = d["tls"]
+        if tls is not None:
+            text += (f"; TLS {tls['handshakes']} handshakes, {tls['resumed']} resumed, {tls['failed']} failed, "
+                     f"{tls['store_waits']} waited for the session cache ({tls['store_unconfirmed']} unconfirmed)")
+        return text
 
 
 class _RegisteredRule:

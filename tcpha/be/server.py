@@ -197,7 +197,8 @@ class BackEnd:
         return backend_exposition(handoffs=s.handoffs, refused=s.refused, fdpassed=s.fdpassed,
                                   control_errors=s.control_errors, relayed=len(self.relays),
                                   front_ends=len(self.sessions), appsource_fallbacks=self.appsource.fallbacks,
-                                  registered=None if registrar is None else bool(registrar.registered))
+                                  registered=None if registrar is None else bool(registrar.registered),
+                                  tls=self.tls.stats if self.tls is not None else None)
 
     async def _finish_relays(self) -> None:
         """SIGTERM / unload: take no new connections (unregistered, the control port closed, a Handoff on a

@@ -17,6 +17,7 @@ import pytest
 
 from tcpha.be import tls as be_tls
 from tcpha.be.tls import TlsTermination
+from tcpha.metrics import backend_exposition, parse_exposition
 
 from tests.support import tcp_pair
 
@@ -151,6 +152,10 @@ def test_the_client_gets_its_session_only_once_the_cache_has_it(certs, proxied_c
     assert ex.answer.wait(10), ex.errors
     assert ex.session is not None and not ex.errors
     assert (term.stats.store_waits, term.stats.store_unconfirmed) == (1, 0)
+    exposed = parse_exposition(backend_exposition(handoffs=0, refused=0, fdpassed=0, control_errors=0, relayed=0,
+                                                  front_ends=0, registered=None, tls=term.stats))
+    assert exposed[("tcpha_be_tls_session_store_waits_total", ())] == 1
+    assert exposed[("tcpha_be_tls_session_store_unconfirmed_total", ())] == 0
     # Another back end, asked at once (no waiting), finds it: the client resumes there.
     other = Exchange(_termination(certs, direct_address), loop_thread, version, session=ex.session, ctx=ex.ctx)
     assert other.answer.wait(10), other.errors

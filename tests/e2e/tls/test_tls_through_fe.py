@@ -34,6 +34,15 @@ def diagnostics(tls) -> str:
     return "\n".join(lines)
 
 
+def be_tls_counters(tls, host: str) -> dict:
+    """The `tls` counters of a back end's `status` control file (over its control socket)."""
+    from tcpha.cli.ctl import socket_for
+    from tcpha.runtime.ctlsock import request
+    reply = request(socket_for(str(tls.lab.workdir / "tcpha" / f"run-be-{host}")), {"op": "read", "path": "status"})
+    assert reply.get("ok"), reply.get("error")
+    return reply["data"]["tls"]
+
+
 # -- resumption across back ends ------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -55,6 +64,7 @@ def test_openssl_session_made_on_be1_is_reused_on_be2(tls_deployment, version, t
 def test_python_ssl_client_sees_session_reused_on_the_other_back_end(tls_deployment, version):
     tls = tls_deployment
     ctx = client_context(tls, version)
+    be1, be2 = be_tls_counters(tls, "be1"), be_tls_counters(tls, "be2")
     first = tls_get(tls, "a.example", ctx=ctx)
     assert (first.backend, first.status, first.reused) == ("be1", 200, False)
     assert first.session is not None
@@ -63,6 +73,11 @@ def test_python_ssl_client_sees_session_reused_on_the_other_back_end(tls_deploym
     assert second.reused is True
     assert second.version == f"TLSv{version}"
     assert second.raw.endswith(b"be2\n")            # the plaintext answer of be2's application, intact
+    # What the back ends count (status, and the same counters in metrics): be1 made a full handshake,
+    # be2 resumed its session.
+    be1_after, be2_after = be_tls_counters(tls, "be1"), be_tls_counters(tls, "be2")
+    assert be1_after["handshakes"] > be1["handshakes"]
+    assert be2_after["resumed"] > be2["resumed"]
 
 
 def test_without_an_offered_session_every_handshake_is_full(tls_deployment):
