@@ -5,8 +5,9 @@ Under load a segment can pass the freeze just before it takes effect and land on
 acknowledges it to the client (repair mode does not stop reception: tests/kernel/test_repair_state.py).
 That race cannot be made to happen on demand from outside, so here the first handoff of each connection
 to LATE_PATH gets it for sure: its flow is thawed as soon as it is frozen, the socket is dumped and the
-Handoff sent as usual, and the worker waits until the client's next bytes have reached the socket (the
-test's client keeps sending). Everything after that is the front end's own code.
+Handoff sent as usual, a line is logged (`test fault: IP:PORT dumped and thawed`: the test's client
+sends the rest of its request on reading it), and the worker waits until those bytes have reached the
+socket. Everything after that is the front end's own code.
 
 Run as `python tests/e2e/late_bytes_fe.py -c tcphafe.conf` (the workers are forked from this process,
 so they run the patched method).
@@ -40,6 +41,8 @@ def frozen_with_late_bytes(self: Dispatch, error: Exception | None) -> None:
     _frozen(self, error)                      # dump, Handoff
     if self.dumped is None:
         return
+    # the test's client sends the rest of its request when it reads this line
+    log.warning("test fault: %s:%d dumped and thawed", self.peer[0], self.peer[1])
     deadline = time.monotonic() + WAIT
     while repair.received_since(self.sock, self.dumped) == 0 and time.monotonic() < deadline:
         time.sleep(0.001)
