@@ -407,12 +407,13 @@ class FrontEnd:
             return
         pair = self.runtime.worker_socketpair() if self.runtime is not None else None
         arbiter = os.getpid()
+        config = self.config            # the one the worker runs with (a reload may replace it meanwhile)
         pid = os.fork()
         if pid:
             self.workers[pid] = number
             if pair is not None:
                 pair[1].close()
-                self.runtime.attach_worker(pid, pair[0])
+                self.runtime.attach_worker(pid, pair[0], config)
             return
         # -- child ------------------------------------------------------------------------------
         code = 0
@@ -424,6 +425,7 @@ class FrontEnd:
             _die_with_parent()
             keep = [s.fileno() for s, _ in self.listeners] + ([pair[1].fileno()] if pair is not None else [])
             drop_inherited_descriptors(keep)
+            self.config = config        # exactly the one attach_worker was told of
             worker = self._make_worker(number, self.make_steering_for_worker())
             worker.arbiter_pid = arbiter
             if pair is not None:

@@ -94,6 +94,9 @@ class Reload:
             for k in keep:
                 setattr(new, k, getattr(self.config, k))
             self.config = new
+            # what a worker forked with the old config and linked after the ask_all below is asked
+            # (tcpha.fe.workerlinks._attach); set with the new config, before the ask
+            self.reload_args = {"path": new.path, "keep": keep}
             self.fe.config = new                         # the registration port reads the key from here
             await self.ask_all("reload", path=new.path, keep=keep)
             await self.ask_all("gate", gate=self.health.available(), weights=self.health.weights())

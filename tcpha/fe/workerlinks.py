@@ -77,6 +77,8 @@ class WorkerLinks:
     health: HealthTable
     registry: Any                       # tcpha.fe.registry.RegistrationListener, or None
     dbglevel: int
+    fe: Any                             # the arbiter: its `config` is the one new workers are forked with
+    reload_args: dict[str, Any] | None = None   # the last reload's ask (tcpha.fe.reload), for late workers
 
     def __init__(self) -> None:
         self.links: dict[int, WorkerLink] = {}
@@ -86,14 +88,22 @@ class WorkerLinks:
     def worker_socketpair() -> tuple[socket.socket, socket.socket]:
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    def attach_worker(self, pid: int, sock: socket.socket) -> None:
-        self.plane.call_soon(lambda: asyncio.ensure_future(self._attach(pid, sock)))
+    def attach_worker(self, pid: int, sock: socket.socket, config: Any = None) -> None:
+        """Link a worker forked with `config` (the arbiter's at the fork), from any thread."""
+        self.plane.call_soon(lambda: asyncio.ensure_future(self._attach(pid, sock, config)))
 
-    async def _attach(self, pid: int, sock: socket.socket) -> None:
+    async def _attach(self, pid: int, sock: socket.socket, config: Any = None) -> None:
         link = WorkerLink(pid, sock)
         await link.open()
         self.links[pid] = link
+        # A worker forked before a reload replaced the arbiter's config, and linked only after the reload
+        # had asked every linked worker, runs the old rules: it is asked now. (Checked with no await since
+        # the link went in: a reload that comes later finds it among the links.) Seen under load: one
+        # worker of 3 routing by the rules of before the reload, for good.
+        stale = config is not None and config is not getattr(getattr(self, "fe", None), "config", config)
         try:
+            if stale and self.reload_args is not None:
+                await link.ask("reload", **self.reload_args)
             await link.ask("gate", gate=self.health.available(), weights=self.health.weights())
             await link.ask("dbglevel", level=self.dbglevel)
             for name, info in (self.registry.backends.items() if self.registry else []):

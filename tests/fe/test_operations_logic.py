@@ -429,6 +429,58 @@ def test_a_gate_change_is_in_force_when_the_write_returns(tmp_path):
         worker.join(5)
 
 
+def test_a_worker_forked_before_a_reload_and_linked_after_it_is_reloaded(tmp_path):
+    """A reload asks the workers linked at that moment. A worker forked with the config of before (the pool
+    started it just then) and linked after that ask ran the old rules for good (seen under load: a request
+    routed by the old rules after the reload). At its link it is asked to reload; one forked with the
+    config in force is not."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from tcpha.fe.workerlinks import WorkerLinks
+    from tcpha.runtime.plane import ControlPlane
+
+    links = WorkerLinks()
+    links.plane = ControlPlane(rundir=str(tmp_path / "fe"), tree=ControlTree(), name="tcpha-test", use_fuse=False)
+    links.health = HealthTable(2, 3)
+    links.registry, links.dbglevel = None, 3
+    old, new = object(), object()
+    links.fe = SimpleNamespace(config=new)                  # the reload has replaced the arbiter's config
+    links.reload_args = {"path": "/etc/tcpha/tcphafe.conf", "keep": ["port"]}
+    asked: dict[int, list[dict]] = {1: [], 2: []}
+    ends, threads = [], []
+
+    def fake_worker(n: int, end: socket.socket) -> None:
+        with end, end.makefile("rwb") as f:
+            try:
+                for line in f:
+                    req = json.loads(line)
+                    asked[n].append(req)
+                    f.write(json.dumps({"id": req["id"], "ok": True}).encode() + b"\n")
+                    f.flush()
+            except ConnectionError:
+                pass
+
+    links.plane.start()
+    try:
+        for n, forked_with in ((1, old), (2, new)):
+            ours, theirs = socket.socketpair()
+            ends.append(theirs)
+            threads.append(threading.Thread(target=fake_worker, args=(n, theirs), daemon=True))
+            threads[-1].start()
+            links.attach_worker(4240 + n, ours, forked_with)
+        assert wait_until(lambda: all(any(r["op"] == "dbglevel" for r in asked[n]) for n in (1, 2)), 5), asked
+        assert [r["op"] for r in asked[1]][:2] == ["reload", "gate"], asked[1]
+        assert {k: asked[1][0][k] for k in ("path", "keep")} == links.reload_args
+        assert "reload" not in [r["op"] for r in asked[2]], asked[2]
+    finally:
+        links.close_links()
+        links.plane.stop()
+        for t in threads:
+            t.join(5)
+
+
 def test_a_listening_port_still_held_is_tried_again_before_giving_up():
     """As nginx: a port in use (a worker of a front end killed with kill -9 still closing its listeners)
     is tried again a few times before the front end gives up with one clear line."""

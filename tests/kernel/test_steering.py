@@ -86,8 +86,10 @@ def test_incompatible_table_of_same_name_is_replaced(lab_module, steering_factor
     assert fs.entries() == 1
 
 
-def test_entries_time_out_and_table_stays_bounded(steering_factory):
-    fs = steering_factory(flow_timeout=1.0, freeze_timeout=0.5)
+def test_entries_time_out_and_table_stays_bounded(steering_factory, run_prefix):
+    # A flow timeout far longer than the test for the 10,000 entries: at load ~4 the ten batches took more
+    # than a second, and a 1 s timeout let the first ones expire before they were counted.
+    fs = steering_factory(flow_timeout=600.0)
     fs.install()
     flows = _flows(10_000)
     for i in range(0, len(flows), 1000):
@@ -97,12 +99,17 @@ def test_entries_time_out_and_table_stays_bounded(steering_factory):
     fs.unforward_many(flows[:9_950])
     fs.unforward_many(flows[9_900:9_950])  # already removed: no error
     assert fs.entries() == 50
-    fs.freeze(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
-    # ... and the safety timeout removes the rest (the close reports that were lost).
-    wait_until(lambda: fs.entries() == 0 and fs.frozen_entries() == 0, 10, "the safety timeout to empty the table",
-               interval=0.05)
-    fs.unforward_many(flows[-50:])  # expired already: still fine
-    fs.thaw(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
+    # ... and the safety timeout removes the rest (the close reports that were lost): a table of its own
+    # with short timeouts, long enough to see its entries in before they go.
+    short = steering_factory(table=f"{run_prefix}sto", flow_timeout=3.0, freeze_timeout=1.0)
+    short.install()
+    short.forward_many([(f, "02:00:00:00:00:0b") for f in flows[-50:]])
+    short.freeze(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
+    assert short.entries() == 50 and short.frozen_entries() == 1
+    wait_until(lambda: short.entries() == 0 and short.frozen_entries() == 0, 15,
+               "the safety timeout to empty the table", interval=0.05)
+    short.unforward_many(flows[-50:])  # expired already: still fine
+    short.thaw(FlowKey("10.77.0.2", 999, "10.77.0.100", 80))
 
 
 def test_bad_input_is_refused_with_clear_errors(lab_module, steering_factory):
