@@ -77,7 +77,7 @@ class WorkerLinks:
     health: HealthTable
     registry: Any                       # tcpha.fe.registry.RegistrationListener, or None
     dbglevel: int
-    fe: Any                             # the arbiter: its `config` is the one new workers are forked with
+    fe: Any = None                      # the arbiter: its `config` is the one new workers are forked with
     reload_args: dict[str, Any] | None = None   # the last reload's ask (tcpha.fe.reload), for late workers
 
     def __init__(self) -> None:
@@ -100,7 +100,7 @@ class WorkerLinks:
         # had asked every linked worker, runs the old rules: it is asked now. (Checked with no await since
         # the link went in: a reload that comes later finds it among the links.) Seen under load: one
         # worker of 3 routing by the rules of before the reload, for good.
-        stale = config is not None and config is not getattr(getattr(self, "fe", None), "config", config)
+        stale = config is not None and self.fe is not None and config is not self.fe.config
         try:
             if stale and self.reload_args is not None:
                 await link.ask("reload", **self.reload_args)
