@@ -55,6 +55,16 @@ class BackEndRuntime:
         self.plane.stop()
 
     def _in_loop(self, fn: Any) -> Any:
+        """fn() run in the back end's event loop. Called from that loop itself (the plain-file mirror's
+        first refresh runs inside `serve`, when the plane starts), it runs at once: waiting for the
+        loop from its own thread would block it until the timeout."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self.be.loop:
+            return fn()
+
         async def call() -> Any:
             return fn()
         return asyncio.run_coroutine_threadsafe(call(), self.be.loop).result(5)

@@ -180,7 +180,7 @@ def _make_ops(tree: ControlTree, links: dict[str, str]) -> Any:
                 try:
                     text = (await trio.to_thread.run_sync(tree.read, path)).encode("utf-8", "replace")
                 except Exception as e:              # a reader never takes the daemon down
-                    log.error("control file %s: read failed: %s", path, e)
+                    log.error("control file %s: read failed: %s", path, str(e) or type(e).__name__)
                     raise pyfuse3.FUSEError(errno.EIO) from None
             fh = self.next_fh
             self.next_fh += 1

@@ -62,7 +62,7 @@ class MirrorDirectory:
             try:
                 text = self.tree.read(rel)
             except Exception as e:
-                log.error("control file %s: read failed: %s", rel, e)
+                log.error("control file %s: read failed: %s", rel, str(e) or type(e).__name__)
                 continue
             if self._written.get(rel) == text:
                 continue

@@ -105,6 +105,15 @@ def test_usefuse_0_serves_plain_control_files(prod):
         assert prod.sh(pid, f"mountpoint -q {rundir}").returncode != 0         # not a FUSE mount
         assert prod.sh(pid, f"cat {rundir}/sys/dbglevel").stdout.strip() == "3"
     assert prod.ctl_json("sys/dbglevel") == 3
+    # The back end's files made from its event loop's objects (conn, settings) are there from the first
+    # refresh, which runs inside that loop: it must not wait for the loop from the loop (that blocked
+    # the back end for 5 s per file and left both files out until the next refresh).
+    be2 = prod.dep.be_procs["be2"].pid
+    assert wait_until(lambda: "(mirror), control socket" in _log(prod, "be2", "tcpha-be"), 30)
+    assert "read failed" not in _log(prod, "be2", "tcpha-be")
+    settings = prod.sh(be2, f"cat {prod.be_rundirs['be2']}/settings").stdout
+    assert "usefuse" in settings, settings
+    assert prod.sh(be2, f"test -f {prod.be_rundirs['be2']}/conn").returncode == 0
     if fuse_available() is None:     # and the default, where FUSE works, is a mount: the option is what differs
         prod.lab.stop(prod.dep.be_procs.pop("be1"), grace=10)
         be1 = prod.start_backend("be1")
