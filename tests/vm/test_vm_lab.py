@@ -78,6 +78,9 @@ def _guests(key: str) -> list[Guest]:
     fe_conf = "\n".join(["raddr = 10.91.0.10", f"vaddr = {VIP}", "port = 80", "authkey = /tmp/authkey",
                          "tunnel = ipip", "steering = auto", "startservers = 1", "usefuse = 0",
                          "rundir = /run/tcpha/fe", "logfile = /tmp/fe.log", "peektimeout = 5",
+                         # TCG guests answer in seconds, not milliseconds: with the defaults (a Pong within
+                         # 1 s, Restored within 2 s) the front end kept both back ends down for the 10 minutes watched
+                         "dtcinterval = 5", "healthtimeout = 5", "handofftimeout = 10",
                          "server = 10.92.0.11 666", "server = 10.92.0.12 666",
                          "rule = 10.92.0.11 jpg$", "rule = 10.92.0.12 .*"]) + "\n"
     fe = f"""
