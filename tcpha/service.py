@@ -13,11 +13,14 @@ import logging
 import os
 import pwd
 import resource
+import signal
 import socket
 import sys
 
 from tcpha.loglevels import dbglevel_to_logging
 from tcpha.logrepeat import install as install_repeat_filter
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)     # what stops a daemon cleanly (systemd, Ctrl-C)
 
 try:
     import uvloop

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 from tcpha.be.server import BackEnd
@@ -23,28 +22,14 @@ def daemon_start() -> DaemonStart:
 def main(argv: list[str] | None = None) -> int:
     start = daemon_start()
     args = start.parser.parse_args(argv)
-    be: BackEnd | None = None
-    asked = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal asked
-        if be is None:
-            asked = True
-        else:
-            be.stop()
-
-    # SIGTERM or SIGINT while the daemon starts (systemd stopping a service it has just started), before
-    # the event loop takes them over: remembered and obeyed as soon as it can be, as a clean stop. The
-    # default action would kill it with the pidfile left behind and, once installed, the VIP on lo and
-    # its ARP filter on the host.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    # A stop signal while the daemon starts, before the event loop takes the signals over: obeyed as
+    # soon as the back end exists (a clean stop).
+    start.hold_stop_signals()
     code = start.load(args, load_be_config)
     if code is not None:
         return code
     be = BackEnd(start.config)
-    if asked:
-        be.stop()
+    start.stop_with(lambda signum: be.stop())
     be.on_ready = lambda: sd_notify("READY=1")
     try:
         be.run()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 from tcpha.cli.service import DaemonStart
 from tcpha.config import load_fe_config
-from tcpha.fe.arbiter import STOP_SIGNALS, FrontEnd
+from tcpha.fe.arbiter import FrontEnd
 from tcpha.service import sd_notify
 
 DEFAULT_CONFIG = "/etc/tcpha/tcphafe.conf"
@@ -23,20 +22,8 @@ def daemon_start() -> DaemonStart:
 def main(argv: list[str] | None = None) -> int:
     start = daemon_start()
     args = start.parser.parse_args(argv)
-    fe: FrontEnd | None = None
-    asked: list[int] = []
-
-    def stop(signum: int, frame: object) -> None:
-        if fe is None:
-            asked.append(signum)
-        else:
-            fe.queue_signal(signum, frame)
-
-    # SIGTERM or SIGINT while the daemon starts (systemd stopping a service it has just started):
-    # remembered, and FrontEnd.run stops cleanly before any worker starts. The default action would kill
-    # it with its pidfile left behind (and, once installed, the VIP and the steering table).
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, stop)
+    # A stop signal while the daemon starts: FrontEnd.run stops cleanly before any worker starts.
+    start.hold_stop_signals()
     code = start.load(args, load_fe_config,
                       lambda c: f" ({len(c.servers)} servers, {len(c.rules)} rules)")
     if code is not None:
@@ -44,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     config = start.config
     try:
         fe = FrontEnd(config)
-        fe.sig_queue.extend(asked)
+        start.stop_with(lambda signum: fe.queue_signal(signum, None))
         fe.notify = sd_notify
         logging.getLogger("tcpha.fe").log(
             25, "tcpha-fe starting: VIP %s port(s) %s, %d servers, %d rules, %d workers", config.vaddr,

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Callable
 
 from tcpha.config import ConfigError, add_help
-from tcpha.service import PidFile, daemonize, raise_nofile_limit, setup_logging
+from tcpha.service import STOP_SIGNALS, PidFile, daemonize, raise_nofile_limit, setup_logging
 
 
 class DaemonStart:
@@ -21,6 +23,9 @@ class DaemonStart:
         args = start.parser.parse_args(argv)
         code = start.load(args, load_fe_config, summary)   # None: go on; else the exit status
         ... run start.config ...; finally start.release()
+
+    Stop signals from process start until the daemon can obey them: `hold_stop_signals()` first thing,
+    `stop_with(obey)` once the daemon object exists.
     """
 
     def __init__(self, prog: str, description: str, default_config: str, component: str) -> None:
@@ -38,6 +43,28 @@ class DaemonStart:
                        help="override the config file's dbglevel")
         add_help(p, component)
         self.parser = p
+        self._held: list[int] = []
+        self._obey: Callable[[int], None] | None = None
+
+    def hold_stop_signals(self) -> None:
+        """SIGTERM or SIGINT from now until `stop_with` (systemd stopping a service it has just started):
+        remembered, so that the daemon stops cleanly as soon as it can. Their default action would kill it
+        with its pidfile left behind and, once installed, its kernel state (the VIP, the ARP filter, the
+        steering table)."""
+        def stop(signum: int, frame: object) -> None:
+            if self._obey is None:
+                self._held.append(signum)
+            else:
+                self._obey(signum)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, stop)
+
+    def stop_with(self, obey: Callable[[int], None]) -> None:
+        """From now on a stop signal calls obey(signum); those held until now are given to it at once."""
+        self._obey = obey
+        held, self._held = self._held, []
+        for signum in held:
+            obey(signum)
 
     def load(self, args, loader, summary=lambda config: "") -> int | None:
         try:

@@ -43,6 +43,7 @@ from tcpha.fe.upgrade import take_over
 from tcpha.fe.worker import Worker
 from tcpha.loglevels import NOTICE
 from tcpha.repair import IP_FREEBIND
+from tcpha.service import STOP_SIGNALS
 from tcpha.steering import VipAddress, interface_holding, make_flow_steering
 
 log = logging.getLogger("tcpha.fe")
@@ -54,7 +55,6 @@ DEFER_ACCEPT = 2        # seconds the kernel holds a connection that has sent no
 # The signals the arbiter handles, in the order a tick handles them; SIG_NAMES[sig] names the handler
 # (SIGHUP -> FrontEnd.handle_hup). A worker restores their default (SIGHUP: ignored).
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BIND_TRIES, BIND_WAIT = 5, 0.5          # a listening port in use: tried again, as nginx does (5 x 500 ms)
 SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
