@@ -345,6 +345,29 @@ def _early_stop(signum, frame) -> None:
     raise SystemExit(0)
 
 
+REPORT_RETRY_FIRST, REPORT_RETRY_MAX = 1.0, 10.0     # seconds between tries of the backend's report
+
+
+async def _report_backend(describe, backend: str) -> None:
+    """The backend's one-line report (what it is: standalone or cluster, primaries, replicas). A backend
+    that does not answer at start (still starting, or slow on a busy machine) gets one warning, and the
+    report as soon as it answers: tried again after 1 s, backing off to every 10 s."""
+    log = logging.getLogger("tcpha.distcache.server")
+    wait, warned = REPORT_RETRY_FIRST, False
+    while True:
+        try:
+            line = await describe()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet": the report is informational
+            if not warned:
+                log.warning("Warning, backend %s not answering yet: %s", backend, exc)
+                warned = True
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, REPORT_RETRY_MAX)
+            continue
+        log.info("%s", line)
+        return
+
+
 def _run(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(_serve(server, sock, s, tls))
@@ -361,13 +384,12 @@ async def _serve(server: DistcacheServer, sock, s: Settings, tls=None) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.emit_now()))
     await server.start(sock, tls)
     describe = getattr(server.store, "describe", None)
+    report = None
     if describe is not None and server.is_async:
-        try:
-            logging.getLogger("tcpha.distcache.server").info("%s", await describe())
-        except Exception as exc:  # the backend may come up later; say so once
-            logging.getLogger("tcpha.distcache.server").warning(
-                "Warning, backend %s not answering yet: %s", s.backend, exc)
+        report = loop.create_task(_report_backend(describe, s.backend))
     await stop.wait()
+    if report is not None:
+        report.cancel()
     await server.stop()
     close = getattr(server.store, "close", None)
     if close is not None and server.is_async:

@@ -89,6 +89,25 @@ def test_dc_test_through_dc_server_on_cluster(redis_cluster, dc_server_factory):
     assert len(report) == 1 and "3 primaries, 3 replicas" in report[0], server.output()
 
 
+def test_a_backend_that_answers_late_is_reported_when_it_does(tmp_path, dc_server_factory):
+    """dc_server started before its Redis: one warning, then the report once Redis answers (an operator
+    starting both at once, or a backend slow on a busy machine, still learns what the backend is)."""
+    from tcpha.distcache.redis_cluster import RedisNode
+    from tests.redis.conftest import free_port_block
+    node = RedisNode("127.0.0.1", free_port_block(1), tmp_path / "redis", cluster=False)
+    server = dc_server_factory(f"redis://{node.address}")
+    try:
+        wait_until(lambda: "not answering yet" in server.output(), 30, what="the backend's warning")
+        assert "Info, backend" not in server.output()
+        node.start()
+        report = wait_until(lambda: [l for l in server.output().splitlines() if "Info, backend" in l], 30,
+                            what="dc_server's report once Redis answers")
+        assert len(report) == 1 and "standalone" in report[0], server.output()
+        assert server.output().count("not answering yet") == 1, server.output()
+    finally:
+        node.kill()
+
+
 def test_two_dc_servers_share_one_cluster(redis_cluster, dc_server_factory):
     a = dc_server_factory(redis_cluster.url, "a")
     b = dc_server_factory(redis_cluster.url, "b")
