@@ -70,7 +70,8 @@ install -m 600 /lab/key.pem /tmp/key.pem
 mkdir -p /srv/img && head -c {BIG} /dev/urandom > /srv/big.bin && head -c 30000 /dev/urandom > /srv/img/a.jpg
 echo '<p>{name}</p>' > /srv/index.html
 sha256sum /srv/big.bin | sed 's/^/TCPHA-SHA /'
-{PY} -m tcpha.lab.httpapp --name {name} --root /srv --listen 127.0.0.1:8080 &
+# on every address: the front end's health check connects to the application port too
+{PY} -m tcpha.lab.httpapp --name {name} --root /srv --listen 0.0.0.0:8080 &
 {PY} -m tcpha.be -c /lab/tcphabe.conf &
 (tail -F /tmp/be.log 2>/dev/null | sed -u 's/^/TCPHA-BE-LOG /') &
 for i in $(seq 1 120); do grep -q 'kernel state installed' /tmp/be.log 2>/dev/null && break; sleep 0.5; done
@@ -86,8 +87,8 @@ def _guests(key: str, cert: tuple[str, str]) -> list[Guest]:
     fe_conf = "\n".join(["raddr = 10.91.0.10", f"vaddr = {VIP}", "port = 80 443", "authkey = /tmp/authkey",
                          "tunnel = ipip", "steering = auto", "startservers = 1", "usefuse = 0",
                          "rundir = /run/tcpha/fe", "logfile = /tmp/fe.log", "peektimeout = 5",
-                         # TCG guests answer in seconds, not milliseconds: with the defaults (a Pong within
-                         # 1 s, Restored within 2 s) the front end kept both back ends down for the 10 minutes watched
+                         # TCG guests answer in seconds, not milliseconds (defaults: a Pong within 1 s,
+                         # Restored within 2 s)
                          "dtcinterval = 5", "healthtimeout = 5", "handofftimeout = 10",
                          "server = 10.92.0.11 666", "server = 10.92.0.12 666",
                          "rule = 10.92.0.11 sni:^a\\.", "rule = 10.92.0.12 sni:^b\\.",
@@ -119,13 +120,17 @@ VIP = {VIP!r}
 def get(path):
     with urllib.request.urlopen(f"http://{{VIP}}{{path}}", timeout=20) as r:
         return r.headers.get("X-Tcpha-Backend"), r.read()
+# ready: both back ends in service (each is put in after its own health checks: be1's can come later
+# than be2's, and a.jpg then falls through to be2)
 deadline = time.monotonic() + 600
 while True:
     try:
-        who, _ = get("/index.html"); break
+        if get("/index.html")[0] and get("/img/a.jpg")[0] == "be1": break
+        why = "a.jpg not from be1 yet"
     except Exception as e:
-        if time.monotonic() > deadline: print("TCPHA-CLIENT-FAIL no answer", e, flush=True); raise SystemExit(1)
-        time.sleep(2)
+        why = e
+    if time.monotonic() > deadline: print("TCPHA-CLIENT-FAIL not ready:", why, flush=True); raise SystemExit(1)
+    time.sleep(2)
 result = {{"routes": {{p: get(p)[0] for p in ("/img/a.jpg", "/index.html")}}}}
 def s_client(sni, version, sess):
     argv = ["openssl", "s_client", "-connect", VIP + ":443", "-ign_eof", "-tls" + version.replace(".", "_"),
@@ -154,7 +159,15 @@ while True:
     h.update(b); got += len(b)
     if not killed and got > 4 << 20:
         socket.create_connection(("10.91.0.10", 9999), timeout=20).close(); killed = True
-socket.create_connection(("10.91.0.10", 9998), timeout=20).close()
+def tell_fe(port):                        # the front end's guest listens once it got there (TCG: seconds)
+    until = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("10.91.0.10", port), timeout=20).close(); return
+        except OSError:
+            if time.monotonic() > until: raise
+            time.sleep(0.5)
+tell_fe(9998)
 result.update(status=head.split(b" ")[1].decode(), bytes=got, sha=h.hexdigest(), killed=killed,
               backend=[l.split(b":", 1)[1].strip().decode() for l in head.split(b"\\r\\n") if l.lower().startswith(b"x-tcpha-backend")])
 print("TCPHA-CLIENT-RESULT", json.dumps(result), flush=True)
