@@ -166,13 +166,18 @@ class TlsLab:
             argv += ["-sess_in", str(sess_in)]
         request = f"GET {path} HTTP/1.1\r\nHost: {sni or self.dep.vip}\r\nConnection: close\r\n\r\n"
         r = self.lab.run("client", argv, input=request, capture_output=True, text=True, timeout=timeout)
-        out = r.stdout + r.stderr
-        m = re.search(r"^(New|Reused), (TLSv[\d.]+)", out, re.M)
-        be = re.search(r"^X-Tcpha-Backend:\s*(\S+)", out, re.M | re.I)
-        st = re.search(r"^HTTP/1\.[01] (\d{3})", out, re.M)
-        return SClientResult(reused=(m.group(1) == "Reused") if m else None, version=m.group(2) if m else None,
-                             backend=be.group(1) if be else None, status=int(st.group(1)) if st else None,
-                             output=out, returncode=r.returncode)
+        return parse_s_client(r.stdout + r.stderr, r.returncode)
+
+
+def parse_s_client(out: str, returncode: int) -> SClientResult:
+    """What `openssl s_client` said (stdout and stderr together) about one connection carrying one HTTP
+    request: New or Reused session, the TLS version, and the answer's status and X-Tcpha-Backend."""
+    m = re.search(r"^(New|Reused), (TLSv[\d.]+)", out, re.M)
+    be = re.search(r"^X-Tcpha-Backend:\s*(\S+)", out, re.M | re.I)
+    st = re.search(r"^HTTP/1\.[01] (\d{3})", out, re.M)
+    return SClientResult(reused=(m.group(1) == "Reused") if m else None, version=m.group(2) if m else None,
+                         backend=be.group(1) if be else None, status=int(st.group(1)) if st else None,
+                         output=out, returncode=returncode)
 
 
 def run_tls_demo(dep: Any, out=None, *, started: bool = False) -> int:

@@ -115,7 +115,8 @@ ip route add 10.92.0.0/24 via 10.91.0.1
 sleep 100000
 """
     client_py = f"""
-import hashlib, json, re, socket, subprocess, time, urllib.request
+import hashlib, json, socket, subprocess, time, urllib.request
+from tcpha.lab.tls_demo import parse_s_client
 VIP = {VIP!r}
 def get(path):
     with urllib.request.urlopen(f"http://{{VIP}}{{path}}", timeout=20) as r:
@@ -137,10 +138,8 @@ def s_client(sni, version, sess):
             "-servername", sni, *sess]
     req = "GET /index.html HTTP/1.1\\r\\nHost: " + sni + "\\r\\nConnection: close\\r\\n\\r\\n"
     out = subprocess.run(argv, input=req, capture_output=True, text=True, timeout=120)
-    text = out.stdout + out.stderr
-    m = re.search(r"^(New|Reused), TLSv", text, re.M)
-    be = re.search(r"^X-Tcpha-Backend:\\s*(\\S+)", text, re.M | re.I)
-    return [m.group(1) if m else None, be.group(1) if be else None]
+    r = parse_s_client(out.stdout + out.stderr, out.returncode)
+    return [None if r.reused is None else ("Reused" if r.reused else "New"), r.backend]
 result["tls"] = {{}}
 for version in ("1.2", "1.3"):
     sess = "/tmp/session-" + version
